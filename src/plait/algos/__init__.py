@@ -1,0 +1,58 @@
+"""Pure RL algorithm math: tensors in, tensors out; no I/O, logging or device handling."""
+
+from plait.algos.advantages import (
+    broadcast_seq_advantages,
+    gae_advantages,
+    grpo_advantages,
+    outcome_to_token_rewards,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from plait.algos.aggregation import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from plait.algos.dapo import group_has_signal, overlong_penalty
+from plait.algos.grpovi import (
+    grpovi_adjust,
+    grpovi_adjust_groups,
+    sequence_weights_from_logprobs,
+)
+from plait.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
+from plait.algos.policy_loss import (
+    RATIO_LEVELS,
+    entropy_from_logits,
+    ppo_policy_loss,
+    sequence_logprob,
+    value_loss,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "RATIO_LEVELS",
+    "aggregate_loss",
+    "broadcast_seq_advantages",
+    "entropy_from_logits",
+    "gae_advantages",
+    "group_has_signal",
+    "grpo_advantages",
+    "grpovi_adjust",
+    "grpovi_adjust_groups",
+    "kl_estimate",
+    "kl_penalty_rewards",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "outcome_to_token_rewards",
+    "overlong_penalty",
+    "ppo_policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "sequence_logprob",
+    "sequence_weights_from_logprobs",
+    "value_loss",
+]

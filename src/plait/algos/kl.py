@@ -1,0 +1,72 @@
+"""Per-token estimators of KL(π ‖ π_ref) from samples of π, and the KL-penalised reward.
+
+Estimators from J. Schulman, "Approximating KL divergence" (2020,
+http://joschu.net/blog/kl-approx.html). With samples y ~ π and log_ratio = log π(y) - log π_ref(y):
+    k1 = log_ratio                              unbiased, high variance, can be negative
+    k2 = ½ log_ratio²                           biased, low variance, >= 0
+    k3 = exp(-log_ratio) - 1 + log_ratio        unbiased, low variance, >= 0
+
+Deviation: for k3 plait clamps log_ratio to [-clamp, clamp] (default 20) before ``exp``, so a
+token the reference finds vastly more likely cannot overflow; k1 and k2 are never clamped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    kind: str,
+    *,
+    clamp: float | None = 20.0,
+) -> torch.Tensor:
+    """Per-token KL(π ‖ π_ref) estimate (Schulman 2020, k1 / k2 / k3).
+
+    Args:
+        logprobs: [B, T] log π of the sampled tokens.
+        ref_logprobs: [B, T] log π_ref of the same tokens.
+        kind: one of ``KL_ESTIMATORS``.
+        clamp: bound on |log_ratio| applied for k3 only; ``None`` disables it.
+
+    Returns:
+        [B, T] per-token estimate (not masked; differentiable w.r.t. both inputs).
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; valid estimators: {KL_ESTIMATORS}")
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    if clamp is not None:
+        log_ratio = log_ratio.clamp(-clamp, clamp)
+    return torch.exp(-log_ratio) - 1 + log_ratio
+
+
+def kl_penalty_rewards(
+    token_rewards: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float,
+    kind: str,
+) -> torch.Tensor:
+    """KL-shaped reward r_t - β·KL_t (Ziegler et al. 2019, arXiv 1909.08593; InstructGPT).
+
+    Args:
+        token_rewards: [B, T] (e.g. from ``outcome_to_token_rewards``).
+        logprobs, ref_logprobs: [B, T] log-probs of the sampled tokens under π and π_ref;
+            pass detached tensors (a reward is not differentiated through).
+        mask: [B, T] 0/1 valid tokens.
+        coef: β.
+        kind: KL estimator, one of ``KL_ESTIMATORS``.
+
+    Returns:
+        [B, T] shaped rewards, 0 on masked positions.
+    """
+    shaped = token_rewards - coef * kl_estimate(logprobs, ref_logprobs, kind)
+    return torch.where(mask.bool(), shaped, torch.zeros_like(shaped))
