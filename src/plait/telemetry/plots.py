@@ -1,0 +1,137 @@
+"""Training curves as a PNG, drawn from ``metrics.jsonl`` records.
+
+Uses matplotlib's object API (``Figure`` + ``FigureCanvasAgg``) rather than
+``pyplot``, so plotting never changes the process-wide backend or figure
+state of a notebook or another library, and works without a display.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_PANELS", "plot_metrics"]
+
+Panels = Sequence[tuple[str, Sequence[str]]]
+
+DEFAULT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reward", ("reward/mean",)),
+    ("accuracy", ("eval/accuracy", "train/accuracy")),
+)
+"""Panels drawn by :func:`plot_metrics` when none are given: (title, metric keys)."""
+
+_MARKER_MAX_POINTS = 20  # series this short are drawn with markers so single points show
+_SPARSE_FRACTION = 0.5  # a series on fewer than this share of steps is "sparse" (e.g. eval)
+
+
+def plot_metrics(
+    records: Sequence[Mapping[str, Any]],
+    out_png: Path | str,
+    *,
+    panels: Panels | None = None,
+    title: str | None = None,
+) -> Path:
+    """Draw one panel per group of metric keys against ``step`` and save a PNG.
+
+    Args:
+        records: metric records as written by ``MetricsLogger`` (each with a
+            ``"step"``), e.g. from ``read_metrics(run_dir)``.
+        out_png: the file to write (atomically; parent directories are created).
+        panels: ``[(panel_title, [key, ...]), ...]``; default :data:`DEFAULT_PANELS`.
+            Keys absent from the records are skipped and panels left without
+            data are omitted. ``None`` values (NaN in the run) leave gaps.
+        title: a title over the whole figure.
+
+    Sparse series (logged on few steps, like eval metrics) are drawn with markers.
+    If no panel has data the PNG says so, so a caller can always show the file.
+
+    Returns:
+        ``out_png`` as a ``Path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = DEFAULT_PANELS if panels is None else panels
+    step_count = len({record["step"] for record in records if "step" in record})
+    drawn = [(name, _panel_series(records, keys)) for name, keys in panels]
+    drawn = [(name, series) for name, series in drawn if series]
+
+    columns = 1 if len(drawn) <= 2 else 2
+    rows = max(1, math.ceil(len(drawn) / columns))
+    figure = Figure(figsize=(6.5 * columns, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    if title:
+        figure.suptitle(title)
+    if not drawn:
+        figure.text(0.5, 0.5, "no metrics to plot yet", ha="center", va="center")
+    else:
+        axes = list(figure.subplots(rows, columns, squeeze=False).flat)
+        for axis, (name, series) in zip(axes, drawn, strict=False):
+            _draw_panel(axis, name, series, step_count)
+        for axis in axes[len(drawn) :]:
+            axis.set_visible(False)
+    return _save_png(figure, Path(out_png))
+
+
+def _panel_series(
+    records: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> list[tuple[str, list[int], list[float]]]:
+    """``(key, steps, values)`` for each key with at least one numeric point."""
+    series = []
+    for key in keys:
+        steps, values = _series(records, key)
+        if any(not math.isnan(value) for value in values):
+            series.append((key, steps, values))
+    return series
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = []
+    for record in records:
+        if key not in record or "step" not in record:
+            continue
+        value = record[key]
+        if value is None:
+            points.append((record["step"], math.nan))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            points.append((record["step"], float(value)))
+    points.sort(key=lambda point: point[0])
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _draw_panel(axis: Any, name: str, series: list, step_count: int) -> None:
+    for key, steps, values in series:
+        sparse = len(steps) <= _MARKER_MAX_POINTS or len(steps) < _SPARSE_FRACTION * step_count
+        axis.plot(
+            steps,
+            values,
+            label=key,
+            marker="o" if sparse else None,
+            markersize=3.5,
+            linewidth=1.2,
+        )
+    axis.set_title(name)
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="best")
+
+
+def _save_png(figure: Any, out_png: Path) -> Path:
+    """Save atomically, so an image viewer polling the file never reads half a PNG."""
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".tmp-{out_png.name}-", suffix=".png", dir=out_png.parent
+    )
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=100)
+        os.replace(tmp_name, out_png)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out_png
