@@ -1,0 +1,246 @@
+"""Built-in synthetic tasks with verifiable answers.
+
+A task generates prompt rows (``{"prompt": str, "answer": str}``) and scores a
+completion against the answer. The prompts are short plain strings (no chat
+template; the trainer adds one) written in a ~40-character alphabet,
+:data:`CHAR_VOCAB`, so a tiny character-level model can learn them on a CPU.
+
+Train and test problems never overlap: a problem's split is a pure function of
+a hash of its prompt (see :meth:`Task.split_of`), and ``make_rows`` only draws
+problems of the requested split. Rows are drawn i.i.d. (with replacement), so a
+large ``n`` over a small problem space repeats problems.
+
+A completion is read up to the first end marker (:attr:`Task.stop_strings`,
+a newline) and compared after stripping whitespace, so ``"122\\n37+1=38"`` and
+``"122 "`` both answer ``"37+85="`` correctly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import random
+import string
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from plait.data.datasets import DataError
+
+__all__ = [
+    "CHAR_VOCAB",
+    "SPLITS",
+    "TASKS",
+    "AdditionTask",
+    "RepeatTask",
+    "Task",
+    "make_task",
+]
+
+#: Every character a built-in task can put in a prompt or an answer, plus the
+#: space and the newline end marker. Its order is fixed so that a character
+#: tokenizer built from it gives stable token ids.
+CHAR_VOCAB: str = string.digits + "+=*" + string.ascii_lowercase + " \n"
+
+#: The splits ``Task.make_rows`` accepts.
+SPLITS: tuple[str, ...] = ("train", "test")
+
+# Rejection sampling gives up after this many draws per requested row (plus a
+# constant), which only happens when a split holds (almost) no problems.
+_DRAWS_PER_ROW = 1_000
+_MIN_DRAWS = 100_000
+
+
+@dataclass(frozen=True)
+class Task(ABC):
+    """A generator of verifiable prompt/answer rows.
+
+    Subclasses set ``name`` and implement :meth:`sample_problem` and
+    :attr:`max_answer_chars`; splitting, row generation and verification are
+    shared.
+
+    Args:
+        test_fraction: share of the problem space held out as the "test"
+            split (keyword-only, default 0.2).
+    """
+
+    name: ClassVar[str] = ""
+    #: (lowest, highest) reward ``verify`` can return.
+    reward_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    #: Strings that end an answer; generation may stop at any of them.
+    stop_strings: ClassVar[tuple[str, ...]] = ("\n",)
+
+    test_fraction: float = field(default=0.2, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise DataError(
+                f"{type(self).__name__}: test_fraction must be strictly between 0 and 1, "
+                f"got {self.test_fraction!r}"
+            )
+
+    @abstractmethod
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        """Draw one problem from ``rng`` and return ``(prompt, answer)``."""
+
+    @property
+    @abstractmethod
+    def max_answer_chars(self) -> int:
+        """Upper bound on ``len(answer)``, for sizing generation."""
+
+    @property
+    @abstractmethod
+    def max_prompt_chars(self) -> int:
+        """Upper bound on ``len(prompt)``."""
+
+    def split_of(self, prompt: str) -> str:
+        """Return ``"test"`` or ``"train"``: a fixed function of the prompt's hash."""
+        digest = hashlib.blake2b(f"{self.name}:{prompt}".encode(), digest_size=8).digest()
+        position = int.from_bytes(digest, "big") / 2**64
+        return "test" if position < self.test_fraction else "train"
+
+    def make_rows(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+        """Return ``n`` rows ``{"prompt", "answer"}`` of ``split``.
+
+        The result is a pure function of the task's settings, ``seed`` and
+        ``split``; problems of the other split never appear.
+        """
+        if split not in SPLITS:
+            raise DataError(f"{self.name} task: unknown split {split!r}; use one of {SPLITS}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"{self.name} task: n must be a non-negative int, got {n!r}")
+        rng = random.Random(f"plait-task:{self!r}:{seed}:{split}")
+        rows: list[dict[str, Any]] = []
+        for _ in range(n * _DRAWS_PER_ROW + _MIN_DRAWS):
+            if len(rows) == n:
+                return rows
+            prompt, answer = self.sample_problem(rng)
+            if self.split_of(prompt) == split:
+                rows.append({"prompt": prompt, "answer": answer})
+        if len(rows) == n:
+            return rows
+        raise RuntimeError(
+            f"{self!r}: found only {len(rows)} of {n} {split!r} problems; the problem space "
+            f"is too small for this split. Widen the task's settings or change test_fraction."
+        )
+
+    def extract_answer(self, completion: str) -> str:
+        """Return the completion's text before the first end marker, stripped."""
+        for marker in self.stop_strings:
+            completion = completion.split(marker, 1)[0]
+        return completion.strip()
+
+    def verify(self, completion: str, answer: str) -> float:
+        """Return 1.0 if ``completion`` states ``answer``, else 0.0."""
+        return 1.0 if self.extract_answer(completion) == str(answer).strip() else 0.0
+
+
+@dataclass(frozen=True)
+class AdditionTask(Task):
+    """Add two non-negative integers: prompt ``"37+85="``, answer ``"122"``.
+
+    Each operand first draws its digit count uniformly from ``1..digits``,
+    then a value with exactly that many digits (0-9 for one digit), so short
+    operands are as common as long ones.
+
+    Args:
+        digits: largest number of digits of an operand (1 to 18).
+    """
+
+    name: ClassVar[str] = "addition"
+
+    digits: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.digits, bool) or not isinstance(self.digits, int):
+            raise DataError(f"AdditionTask: digits must be an int, got {self.digits!r}")
+        if not 1 <= self.digits <= 18:
+            raise DataError(f"AdditionTask: digits must be between 1 and 18, got {self.digits}")
+
+    def _operand(self, rng: random.Random) -> int:
+        num_digits = rng.randint(1, self.digits)
+        low = 0 if num_digits == 1 else 10 ** (num_digits - 1)
+        return rng.randint(low, 10**num_digits - 1)
+
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        left, right = self._operand(rng), self._operand(rng)
+        return f"{left}+{right}=", str(left + right)
+
+    @property
+    def max_answer_chars(self) -> int:
+        return self.digits + 1
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return 2 * self.digits + 2
+
+
+@dataclass(frozen=True)
+class RepeatTask(Task):
+    """Repeat a letter: prompt ``"a*13="``, answer ``"aaaaaaaaaaaaa"``.
+
+    The count is log-uniform on ``[min_count, max_count]``, so most answers
+    are short and a few are long: a long-tailed generation workload.
+
+    Args:
+        min_count: smallest repeat count (at least 1).
+        max_count: largest repeat count.
+    """
+
+    name: ClassVar[str] = "repeat"
+
+    min_count: int = 1
+    max_count: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label, value in (("min_count", self.min_count), ("max_count", self.max_count)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"RepeatTask: {label} must be a positive int, got {value!r}")
+        if self.min_count > self.max_count:
+            raise DataError(
+                f"RepeatTask: min_count ({self.min_count}) is larger than "
+                f"max_count ({self.max_count})"
+            )
+
+    def _count(self, rng: random.Random) -> int:
+        log_count = rng.uniform(math.log(self.min_count), math.log(self.max_count + 1))
+        return min(int(math.exp(log_count)), self.max_count)
+
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        letter = rng.choice(string.ascii_lowercase)
+        count = self._count(rng)
+        return f"{letter}*{count}=", letter * count
+
+    @property
+    def max_answer_chars(self) -> int:
+        return self.max_count
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return len(str(self.max_count)) + 3
+
+
+#: Built-in tasks by name.
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "repeat": RepeatTask}
+
+
+def make_task(name: str, **kwargs: Any) -> Task:
+    """Build the built-in task ``name`` with settings ``kwargs``.
+
+    Raises:
+        DataError: unknown task name (nearest name suggested), unknown
+            setting (accepted settings listed) or invalid setting value.
+    """
+    task_class = TASKS.get(name)
+    if task_class is None:
+        nearest = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
+        raise DataError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}.{hint}")
+    accepted = [f.name for f in fields(task_class) if f.init]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise DataError(f"task {name!r} has no setting(s) {unknown}; accepted settings: {accepted}")
+    return task_class(**kwargs)

@@ -1,0 +1,124 @@
+"""Built-in synthetic tasks: determinism, split disjointness, answers and verifiers."""
+
+import statistics
+
+import pytest
+
+from plait.data.datasets import DataError
+from plait.data.tasks import CHAR_VOCAB, TASKS, AdditionTask, RepeatTask, make_task
+
+
+@pytest.mark.parametrize("task", [AdditionTask(digits=2), RepeatTask()], ids=["addition", "repeat"])
+def test_rows_are_a_pure_function_of_seed_and_split(task):
+    assert task.make_rows(50, seed=3, split="train") == task.make_rows(50, seed=3, split="train")
+    assert task.make_rows(50, seed=3) != task.make_rows(50, seed=4)
+    assert task.make_rows(50, seed=3, split="train") != task.make_rows(50, seed=3, split="test")
+
+
+@pytest.mark.parametrize(
+    "task", [AdditionTask(digits=2), RepeatTask(max_count=20)], ids=["addition", "repeat"]
+)
+def test_train_and_test_splits_never_share_a_prompt(task):
+    train = {row["prompt"] for row in task.make_rows(3000, seed=0, split="train")}
+    test = {row["prompt"] for row in task.make_rows(1000, seed=0, split="test")}
+    assert train and test
+    assert not train & test
+    # The split belongs to the problem, not to the seed that drew it.
+    other_seed_test = {row["prompt"] for row in task.make_rows(1000, seed=9, split="test")}
+    assert not train & other_seed_test
+
+
+def test_addition_rows_hold_correct_sums_within_the_declared_sizes():
+    task = AdditionTask(digits=3)
+    rows = task.make_rows(500, seed=1)
+    for row in rows:
+        left, right = row["prompt"].rstrip("=").split("+")
+        assert row["answer"] == str(int(left) + int(right))
+        assert len(row["answer"]) <= task.max_answer_chars
+        assert len(row["prompt"]) <= task.max_prompt_chars
+    operand_lengths = {len(row["prompt"].split("+")[0]) for row in rows}
+    assert operand_lengths == {1, 2, 3}
+
+
+def test_repeat_answer_lengths_are_long_tailed():
+    task = RepeatTask(min_count=1, max_count=64)
+    rows = task.make_rows(2000, seed=0)
+    lengths = [len(row["answer"]) for row in rows]
+    assert statistics.median(lengths) <= 12  # most answers are short...
+    assert max(lengths) >= 50  # ...and a few are long
+    assert max(lengths) <= task.max_answer_chars
+    for row in rows[:50]:
+        letter, count = row["prompt"].rstrip("=").split("*")
+        assert row["answer"] == letter * int(count)
+        assert len(row["prompt"]) <= task.max_prompt_chars
+
+
+def test_char_vocab_covers_every_built_in_prompt_and_answer():
+    produced = set()
+    for task in (AdditionTask(digits=4), RepeatTask()):
+        for split in ("train", "test"):
+            for row in task.make_rows(300, seed=0, split=split):
+                produced.update(row["prompt"] + row["answer"])
+    assert produced <= set(CHAR_VOCAB)
+    assert len(set(CHAR_VOCAB)) == len(CHAR_VOCAB) <= 48
+    assert set(AdditionTask.stop_strings[0]) <= set(CHAR_VOCAB)
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("122", 1.0),
+        ("122  ", 1.0),
+        (" 122\n", 1.0),
+        ("122\n5+5=10", 1.0),  # text after the end marker is ignored
+        ("123", 0.0),
+        ("1222", 0.0),
+        ("", 0.0),
+        ("\n122", 0.0),  # nothing before the end marker
+    ],
+)
+def test_verify_reads_the_answer_up_to_the_end_marker(completion, expected):
+    assert AdditionTask().verify(completion, "122") == expected
+
+
+def test_repeat_verify():
+    task = RepeatTask()
+    assert task.verify("aaaa\n", "aaaa") == 1.0
+    assert task.verify("aaa", "aaaa") == 0.0
+
+
+def test_make_task_builds_registered_tasks_with_settings():
+    assert set(TASKS) == {"addition", "repeat"}
+    assert make_task("addition", digits=3) == AdditionTask(digits=3)
+    assert make_task("repeat", max_count=8).max_answer_chars == 8
+
+
+def test_make_task_unknown_name_lists_tasks_and_suggests_nearest():
+    with pytest.raises(
+        DataError, match=r"unknown task 'adition'.*'addition'.*'repeat'.*Did you mean 'addition'"
+    ):
+        make_task("adition")
+
+
+def test_make_task_unknown_setting_lists_accepted_settings():
+    with pytest.raises(DataError, match=r"no setting\(s\) \['digit'\].*'digits'"):
+        make_task("addition", digit=3)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: AdditionTask(digits=0),
+        lambda: RepeatTask(min_count=5, max_count=2),
+        lambda: RepeatTask(min_count=0),
+        lambda: AdditionTask(test_fraction=1.0),
+    ],
+)
+def test_invalid_settings_are_rejected(build):
+    with pytest.raises(DataError):
+        build()
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(DataError, match="unknown split 'eval'"):
+        AdditionTask().make_rows(1, split="eval")
