@@ -1,0 +1,122 @@
+"""The ``plait`` command line.
+
+    plait train CONFIG.yaml [key=value ...]    train (GRPO / PPO, with optional SFT warm start)
+    plait eval CONFIG.yaml [key=value ...]     held-out greedy accuracy of a model or checkpoint
+    plait config CONFIG.yaml [key=value ...]   print the resolved config
+    plait options                              every config key, its type, default and meaning
+    plait tiny-model OUT_DIR                   save the tiny character-level model and tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from plait.config import ConfigError, describe, dump_yaml, load_config
+
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: shown as one clear message, no traceback."""
+    from plait.data.datasets import DataError
+    from plait.recipes.session import TrainingDiverged
+    from plait.rewards import RewardError, RewardLoadError
+    from plait.train.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, RewardError, RewardLoadError, CheckpointError,
+            TrainingDiverged, FileNotFoundError)
+
+
+def cmd_train(args) -> int:
+    config = load_config(args.config, args.overrides)
+    from plait.recipes.rl import train
+
+    summary = train(config)
+    print(json.dumps(summary, indent=2))
+    print(f"plait: run directory {config.run.dir} (summary.json, metrics.jsonl, metrics.png, "
+          "tensorboard/, checkpoints/)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    config = load_config(args.config, args.overrides)
+    from plait.recipes.evaluate import evaluate_job
+
+    result = evaluate_job(config, checkpoint=args.checkpoint)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_options(args) -> int:
+    for key, type_name, default, doc in describe():
+        print(f"{key}  ({type_name}, default {default!r})")
+        print(textwrap.indent(textwrap.fill(doc, 88), "    "))
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from plait.models.loading import quiet_transformers
+    from plait.models.tiny import save_tiny_model
+
+    quiet_transformers()
+    out = save_tiny_model(Path(args.out_dir))
+    print(f"plait: tiny model and tokenizer saved to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (
+        ("train", cmd_train, "train a model"),
+        ("eval", cmd_eval, "evaluate a model or checkpoint on held-out prompts"),
+        ("config", cmd_config, "print the resolved config"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+        if name == "eval":
+            p.add_argument("--checkpoint", help="checkpoint directory (default: the run "
+                           "directory's latest, else the configured model)")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("options", help="list every config key with its documentation")
+    p.set_defaults(fn=cmd_options)
+    p = sub.add_parser("tiny-model", help="save the tiny model + tokenizer in HF format")
+    p.add_argument("out_dir")
+    p.set_defaults(fn=cmd_tiny_model)
+    return parser
+
+
+def _split_config_arg(args) -> None:
+    """Allow ``plait train key=value`` with no config file."""
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "config"):
+        _split_config_arg(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("plait: interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        return 130
+    except _known_errors() as err:
+        print(f"plait: error: {err}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

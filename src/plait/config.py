@@ -1,0 +1,549 @@
+"""Typed configuration: the single source of truth for every option.
+
+Each section is a dataclass whose fields carry their own documentation
+(``doc``), and optional range checks (``low`` / ``high``) or choices (a
+``Literal`` type). YAML files and ``key=value`` command-line overrides are
+only layers on top of the defaults; the resolved config is frozen and never
+mutated while a job runs.
+
+Errors are :class:`ConfigError` with the dotted key, the source (file or
+command line), what was wrong, and, for unknown keys, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message says which, where, and what to do."""
+
+
+def opt(default: Any = dataclasses.MISSING, doc: str = "", *, low: float | None = None,
+        high: float | None = None, factory: Any = None) -> Any:
+    """A documented config field with optional inclusive bounds ``low``/``high``."""
+    meta = {"doc": doc, "low": low, "high": high}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the built-in tiny model (used when ``model.path: tiny``)."""
+
+    arch: Literal["qwen2", "llama"] = opt("qwen2", "Architecture family of the tiny model.")
+    hidden_size: int = opt(128, "Hidden width.", low=8)
+    intermediate_size: int = opt(384, "MLP width.", low=8)
+    num_layers: int = opt(4, "Number of decoder blocks.", low=1)
+    num_heads: int = opt(4, "Attention heads.", low=1)
+    num_kv_heads: int = opt(2, "Key/value heads (grouped-query attention).", low=1)
+    max_position_embeddings: int = opt(512, "Longest sequence the model supports.", low=16)
+    seed: int = opt(0, "Seed of the random initialisation.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    path: str = opt("tiny", "Local directory of a HF causal LM (config, weights, tokenizer), "
+                    "or 'tiny' to build the tiny character-level model in the run directory.")
+    tiny: TinyModelConfig = opt(doc="Tiny-model shape, used when path is 'tiny'.",
+                                factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "Parameter dtype. CPUs train in float32.")
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "Wrap prompts in the tokenizer's chat template: 'auto' when it has one.")
+    ref_path: str | None = opt(None, "Reference model directory; default: the initial policy.")
+    critic_path: str | None = opt(None, "Critic backbone directory (PPO); default: the policy's.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from: a built-in synthetic task or local files."""
+
+    task: str | None = opt("addition", "Built-in synthetic task ('addition', 'repeat'), or null "
+                           "to read prompts from train_path.")
+    task_args: dict[str, Any] = opt(doc="Keyword arguments for the task, e.g. {digits: 3}.",
+                                    factory=dict)
+    train_path: str | None = opt(None, "JSONL / Parquet file or local HF dataset directory.")
+    eval_path: str | None = opt(None, "Held-out prompts (same formats); default: the task's "
+                                "test split, or a slice of train_path.")
+    split: str = opt("train", "Split to read from a DatasetDict directory.")
+    fields: dict[str, str] = opt(doc="Map plait's field names to dataset columns, e.g. "
+                                 "{prompt: question, answer: solution}.", factory=dict)
+    num_train: int = opt(50000, "Rows generated for a synthetic task's train split.", low=1)
+    num_eval: int = opt(200, "Held-out rows used for evaluation.", low=1)
+    max_prompt_tokens: int = opt(256, "Prompts longer than this are rejected with the row named.",
+                                 low=1)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised warm start on (prompt, answer) pairs before RL; steps=0 skips it."""
+
+    steps: int = opt(0, "Optimizer steps of SFT warm start.", low=0)
+    batch_size: int = opt(64, "Sequences per SFT step.", low=1)
+    lr: float = opt(1e-3, "SFT learning rate.", low=0.0)
+    warmup_steps: int = opt(20, "Linear warmup steps.", low=0)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Generation settings for rollouts."""
+
+    engine: Literal["hf"] = opt("hf", "Generation engine; 'hf' is transformers' generate.")
+    max_new_tokens: int = opt(16, "Longest completion, in tokens.", low=1)
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", low=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", low=0.0, high=1.0)
+    top_k: int = opt(0, "Top-k sampling (0 = off).", low=0)
+    stop: list[str] = opt(doc="Strings that end a completion (text after them is cut).",
+                          factory=list)
+    batch_size: int = opt(256, "Most sequences generated in one call.", low=1)
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """The RL algorithm: advantages, losses, KL, and reward shaping."""
+
+    name: Literal["grpo", "ppo"] = opt("grpo", "'grpo' (critic-free, groups) or 'ppo' (critic, GAE).")
+    prompts_per_step: int = opt(8, "Prompts drawn per RL step.", low=1)
+    group_size: int = opt(8, "Completions per prompt (G). PPO may use 1.", low=1)
+    advantage: Literal["auto", "grpo", "drgrpo", "rloo", "reinforce++", "gae"] = opt(
+        "auto", "Advantage estimator; 'auto' = grpo for GRPO, gae for PPO.")
+    gamma: float = opt(1.0, "Discount for GAE / REINFORCE++.", low=0.0, high=1.0)
+    lam: float = opt(0.95, "GAE lambda.", low=0.0, high=1.0)
+    epochs: int = opt(1, "Passes over each rollout batch (PPO epochs).", low=1)
+    mini_batches: int = opt(1, "Optimizer steps per epoch (the batch is split in this many).",
+                            low=1)
+    micro_batch_size: int = opt(64, "Sequences per forward/backward; gradients accumulate.",
+                                low=1)
+    clip_low: float = opt(0.2, "PPO clip epsilon below 1.", low=0.0)
+    clip_high: float = opt(0.2, "PPO clip epsilon above 1 (clip-higher: set > clip_low).",
+                           low=0.0)
+    dual_clip: float | None = opt(None, "Dual-clip bound c > 1 for negative advantages.", low=1.0)
+    ratio_level: Literal["token", "sequence"] = opt(
+        "token", "Importance ratio per token (PPO/GRPO) or per sequence (GSPO).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                      "seq-mean-token-sum-norm"] = opt("token-mean", "Loss aggregation.")
+    loss_norm_constant: float | None = opt(
+        None, "Divisor for seq-mean-token-sum-norm; default rollout.max_new_tokens.", low=1.0)
+    kl_coef: float = opt(0.0, "KL-to-reference coefficient (0 = no reference model).", low=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3", "KL estimator.")
+    kl_mode: Literal["loss", "reward"] = opt("loss", "KL as a loss term or a per-token reward "
+                                            "penalty.")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient.", low=0.0)
+    vf_coef: float = opt(0.5, "Value-loss weight (PPO).", low=0.0)
+    vf_clip: float | None = opt(0.2, "Value clipping range around old values (PPO).", low=0.0)
+    reward_adjust: Literal["none", "grpovi"] = opt("none", "Adjust group rewards before "
+                                                   "advantages: 'grpovi' maximises variance.")
+    grpovi_weights: Literal["uniform", "reference"] = opt(
+        "uniform", "GRPOVI weights: uniform, or the reference policy's sequence probabilities.")
+    grpovi_split_ties: bool = opt(False, "Let equal rewards take different adjusted values.")
+    reward_range: list[float] | None = opt(
+        None, "[low, high] of the total reward; default: the task's declared range.")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards all agree and draw more.")
+    max_draws: int = opt(4, "Most prompt batches drawn per step under dynamic sampling.", low=1)
+    overlong_buffer: int = opt(0, "DAPO soft overlong penalty buffer in tokens (0 = off).", low=0)
+    overlong_penalty: float = opt(1.0, "Penalty at the length limit.", low=0.0)
+
+
+@dataclass(frozen=True)
+class RewardFnConfig:
+    """One reward function and its weight."""
+
+    fn: str = opt("task", "'task' (the task's verifier), 'exact_match', 'module:function' "
+                  "or 'path/to/file.py:function'.")
+    weight: float = opt(1.0, "Weight in the summed reward.")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward functions and how their failures are handled."""
+
+    functions: list[RewardFnConfig] = opt(doc="Reward functions, summed with their weights.",
+                                          factory=lambda: [RewardFnConfig()])
+    timeout_s: float | None = opt(30.0, "Time limit per reward call (null = none).", low=0.0)
+    on_error: Literal["raise", "fallback"] = opt("raise", "Stop on a failing reward, or use "
+                                                 "fallback_reward and count the failure.")
+    fallback_reward: float = opt(0.0, "Reward of a sample whose function failed (fallback).")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = opt(1e-5, "Policy learning rate.", low=0.0)
+    critic_lr: float | None = opt(None, "Critic learning rate; default: lr.", low=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", low=0.0)
+    betas: list[float] = opt(doc="AdamW betas.", factory=lambda: [0.9, 0.999])
+    eps: float = opt(1e-8, "AdamW epsilon.", low=0.0)
+    warmup_steps: int = opt(0, "Linear warmup, in optimizer steps.", low=0)
+    schedule: Literal["constant", "linear", "cosine"] = opt("constant", "Decay after warmup.")
+    min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr (linear/cosine).", low=0.0,
+                              high=1.0)
+    max_grad_norm: float | None = opt(1.0, "Gradient clipping norm (null = off).", low=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The RL loop."""
+
+    steps: int = opt(100, "RL steps (one rollout batch each).", low=0)
+    seed: int = opt(0, "Seed for data order, sampling and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' uses CUDA when available.")
+    threads: int | None = opt(None, "torch CPU threads (null = torch's default).", low=1)
+    deterministic: bool = opt(True, "Deterministic kernels (exact CPU reproducibility).")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = only before and after).", low=0)
+    eval_max_new_tokens: int | None = opt(None, "Eval generation length; default rollout's.",
+                                          low=1)
+    save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).", low=0)
+    keep_last: int = opt(2, "Checkpoints kept (older ones are deleted; 0 = keep all).", low=0)
+    nan_policy: Literal["skip", "stop"] = opt(
+        "skip", "On a NaN/inf loss or gradient: skip the update and count it, or stop.")
+    max_nan_skips: int = opt(10, "Stop after this many skipped steps in a row.", low=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where outputs go."""
+
+    dir: str = opt("runs/default", "Run directory: config, metrics, checkpoints, plots, summary.")
+    resume: Literal["auto", "never", "must"] = opt(
+        "auto", "Continue from the run directory's latest checkpoint: when present, never, "
+        "or fail when absent.")
+    overwrite: bool = opt(False, "Delete an existing run directory before starting.")
+    tensorboard: bool = opt(True, "Write TensorBoard events.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A plait job."""
+
+    run: RunConfig = opt(doc="Outputs.", factory=RunConfig)
+    model: ModelConfig = opt(doc="Model.", factory=ModelConfig)
+    data: DataConfig = opt(doc="Prompts.", factory=DataConfig)
+    sft: SFTConfig = opt(doc="Supervised warm start.", factory=SFTConfig)
+    rollout: RolloutConfig = opt(doc="Generation.", factory=RolloutConfig)
+    algo: AlgoConfig = opt(doc="Algorithm.", factory=AlgoConfig)
+    reward: RewardConfig = opt(doc="Rewards.", factory=RewardConfig)
+    optim: OptimConfig = opt(doc="Optimizer.", factory=OptimConfig)
+    train: TrainConfig = opt(doc="Training loop.", factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise a ConfigError that names ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        return _coerce_union(value, tp, where)
+    if origin is Literal:
+        return _coerce_literal(value, tp, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}")
+                for k, v in value.items()}
+    scalar = _SCALARS.get(tp)
+    if scalar is None:
+        raise ConfigError(f"{where}: unsupported config type {tp!r}")
+    return scalar(value, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_literal(value: Any, tp: Any, where: str) -> Any:
+    choices = typing.get_args(tp)
+    if value in choices:
+        return value
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}{hint}")
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _as_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _as_float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _as_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
+def _check_range(value: Any, f: dataclasses.Field, where: str) -> None:
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {high}")
+
+
+def _unknown_key(cls, key: str, where: str) -> ConfigError:
+    valid = list(_fields(cls))
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(where + '.' if where else '') + near[0]!r}?" if near else ""
+    name = f"{where}.{key}" if where else key
+    return ConfigError(f"unknown config key {name!r}{hint} (valid keys here: {', '.join(valid)})")
+
+
+def _build(cls, data: dict[str, Any], where: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, str(key), where)
+        name = f"{where}.{key}" if where else key
+        coerced = _coerce(value, hints[key], name)
+        _check_range(coerced, fields[key], name)
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict of a config (YAML/JSON serialisable)."""
+    return _to_dict(config)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.c = value`` in a nested dict, checking each key against the schema."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else None
+        if fields is None:
+            raise ConfigError(f"{source}: {prefix!r} is not a section, cannot set {dotted!r}")
+        if part not in fields:
+            raise ConfigError(f"{source}: {_unknown_key(cls, part, prefix)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            if typing.get_origin(cls) is dict:
+                node = node.setdefault(part, {})
+                node[".".join(parts[depth + 1:])] = value
+                return
+            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])!r} is not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])!r} is not a mapping")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is parsed as YAML (so 3, 1e-4, true, [1,2], null work)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} must look like key=value "
+                          "(e.g. train.steps=50)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"command line: override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    if overrides:
+        source = f"{source} + command line" if path is not None else "command line"
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, "command line")
+    try:
+        config = _build(Config, tree)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    algo = config.algo
+    if algo.name == "grpo" and algo.group_size < 2:
+        raise ConfigError("algo.group_size must be at least 2 for GRPO (groups need a baseline)")
+    if algo.name == "grpo" and algo.advantage == "gae":
+        raise ConfigError("algo.advantage 'gae' needs a critic: use algo.name=ppo")
+    if algo.reward_range is not None and (
+        len(algo.reward_range) != 2 or algo.reward_range[0] >= algo.reward_range[1]
+    ):
+        raise ConfigError(f"algo.reward_range must be [low, high] with low < high, "
+                          f"got {algo.reward_range}")
+    if algo.reward_adjust == "grpovi" and algo.name != "grpo":
+        raise ConfigError("algo.reward_adjust 'grpovi' applies to grouped rewards: use algo.name=grpo")
+    if len(config.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
+    batch = algo.prompts_per_step * algo.group_size
+    if algo.mini_batches > batch:
+        raise ConfigError(f"algo.mini_batches={algo.mini_batches} exceeds the "
+                          f"{batch} sequences per step (prompts_per_step x group_size)")
+    if config.data.task is None and config.data.train_path is None:
+        raise ConfigError("data: set either data.task (a built-in task) or data.train_path")
+    for key in ("train_path", "eval_path"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value!r} does not exist")
+    if config.model.path != "tiny":
+        check_local_model_path(config.model.path, "model.path")
+    for key in ("ref_path", "critic_path"):
+        value = getattr(config.model, key)
+        if value is not None:
+            check_local_model_path(value, f"model.{key}")
+
+
+def check_local_model_path(value: str, key: str) -> None:
+    """A model must be a local directory; hub ids get a clear message."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {value!r} has no config.json; it must be a directory "
+                              "saved with save_pretrained")
+        return
+    looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        raise ConfigError(f"{key}: {value!r} is not a local directory. plait loads models only "
+                          "from local paths and never downloads; download the model first "
+                          "(e.g. with huggingface-cli on a machine with access) and pass its "
+                          "directory")
+    raise ConfigError(f"{key}: model directory {value!r} does not exist")
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every leaf field, for help output and docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else _to_dict(f.default_factory())
+        rows.append((key, _type_name(tp), default, f.metadata.get("doc", "")))
+    return rows
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

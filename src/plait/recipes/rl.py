@@ -1,0 +1,334 @@
+"""Online RL recipe: GRPO (and its descendants) and PPO with a critic, one process.
+
+One step reads as a dataflow:
+
+    1. draw prompts             (a prompt's whole group stays together)
+    2. generate G completions   (rollout engine)
+    3. score rewards            (verifiers, user functions, overlong penalty)
+    4. reference / old log-probs and critic values (teacher-forced forwards)
+    5. advantages               (GRPOVI adjustment, then the estimator)
+    6. update                   (epochs x mini-batches x micro-batches)
+    7. log, evaluate, checkpoint
+
+With dynamic sampling (DAPO), steps 1-3 repeat until enough groups carry a
+learning signal (rewards that differ) or the draw cap is hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from plait import algos
+from plait.config import Config
+from plait.recipes.session import Session, TrainingDiverged
+from plait.rollout.base import SamplingParams
+from plait.train.experience import Experience
+from plait.train.forward import response_logits, response_values, token_logprobs
+from plait.train.optim import grads_finite
+
+
+@dataclass
+class StepTimer:
+    """Wall time per stage of one step, in seconds."""
+
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Stage()
+
+
+class RLTrainer(Session):
+    """GRPO / PPO training loop on one process."""
+
+    # ------------------------------------------------------------------ rollout
+
+    def sampling_params(self) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop))
+
+    def collect(self, timer: StepTimer) -> tuple[Experience | None, dict]:
+        """Steps 1-3: prompts, completions and rewards for one RL step."""
+        algo = self.config.algo
+        kept: list[Experience] = []
+        stats = {"draws": 0, "groups_drawn": 0, "reward_failures": 0}
+        drawn_rewards = []
+        while True:
+            stats["draws"] += 1
+            rows = self.train_iter.next_batch(algo.prompts_per_step)
+            stats["groups_drawn"] += len(rows)
+            with timer.stage("generate"):
+                batch = self.rollout(rows, self.sampling_params(), algo.group_size)
+            with timer.stage("reward"):
+                result = self.score(rows, batch)
+            stats["reward_failures"] += result.num_failures
+            batch.rewards = self.shape_rewards(result.total, batch)
+            drawn_rewards.append(batch.rewards)
+            if not algo.dynamic_sampling:
+                kept = [batch]
+                break
+            signal = algos.group_has_signal(batch.rewards, batch.group_ids)
+            if signal.any():
+                kept.append(batch.select(signal.nonzero().squeeze(-1)))
+            num_groups = sum(part.group_ids.unique().numel() for part in kept)
+            if num_groups >= algo.prompts_per_step or stats["draws"] >= algo.max_draws:
+                break
+        stats["reward_all_mean"] = float(torch.cat(drawn_rewards).mean())
+        if not kept:
+            stats["groups_kept"] = 0
+            return None, stats
+        batch = Experience.cat(kept, self.tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
+        groups = batch.group_ids.unique()  # sorted: earliest draws first
+        if groups.numel() > algo.prompts_per_step:
+            keep = torch.isin(batch.group_ids, groups[: algo.prompts_per_step])
+            batch = batch.select(keep.nonzero().squeeze(-1))
+        stats["groups_kept"] = min(groups.numel(), algo.prompts_per_step)
+        return batch, stats
+
+    def shape_rewards(self, total: torch.Tensor, batch: Experience) -> torch.Tensor:
+        """Add the DAPO soft overlong penalty when it is configured."""
+        algo = self.config.algo
+        if algo.overlong_buffer > 0:
+            total = total + algos.overlong_penalty(
+                batch.response_lengths, self.config.rollout.max_new_tokens,
+                algo.overlong_buffer, algo.overlong_penalty)
+        return total
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def score_forwards(self, batch: Experience, timer: StepTimer) -> None:
+        """Step 4: reference log-probs, behaviour log-probs and critic values."""
+        algo = self.config.algo
+        mb = algo.micro_batch_size
+        if self.reference is not None:
+            with timer.stage("reference"):
+                batch.ref_logprobs = self._forward_logprobs(self.reference, batch, mb)
+        if self.needs_old_logprobs():
+            with timer.stage("old_logprobs"):
+                batch.old_logprobs = self._forward_logprobs(self.policy, batch, mb)
+        if self.critic is not None:
+            with timer.stage("critic"):
+                parts = [response_values(self.critic, m) for m in batch.micro_batches(mb)]
+                batch.values = _cat_right(parts, batch.response_ids.shape[1])
+
+    def _forward_logprobs(self, model, batch: Experience, mb: int) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            parts = [token_logprobs(response_logits(model, m, self.train_temperature),
+                                    m.response_ids) for m in batch.micro_batches(mb)]
+        finally:
+            model.train(was_training)
+        return _cat_right(parts, batch.response_ids.shape[1])
+
+    def needs_old_logprobs(self) -> bool:
+        """A batch used for exactly one on-policy update needs no separate pass: its old
+        log-probs are the detached current ones."""
+        algo = self.config.algo
+        kl_in_reward = self.reference is not None and algo.kl_mode == "reward" and algo.kl_coef > 0
+        return algo.epochs > 1 or algo.mini_batches > 1 or kl_in_reward
+
+    # ------------------------------------------------------------------ advantages
+
+    def compute_advantages(self, batch: Experience) -> dict[str, float]:
+        """Step 5: reward adjustment and the advantage estimator."""
+        algo = self.config.algo
+        mask = batch.response_mask
+        rewards = batch.rewards
+        stats = {}
+        kl_tok = None
+        if self.reference is not None and algo.kl_mode == "reward" and algo.kl_coef > 0:
+            kl_tok = algos.kl_estimate(batch.old_logprobs, batch.ref_logprobs,
+                                       algo.kl_estimator) * mask
+            stats["kl_ref"] = float(kl_tok.sum() / mask.sum().clamp(min=1))
+        estimator = self.advantage_estimator
+        if algo.reward_adjust == "grpovi":
+            rewards = algos.grpovi_adjust_groups(
+                rewards, batch.group_ids, low=self.reward_low, high=self.reward_high,
+                weights=self.grpovi_weights(batch), split_ties=algo.grpovi_split_ties)
+            stats["reward_adjusted_std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
+        if estimator in ("grpo", "drgrpo", "rloo"):
+            if kl_tok is not None:
+                rewards = rewards - algo.kl_coef * kl_tok.sum(-1)
+            if estimator == "rloo":
+                seq_adv = algos.rloo_advantages(rewards, batch.group_ids)
+            else:
+                seq_adv = algos.grpo_advantages(rewards, batch.group_ids,
+                                                scale_by_std=estimator == "grpo")
+            batch.advantages = algos.broadcast_seq_advantages(seq_adv, mask)
+            return stats
+        token_rewards = algos.outcome_to_token_rewards(rewards, mask)
+        if kl_tok is not None:
+            token_rewards = token_rewards - algo.kl_coef * kl_tok
+        if estimator == "reinforce++":
+            batch.advantages = algos.reinforce_pp_advantages(token_rewards, mask, algo.gamma)
+            return stats
+        adv, returns = algos.gae_advantages(token_rewards, batch.values, mask, algo.gamma,
+                                            algo.lam)
+        batch.returns = returns
+        batch.advantages = algos.masked_whiten(adv, mask) * mask
+        return stats
+
+    def grpovi_weights(self, batch: Experience) -> torch.Tensor | None:
+        if self.config.algo.grpovi_weights == "uniform":
+            return None
+        seq_logprobs = algos.sequence_logprob(batch.ref_logprobs, batch.response_mask)
+        return algos.sequence_weights_from_logprobs(seq_logprobs.double(),
+                                                    group_ids=batch.group_ids)
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, batch: Experience, step: int) -> dict[str, float]:
+        """Step 6: epochs x mini-batches of optimizer steps, micro-batched."""
+        algo = self.config.algo
+        totals: dict[str, list[float]] = {}
+        generator = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
+        for _ in range(algo.epochs):
+            order = torch.randperm(batch.batch_size, generator=generator)
+            for mini_idx in order.chunk(algo.mini_batches):
+                mini = batch.select(mini_idx)
+                for key, value in self.optimizer_step(mini).items():
+                    totals.setdefault(key, []).append(value)
+        return {key: sum(v) / len(v) for key, v in totals.items()}
+
+    def optimizer_step(self, mini: Experience) -> dict[str, float]:
+        """One optimizer step over a mini-batch, accumulating micro-batch gradients whose
+        losses are normalised by mini-batch totals, so the update equals the unsplit one."""
+        algo = self.config.algo
+        norm = dict(num_tokens=mini.response_mask.sum().clamp(min=1), num_seqs=mini.batch_size,
+                    norm_constant=self.loss_norm_constant)
+        stats: dict[str, float] = {}
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        for micro in mini.micro_batches(algo.micro_batch_size):
+            loss, micro_stats = self.micro_loss(micro, norm)
+            loss.backward()
+            for key, value in micro_stats.items():
+                stats[key] = stats.get(key, 0.0) + value * micro.batch_size / mini.batch_size
+        return self.apply_gradients(stats)
+
+    def micro_loss(self, micro: Experience, norm: dict) -> tuple[torch.Tensor, dict]:
+        algo = self.config.algo
+        mask = micro.response_mask
+        logits = response_logits(self.policy, micro, self.train_temperature)
+        logprobs = token_logprobs(logits, micro.response_ids)
+        old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        loss, pstats = algos.ppo_policy_loss(
+            logprobs, old, micro.advantages, mask, clip_low=algo.clip_low,
+            clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=algo.ratio_level,
+            agg=algo.loss_agg, **norm)
+        stats = {"loss/policy": loss.item(), **{f"policy/{k}": float(v) for k, v in pstats.items()}}
+        if self.reference is not None and algo.kl_mode == "loss" and algo.kl_coef > 0:
+            kl = algos.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
+            kl_loss = algos.aggregate_loss(kl, mask, algo.loss_agg, **norm)
+            loss = loss + algo.kl_coef * kl_loss
+            stats["kl_ref"] = float(kl_loss)
+        if algo.entropy_coef > 0 or self.log_entropy:
+            entropy = algos.aggregate_loss(algos.entropy_from_logits(logits), mask,
+                                           algo.loss_agg, **norm)
+            loss = loss - algo.entropy_coef * entropy
+            stats["policy/entropy"] = float(entropy)
+        if self.critic is not None:
+            values = response_values(self.critic, micro)
+            vloss, vstats = algos.value_loss(values, micro.values, micro.returns, mask,
+                                             clip_range=algo.vf_clip, agg=algo.loss_agg, **norm)
+            loss = loss + algo.vf_coef * vloss
+            stats["loss/value"] = float(vloss)
+            stats.update({f"critic/{k}": float(v) for k, v in vstats.items()})
+        if not torch.isfinite(loss):
+            stats["nonfinite"] = 1.0
+        return loss, stats
+
+    def apply_gradients(self, stats: dict[str, float]) -> dict[str, float]:
+        """Clip, check for NaN/inf, and step (or skip and count the skip)."""
+        params = [p for model in self.trainable_models() for p in model.parameters()]
+        finite = stats.pop("nonfinite", 0.0) == 0.0 and grads_finite(params)
+        if not finite:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            self.nan_skips += 1
+            self.consecutive_nan_skips += 1
+            policy = self.config.train
+            if policy.nan_policy == "stop" or self.consecutive_nan_skips >= policy.max_nan_skips:
+                raise TrainingDiverged(
+                    f"loss or gradients became NaN/inf ({self.consecutive_nan_skips} step(s) in "
+                    f"a row); stopping with the last good checkpoint intact")
+            stats["skipped"] = 1.0
+            return stats
+        self.consecutive_nan_skips = 0
+        max_norm = self.config.optim.max_grad_norm
+        for name, model in self.named_trainable_models():
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                  max_norm if max_norm else float("inf"))
+            stats[f"grad_norm/{name}"] = float(norm)
+        for name, opt in self.optimizers.items():
+            opt.step()
+            self.schedulers[name].step()
+        stats["lr"] = self.schedulers["policy"].get_last_lr()[0]
+        return stats
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, step: int) -> dict[str, float]:
+        timer = StepTimer()
+        start = time.perf_counter()
+        batch, draw_stats = self.collect(timer)                  # 1-3
+        metrics: dict[str, float] = {**draw_stats}
+        if batch is None:
+            metrics["skipped_no_signal"] = 1.0
+            return self._timing(metrics, timer, start, None)
+        metrics.update(self.rollout_metrics(batch))
+        self.score_forwards(batch, timer)                              # 4
+        metrics.update(self.compute_advantages(batch))                 # 5
+        with timer.stage("update"):
+            metrics.update(self.update(batch, step))                   # 6
+        self.engine.update_weights(None, step + 1)
+        return self._timing(metrics, timer, start, batch)
+
+    def rollout_metrics(self, batch: Experience) -> dict[str, float]:
+        lengths = batch.response_lengths
+        rewards = batch.rewards
+        return {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "train/accuracy": float((rewards >= self.reward_high - 1e-6).float().mean()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "samples": float(batch.batch_size),
+            "tokens": float(lengths.sum()),
+        }
+
+    def _timing(self, metrics, timer: StepTimer, start: float, batch) -> dict[str, float]:
+        elapsed = time.perf_counter() - start
+        metrics.update({f"time/{k}": v for k, v in timer.times.items()})
+        metrics["time/step"] = elapsed
+        if batch is not None:
+            metrics["throughput/tokens_per_s"] = metrics["tokens"] / elapsed
+            metrics["throughput/samples_per_s"] = batch.batch_size / elapsed
+        metrics["nan_skips"] = float(self.nan_skips)
+        return metrics
+
+
+def _cat_right(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate ``[b, r_i]`` tensors along the batch, right-padding each to ``width``."""
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def train(config: Config, callbacks=()) -> dict:
+    """Run an RL job end to end and return its summary."""
+    with RLTrainer(config, callbacks=callbacks) as trainer:
+        return trainer.run()

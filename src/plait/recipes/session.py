@@ -1,0 +1,439 @@
+"""Everything a training job holds besides its step: run directory, seeds,
+models, data, rewards, engine, optimizers, evaluation, checkpoints, resume,
+metrics and the summary. Recipes subclass :class:`Session` and define
+``step(step) -> metrics``."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plait.config import Config, ConfigError, dump_yaml
+from plait.data.datasets import PromptIterator, load_prompt_rows
+from plait.data.tasks import make_task
+from plait.models.loading import (
+    ValueModel,
+    format_prompt,
+    frozen_copy,
+    load_causal_lm,
+    load_critic,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model_dir,
+)
+from plait.recipes.sft import supervised_warm_start
+from plait.rewards import RewardManager
+from plait.rollout.base import SamplingParams
+from plait.rollout.hf_engine import HFGenerateEngine
+from plait.telemetry.metrics import MetricsLogger, read_metrics
+from plait.telemetry.plots import plot_metrics
+from plait.telemetry.progress import ProgressBar
+from plait.telemetry.summary import write_json_atomic
+from plait.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from plait.train.experience import Experience, experience_from_completions
+from plait.train.optim import build_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients stayed non-finite; the last good checkpoint is intact."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
+                          "use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Session:
+    """The state of one job, built from a :class:`Config`."""
+
+    log_entropy = True
+
+    def __init__(self, config: Config, callbacks=(), *, prepare_run_dir: bool = True):
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(config.run.dir)
+        if prepare_run_dir:
+            self._prepare_run_dir()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        train = config.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        if train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(train.seed)
+        quiet_transformers()
+        self.device = pick_device(train.device)
+        self.model_dir = resolve_model_dir(config.model, self.run_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.policy = load_causal_lm(self.model_dir, config.model.dtype).to(self.device)
+        self._prompt_cache: dict[str, list[int]] = {}
+        self._load_data()
+        self.rewards = RewardManager(
+            [(f.fn, f.weight) for f in config.reward.functions], task=self.task,
+            timeout_s=config.reward.timeout_s, on_error=config.reward.on_error,
+            fallback_reward=config.reward.fallback_reward)
+        self._set_reward_range()
+        self.engine = HFGenerateEngine(self.policy, self.tokenizer,
+                                       batch_size=config.rollout.batch_size)
+        self.reference = None
+        self.critic = None
+        self.optimizers: dict = {}
+        self.schedulers: dict = {}
+        self.global_step = 0
+        self.nan_skips = 0
+        self.consecutive_nan_skips = 0
+        self.state: dict = {"evals": {}}
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard) \
+            if prepare_run_dir else None
+        self._next_group_id = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_run_dir(self) -> None:
+        run = self.config.run
+        if run.overwrite and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        if run.resume == "never" and (self.run_dir / "checkpoints").exists() and \
+                latest_checkpoint(self.run_dir / "checkpoints") is not None:
+            raise ConfigError(f"run.dir {str(self.run_dir)!r} already holds checkpoints and "
+                              "run.resume is 'never'; pick a new run.dir or set run.overwrite=true")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.config))
+
+    def _load_data(self) -> None:
+        data = self.config.data
+        seed = self.config.train.seed
+        self.task = make_task(data.task, **data.task_args) if data.task else None
+        if data.train_path is not None:
+            rows = load_prompt_rows(data.train_path, split=data.split, fields=data.fields or None)
+            if data.eval_path is not None:
+                eval_rows = load_prompt_rows(data.eval_path, split=data.split,
+                                             fields=data.fields or None)[: data.num_eval]
+            else:
+                if len(rows) <= data.num_eval:
+                    raise ConfigError(f"data.train_path has {len(rows)} rows, not enough to hold "
+                                      f"out data.num_eval={data.num_eval}; set data.eval_path or "
+                                      "lower data.num_eval")
+                eval_rows, rows = rows[-data.num_eval:], rows[: -data.num_eval]
+        else:
+            rows = self.task.make_rows(data.num_train, seed=seed, split="train")
+            eval_rows = self.task.make_rows(data.num_eval, seed=seed, split="test")
+        self._check_prompt_lengths(rows, "train")
+        self._check_prompt_lengths(eval_rows, "eval")
+        self.train_rows, self.eval_rows = rows, eval_rows
+        self.train_iter = PromptIterator(rows, seed=seed)
+
+    def _check_prompt_lengths(self, rows: list[dict], which: str) -> None:
+        limit = self.config.data.max_prompt_tokens
+        for index, row in enumerate(rows):
+            n = len(self.encode_prompt(row["prompt"]))
+            if n > limit:
+                raise ConfigError(f"{which} row {index + 1}: prompt has {n} tokens, more than "
+                                  f"data.max_prompt_tokens={limit}; raise the limit or drop "
+                                  "the row")
+
+    def _set_reward_range(self) -> None:
+        algo = self.config.algo
+        if algo.reward_range is not None:
+            low, high = algo.reward_range
+        elif self.task is not None and all(f.fn in ("task", "exact_match")
+                                           for f in self.config.reward.functions):
+            weights = [f.weight for f in self.config.reward.functions]
+            low = sum(min(w * self.task.reward_range[0], w * self.task.reward_range[1])
+                      for w in weights)
+            high = sum(max(w * self.task.reward_range[0], w * self.task.reward_range[1])
+                       for w in weights)
+        elif algo.reward_adjust == "grpovi":
+            raise ConfigError("algo.reward_adjust=grpovi needs the reward's range: set "
+                              "algo.reward_range=[low, high] for user reward functions")
+        else:
+            low, high = 0.0, 1.0
+        if algo.overlong_buffer > 0:
+            low -= algo.overlong_penalty
+        self.reward_low, self.reward_high = float(low), float(high)
+
+    def setup_training(self) -> None:
+        """Reference model, critic and optimizers, once the starting policy is final."""
+        config = self.config
+        algo = config.algo
+        if algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and algo.grpovi_weights ==
+                                "reference"):
+            ref_dir = config.model.ref_path or self.state.get("reference_dir")
+            ref = load_causal_lm(ref_dir, config.model.dtype) if ref_dir else self.policy
+            self.reference = frozen_copy(ref).to(self.device)
+        if algo.name == "ppo":
+            if config.model.critic_path:
+                self.critic = load_critic(config.model.critic_path, config.model.dtype)
+            else:
+                import copy
+
+                backbone = copy.deepcopy(self.policy.base_model)
+                self.critic = ValueModel(backbone, self.policy.config.hidden_size)
+            self.critic.to(self.device).train()
+        total = config.train.steps * algo.epochs * algo.mini_batches
+        self.optimizers["policy"], self.schedulers["policy"] = build_optimizer(
+            self.policy.parameters(), config.optim, total_steps=total)
+        if self.critic is not None:
+            self.optimizers["critic"], self.schedulers["critic"] = build_optimizer(
+                self.critic.parameters(), config.optim, lr=config.optim.critic_lr or config.optim.lr,
+                total_steps=total)
+        self.policy.train()
+
+    def trainable_models(self):
+        return [m for _, m in self.named_trainable_models()]
+
+    def named_trainable_models(self):
+        models = [("policy", self.policy)]
+        if self.critic is not None:
+            models.append(("critic", self.critic))
+        return models
+
+    @property
+    def train_temperature(self) -> float:
+        t = self.config.rollout.temperature
+        return t if t > 0 else 1.0
+
+    @property
+    def loss_norm_constant(self) -> float:
+        return self.config.algo.loss_norm_constant or float(self.config.rollout.max_new_tokens)
+
+    @property
+    def advantage_estimator(self) -> str:
+        algo = self.config.algo
+        if algo.advantage != "auto":
+            return algo.advantage
+        return "gae" if algo.name == "ppo" else "grpo"
+
+    # ------------------------------------------------------------------ rollout & rewards
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self._prompt_cache.get(text)
+        if ids is None:
+            ids = format_prompt(self.tokenizer, text, self.config.model.chat_template)
+            self._prompt_cache[text] = ids
+        return ids
+
+    def rollout(self, rows: list[dict], params: SamplingParams, n: int) -> Experience:
+        """Generate ``n`` completions per row; each row's completions share a group id."""
+        prompts = [self.encode_prompt(row["prompt"]) for row in rows]
+        groups = self.engine.generate(prompts, params, n=n)
+        group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
+        self._next_group_id += len(rows)
+        batch = experience_from_completions(prompts, groups, group_ids,
+                                            self.tokenizer.pad_token_id)
+        batch.texts = [c.text for group in groups for c in group]
+        return batch.to(self.device)
+
+    def score(self, rows: list[dict], batch: Experience):
+        """Rewards for a batch whose rows are ``rows`` repeated group-size times."""
+        per_row = batch.batch_size // len(rows)
+        expanded = [row for row in rows for _ in range(per_row)]
+        fields = {key: [row.get(key) for row in expanded]
+                  for key in expanded[0] if key != "prompt"}
+        result = self.rewards.score([row["prompt"] for row in expanded], batch.texts, fields)
+        result.total = result.total.to(self.device)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy accuracy and mean reward on the held-out rows."""
+        train = self.config.train
+        params = SamplingParams(
+            max_new_tokens=train.eval_max_new_tokens or self.config.rollout.max_new_tokens,
+            temperature=0.0, stop=tuple(self.config.rollout.stop))
+        with torch.random.fork_rng(devices=[]):
+            next_id = self._next_group_id
+            batch = self.rollout(self.eval_rows, params, 1)
+            self._next_group_id = next_id
+            rewards = self.score(self.eval_rows, batch).total
+        result = {
+            "eval/accuracy": float((rewards >= self.reward_high - 1e-6).float().mean()),
+            "eval/reward": float(rewards.mean()),
+            "eval/response_length": float(batch.response_lengths.mean()),
+        }
+        self.state["evals"][tag] = result
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        models = {"policy": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        state = {
+            **self.state,
+            "global_step": self.global_step,
+            "nan_skips": self.nan_skips,
+            "next_group_id": self._next_group_id,
+            "data": self.train_iter.state_dict(),
+        }
+        return save_checkpoint(self.checkpoint_root, self.global_step, models=models,
+                               tokenizer=self.tokenizer, optimizers=self.optimizers,
+                               schedulers=self.schedulers, trainer_state=state,
+                               keep_last=self.config.train.keep_last or None)
+
+    def try_resume(self) -> bool:
+        mode = self.config.run.resume
+        path = latest_checkpoint(self.checkpoint_root) if mode != "never" else None
+        if path is None:
+            if mode == "must":
+                raise ConfigError(f"run.resume is 'must' but {str(self.checkpoint_root)!r} "
+                                  "holds no complete checkpoint")
+            return False
+        # the reference/critic structure must exist before their weights load
+        self.state = read_trainer_state(path)
+        self.setup_training()
+        models = {"policy": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        state = load_checkpoint(path, models=models, optimizers=self.optimizers,
+                                schedulers=self.schedulers)
+        self.state = state
+        self.global_step = state["global_step"]
+        self.nan_skips = state["nan_skips"]
+        self._next_group_id = state["next_group_id"]
+        self.train_iter.load_state_dict(state["data"])
+        self.engine.update_weights(None, self.global_step)
+        self.metrics.truncate_after(self.global_step)
+        print(f"plait: resumed from {path} at step {self.global_step}", flush=True)
+        return True
+
+    # ------------------------------------------------------------------ the job
+
+    def warm_start(self) -> None:
+        """Evaluate the initial model, run the SFT warm start, and freeze a reference."""
+        cfg = self.config
+        self.evaluate("initial")
+        if cfg.sft.steps > 0:
+            bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True)
+            sft_metrics = MetricsLogger(self.run_dir / "sft", tensorboard=cfg.run.tensorboard)
+
+            def on_step(step: int, loss: float) -> None:
+                bar.update(1, loss=loss)
+                sft_metrics.log(step, {"sft/loss": loss})
+
+            rows = self.train_rows
+            supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
+                                  encode_prompt=self.encode_prompt, seed=cfg.train.seed,
+                                  device=self.device, on_step=on_step)
+            bar.close()
+            sft_metrics.close()
+            sft_dir = self.run_dir / "sft_model"
+            tmp_dir = self.run_dir / ".tmp-sft_model"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            self.policy.save_pretrained(tmp_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp_dir)
+            shutil.rmtree(sft_dir, ignore_errors=True)
+            os.replace(tmp_dir, sft_dir)
+            self.state["reference_dir"] = str(sft_dir)
+            self.evaluate("after_sft")
+        self.setup_training()
+
+    def run(self) -> dict:
+        cfg = self.config
+        started = time.time()
+        if not self.try_resume():
+            self.warm_start()
+            self.state["evals"]["before"] = dict(self.latest_eval())
+            self.metrics.log(0, self.state["evals"]["before"])
+        bar = ProgressBar(cfg.train.steps, cfg.algo.name, initial=self.global_step,
+                          disable=None if cfg.run.progress else True)
+        rl_started = time.time()
+        tokens = 0.0
+        while self.global_step < cfg.train.steps:
+            metrics = self.step(self.global_step)
+            self.global_step += 1
+            tokens += metrics.get("tokens", 0.0)
+            if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 \
+                    and self.global_step < cfg.train.steps:
+                metrics.update(self.evaluate(f"step_{self.global_step}"))
+            self.metrics.log(self.global_step, metrics)
+            bar.update(1, reward=metrics.get("reward/mean", float("nan")),
+                       acc=metrics.get("train/accuracy", float("nan")),
+                       tok_s=metrics.get("throughput/tokens_per_s", 0.0))
+            if cfg.train.save_every and self.global_step % cfg.train.save_every == 0:
+                self.save()
+            for callback in self.callbacks:
+                callback(self, self.global_step, metrics)
+        bar.close()
+        rl_seconds = time.time() - rl_started
+        final = self.evaluate("final")
+        self.metrics.log(self.global_step, final)
+        self.save()
+        return self.finish(started, rl_seconds, tokens)
+
+    def latest_eval(self) -> dict[str, float]:
+        evals = self.state["evals"]
+        return evals.get("after_sft") or evals["initial"]
+
+    def finish(self, started: float, rl_seconds: float, tokens: float) -> dict:
+        evals = self.state["evals"]
+        before = evals["before"]["eval/accuracy"]
+        after = evals["final"]["eval/accuracy"]
+        summary = {
+            "algo": self.config.algo.name,
+            "steps": self.global_step,
+            "accuracy_initial": evals["initial"]["eval/accuracy"],
+            "accuracy_before": before,
+            "accuracy_after": after,
+            "accuracy_gain_points": round(100 * (after - before), 2),
+            "reward_before": evals["before"]["eval/reward"],
+            "reward_after": evals["final"]["eval/reward"],
+            "wall_time_s": round(time.time() - started, 2),
+            "rl_time_s": round(rl_seconds, 2),
+            "rl_tokens_per_s": round(tokens / rl_seconds, 1) if rl_seconds > 0 else None,
+            "nan_skips": self.nan_skips,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
+        if "after_sft" in evals:
+            summary["accuracy_after_sft"] = evals["after_sft"]["eval/accuracy"]
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.metrics.flush()
+        records = read_metrics(self.run_dir / "metrics.jsonl")
+        plot_metrics(records, self.run_dir / "metrics.png",
+                     title=f"{self.config.algo.name} on {self.config.data.task or 'data'}")
+        return summary
+
+    def close(self) -> None:
+        self.rewards.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

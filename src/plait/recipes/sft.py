@@ -1,0 +1,77 @@
+"""Supervised fine-tuning on (prompt, answer) pairs: the warm start before RL.
+
+The loss is next-token cross-entropy on the answer tokens and the closing EOS
+only (prompt tokens are context), averaged over answer tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from plait.config import OptimConfig, SFTConfig
+from plait.data.datasets import PromptIterator
+from plait.train.forward import position_ids_from_mask
+from plait.train.optim import build_optimizer
+
+IGNORE = -100
+
+
+def sft_batch(rows: list[dict], encode_prompt: Callable[[str], list[int]], tokenizer
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)``, right-padded, labels masked on prompts."""
+    sequences = []
+    for index, row in enumerate(rows):
+        if "answer" not in row:
+            raise ValueError(f"SFT needs an 'answer' field; row {index} of the batch has "
+                             f"only {sorted(row)} (map a column with data.fields)")
+        prompt = encode_prompt(row["prompt"])
+        answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
+        sequences.append((prompt, answer + [tokenizer.eos_token_id]))
+    width = max(len(p) + len(a) for p, a in sequences)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(sequences):
+        ids = prompt + answer
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(prompt): len(ids)] = torch.tensor(answer)
+    return input_ids, attention_mask, labels
+
+
+def sft_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
+                          encode_prompt: Callable[[str], list[int]], seed: int,
+                          device: torch.device, on_step: Callable[[int, float], None] | None = None
+                          ) -> list[float]:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns the loss of each step."""
+    optim_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
+                            min_lr_ratio=0.1, max_grad_norm=1.0)
+    optimizer, scheduler = build_optimizer(model.parameters(), optim_cfg, total_steps=cfg.steps)
+    data = PromptIterator(rows, seed=seed + 1)
+    model.train()
+    losses = []
+    for step in range(cfg.steps):
+        input_ids, attention_mask, labels = sft_batch(data.next_batch(cfg.batch_size),
+                                                      encode_prompt, tokenizer)
+        loss = sft_loss(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SFT loss became {float(loss)} at step {step + 1}; "
+                                     "lower sft.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    return losses

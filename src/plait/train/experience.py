@@ -1,0 +1,157 @@
+"""Typed containers for a batch of experience.
+
+Layout: every sequence is ``[prompt | response]`` with the prompt left-padded
+to width P and the response right-padded to width R. All per-token tensors
+(log-probs, values, advantages, masks) are ``[B, R]`` and aligned with
+``response_ids``; per-sequence tensors are ``[B]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from plait.rollout.base import Completion
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts and everything computed from them."""
+
+    prompt_ids: torch.Tensor          # [B, P] long, left-padded
+    prompt_mask: torch.Tensor         # [B, P] long
+    response_ids: torch.Tensor        # [B, R] long, right-padded
+    response_mask: torch.Tensor       # [B, R] float, 1 on generated tokens
+    group_ids: torch.Tensor           # [B] long, one id per prompt
+    rewards: torch.Tensor | None = None          # [B] total reward per sequence
+    sampled_logprobs: torch.Tensor | None = None  # [B, R] from the rollout engine
+    old_logprobs: torch.Tensor | None = None      # [B, R] behaviour policy (trainer forward)
+    ref_logprobs: torch.Tensor | None = None      # [B, R] reference policy
+    values: torch.Tensor | None = None            # [B, R] critic values
+    advantages: torch.Tensor | None = None        # [B, R]
+    returns: torch.Tensor | None = None           # [B, R] critic targets
+    policy_version: int = 0
+    texts: list[str] | None = None                # decoded completions, one per row
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    def _tensor_fields(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                yield f.name, value
+
+    def map(self, fn) -> Experience:
+        """A new Experience with ``fn`` applied to every tensor field."""
+        changes = {name: fn(name, value) for name, value in self._tensor_fields()}
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device) -> Experience:
+        return self.map(lambda _, t: t.to(device))
+
+    def select(self, index: torch.Tensor) -> Experience:
+        """Rows ``index`` (a long tensor of row numbers)."""
+        picked = self.map(lambda _, t: t[index])
+        if self.texts is not None:
+            picked.texts = [self.texts[i] for i in index.tolist()]
+        return picked
+
+    def trimmed(self) -> Experience:
+        """Drop prompt columns that are padding in every row and response columns past the
+        longest response, so a micro-batch computes no wasted positions."""
+        prompt_keep = int(self.prompt_mask.any(0).nonzero().min()) if self.prompt_mask.any() else 0
+        response_len = int(self.response_lengths.max().item()) if self.batch_size else 0
+        response_len = max(response_len, 1)
+
+        def trim(name, t):
+            if name in ("prompt_ids", "prompt_mask"):
+                return t[:, prompt_keep:]
+            if t.dim() == 2 and t.shape[1] == self.response_ids.shape[1]:
+                return t[:, :response_len]
+            return t
+
+        return self.map(trim)
+
+    def micro_batches(self, size: int) -> list[Experience]:
+        """Consecutive slices of at most ``size`` rows, each trimmed of padding."""
+        return [self.select(torch.arange(s, min(s + size, self.batch_size))).trimmed()
+                for s in range(0, self.batch_size, size)]
+
+    @staticmethod
+    def cat(parts: list[Experience], pad_token_id: int) -> Experience:
+        """Concatenate batches, re-padding prompts (left) and responses (right)."""
+        prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+        response_width = max(p.response_ids.shape[1] for p in parts)
+        fields = {}
+        for name, _ in parts[0]._tensor_fields():
+            tensors = [getattr(p, name) for p in parts]
+            if any(t is None for t in tensors):
+                fields[name] = None
+                continue
+            if name in ("prompt_ids", "prompt_mask"):
+                fill = pad_token_id if name == "prompt_ids" else 0
+                tensors = [_pad_left(t, prompt_width, fill) for t in tensors]
+            elif tensors[0].dim() == 2:
+                fill = pad_token_id if name == "response_ids" else 0
+                tensors = [_pad_right(t, response_width, fill) for t in tensors]
+            fields[name] = torch.cat(tensors, dim=0)
+        if all(p.texts is not None for p in parts):
+            fields["texts"] = [t for p in parts for t in p.texts]
+        return dataclasses.replace(parts[0], **fields)
+
+
+def _pad_left(t: torch.Tensor, width: int, fill) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill)
+
+
+def _pad_right(t: torch.Tensor, width: int, fill) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+
+def experience_from_completions(prompts: list[list[int]], groups: list[list[Completion]],
+                                group_ids: list[int], pad_token_id: int) -> Experience:
+    """Pack grouped completions into padded tensors. ``groups[i]`` answers ``prompts[i]``."""
+    rows = [(prompts[i], c, group_ids[i]) for i, group in enumerate(groups) for c in group]
+    prompt_width = max(len(p) for p, _, _ in rows)
+    response_width = max(1, max(len(c.token_ids) for _, c, _ in rows))
+    batch = len(rows)
+    prompt_ids = torch.full((batch, prompt_width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((batch, prompt_width), dtype=torch.long)
+    response_ids = torch.full((batch, response_width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((batch, response_width))
+    sampled = torch.zeros((batch, response_width))
+    have_logprobs = all(c.logprobs is not None for _, c, _ in rows)
+    for row, (prompt, completion, _) in enumerate(rows):
+        prompt_ids[row, prompt_width - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[row, prompt_width - len(prompt):] = 1
+        n = len(completion.token_ids)
+        if n:
+            response_ids[row, :n] = torch.tensor(completion.token_ids)
+            response_mask[row, :n] = 1.0
+            if have_logprobs:
+                sampled[row, :n] = torch.tensor(completion.logprobs)
+    return Experience(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+        response_mask=response_mask,
+        group_ids=torch.tensor([g for _, _, g in rows], dtype=torch.long),
+        sampled_logprobs=sampled if have_logprobs else None,
+        policy_version=min(c.policy_version for _, c, _ in rows),
+    )

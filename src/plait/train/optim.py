@@ -1,0 +1,50 @@
+"""AdamW with linear warmup and a constant, linear or cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from plait.config import OptimConfig
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str,
+                  min_lr_ratio: float = 0.0) -> float:
+    """Factor applied to the base lr at optimizer step ``step`` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}; use constant, linear or cosine")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_optimizer(params, cfg: OptimConfig, *, lr: float | None = None,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over trainable ``params`` and its LambdaLR schedule over ``total_steps``."""
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr if lr is None else lr,
+                                  betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio),
+    )
+    return optimizer, scheduler
+
+
+def grads_finite(params) -> bool:
+    """True when every gradient is finite (one fused check, one host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    return bool(torch.isfinite(norms).all())
