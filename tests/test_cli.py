@@ -32,7 +32,7 @@ def test_options_lists_documented_keys(capsys):
     (["config", "train.stesp=3"], "did you mean 'train.steps'"),
     (["config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
     (["train", "model.path=org/some-model"], "plait loads models only from local paths"),
-    (["train", "data.task=additon"], "did you mean"),
+    (["train", "data.task=additon"], "Did you mean 'addition'"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
     proc = run_cli(*args, f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -41,13 +41,18 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_malformed_dataset_row_is_named(tmp_path, tiny_job):
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "1+1=", "answer": "2"}\n{"question": "2+2="}\nnot json\n', "line 3"),
+    ('{"question": "1+1=", "answer": "2"}\n{"question": 5}\n', "2"),
+    ('{"question": "1+1="}\n{"q": "2+2="}\n', "2"),
+])
+def test_malformed_dataset_row_is_named(tmp_path, tiny_job, content, message):
     data = tmp_path / "data.jsonl"
-    data.write_text('{"question": "1+1=", "answer": "2"}\n{"question": 5}\nnot json\n')
+    data.write_text(content)
     proc = run_cli("train", *tiny_job, "data.task=null", f"data.train_path={data}",
                    "data.fields={prompt: question}", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "data.jsonl" in proc.stderr and "2" in proc.stderr
+    assert "data.jsonl" in proc.stderr and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -8,7 +8,20 @@ from plait.recipes.rl import RLTrainer, StepTimer
 
 
 def one_update(overrides):
+    """The accumulated gradients of one optimizer step (compared before AdamW, which
+    amplifies float rounding in near-zero gradients), and the batch they came from."""
     trainer = RLTrainer(load_config(None, overrides))
+    grads = {}
+    apply_gradients = trainer.apply_gradients
+
+    def record_then_apply(stats):
+        for prefix, model in trainer.named_trainable_models():
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    grads[f"{prefix}.{name}"] = p.grad.detach().clone()
+        return apply_gradients(stats)
+
+    trainer.apply_gradients = record_then_apply
     try:
         trainer.warm_start()
         timer = StepTimer()
@@ -16,11 +29,7 @@ def one_update(overrides):
         trainer.score_forwards(batch, timer)
         trainer.compute_advantages(batch)
         trainer.update(batch, step=0)
-        params = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
-        if trainer.critic is not None:
-            params.update({f"critic.{n}": p.detach().clone()
-                           for n, p in trainer.critic.named_parameters()})
-        return params, batch
+        return grads, batch
     finally:
         trainer.close()
 
@@ -35,11 +44,10 @@ def test_micro_batches_equal_one_batch(tiny_job, reward_spec, tmp_path, agg):
     split, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}", "algo.micro_batch_size=3"])
     assert torch.equal(batch.response_ids, batch2.response_ids)  # same rollout
     assert batch.response_lengths.unique().numel() > 1  # padding differs across micro-batches
-    moved = 0.0
+    assert whole.keys() == split.keys() and len(whole) > 0
+    assert max(float(g.abs().max()) for g in whole.values()) > 1e-3  # a real gradient
     for name, value in whole.items():
-        torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-6)
-        moved = max(moved, float((value - split[name]).abs().max()))
-    assert moved < 1e-5
+        torch.testing.assert_close(split[name], value, rtol=1e-4, atol=1e-7)
 
 
 def test_ppo_critic_micro_batches(tiny_job, reward_spec, tmp_path):
@@ -48,5 +56,6 @@ def test_ppo_critic_micro_batches(tiny_job, reward_spec, tmp_path):
             "algo.prompts_per_step=12", "optim.max_grad_norm=null"]
     whole, _ = one_update([*base, f"run.dir={tmp_path / 'a'}", "algo.micro_batch_size=12"])
     split, _ = one_update([*base, f"run.dir={tmp_path / 'b'}", "algo.micro_batch_size=5"])
+    assert any(name.startswith("critic.") for name in whole)
     for name, value in whole.items():
-        torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split[name], value, rtol=1e-4, atol=1e-7)

@@ -22,7 +22,7 @@ def setup():
 
 def test_groups_finish_reasons_and_logprobs_match_forward():
     tokenizer, model, prompts = setup()
-    engine = HFGenerateEngine(model, tokenizer)
+    engine = HFGenerateEngine(model, tokenizer, return_logprobs=True)
     torch.manual_seed(0)
     params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=20)
     groups = engine.generate(prompts, params, n=4)
@@ -51,7 +51,7 @@ def test_groups_finish_reasons_and_logprobs_match_forward():
 
 def test_greedy_matches_hf_generate():
     tokenizer, model, prompts = setup()
-    engine = HFGenerateEngine(model, tokenizer)
+    engine = HFGenerateEngine(model, tokenizer, return_logprobs=True)
     groups = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
     for prompt, (completion,) in zip(prompts, groups, strict=False):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
@@ -65,7 +65,7 @@ def test_greedy_matches_hf_generate():
 
 def test_experience_micro_batches_trim_padding():
     tokenizer, model, prompts = setup()
-    engine = HFGenerateEngine(model, tokenizer)
+    engine = HFGenerateEngine(model, tokenizer, return_logprobs=True)
     torch.manual_seed(1)
     groups = engine.generate(prompts, SamplingParams(max_new_tokens=8), n=2)
     batch = experience_from_completions(prompts, groups, [0, 1, 2], tokenizer.pad_token_id)

@@ -45,8 +45,11 @@ def test_grpo_learns_and_leaves_artefacts(tiny_job, reward_spec):
      "algo.mini_batches=2", "algo.kl_coef=0.01", "algo.kl_mode=reward"],
     ["algo.advantage=rloo", "algo.kl_coef=0.01", "algo.kl_estimator=k3"],
     ["algo.advantage=reinforce++", "algo.loss_agg=seq-mean-token-sum-norm"],
-    ["algo.reward_adjust=grpovi", "algo.grpovi_weights=reference", "algo.clip_high=0.28",
-     "algo.dual_clip=3"],
+    ["algo.reward_adjust=grpovi", "algo.grpovi_weights=reference", "algo.dual_clip=3"],
+    ["algo.dynamic_sampling=true", "algo.max_draws=3", "algo.clip_high=0.28",
+     "algo.overlong_buffer=2", "algo.advantage=drgrpo", "algo.mini_batches=2"],
+    ["algo.ratio_level=sequence", "algo.clip_low=3e-4", "algo.clip_high=4e-4",
+     "algo.loss_agg=seq-mean-token-mean"],
 ])
 def test_variants_learn(tiny_job, reward_spec, extra):
     cfg = learning_job(tiny_job, reward_spec, *extra)

@@ -61,8 +61,9 @@ class ModelConfig:
                     "or 'tiny' to build the tiny character-level model in the run directory.")
     tiny: TinyModelConfig = opt(doc="Tiny-model shape, used when path is 'tiny'.",
                                 factory=TinyModelConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = opt(
-        "float32", "Parameter dtype. CPUs train in float32.")
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "Compute dtype. Weights and optimizer state stay float32; 'bfloat16' runs "
+        "forward passes under autocast (for GPUs).")
     chat_template: Literal["auto", "always", "never"] = opt(
         "auto", "Wrap prompts in the tokenizer's chat template: 'auto' when it has one.")
     ref_path: str | None = opt(None, "Reference model directory; default: the initial policy.")
@@ -481,24 +482,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(config: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
-    algo = config.algo
-    if algo.name == "grpo" and algo.group_size < 2:
-        raise ConfigError("algo.group_size must be at least 2 for GRPO (groups need a baseline)")
-    if algo.name == "grpo" and algo.advantage == "gae":
-        raise ConfigError("algo.advantage 'gae' needs a critic: use algo.name=ppo")
-    if algo.reward_range is not None and (
-        len(algo.reward_range) != 2 or algo.reward_range[0] >= algo.reward_range[1]
-    ):
-        raise ConfigError(f"algo.reward_range must be [low, high] with low < high, "
-                          f"got {algo.reward_range}")
-    if algo.reward_adjust == "grpovi" and algo.name != "grpo":
-        raise ConfigError("algo.reward_adjust 'grpovi' applies to grouped rewards: use algo.name=grpo")
+    _validate_algo(config)
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
-    batch = algo.prompts_per_step * algo.group_size
-    if algo.mini_batches > batch:
-        raise ConfigError(f"algo.mini_batches={algo.mini_batches} exceeds the "
-                          f"{batch} sequences per step (prompts_per_step x group_size)")
     if config.data.task is None and config.data.train_path is None:
         raise ConfigError("data: set either data.task (a built-in task) or data.train_path")
     for key in ("train_path", "eval_path"):
@@ -511,6 +497,41 @@ def validate(config: Config) -> None:
         value = getattr(config.model, key)
         if value is not None:
             check_local_model_path(value, f"model.{key}")
+
+
+def _validate_algo(config: Config) -> None:
+    algo = config.algo
+    estimator = algo.advantage if algo.advantage != "auto" else (
+        "gae" if algo.name == "ppo" else "grpo")
+    problems = [
+        (algo.name == "grpo" and algo.group_size < 2,
+         "algo.group_size must be at least 2 for GRPO (groups need a baseline)"),
+        (algo.name == "grpo" and estimator == "gae",
+         "algo.advantage 'gae' needs a critic: use algo.name=ppo"),
+        (estimator in ("grpo", "drgrpo", "rloo") and algo.group_size < 2,
+         f"algo.advantage '{estimator}' normalises within groups: set algo.group_size >= 2"),
+        (algo.dynamic_sampling and algo.group_size < 2,
+         "algo.dynamic_sampling keeps groups whose rewards differ: set algo.group_size >= 2"),
+        (algo.reward_range is not None and (
+            len(algo.reward_range) != 2 or algo.reward_range[0] >= algo.reward_range[1]),
+         f"algo.reward_range must be [low, high] with low < high, got {algo.reward_range}"),
+        (algo.reward_adjust == "grpovi" and algo.name != "grpo",
+         "algo.reward_adjust 'grpovi' applies to grouped rewards: use algo.name=grpo"),
+        (algo.dual_clip is not None and algo.dual_clip <= 1.0,
+         f"algo.dual_clip must be greater than 1, got {algo.dual_clip}"),
+        (algo.clip_low >= 1.0,
+         f"algo.clip_low must be below 1 (ratios clip at 1 - clip_low), got {algo.clip_low}"),
+        (algo.overlong_buffer > config.rollout.max_new_tokens,
+         f"algo.overlong_buffer={algo.overlong_buffer} exceeds "
+         f"rollout.max_new_tokens={config.rollout.max_new_tokens}"),
+        (algo.mini_batches > algo.prompts_per_step * algo.group_size,
+         f"algo.mini_batches={algo.mini_batches} exceeds the "
+         f"{algo.prompts_per_step * algo.group_size} sequences per step "
+         "(prompts_per_step x group_size)"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ConfigError(message)
 
 
 def check_local_model_path(value: str, key: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -11,9 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from plait.config import ModelConfig, check_local_model_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from plait.config import ConfigError, ModelConfig, check_local_model_path
 
 
 def quiet_transformers() -> None:
@@ -33,19 +30,19 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32"):
+def load_causal_lm(path: str | Path):
+    """A causal LM with float32 parameters (the master weights; bfloat16 compute is
+    applied with autocast, see ``model.dtype``)."""
     check_local_model_path(str(path), "model")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype],
-                                                 local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                local_files_only=True)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make ``model`` a reference model in place: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
     return model
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A reference model: a detached, frozen copy in eval mode."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
 
 
 class ValueModel(nn.Module):
@@ -68,11 +65,11 @@ class ValueModel(nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
-def load_critic(path: str | Path, dtype: str = "float32") -> ValueModel:
+def load_critic(path: str | Path) -> ValueModel:
     """Critic whose backbone starts from the weights at ``path`` (the LM head is dropped)."""
     check_local_model_path(str(path), "critic")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    backbone = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+    backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     return ValueModel(backbone, config.hidden_size)
 
 
@@ -97,11 +94,13 @@ def format_prompt(tokenizer, text: str, mode: str) -> list[int]:
     """Token ids of a prompt, inside the chat template when ``mode`` asks for it."""
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if mode == "always" and not has_template:
-        raise ValueError("model.chat_template is 'always' but the tokenizer has no chat template")
+        raise ConfigError("model.chat_template is 'always' but the tokenizer has no chat "
+                          "template; use 'auto' or 'never', or add a template to the tokenizer")
     if mode == "always" or (mode == "auto" and has_template):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # the tokenizer's own special tokens (BOS for Llama-style models)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from plait import algos
-from plait.config import Config
+from plait.config import Config, ConfigError
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
 from plait.train.experience import Experience
 from plait.train.forward import response_logits, response_values, token_logprobs
-from plait.train.optim import grads_finite
+
+SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy", "nonfinite"})
 
 
 @dataclass
@@ -65,7 +66,7 @@ class RLTrainer(Session):
         algo = self.config.algo
         kept: list[Experience] = []
         stats = {"draws": 0, "groups_drawn": 0, "reward_failures": 0}
-        drawn_rewards = []
+        drawn_rewards, correct = [], []
         while True:
             stats["draws"] += 1
             rows = self.train_iter.next_batch(algo.prompts_per_step)
@@ -75,6 +76,7 @@ class RLTrainer(Session):
             with timer.stage("reward"):
                 result = self.score(rows, batch)
             stats["reward_failures"] += result.num_failures
+            correct.append(result.total >= self.reward_high - 1e-6)
             batch.rewards = self.shape_rewards(result.total, batch)
             drawn_rewards.append(batch.rewards)
             if not algo.dynamic_sampling:
@@ -87,6 +89,7 @@ class RLTrainer(Session):
             if num_groups >= algo.prompts_per_step or stats["draws"] >= algo.max_draws:
                 break
         stats["reward_all_mean"] = float(torch.cat(drawn_rewards).mean())
+        stats["train/accuracy"] = float(torch.cat(correct).float().mean())
         if not kept:
             stats["groups_kept"] = 0
             return None, stats
@@ -121,26 +124,31 @@ class RLTrainer(Session):
             with timer.stage("old_logprobs"):
                 batch.old_logprobs = self._forward_logprobs(self.policy, batch, mb)
         if self.critic is not None:
-            with timer.stage("critic"):
+            with timer.stage("critic"), self.autocast():
                 parts = [response_values(self.critic, m) for m in batch.micro_batches(mb)]
                 batch.values = _cat_right(parts, batch.response_ids.shape[1])
 
     def _forward_logprobs(self, model, batch: Experience, mb: int) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
+        with self.autocast():
             parts = [token_logprobs(response_logits(model, m, self.train_temperature),
                                     m.response_ids) for m in batch.micro_batches(mb)]
-        finally:
-            model.train(was_training)
         return _cat_right(parts, batch.response_ids.shape[1])
 
     def needs_old_logprobs(self) -> bool:
         """A batch used for exactly one on-policy update needs no separate pass: its old
         log-probs are the detached current ones."""
         algo = self.config.algo
-        kl_in_reward = self.reference is not None and algo.kl_mode == "reward" and algo.kl_coef > 0
-        return algo.epochs > 1 or algo.mini_batches > 1 or kl_in_reward
+        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward
+
+    @property
+    def kl_in_reward(self) -> bool:
+        algo = self.config.algo
+        return self.reference is not None and algo.kl_coef > 0 and algo.kl_mode == "reward"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        algo = self.config.algo
+        return self.reference is not None and algo.kl_coef > 0 and algo.kl_mode == "loss"
 
     # ------------------------------------------------------------------ advantages
 
@@ -151,15 +159,19 @@ class RLTrainer(Session):
         rewards = batch.rewards
         stats = {}
         kl_tok = None
-        if self.reference is not None and algo.kl_mode == "reward" and algo.kl_coef > 0:
+        if self.kl_in_reward:
             kl_tok = algos.kl_estimate(batch.old_logprobs, batch.ref_logprobs,
                                        algo.kl_estimator) * mask
             stats["kl_ref"] = float(kl_tok.sum() / mask.sum().clamp(min=1))
         estimator = self.advantage_estimator
         if algo.reward_adjust == "grpovi":
-            rewards = algos.grpovi_adjust_groups(
-                rewards, batch.group_ids, low=self.reward_low, high=self.reward_high,
-                weights=self.grpovi_weights(batch), split_ties=algo.grpovi_split_ties)
+            try:
+                rewards = algos.grpovi_adjust_groups(
+                    rewards, batch.group_ids, low=self.reward_low, high=self.reward_high,
+                    weights=self.grpovi_weights(batch), split_ties=algo.grpovi_split_ties)
+            except ValueError as err:
+                raise ConfigError(f"GRPOVI: {err}. Every total reward (fallback rewards and "
+                                  "penalties included) must lie in algo.reward_range") from None
             stats["reward_adjusted_std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
         if estimator in ("grpo", "drgrpo", "rloo"):
             if kl_tok is not None:
@@ -199,7 +211,7 @@ class RLTrainer(Session):
         generator = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
         for _ in range(algo.epochs):
             order = torch.randperm(batch.batch_size, generator=generator)
-            for mini_idx in order.chunk(algo.mini_batches):
+            for mini_idx in order.tensor_split(algo.mini_batches):
                 mini = batch.select(mini_idx)
                 for key, value in self.optimizer_step(mini).items():
                     totals.setdefault(key, []).append(value)
@@ -215,10 +227,14 @@ class RLTrainer(Session):
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         for micro in mini.micro_batches(algo.micro_batch_size):
-            loss, micro_stats = self.micro_loss(micro, norm)
+            with self.autocast():
+                loss, micro_stats = self.micro_loss(micro, norm)
             loss.backward()
             for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value * micro.batch_size / mini.batch_size
+                # losses are already fractions of the mini-batch loss: they add up;
+                # per-token means (clip fractions, ratios) are averaged by rows
+                share = 1.0 if key in SUMMED_STATS else micro.batch_size / mini.batch_size
+                stats[key] = stats.get(key, 0.0) + value * share
         return self.apply_gradients(stats)
 
     def micro_loss(self, micro: Experience, norm: dict) -> tuple[torch.Tensor, dict]:
@@ -232,22 +248,27 @@ class RLTrainer(Session):
             clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=algo.ratio_level,
             agg=algo.loss_agg, **norm)
         stats = {"loss/policy": loss.item(), **{f"policy/{k}": float(v) for k, v in pstats.items()}}
-        if self.reference is not None and algo.kl_mode == "loss" and algo.kl_coef > 0:
+        if self.kl_in_loss:
             kl = algos.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
             kl_loss = algos.aggregate_loss(kl, mask, algo.loss_agg, **norm)
             loss = loss + algo.kl_coef * kl_loss
-            stats["kl_ref"] = float(kl_loss)
-        if algo.entropy_coef > 0 or self.log_entropy:
+            stats["kl_ref"] = kl_loss.item()
+        if algo.entropy_coef > 0:
             entropy = algos.aggregate_loss(algos.entropy_from_logits(logits), mask,
                                            algo.loss_agg, **norm)
             loss = loss - algo.entropy_coef * entropy
-            stats["policy/entropy"] = float(entropy)
+            stats["policy/entropy"] = entropy.item()
+        else:  # logged only: keep the [B, R, V] softmax out of the autograd graph
+            with torch.no_grad():
+                entropy = algos.aggregate_loss(algos.entropy_from_logits(logits.detach()), mask,
+                                               algo.loss_agg, **norm)
+            stats["policy/entropy"] = entropy.item()
         if self.critic is not None:
             values = response_values(self.critic, micro)
             vloss, vstats = algos.value_loss(values, micro.values, micro.returns, mask,
                                              clip_range=algo.vf_clip, agg=algo.loss_agg, **norm)
             loss = loss + algo.vf_coef * vloss
-            stats["loss/value"] = float(vloss)
+            stats["loss/value"] = vloss.item()
             stats.update({f"critic/{k}": float(v) for k, v in vstats.items()})
         if not torch.isfinite(loss):
             stats["nonfinite"] = 1.0
@@ -255,31 +276,35 @@ class RLTrainer(Session):
 
     def apply_gradients(self, stats: dict[str, float]) -> dict[str, float]:
         """Clip, check for NaN/inf, and step (or skip and count the skip)."""
-        params = [p for model in self.trainable_models() for p in model.parameters()]
-        finite = stats.pop("nonfinite", 0.0) == 0.0 and grads_finite(params)
+        max_norm = self.config.optim.max_grad_norm or float("inf")
+        finite = stats.pop("nonfinite", 0.0) == 0.0
+        for name, model in self.named_trainable_models():
+            # the total norm is NaN/inf exactly when some gradient is
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            stats[f"grad_norm/{name}"] = float(norm)
+            finite = finite and bool(torch.isfinite(norm))
         if not finite:
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            self.nan_skips += 1
-            self.consecutive_nan_skips += 1
-            policy = self.config.train
-            if policy.nan_policy == "stop" or self.consecutive_nan_skips >= policy.max_nan_skips:
-                raise TrainingDiverged(
-                    f"loss or gradients became NaN/inf ({self.consecutive_nan_skips} step(s) in "
-                    f"a row); stopping with the last good checkpoint intact")
+            self.skip_nonfinite_update()
             stats["skipped"] = 1.0
             return stats
         self.consecutive_nan_skips = 0
-        max_norm = self.config.optim.max_grad_norm
-        for name, model in self.named_trainable_models():
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                  max_norm if max_norm else float("inf"))
-            stats[f"grad_norm/{name}"] = float(norm)
         for name, opt in self.optimizers.items():
             opt.step()
             self.schedulers[name].step()
         stats["lr"] = self.schedulers["policy"].get_last_lr()[0]
         return stats
+
+    def skip_nonfinite_update(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.nan_skips += 1
+        self.consecutive_nan_skips += 1
+        train = self.config.train
+        if train.nan_policy == "stop" or self.consecutive_nan_skips >= train.max_nan_skips:
+            raise TrainingDiverged(
+                f"loss or gradients became NaN/inf ({self.consecutive_nan_skips} update(s) in "
+                f"a row, {self.nan_skips} in all); stopping with the last complete checkpoint "
+                f"in {self.checkpoint_root} intact. Lower optim.lr or set optim.max_grad_norm")
 
     # ------------------------------------------------------------------ one step
 
@@ -305,7 +330,6 @@ class RLTrainer(Session):
         return {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "train/accuracy": float((rewards >= self.reward_high - 1e-6).float().mean()),
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
             "samples": float(batch.batch_size),

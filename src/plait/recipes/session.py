@@ -5,6 +5,8 @@ metrics and the summary. Recipes subclass :class:`Session` and define
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import random
 import shutil
@@ -20,14 +22,14 @@ from plait.data.tasks import make_task
 from plait.models.loading import (
     ValueModel,
     format_prompt,
-    frozen_copy,
+    freeze,
     load_causal_lm,
     load_critic,
     load_tokenizer,
     quiet_transformers,
     resolve_model_dir,
 )
-from plait.recipes.sft import supervised_warm_start
+from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
 from plait.rollout.base import SamplingParams
 from plait.rollout.hf_engine import HFGenerateEngine
@@ -67,8 +69,6 @@ def pick_device(name: str) -> torch.device:
 class Session:
     """The state of one job, built from a :class:`Config`."""
 
-    log_entropy = True
-
     def __init__(self, config: Config, callbacks=(), *, prepare_run_dir: bool = True):
         self.config = config
         self.callbacks = list(callbacks)
@@ -85,18 +85,25 @@ class Session:
         seed_everything(train.seed)
         quiet_transformers()
         self.device = pick_device(train.device)
+        self.task = make_task(config.data.task, **config.data.task_args) \
+            if config.data.task else None
+        self._set_reward_range()
         self.model_dir = resolve_model_dir(config.model, self.run_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.policy = load_causal_lm(self.model_dir, config.model.dtype).to(self.device)
+        self.policy = load_causal_lm(self.model_dir).to(self.device)
+        self.policy.eval()  # dropout off: a batch's first-epoch ratio is exactly 1
         self._prompt_cache: dict[str, list[int]] = {}
         self._load_data()
         self.rewards = RewardManager(
             [(f.fn, f.weight) for f in config.reward.functions], task=self.task,
             timeout_s=config.reward.timeout_s, on_error=config.reward.on_error,
             fallback_reward=config.reward.fallback_reward)
-        self._set_reward_range()
-        self.engine = HFGenerateEngine(self.policy, self.tokenizer,
-                                       batch_size=config.rollout.batch_size)
+        try:
+            self.engine = HFGenerateEngine(self.policy, self.tokenizer,
+                                           batch_size=config.rollout.batch_size)
+        except ValueError as err:
+            self.rewards.close()
+            raise ConfigError(f"model {str(self.model_dir)!r}: {err}") from None
         self.reference = None
         self.critic = None
         self.optimizers: dict = {}
@@ -125,7 +132,6 @@ class Session:
     def _load_data(self) -> None:
         data = self.config.data
         seed = self.config.train.seed
-        self.task = make_task(data.task, **data.task_args) if data.task else None
         if data.train_path is not None:
             rows = load_prompt_rows(data.train_path, split=data.split, fields=data.fields or None)
             if data.eval_path is not None:
@@ -181,17 +187,17 @@ class Session:
         if algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and algo.grpovi_weights ==
                                 "reference"):
             ref_dir = config.model.ref_path or self.state.get("reference_dir")
-            ref = load_causal_lm(ref_dir, config.model.dtype) if ref_dir else self.policy
-            self.reference = frozen_copy(ref).to(self.device)
-        if algo.name == "ppo":
-            if config.model.critic_path:
-                self.critic = load_critic(config.model.critic_path, config.model.dtype)
+            if ref_dir:
+                self.reference = freeze(load_causal_lm(ref_dir)).to(self.device)
             else:
-                import copy
-
+                self.reference = freeze(copy.deepcopy(self.policy))
+        if self.advantage_estimator == "gae":
+            if config.model.critic_path:
+                self.critic = load_critic(config.model.critic_path)
+            else:
                 backbone = copy.deepcopy(self.policy.base_model)
                 self.critic = ValueModel(backbone, self.policy.config.hidden_size)
-            self.critic.to(self.device).train()
+            self.critic.to(self.device).eval()
         total = config.train.steps * algo.epochs * algo.mini_batches
         self.optimizers["policy"], self.schedulers["policy"] = build_optimizer(
             self.policy.parameters(), config.optim, total_steps=total)
@@ -209,6 +215,12 @@ class Session:
         if self.critic is not None:
             models.append(("critic", self.critic))
         return models
+
+    def autocast(self):
+        """bfloat16 compute over float32 master weights when model.dtype asks for it."""
+        if self.config.model.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @property
     def train_temperature(self) -> float:
@@ -238,7 +250,17 @@ class Session:
     def rollout(self, rows: list[dict], params: SamplingParams, n: int) -> Experience:
         """Generate ``n`` completions per row; each row's completions share a group id."""
         prompts = [self.encode_prompt(row["prompt"]) for row in rows]
-        groups = self.engine.generate(prompts, params, n=n)
+        try:
+            with self.autocast():
+                groups = self.engine.generate(prompts, params, n=n)
+        except RuntimeError as err:
+            if "probability tensor contains" not in str(err):
+                raise
+            raise TrainingDiverged(
+                f"the policy produced NaN/inf probabilities while generating after step "
+                f"{self.global_step}: the weights diverged (lower optim.lr or set "
+                f"optim.max_grad_norm). The last complete checkpoint in "
+                f"{self.checkpoint_root} is intact") from err
         group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
         self._next_group_id += len(rows)
         batch = experience_from_completions(prompts, groups, group_ids,
@@ -290,6 +312,7 @@ class Session:
             **self.state,
             "global_step": self.global_step,
             "nan_skips": self.nan_skips,
+            "consecutive_nan_skips": self.consecutive_nan_skips,
             "next_group_id": self._next_group_id,
             "data": self.train_iter.state_dict(),
         }
@@ -317,6 +340,7 @@ class Session:
         self.state = state
         self.global_step = state["global_step"]
         self.nan_skips = state["nan_skips"]
+        self.consecutive_nan_skips = state["consecutive_nan_skips"]
         self._next_group_id = state["next_group_id"]
         self.train_iter.load_state_dict(state["data"])
         self.engine.update_weights(None, self.global_step)
@@ -329,6 +353,8 @@ class Session:
     def warm_start(self) -> None:
         """Evaluate the initial model, run the SFT warm start, and freeze a reference."""
         cfg = self.config
+        if cfg.sft.steps > 0:
+            check_sft_rows(self.train_rows)
         self.evaluate("initial")
         if cfg.sft.steps > 0:
             bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True)
@@ -339,9 +365,13 @@ class Session:
                 sft_metrics.log(step, {"sft/loss": loss})
 
             rows = self.train_rows
-            supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
-                                  encode_prompt=self.encode_prompt, seed=cfg.train.seed,
-                                  device=self.device, on_step=on_step)
+            try:
+                supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
+                                      encode_prompt=self.encode_prompt, seed=cfg.train.seed,
+                                      device=self.device, on_step=on_step)
+            except FloatingPointError as err:
+                raise TrainingDiverged(str(err)) from None
+            self.policy.eval()
             bar.close()
             sft_metrics.close()
             sft_dir = self.run_dir / "sft_model"

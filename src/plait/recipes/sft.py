@@ -11,21 +11,27 @@ from collections.abc import Callable
 import torch
 
 from plait.config import OptimConfig, SFTConfig
-from plait.data.datasets import PromptIterator
+from plait.data.datasets import DataError, PromptIterator
 from plait.train.forward import position_ids_from_mask
 from plait.train.optim import build_optimizer
 
 IGNORE = -100
 
 
+def check_sft_rows(rows: list[dict]) -> None:
+    """Every row needs an answer to imitate; name the first that lacks one."""
+    for index, row in enumerate(rows):
+        if row.get("answer") is None:
+            raise DataError(f"the SFT warm start needs an 'answer' field, but train row "
+                            f"{index + 1} has only {sorted(row)}; map a column with "
+                            "data.fields={answer: COLUMN} or set sft.steps=0")
+
+
 def sft_batch(rows: list[dict], encode_prompt: Callable[[str], list[int]], tokenizer
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)``, right-padded, labels masked on prompts."""
     sequences = []
-    for index, row in enumerate(rows):
-        if "answer" not in row:
-            raise ValueError(f"SFT needs an 'answer' field; row {index} of the batch has "
-                             f"only {sorted(row)} (map a column with data.fields)")
+    for row in rows:
         prompt = encode_prompt(row["prompt"])
         answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
         sequences.append((prompt, answer + [tokenizer.eos_token_id]))

@@ -3,6 +3,12 @@
 Simple and exact, not fast: every row of a batch keeps computing until the
 longest one finishes. The model object is shared with the trainer, so a
 weight update is free; the engine only tracks the version.
+
+Sampling is fully specified by :class:`SamplingParams`: settings a model's own
+``generation_config.json`` may carry (top-k, repetition penalty, ...) are
+pinned off, so completions come from exactly the distribution the trainer
+computes log-probs for (softmax of logits / temperature, top-k / top-p
+filtered when asked).
 """
 
 from __future__ import annotations
@@ -13,17 +19,38 @@ from transformers import GenerationConfig
 from plait.rollout.base import Completion, SamplingParams
 
 
-class HFGenerateEngine:
-    """Generation with ``model.generate``, returning sampled-token log-probs."""
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the model's generation
+    config EOS ids (Llama 3 lists several; chat models end turns with their own token)."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config names an "
+                         "EOS token; set tokenizer.eos_token")
+    return sorted(ids)
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 256):
+
+class HFGenerateEngine:
+    """Generation with ``model.generate``.
+
+    ``return_logprobs=True`` also returns each sampled token's log-probability under the
+    sampling distribution. It keeps every step's logits until the batch ends
+    (``[B, V]`` per token), so leave it off for large vocabularies unless needed."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 256, return_logprobs: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.return_logprobs = return_logprobs
         self.policy_version = 0
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token "
                              "(e.g. to its eos token) before generating")
+        self.end_ids = end_token_ids(model, tokenizer)
 
     def update_weights(self, state_dict, version: int) -> None:
         if state_dict is not None:
@@ -34,15 +61,19 @@ class HFGenerateEngine:
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.end_ids,
             return_dict_in_generate=True,
-            output_scores=True,
+            output_scores=self.return_logprobs,
+            # pinned so a model's generation_config.json cannot change the distribution
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
         )
         if params.greedy:
-            kwargs.update(do_sample=False)
+            kwargs.update(do_sample=False, top_k=0, top_p=1.0, temperature=1.0)
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k or None)
+                          top_k=params.top_k)
         if params.stop:
             kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
@@ -76,28 +107,35 @@ class HFGenerateEngine:
         out = self.model.generate(input_ids=input_ids.to(device),
                                   attention_mask=attention_mask.to(device),
                                   generation_config=self._generation_config(params), **extra)
-        new_tokens = out.sequences[:, width:].cpu()
-        # scores are the processed logits the sampler drew from (temperature, top-k/p applied)
-        scores = torch.stack(out.scores, dim=1).float().cpu() if out.scores else None
+        new_tokens = out.sequences[:, width:]
         logprobs = None
-        if scores is not None:
-            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1))
-            logprobs = logprobs.squeeze(-1)
+        if self.return_logprobs and out.scores:
+            # scores are the processed logits the sampler drew from; gather step by step
+            # instead of stacking [B, T, V]
+            logprobs = torch.stack([
+                torch.log_softmax(step_scores.float(), dim=-1).gather(
+                    -1, new_tokens[:, t:t + 1]).squeeze(-1)
+                for t, step_scores in enumerate(out.scores)], dim=1).cpu()
+        new_tokens = new_tokens.cpu()
         return [self._completion(row, prompt_index, new_tokens[row], logprobs, params)
                 for row, (prompt_index, _) in enumerate(chunk)]
 
     def _completion(self, row, prompt_index, tokens, logprobs, params) -> Completion:
-        eos = self.tokenizer.eos_token_id
         ids = tokens.tolist()
-        finish = "length"
-        if eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-            finish = "stop"
-        elif params.stop and any(s in self.tokenizer.decode(ids) for s in params.stop):
-            finish = "stop"  # generate pads rows it stopped early: drop the padding
-            while ids and ids[-1] == self.tokenizer.pad_token_id:
-                ids.pop()
-        row_logprobs = logprobs[row, : len(ids)].tolist() if logprobs is not None else None
+        cut, finish = len(ids), "length"
+        if params.stop and any(s in self.tokenizer.decode(ids) for s in params.stop):
+            # a stop string ends the response at the token that completed it; generate pads
+            # the rest of the row (with pad, which may equal EOS)
+            for end in range(1, len(ids) + 1):
+                if any(s in self.tokenizer.decode(ids[:end]) for s in params.stop):
+                    cut, finish = end, "stop"
+                    break
+        for index, token in enumerate(ids[:cut]):
+            if token in self.end_ids:
+                cut, finish = index + 1, "stop"
+                break
+        ids = ids[:cut]
+        row_logprobs = logprobs[row, :cut].tolist() if logprobs is not None else None
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for s in params.stop:
             if s in text:

@@ -22,6 +22,10 @@ def response_logits(model, batch: Experience, temperature: float = 1.0) -> torch
                 position_ids=position_ids_from_mask(attention_mask),
                 logits_to_keep=width + 1, use_cache=False)
     logits = out.logits[:, :-1].float()
+    if logits.shape[1] != width:
+        raise RuntimeError(f"the model returned logits for {logits.shape[1] + 1} positions, "
+                           f"expected {width + 1}: it ignores logits_to_keep (transformers "
+                           "too old?)")
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     return logits

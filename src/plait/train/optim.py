@@ -39,12 +39,3 @@ def build_optimizer(params, cfg: OptimConfig, *, lr: float | None = None,
                                    schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio),
     )
     return optimizer, scheduler
-
-
-def grads_finite(params) -> bool:
-    """True when every gradient is finite (one fused check, one host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-    return bool(torch.isfinite(norms).all())
