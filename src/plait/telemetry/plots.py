@@ -104,17 +104,28 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
     return [step for step, _ in points], [value for _, value in points]
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` finite values (NaN points are skipped)."""
+    out, recent = [], []
+    for value in values:
+        if not math.isnan(value):
+            recent.append(value)
+            recent = recent[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
 def _draw_panel(axis: Any, name: str, series: list, step_count: int) -> None:
     for key, steps, values in series:
         sparse = len(steps) <= _MARKER_MAX_POINTS or len(steps) < _SPARSE_FRACTION * step_count
-        axis.plot(
-            steps,
-            values,
-            label=key,
-            marker="o" if sparse else None,
-            markersize=3.5,
-            linewidth=1.2,
-        )
+        if sparse:
+            axis.plot(steps, values, label=key, marker="o", markersize=3.5, linewidth=1.2)
+            continue
+        # dense, noisy per-step series: faint raw line plus a trailing mean
+        window = max(5, len(steps) // 30)
+        (raw,) = axis.plot(steps, values, linewidth=0.8, alpha=0.3)
+        axis.plot(steps, _moving_average(values, window), color=raw.get_color(),
+                  linewidth=1.6, label=f"{key} (mean of {window})")
     axis.set_title(name)
     axis.set_xlabel("step")
     axis.grid(alpha=0.3)
