@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from plait.config import load_config
@@ -48,6 +49,7 @@ def test_grpo_learns_and_leaves_artefacts(tiny_job, reward_spec):
     ["algo.reward_adjust=grpovi", "algo.grpovi_weights=reference", "algo.dual_clip=3"],
     ["algo.dynamic_sampling=true", "algo.max_draws=3", "algo.clip_high=0.28",
      "algo.overlong_buffer=2", "algo.advantage=drgrpo", "algo.mini_batches=2"],
+    ["model.tiny.arch=llama", "algo.advantage=drgrpo"],
     ["algo.ratio_level=sequence", "algo.clip_low=3e-4", "algo.clip_high=4e-4",
      "algo.loss_agg=seq-mean-token-mean"],
 ])
@@ -56,3 +58,43 @@ def test_variants_learn(tiny_job, reward_spec, extra):
     train(cfg)
     first, last = first_last_reward(__import__("pathlib").Path(cfg.run.dir))
     assert last > first + 0.15, (extra, first, last)
+
+
+def test_nan_loss_is_skipped_and_counted(tiny_job, reward_spec):
+    """A non-finite loss skips that update (weights untouched), is counted, and the run
+    goes on; a streak of max_nan_skips stops it."""
+    from plait.recipes.rl import RLTrainer
+    from plait.recipes.session import TrainingDiverged
+
+    cfg = learning_job(tiny_job, reward_spec, "train.steps=4", "train.max_nan_skips=2")
+    poisoned_steps = {2}
+    with RLTrainer(cfg) as trainer:
+        micro_loss = trainer.micro_loss
+
+        def maybe_nan(micro, norm):
+            loss, stats = micro_loss(micro, norm)
+            if trainer.global_step in poisoned_steps:
+                loss = loss * float("nan")
+                stats["nonfinite"] = 1.0
+            return loss, stats
+
+        trainer.micro_loss = maybe_nan
+        before = {}
+
+        def snapshot(t, step, metrics):
+            before[step] = {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+
+        trainer.callbacks.append(snapshot)
+        summary = trainer.run()
+        assert summary["nan_skips"] == 1
+        for name, value in before[2].items():  # step 3 was the poisoned update (index 2)
+            assert torch.equal(value, before[3][name])
+        assert any(not torch.equal(before[3][n], before[4][n]) for n in before[3])
+
+    cfg = learning_job(tiny_job, reward_spec, "train.steps=6", "train.max_nan_skips=2",
+                       "run.overwrite=true")
+    poisoned_steps = {1, 2, 3, 4, 5}
+    with RLTrainer(cfg) as trainer, pytest.raises(TrainingDiverged, match="NaN/inf"):
+        micro_loss = trainer.micro_loss
+        trainer.micro_loss = maybe_nan
+        trainer.run()
