@@ -70,7 +70,7 @@ class HFGenerateEngine:
             num_beams=1,
         )
         if params.greedy:
-            kwargs.update(do_sample=False, top_k=0, top_p=1.0, temperature=1.0)
+            kwargs.update(do_sample=False)  # no warpers apply to greedy decoding
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k)

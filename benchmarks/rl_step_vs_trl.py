@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""Benchmark 1 of issue 3, "RL step vs TRL": seconds per GRPO step and held-out accuracy,
+plait vs TRL's ``GRPOTrainer``, on the tiny default model and task.
+
+Both trainers start from the same saved Hugging Face directory (plait's tiny model after
+plait's SFT warm start, built once and cached), train for ``--steps`` steps of
+8 prompts x 8 samples on 2-digit addition, and are then evaluated by the same code
+(``plait.recipes.evaluate.evaluate_job``: greedy, 500 held-out "test" prompts).
+
+Run it with the benchmark virtualenv, which holds both plait and TRL
+(see ``benchmarks/README.md``)::
+
+    /work/venv-trl/bin/python benchmarks/rl_step_vs_trl.py --steps 100 --threads 2 \\
+        --out runs/bench_rl_step_vs_trl/results.json
+
+Each trainer runs in its own subprocess (``--worker``), one after the other, with the same
+torch thread count. Seconds per step is the wall time between consecutive step ends inside
+the training loop (the first step is measured from the start of the loop), so model
+loading, data preparation, evaluation and the final save are excluded, and everything the
+loop does per step (sampling, rewards, update, per-step bookkeeping) is included.
+
+Setting mapping (plait key -> TRL ``GRPOConfig`` field):
+
+=========================================  ===============================================
+plait                                      TRL
+=========================================  ===============================================
+model.path = shared start dir              model instance loaded from the same dir
+model.chat_template = never                plain-string prompts (TRL applies no template)
+algo.prompts_per_step 8 x group_size 8     per_device_train_batch_size 64,
+                                           gradient_accumulation_steps 1,
+                                           generation_batch_size 64, num_generations 8
+algo.micro_batch_size 64                   (the 64 rows are one forward/backward in both)
+algo.epochs 1, mini_batches 1              num_iterations 1 (one update per batch)
+advantage grpo: (r - mean_g)/(std_g+1e-6)  scale_rewards "group": (r - mean_g)/(std_g+1e-4)
+algo.loss_agg token-mean                   loss_type "dapo" (sum over tokens / number of
+                                           completion tokens in the whole 64-row batch)
+algo.clip_low/high 0.2                     epsilon 0.2 (ratio is 1 on-policy in both)
+algo.kl_coef 0 (no reference model)        beta 0.0 (no reference model)
+rollout temperature 1.0, top_p 1, top_k 0  temperature 1.0, top_p 1.0, top_k 0, min_p None,
+                                           repetition_penalty 1.0
+rollout.max_new_tokens 5                   max_completion_length 5
+reward: the task's verify (in-process)     reward_funcs=[exact_match] calling task.verify
+optim AdamW lr 1e-4, betas (.9,.999),      optim "adamw_torch" (torch.optim.AdamW), same
+eps 1e-8, weight_decay 0                   lr, betas, eps, weight_decay 0
+optim.max_grad_norm 1.0                    max_grad_norm 1.0
+optim warmup 5 then constant:              the same LambdaLR (plait's lr_multiplier); see
+lr x (step+1)/5 for steps 0-4, then 1      "Not matched exactly" below
+model.dtype float32                        bf16 False, fp16 False, use_cpu True
+dropout off (policy.eval())                disable_dropout True (the tiny model has none)
+no gradient checkpointing                  gradient_checkpointing False (TRL default True)
+train.threads N                            torch.set_num_threads(N) in the worker
+train.seed 0                               seed 0
+=========================================  ===============================================
+
+Not matched exactly (documented, not fixable without changing either library):
+
+* Schedule: TRL's built-in ``constant_with_warmup`` gives lr 0 on the first optimizer step
+  (lr x step/5), plait gives lr x (step+1)/5. The TRL side therefore overrides
+  ``Trainer.create_scheduler`` (a small subclass) with plait's multiplier, so both see the
+  same five warmup learning rates; the optimizer itself is still created by TRL.
+* Optimizer implementation: TRL/transformers default to ``adamw_torch_fused`` with
+  torch >= 2.8; ``adamw_torch`` is set so both run the same ``torch.optim.AdamW``
+  (for a 0.8M-parameter model the optimizer step is a negligible part of a step).
+* Advantage epsilon: 1e-4 in TRL, 1e-6 in plait (both use the unbiased group std).
+* Prompt order: both draw from the same 50,000 train rows, but each shuffles with its own
+  sampler (TRL's ``RepeatSampler`` vs plait's ``PromptIterator``), so the 800 prompts seen
+  differ; sampling RNG streams differ too. Accuracy after 100 steps is one seed's outcome.
+* Logging: TRL runs with report_to "none", save_strategy "no", no progress bar and
+  logging_steps larger than the run (its per-step metric bookkeeping still runs); plait
+  keeps its defaults (metrics.jsonl and TensorBoard every step) except the progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                     ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)
+
+# One source for the settings both trainers share.
+TASK = {"name": "addition", "digits": 2}
+SEED = 0
+NUM_TRAIN = 50_000
+NUM_EVAL = 500
+PROMPTS_PER_STEP = 8
+GROUP_SIZE = 8
+MAX_NEW_TOKENS = 5
+TEMPERATURE = 1.0
+LR = 1e-4
+WARMUP_STEPS = 5
+MAX_GRAD_NORM = 1.0
+CLIP = 0.2
+SFT = {"steps": 400, "batch_size": 64, "lr": 2e-3}  # the default job's warm start
+
+START_MARKER = "benchmark_start.json"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def summarize(step_seconds: list[float]) -> dict:
+    if not step_seconds:
+        return {"sec_per_step_mean": None, "sec_per_step_median": None}
+    rest = step_seconds[1:]
+    return {
+        "sec_per_step_mean": statistics.fmean(step_seconds),
+        "sec_per_step_median": statistics.median(step_seconds),
+        "sec_per_step_mean_excl_first": statistics.fmean(rest) if rest else None,
+        "loop_seconds": sum(step_seconds),
+    }
+
+
+def step_durations(loop_start: float, step_ends: list[float]) -> list[float]:
+    """Seconds of each step: from the previous step's end (or the loop start) to its end."""
+    marks = [loop_start, *step_ends]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def plait_config(path: Path, tree: dict):
+    """Write ``tree`` as a plait YAML config at ``path`` and load it (validated)."""
+    import yaml
+
+    from plait.config import load_config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return load_config(path)
+
+
+def common_tree(threads: int) -> dict:
+    return {
+        "data": {"task": TASK["name"], "task_args": {"digits": TASK["digits"]},
+                 "num_train": NUM_TRAIN, "num_eval": NUM_EVAL},
+        "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
+                    "top_p": 1.0, "top_k": 0},
+        "train": {"seed": SEED, "threads": threads, "device": "cpu"},
+    }
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for key, value in extra.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+# --------------------------------------------------------------------------- shared start
+
+
+def prepare_start_model(workdir: Path, threads: int) -> Path:
+    """plait's tiny model after plait's SFT warm start, saved once as an HF directory."""
+    start = workdir / "start_model"
+    wanted = {"task": TASK, "seed": SEED, "sft": SFT, "num_train": NUM_TRAIN}
+    marker = start / START_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        print(f"[bench] reusing the shared start model {start}", flush=True)
+        return start
+    from plait.recipes.rl import train
+
+    print(f"[bench] building the shared start: tiny model + {SFT['steps']}-step SFT warm start",
+          flush=True)
+    run_dir = workdir / "sft_run"
+    config = plait_config(workdir / "configs" / "sft.yaml", merge(common_tree(threads), {
+        "run": {"dir": str(run_dir), "overwrite": True, "resume": "never",
+                "tensorboard": False, "progress": False},
+        "model": {"path": "tiny", "chat_template": "never"},
+        "sft": SFT,
+        "train": {"steps": 0},
+    }))
+    train(config)
+    shutil.rmtree(start, ignore_errors=True)
+    shutil.copytree(run_dir / "sft_model", start)
+    marker.write_text(json.dumps(wanted))
+    return start
+
+
+def evaluate(model_dir: Path, workdir: Path, threads: int, name: str) -> dict:
+    """Greedy accuracy on the 500 held-out prompts, by plait's evaluation code."""
+    from plait.recipes.evaluate import evaluate_job
+
+    config = plait_config(workdir / "configs" / f"eval_{name}.yaml", merge(common_tree(threads), {
+        "run": {"dir": str(workdir / "eval" / name), "tensorboard": False, "progress": False},
+        "model": {"path": str(model_dir), "chat_template": "never"},
+        "data": {"num_train": PROMPTS_PER_STEP},  # train rows are unused here
+    }))
+    result = evaluate_job(config)
+    return {"accuracy": result["eval/accuracy"], "reward": result["eval/reward"],
+            "response_length": result["eval/response_length"],
+            "num_prompts": result["num_prompts"], "model": str(model_dir)}
+
+
+# --------------------------------------------------------------------------- plait worker
+
+
+def worker_plait(steps: int, threads: int, workdir: Path, start: Path) -> dict:
+    set_threads(threads)
+    from plait.recipes.rl import RLTrainer
+    from plait.train.checkpoint import latest_checkpoint
+
+    run_dir = workdir / "plait_run"
+    config = plait_config(workdir / "configs" / "plait_rl.yaml", merge(common_tree(threads), {
+        "run": {"dir": str(run_dir), "overwrite": True, "resume": "never", "progress": False},
+        "model": {"path": str(start), "chat_template": "never"},
+        "sft": {"steps": 0},
+        "algo": {"name": "grpo", "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
+                 "advantage": "grpo", "loss_agg": "token-mean", "epochs": 1, "mini_batches": 1,
+                 "micro_batch_size": PROMPTS_PER_STEP * GROUP_SIZE, "clip_low": CLIP,
+                 "clip_high": CLIP, "kl_coef": 0.0, "entropy_coef": 0.0},
+        "optim": {"lr": LR, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
+                  "warmup_steps": WARMUP_STEPS, "schedule": "constant",
+                  "max_grad_norm": MAX_GRAD_NORM},
+        "train": {"steps": steps, "eval_every": 0, "save_every": 0},
+    }))
+
+    class TimedRLTrainer(RLTrainer):
+        loop_start: float | None = None
+
+        def step(self, step: int) -> dict[str, float]:
+            if self.loop_start is None:
+                self.loop_start = time.perf_counter()
+            return super().step(step)
+
+    ends, rewards, own_step_times, thread_counts = [], [], [], set()
+
+    def on_step(trainer, global_step: int, metrics: dict) -> None:
+        import torch
+
+        ends.append(time.perf_counter())
+        rewards.append(metrics.get("reward/mean"))
+        own_step_times.append(metrics.get("time/step"))
+        thread_counts.add(torch.get_num_threads())
+
+    with TimedRLTrainer(config, callbacks=[on_step]) as trainer:
+        summary = trainer.run()
+        loop_start = trainer.loop_start
+    final = latest_checkpoint(run_dir / "checkpoints") / "policy"
+    return {"step_seconds": step_durations(loop_start, ends) if ends else [],
+            "own_time_step": own_step_times, "train_reward": rewards,
+            "threads_seen": sorted(thread_counts), "final_model": str(final),
+            "plait_summary": summary}
+
+
+# --------------------------------------------------------------------------- TRL worker
+
+
+def trl_config(steps: int, output_dir: Path):
+    from trl import GRPOConfig
+
+    batch = PROMPTS_PER_STEP * GROUP_SIZE
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        seed=SEED,
+        use_cpu=True, bf16=False, fp16=False,
+        # one optimizer step = one generation batch = 8 prompts x 8 completions
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        generation_batch_size=batch, num_generations=GROUP_SIZE, num_iterations=1,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+        # GRPO objective: group-std advantages, token-mean aggregation, no KL
+        scale_rewards="group", loss_type="dapo", beta=0.0, epsilon=CLIP,
+        mask_truncated_completions=False,
+        learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=WARMUP_STEPS,  # see subclass
+        gradient_checkpointing=False, disable_dropout=True,
+        report_to="none", save_strategy="no", eval_strategy="no",
+        logging_steps=10 * steps + 1000, disable_tqdm=True, log_completions=False,
+        dataloader_num_workers=0,
+    )
+
+
+def worker_trl(steps: int, threads: int, workdir: Path, start: Path) -> dict:
+    set_threads(threads)
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from plait.data.tasks import make_task
+    from plait.models.loading import load_causal_lm, load_tokenizer
+    from plait.train.optim import lr_multiplier
+
+    task = make_task(TASK["name"], digits=TASK["digits"])
+    dataset = Dataset.from_list(task.make_rows(NUM_TRAIN, seed=SEED, split="train"))
+
+    def exact_match(prompts, completions, answer, **kwargs):
+        return [task.verify(completion, ans) for completion, ans in zip(completions, answer)]
+
+    class PlaitWarmupGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with plait's warmup: lr x (step+1)/warmup, then constant (HF's
+        constant_with_warmup would give lr 0 on the first step)."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer if optimizer is not None else self.optimizer,
+                    lambda step: lr_multiplier(step, warmup_steps=WARMUP_STEPS,
+                                               total_steps=num_training_steps,
+                                               schedule="constant"))
+            return self.lr_scheduler
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.loop_start, self.ends, self.lrs, self.threads = None, [], [], set()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.loop_start is None:
+                self.loop_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.threads.add(torch.get_num_threads())
+
+    clock = StepClock()
+    output_dir = workdir / "trl_run"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    trainer = PlaitWarmupGRPOTrainer(
+        model=load_causal_lm(start), reward_funcs=[exact_match],
+        args=trl_config(steps, output_dir), train_dataset=dataset,
+        processing_class=load_tokenizer(start), callbacks=[clock])
+    trainer.train()
+    final = output_dir / "final_model"
+    trainer.model.save_pretrained(final, safe_serialization=True)
+    trainer.processing_class.save_pretrained(final)
+    metrics = trainer._metrics["train"]  # never flushed: logging_steps exceeds the run
+    return {"step_seconds": step_durations(clock.loop_start, clock.ends) if clock.ends else [],
+            "own_step_time": list(metrics.get("step_time", [])),
+            "train_reward": list(metrics.get("reward", [])),
+            "threads_seen": sorted(clock.threads), "final_model": str(final),
+            "trl_version": trl.__version__}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def run_worker(which: str, args, start: Path) -> dict:
+    out = args.workdir / f"worker_{which}.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", which,
+               "--steps", str(args.steps), "--threads", str(args.threads),
+               "--workdir", str(args.workdir), "--start-model", str(start),
+               "--worker-out", str(out)]
+    print(f"[bench] {which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
+    subprocess.run(command, env=env, check=True)
+    return json.loads(out.read_text())
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("plait", "torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def machine(threads: int) -> dict:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu_count": os.cpu_count(), "cpus_usable": affinity, "torch_threads": threads,
+            "platform": platform.platform(), "processor": platform.processor() or None,
+            "python": platform.python_version()}
+
+
+def side_result(raw: dict, accuracy: dict) -> dict:
+    rewards = [r for r in raw.get("train_reward", []) if r is not None]
+    return {**summarize(raw["step_seconds"]), "accuracy_after": accuracy["accuracy"],
+            "eval_after": accuracy,
+            "train_reward_mean": statistics.fmean(rewards) if rewards else None,
+            "threads_seen": raw["threads_seen"], "step_seconds": raw["step_seconds"]}
+
+
+def print_table(results: dict) -> None:
+    rows = [("", "s/step mean", "s/step median", "acc before", "acc after")]
+    for side in ("plait", "trl"):
+        if side in results:
+            r = results[side]
+            rows.append((side, f"{r['sec_per_step_mean']:.3f}", f"{r['sec_per_step_median']:.3f}",
+                         f"{results['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}"))
+    ratio = results.get("ratio_plait_over_trl")
+    if ratio:
+        rows.append(("plait/trl", f"{ratio['mean']:.3f}x", f"{ratio['median']:.3f}x", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"\nRL step vs TRL: {results['steps']} steps of {PROMPTS_PER_STEP} prompts x "
+          f"{GROUP_SIZE} samples, {results['machine']['torch_threads']} torch thread(s), "
+          f"{results['machine']['cpu_count']} CPUs")
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+def orchestrate(args) -> dict:
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    set_threads(args.threads)
+    start = Path(args.start_model) if args.start_model else \
+        prepare_start_model(args.workdir, args.threads)
+    before = evaluate(start, args.workdir, args.threads, "before")
+    results = {"benchmark": "rl_step_vs_trl", "steps": args.steps,
+               "machine": machine(args.threads), "versions": versions(),
+               "start_model": str(start), "accuracy_before": before["accuracy"],
+               "eval_before": before}
+    sides = ["plait", "trl"] if args.which == "both" else [args.which]
+    for side in sides:
+        raw = run_worker(side, args, start)
+        after = evaluate(Path(raw["final_model"]), args.workdir, args.threads, f"after_{side}")
+        results[side] = side_result(raw, after)
+    if "plait" in results and "trl" in results:
+        p, t = results["plait"], results["trl"]
+        results["ratio_plait_over_trl"] = {
+            "mean": p["sec_per_step_mean"] / t["sec_per_step_mean"],
+            "median": p["sec_per_step_median"] / t["sec_per_step_median"],
+        }
+        results["accuracy_after_plait_minus_trl"] = p["accuracy_after"] - t["accuracy_after"]
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="RL steps per trainer")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--which", choices=("both", "plait", "trl"), default="both")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_rl_step_vs_trl"),
+                        help="scratch directory (shared start model is cached here)")
+    parser.add_argument("--start-model", default=None,
+                        help="use this HF directory as the shared start instead of building it")
+    parser.add_argument("--worker", choices=("plait", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if args.worker:
+        run = worker_plait if args.worker == "plait" else worker_trl
+        result = run(args.steps, args.threads, args.workdir, Path(args.start_model))
+        args.worker_out.write_text(json.dumps(result, indent=2, default=str))
+        return 0
+    results = orchestrate(args)
+    print_table(results)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"[bench] results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""plait's own generation engine: a slot KV cache with continuous batching.
+
+How it works
+- The KV cache is preallocated per layer as ``[slots, kv_heads, max_len, head_dim]``.
+  Each running request owns one slot and writes its keys/values at its own
+  positions, so rows of different lengths never pad each other.
+- Running requests are kept in slots ``0..n-1``: when a request finishes, the
+  last running request's cache is moved into the freed slot, so a decode step
+  attends over a view ``cache[:n, :, :longest]`` with no gather.
+- A finished request leaves at once; waiting requests are prefilled into free
+  slots before the next decode step (continuous batching). A group (all
+  samples of one prompt) is handed to the consumer the moment its last sample
+  finishes, so rewards and reference passes can start while the tail runs.
+- The model's own decoder layers compute everything: the engine passes them a
+  cache object whose ``update`` writes into the slot cache, per-row rotary
+  positions, and an explicit additive attention mask. Any Llama-style HF model
+  (Llama, Qwen2, Qwen3, Mistral, ...) whose layers take
+  ``(hidden, attention_mask, position_embeddings, past_key_values)`` works.
+- Sampling follows the HF order (temperature, then top-k, then top-p) per
+  request; the log-probability of each sampled token under that processed
+  distribution is returned, greedy rows report the untempered distribution.
+
+Limits (documented deviations): sliding-window attention is not applied (the
+full context is attended), and every step syncs the sampled tokens to the host
+to check stop conditions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from plait.rollout.base import Completion, SamplingParams
+from plait.rollout.hf_engine import end_token_ids
+
+
+@dataclass
+class Request:
+    """One sequence to generate: a prompt and its sampling settings."""
+
+    request_id: int
+    prompt_index: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    version: int | None = None  # policy version of the first token sampled
+    generator: torch.Generator | None = None
+
+
+class SlotCache:
+    """The KV cache object handed to HF decoder layers for one forward pass."""
+
+    is_compileable = False
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.slots: torch.Tensor | None = None      # [B] slot of each batch row
+        self.positions: torch.Tensor | None = None  # [B, T] cache index of each new token
+        self.kv_len = 0
+        self.contiguous = False                     # slots == arange(B)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
+        rows = self.slots[:, None]
+        k_cache[rows, :, self.positions] = key_states.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, self.positions] = value_states.transpose(1, 2).to(v_cache.dtype)
+        if self.contiguous:
+            n = self.slots.shape[0]
+            return k_cache[:n, :, : self.kv_len], v_cache[:n, :, : self.kv_len]
+        return k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
+
+
+def _decoder_parts(model):
+    base = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if base is None or not all(hasattr(base, name) for name in needed):
+        raise ValueError(f"{type(model).__name__} is not a Llama-style decoder (needs "
+                         "model.embed_tokens, layers, norm, rotary_emb); use rollout.engine=hf")
+    return base, model.get_output_embeddings()
+
+
+class PlaitEngine:
+    """Continuous-batching generation on the trainer's (shared) model."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base, self.lm_head = _decoder_parts(model)
+        self.config = model.config
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.end_ids = end_token_ids(model, tokenizer)
+        self.policy_version = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # request in slot i is _running[i]
+        self._groups: dict[int, list[Completion]] = {}
+        self._group_size: dict[int, int] = {}
+        self._next_id = 0
+        self._abort = False
+        self._pending_logits: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def update_weights(self, state_dict, version: int) -> None:
+        """Load new weights in place (``None``: shared with the trainer) and set the version."""
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict, strict=False)
+        self.policy_version = version
+
+    def release(self) -> None:
+        """Free the KV cache (e.g. while training runs in the same process); it is
+        reallocated at the next generation."""
+        self._keys, self._values = [], []
+
+    def abort(self) -> None:
+        """Stop generating after the current step; unfinished requests keep their tokens
+        and continue on the next :meth:`resume`."""
+        self._abort = True
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+               seeds: list[int] | None = None) -> None:
+        """Queue ``n`` samples of each prompt (prompt indices are positions in ``prompts``)."""
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            self._group_size[index] = self._group_size.get(index, 0) + n
+            for sample in range(n):
+                seed = seeds[index] * 1_000_003 + sample if seeds is not None else None
+                self._waiting.append(self._request(index, prompt, params, seed))
+
+    def stream(self) -> Iterator[tuple[int, list[Completion]]]:
+        """Run until every queued request is done (or :meth:`abort`), yielding
+        ``(prompt_index, completions)`` as each group completes."""
+        self._abort = False
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                while (self._waiting or self._running) and not self._abort:
+                    self._admit()
+                    yield from self._decode_step()
+        finally:
+            self.model.train(was_training)
+            if self._abort:
+                self._suspend_running()
+
+    def resume(self) -> Iterator[tuple[int, list[Completion]]]:
+        """Continue requests left by :meth:`abort` (re-prefilling what they generated)."""
+        return self.stream()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1
+                 ) -> list[list[Completion]]:
+        """``n`` completions for each prompt, grouped by prompt (the RolloutEngine API)."""
+        self.submit(prompts, params, n)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for index, group in self.stream():
+            results[index] = group
+        return results
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _request(self, index, prompt, params, seed) -> Request:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self._device()).manual_seed(seed)
+        request = Request(self._next_id, index, list(prompt), params, seed,
+                          generator=generator)
+        self._next_id += 1
+        return request
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _ensure_cache(self, needed_len: int) -> None:
+        """Allocate (or grow) the slot cache to hold ``needed_len`` positions."""
+        limit = self.max_len or self.config.max_position_embeddings
+        if needed_len > limit:
+            raise ValueError(f"a request needs {needed_len} positions but the model supports "
+                             f"{limit}; shorten prompts or rollout.max_new_tokens")
+        have = self._keys[0].shape[2] if self._keys else 0
+        if needed_len <= have:
+            return
+        length = min(limit, max(needed_len, 2 * have, 64))
+        heads = self.config.num_key_value_heads
+        head_dim = getattr(self.config, "head_dim", None) or \
+            self.config.hidden_size // self.config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        shape = (self.max_batch, heads, length, head_dim)
+        device = self._device()
+
+        def grown(old):
+            new = torch.zeros(shape, dtype=dtype, device=device)
+            if old is not None:
+                new[:, :, : old.shape[2]].copy_(old)
+            return new
+
+        layers = self.config.num_hidden_layers
+        old_keys = self._keys or [None] * layers
+        old_values = self._values or [None] * layers
+        self._keys = [grown(k) for k in old_keys]
+        self._values = [grown(v) for v in old_values]
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots."""
+        free = self.max_batch - len(self._running)
+        if free <= 0 or not self._waiting:
+            return
+        batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        self._ensure_cache(max(len(r.prompt) + r.params.max_new_tokens for r in batch))
+        contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
+        first_slot = len(self._running)
+        self._running.extend(batch)
+        self._stage_logits(first_slot, self._prefill(contexts, first_slot))
+
+    def _stage_logits(self, first_slot: int, logits: torch.Tensor) -> None:
+        """Keep the next-token logits of every running slot for the next sampling step."""
+        if first_slot == 0 or self._pending_logits is None:
+            self._pending_logits = logits
+        else:
+            self._pending_logits = torch.cat([self._pending_logits[:first_slot], logits])
+
+    def _decode_step(self) -> Iterator[tuple[int, list[Completion]]]:
+        """Sample one token for every running request, retire finished ones, and run the
+        model on the survivors."""
+        tokens, logprobs = self._sample(self._pending_logits)
+        finished = []
+        for slot, (request, token, logprob) in enumerate(
+                zip(self._running, tokens.tolist(), logprobs.tolist(), strict=True)):
+            if request.version is None:
+                request.version = self.policy_version
+            request.tokens.append(token)
+            request.logprobs.append(logprob)
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                finished.append((slot, reason))
+        keep = torch.ones(len(self._running), dtype=torch.bool)
+        for slot, _ in finished:
+            keep[slot] = False
+        done_groups = []
+        for slot, reason in finished:
+            done = self._complete(self._running[slot], reason)
+            if done is not None:
+                done_groups.append(done)
+        self._compact(keep)
+        if self._running:
+            self._pending_logits = self._decode(tokens[keep.to(tokens.device)])
+        else:
+            self._pending_logits = None
+        yield from done_groups
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        if token in self.end_ids:
+            return "stop"
+        if request.params.stop:
+            text = self.tokenizer.decode(request.tokens)
+            if any(s in text for s in request.params.stop):
+                return "stop"
+        if len(request.tokens) >= request.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _complete(self, request: Request, reason: str):
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        for s in request.params.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        completion = Completion(
+            prompt_index=request.prompt_index, token_ids=request.tokens,
+            logprobs=request.logprobs, finish_reason=reason,
+            policy_version=request.version if request.version is not None
+            else self.policy_version, text=text)
+        group = self._groups.setdefault(request.prompt_index, [])
+        group.append(completion)
+        if len(group) == self._group_size[request.prompt_index]:
+            del self._groups[request.prompt_index]
+            del self._group_size[request.prompt_index]
+            return request.prompt_index, group
+        return None
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Move surviving requests into slots ``0..n-1`` (copying their caches)."""
+        survivors = keep.nonzero().squeeze(-1).tolist()
+        if len(survivors) == len(self._running):
+            return
+        for new_slot, old_slot in enumerate(survivors):
+            if new_slot != old_slot:
+                for cache in (*self._keys, *self._values):
+                    cache[new_slot].copy_(cache[old_slot])
+        self._running = [self._running[i] for i in survivors]
+
+    def _suspend_running(self) -> None:
+        """On abort: running requests go back to the front of the queue, tokens kept."""
+        for request in reversed(self._running):
+            self._waiting.appendleft(request)
+        self._running = []
+        self._pending_logits = None
+
+    # ------------------------------------------------------------------ model passes
+
+    def _prefill(self, contexts: list[list[int]], first_slot: int) -> torch.Tensor:
+        """Run right-padded contexts into slots ``first_slot..``; return last-token logits."""
+        device = self._device()
+        width = max(len(c) for c in contexts)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            input_ids[row, : len(context)] = torch.tensor(context)
+        positions = torch.arange(width).expand(len(contexts), width)
+        slots = torch.arange(first_slot, first_slot + len(contexts))
+        lengths = torch.tensor([len(c) for c in contexts])
+        hidden = self._run(input_ids.to(device), positions.to(device), slots.to(device),
+                           kv_len=width, contiguous=False)
+        last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
+        return self.lm_head(self.base.norm(last)).float()
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each running slot ``0..n-1``; returns next-token logits ``[n, V]``."""
+        device = self._device()
+        n = len(self._running)
+        positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in self._running],
+                                 device=device)
+        hidden = self._run(tokens.view(n, 1).to(device), positions.view(n, 1),
+                           torch.arange(n, device=device), kv_len=int(positions.max()) + 1,
+                           contiguous=True)
+        return self.lm_head(self.base.norm(hidden[:, -1])).float()
+
+    def _run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
+        """The decoder layers over new tokens at ``positions`` of the given slots."""
+        cache = SlotCache(self._keys, self._values)
+        cache.slots, cache.positions, cache.kv_len = slots, positions, kv_len
+        cache.contiguous = contiguous
+        hidden = self.base.embed_tokens(input_ids)
+        position_embeddings = self.base.rotary_emb(hidden, positions)
+        # key j is visible to the token at position p iff j <= p (earlier tokens of its row)
+        keys = torch.arange(kv_len, device=hidden.device)
+        visible = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~visible, torch.finfo(hidden.dtype).min)
+        for layer in self.base.layers:
+            out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                        past_key_values=cache, position_ids=positions, use_cache=True)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled token and its log-probability for each running request."""
+        params = [r.params for r in self._running]
+        device = logits.device
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                   device=device, dtype=logits.dtype)
+        processed = logits / temperature.unsqueeze(-1)
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            processed = _filter_top_k_top_p(processed, top_k, top_p, greedy)
+        logp = torch.log_softmax(processed, dim=-1)
+        tokens = torch.empty(len(params), dtype=torch.long, device=device)
+        if greedy.any():
+            tokens[greedy] = logits[greedy].argmax(-1)
+        sampled = (~greedy).nonzero().squeeze(-1)
+        if sampled.numel():
+            seeded = [i for i in sampled.tolist() if self._running[i].generator is not None]
+            shared = [i for i in sampled.tolist() if self._running[i].generator is None]
+            if shared:
+                rows = torch.tensor(shared, device=device)
+                tokens[rows] = torch.multinomial(logp[rows].exp(), 1).squeeze(-1)
+            for i in seeded:
+                tokens[i] = torch.multinomial(logp[i].exp(), 1,
+                                              generator=self._running[i].generator)[0]
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
+                        greedy: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus (HF order)."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).unsqueeze(-1)
+    remove = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(remove, -math.inf)
+    p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # drop a token when the mass before it already reaches p (keep at least one)
+    before = probs.cumsum(-1) - probs
+    remove_p = (before >= p) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(remove_p, -math.inf)
+    filtered = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    return torch.where(greedy.unsqueeze(-1), logits, filtered)
