@@ -47,9 +47,11 @@ optim warmup 5 then constant:              the same LambdaLR (plait's lr_multipl
 lr x (step+1)/5 for steps 0-4, then 1      "Not matched exactly" below
 model.dtype float32                        bf16 False, fp16 False, use_cpu True
 dropout off (policy.eval())                disable_dropout True (the tiny model has none)
-no gradient checkpointing                  gradient_checkpointing False (TRL default True)
+no gradient checkpointing                  (activation|gradient)_checkpointing False
+                                           (TRL's default is on)
 train.threads N                            torch.set_num_threads(N) in the worker
-train.seed 0                               seed 0
+train.seed = --seed (default 0)            seed = --seed; train rows from the same
+                                           task.make_rows(50000, seed, "train")
 =========================================  ===============================================
 
 Not matched exactly (documented, not fixable without changing either library):
@@ -67,7 +69,8 @@ Not matched exactly (documented, not fixable without changing either library):
   differ; sampling RNG streams differ too. Accuracy after 100 steps is one seed's outcome.
 * Logging: TRL runs with report_to "none", save_strategy "no", no progress bar and
   logging_steps larger than the run (its per-step metric bookkeeping still runs); plait
-  keeps its defaults (metrics.jsonl and TensorBoard every step) except the progress bar.
+  keeps its defaults (metrics.jsonl and TensorBoard every step), with its progress shown as
+  status lines (``run.progress=false``).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
 
 # One source for the settings both trainers share.
 TASK = {"name": "addition", "digits": 2}
-SEED = 0
+SEED = 0  # shared start (SFT) and held-out rows; --seed sets the RL runs' seed
 NUM_TRAIN = 50_000
 NUM_EVAL = 500
 PROMPTS_PER_STEP = 8
@@ -129,7 +132,7 @@ def summarize(step_seconds: list[float]) -> dict:
 def step_durations(loop_start: float, step_ends: list[float]) -> list[float]:
     """Seconds of each step: from the previous step's end (or the loop start) to its end."""
     marks = [loop_start, *step_ends]
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
 
 def plait_config(path: Path, tree: dict):
@@ -143,13 +146,13 @@ def plait_config(path: Path, tree: dict):
     return load_config(path)
 
 
-def common_tree(threads: int) -> dict:
+def common_tree(threads: int, seed: int = SEED) -> dict:
     return {
         "data": {"task": TASK["name"], "task_args": {"digits": TASK["digits"]},
                  "num_train": NUM_TRAIN, "num_eval": NUM_EVAL},
         "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
                     "top_p": 1.0, "top_k": 0},
-        "train": {"seed": SEED, "threads": threads, "device": "cpu"},
+        "train": {"seed": seed, "threads": threads, "device": "cpu"},
     }
 
 
@@ -208,13 +211,13 @@ def evaluate(model_dir: Path, workdir: Path, threads: int, name: str) -> dict:
 # --------------------------------------------------------------------------- plait worker
 
 
-def worker_plait(steps: int, threads: int, workdir: Path, start: Path) -> dict:
+def worker_plait(steps: int, threads: int, workdir: Path, start: Path, seed: int) -> dict:
     set_threads(threads)
     from plait.recipes.rl import RLTrainer
     from plait.train.checkpoint import latest_checkpoint
 
     run_dir = workdir / "plait_run"
-    config = plait_config(workdir / "configs" / "plait_rl.yaml", merge(common_tree(threads), {
+    config = plait_config(workdir / "configs" / "plait_rl.yaml", merge(common_tree(threads, seed), {
         "run": {"dir": str(run_dir), "overwrite": True, "resume": "never", "progress": False},
         "model": {"path": str(start), "chat_template": "never"},
         "sft": {"steps": 0},
@@ -234,9 +237,10 @@ def worker_plait(steps: int, threads: int, workdir: Path, start: Path) -> dict:
         def step(self, step: int) -> dict[str, float]:
             if self.loop_start is None:
                 self.loop_start = time.perf_counter()
+            lrs.append(self.optimizers["policy"].param_groups[0]["lr"])
             return super().step(step)
 
-    ends, rewards, own_step_times, thread_counts = [], [], [], set()
+    ends, rewards, own_step_times, lrs, thread_counts = [], [], [], [], set()
 
     def on_step(trainer, global_step: int, metrics: dict) -> None:
         import torch
@@ -251,7 +255,7 @@ def worker_plait(steps: int, threads: int, workdir: Path, start: Path) -> dict:
         loop_start = trainer.loop_start
     final = latest_checkpoint(run_dir / "checkpoints") / "policy"
     return {"step_seconds": step_durations(loop_start, ends) if ends else [],
-            "own_time_step": own_step_times, "train_reward": rewards,
+            "own_step_time": own_step_times, "train_reward": rewards, "lr_used": lrs,
             "threads_seen": sorted(thread_counts), "final_model": str(final),
             "plait_summary": summary}
 
@@ -259,14 +263,18 @@ def worker_plait(steps: int, threads: int, workdir: Path, start: Path) -> dict:
 # --------------------------------------------------------------------------- TRL worker
 
 
-def trl_config(steps: int, output_dir: Path):
+def trl_config(steps: int, output_dir: Path, seed: int):
     from trl import GRPOConfig
 
     batch = PROMPTS_PER_STEP * GROUP_SIZE
+    # TRL turns gradient checkpointing on by default; transformers 5 renamed the field
+    no_checkpointing = {"gradient_checkpointing": False}
+    if "activation_checkpointing" in GRPOConfig.__dataclass_fields__:
+        no_checkpointing["activation_checkpointing"] = False
     return GRPOConfig(
         output_dir=str(output_dir),
         max_steps=steps,
-        seed=SEED,
+        seed=seed,
         use_cpu=True, bf16=False, fp16=False,
         # one optimizer step = one generation batch = 8 prompts x 8 completions
         per_device_train_batch_size=batch, gradient_accumulation_steps=1,
@@ -279,14 +287,14 @@ def trl_config(steps: int, output_dir: Path):
         learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
         lr_scheduler_type="constant_with_warmup", warmup_steps=WARMUP_STEPS,  # see subclass
-        gradient_checkpointing=False, disable_dropout=True,
+        **no_checkpointing, disable_dropout=True,
         report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=10 * steps + 1000, disable_tqdm=True, log_completions=False,
         dataloader_num_workers=0,
     )
 
 
-def worker_trl(steps: int, threads: int, workdir: Path, start: Path) -> dict:
+def worker_trl(steps: int, threads: int, workdir: Path, start: Path, seed: int) -> dict:
     set_threads(threads)
     import torch
     import trl
@@ -295,14 +303,14 @@ def worker_trl(steps: int, threads: int, workdir: Path, start: Path) -> dict:
     from trl import GRPOTrainer
 
     from plait.data.tasks import make_task
-    from plait.models.loading import load_causal_lm, load_tokenizer
+    from plait.models.loading import load_causal_lm, load_tokenizer, quiet_transformers
     from plait.train.optim import lr_multiplier
 
     task = make_task(TASK["name"], digits=TASK["digits"])
-    dataset = Dataset.from_list(task.make_rows(NUM_TRAIN, seed=SEED, split="train"))
+    dataset = Dataset.from_list(task.make_rows(NUM_TRAIN, seed=seed, split="train"))
 
     def exact_match(prompts, completions, answer, **kwargs):
-        return [task.verify(completion, ans) for completion, ans in zip(completions, answer)]
+        return [task.verify(completion, ans) for completion, ans in zip(completions, answer, strict=True)]
 
     class PlaitWarmupGRPOTrainer(GRPOTrainer):
         """GRPOTrainer with plait's warmup: lr x (step+1)/warmup, then constant (HF's
@@ -318,32 +326,49 @@ def worker_trl(steps: int, threads: int, workdir: Path, start: Path) -> dict:
             return self.lr_scheduler
 
     class StepClock(TrainerCallback):
+        """Step end times, plus per-step values read back for the report (not timed)."""
+
         def __init__(self):
-            self.loop_start, self.ends, self.lrs, self.threads = None, [], [], set()
+            self.loop_start, self.ends, self.threads = None, [], set()
+            self.lrs, self.rewards, self.own_step_time = [], [], []
+            self.trainer = None
+            self.checkpointing = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.loop_start is None:
                 self.loop_start = time.perf_counter()
+                model = kwargs.get("model")
+                name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") \
+                    else "is_gradient_checkpointing"
+                self.checkpointing = bool(getattr(model, name, False))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.lrs.append(kwargs["optimizer"].param_groups[0]["lr"])
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
             self.threads.add(torch.get_num_threads())
+            metrics = self.trainer._metrics["train"]  # flushed only at logging steps
+            self.rewards.append(metrics["reward"][-1] if metrics.get("reward") else None)
+            self.own_step_time.append(
+                metrics["step_time"][-1] if metrics.get("step_time") else None)
 
+    quiet_transformers()
     clock = StepClock()
     output_dir = workdir / "trl_run"
     shutil.rmtree(output_dir, ignore_errors=True)
     trainer = PlaitWarmupGRPOTrainer(
         model=load_causal_lm(start), reward_funcs=[exact_match],
-        args=trl_config(steps, output_dir), train_dataset=dataset,
+        args=trl_config(steps, output_dir, seed), train_dataset=dataset,
         processing_class=load_tokenizer(start), callbacks=[clock])
+    clock.trainer = trainer
     trainer.train()
     final = output_dir / "final_model"
     trainer.model.save_pretrained(final, safe_serialization=True)
     trainer.processing_class.save_pretrained(final)
-    metrics = trainer._metrics["train"]  # never flushed: logging_steps exceeds the run
     return {"step_seconds": step_durations(clock.loop_start, clock.ends) if clock.ends else [],
-            "own_step_time": list(metrics.get("step_time", [])),
-            "train_reward": list(metrics.get("reward", [])),
+            "own_step_time": clock.own_step_time, "train_reward": clock.rewards,
+            "lr_used": clock.lrs, "gradient_checkpointing": clock.checkpointing,
             "threads_seen": sorted(clock.threads), "final_model": str(final),
             "trl_version": trl.__version__}
 
@@ -358,6 +383,7 @@ def run_worker(which: str, args, start: Path) -> dict:
            "MKL_NUM_THREADS": str(args.threads)}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", which,
                "--steps", str(args.steps), "--threads", str(args.threads),
+               "--seed", str(args.seed),
                "--workdir", str(args.workdir), "--start-model", str(start),
                "--worker-out", str(out)]
     print(f"[bench] {which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
@@ -385,11 +411,19 @@ def machine(threads: int) -> dict:
 
 
 def side_result(raw: dict, accuracy: dict) -> dict:
+    """One trainer's numbers. ``own_step_time_mean`` is the trainer's own per-step timer
+    (plait ``time/step``, TRL ``step_time``), which covers less of the loop than ours."""
     rewards = [r for r in raw.get("train_reward", []) if r is not None]
-    return {**summarize(raw["step_seconds"]), "accuracy_after": accuracy["accuracy"],
-            "eval_after": accuracy,
-            "train_reward_mean": statistics.fmean(rewards) if rewards else None,
-            "threads_seen": raw["threads_seen"], "step_seconds": raw["step_seconds"]}
+    own = [t for t in raw.get("own_step_time", []) if t is not None]
+    result = {**summarize(raw["step_seconds"]), "accuracy_after": accuracy["accuracy"],
+              "eval_after": accuracy,
+              "train_reward_mean": statistics.fmean(rewards) if rewards else None,
+              "own_step_time_mean": statistics.fmean(own) if own else None,
+              "threads_seen": raw["threads_seen"], "lr_used": raw.get("lr_used"),
+              "step_seconds": raw["step_seconds"]}
+    if "gradient_checkpointing" in raw:
+        result["gradient_checkpointing"] = raw["gradient_checkpointing"]
+    return result
 
 
 def print_table(results: dict) -> None:
@@ -407,7 +441,7 @@ def print_table(results: dict) -> None:
           f"{GROUP_SIZE} samples, {results['machine']['torch_threads']} torch thread(s), "
           f"{results['machine']['cpu_count']} CPUs")
     for row in rows:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def orchestrate(args) -> dict:
@@ -416,7 +450,7 @@ def orchestrate(args) -> dict:
     start = Path(args.start_model) if args.start_model else \
         prepare_start_model(args.workdir, args.threads)
     before = evaluate(start, args.workdir, args.threads, "before")
-    results = {"benchmark": "rl_step_vs_trl", "steps": args.steps,
+    results = {"benchmark": "rl_step_vs_trl", "steps": args.steps, "seed": args.seed,
                "machine": machine(args.threads), "versions": versions(),
                "start_model": str(start), "accuracy_before": before["accuracy"],
                "eval_before": before}
@@ -442,6 +476,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument("--which", choices=("both", "plait", "trl"), default="both")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of both RL runs (train rows, prompt order, sampling); the "
+                             "shared start and the 500 held-out prompts do not change")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_rl_step_vs_trl"),
                         help="scratch directory (shared start model is cached here)")
     parser.add_argument("--start-model", default=None,
@@ -456,7 +493,7 @@ def main(argv=None) -> int:
     args.workdir = args.workdir.resolve()
     if args.worker:
         run = worker_plait if args.worker == "plait" else worker_trl
-        result = run(args.steps, args.threads, args.workdir, Path(args.start_model))
+        result = run(args.steps, args.threads, args.workdir, Path(args.start_model), args.seed)
         args.worker_out.write_text(json.dumps(result, indent=2, default=str))
         return 0
     results = orchestrate(args)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from plait.config import load_config
-from plait.recipes.rl import RLTrainer, StepTimer
+from plait.recipes.rl import RLTrainer
+from plait.telemetry.timing import StageTimer
 
 
 def one_update(overrides):
@@ -24,7 +25,7 @@ def one_update(overrides):
     trainer.apply_gradients = record_then_apply
     try:
         trainer.warm_start()
-        timer = StepTimer()
+        timer = StageTimer()
         batch, _ = trainer.collect(timer)
         trainer.score_forwards(batch, timer)
         trainer.compute_advantages(batch)

@@ -37,7 +37,7 @@ def test_grpo_learns_and_leaves_artefacts(tiny_job, reward_spec):
     ckpt = run_dir / "checkpoints" / "step_000040" / "policy"
     AutoModelForCausalLM.from_pretrained(ckpt)  # HF-loadable weights
     step_metrics = read_metrics(run_dir / "metrics.jsonl")[-2]
-    for key in ("time/generate", "time/reward", "time/update", "policy/clipfrac", "lr"):
+    for key in ("time/generate", "time/reward_wait", "time/update", "time/weight_sync", "policy/clipfrac", "lr"):
         assert key in step_metrics
 
 

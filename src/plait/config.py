@@ -104,14 +104,16 @@ class SFTConfig:
 class RolloutConfig:
     """Generation settings for rollouts."""
 
-    engine: Literal["hf"] = opt("hf", "Generation engine; 'hf' is transformers' generate.")
+    engine: Literal["plait", "hf"] = opt(
+        "plait", "Generation engine: 'plait' (KV-cache slots, continuous batching, groups "
+        "streamed to reward scoring as they finish) or 'hf' (transformers' generate).")
     max_new_tokens: int = opt(16, "Longest completion, in tokens.", low=1)
     temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", low=0.0)
     top_p: float = opt(1.0, "Nucleus sampling mass.", low=0.0, high=1.0)
     top_k: int = opt(0, "Top-k sampling (0 = off).", low=0)
     stop: list[str] = opt(doc="Strings that end a completion (text after them is cut).",
                           factory=list)
-    batch_size: int = opt(256, "Most sequences generated in one call.", low=1)
+    batch_size: int = opt(256, "Most sequences generated at once (engine slots).", low=1)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ learning signal (rewards that differ) or the draw cap is hit.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -26,29 +24,11 @@ from plait import algos
 from plait.config import Config, ConfigError
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
+from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
 from plait.train.forward import response_logits, response_values, token_logprobs
 
 SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy", "nonfinite"})
-
-
-@dataclass
-class StepTimer:
-    """Wall time per stage of one step, in seconds."""
-
-    times: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Stage()
 
 
 class RLTrainer(Session):
@@ -61,7 +41,7 @@ class RLTrainer(Session):
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop))
 
-    def collect(self, timer: StepTimer) -> tuple[Experience | None, dict]:
+    def collect(self, timer: StageTimer) -> tuple[Experience | None, dict]:
         """Steps 1-3: prompts, completions and rewards for one RL step."""
         algo = self.config.algo
         kept: list[Experience] = []
@@ -71,13 +51,10 @@ class RLTrainer(Session):
             stats["draws"] += 1
             rows = self.train_iter.next_batch(algo.prompts_per_step)
             stats["groups_drawn"] += len(rows)
-            with timer.stage("generate"):
-                batch = self.rollout(rows, self.sampling_params(), algo.group_size)
-            with timer.stage("reward"):
-                result = self.score(rows, batch)
-            stats["reward_failures"] += result.num_failures
-            correct.append(result.total >= self.reward_high - 1e-6)
-            batch.rewards = self.shape_rewards(result.total, batch)
+            batch = self.rollout(rows, self.sampling_params(), algo.group_size, timer)
+            stats["reward_failures"] += batch.reward_failures
+            correct.append(batch.rewards >= self.reward_high - 1e-6)
+            batch.rewards = self.shape_rewards(batch.rewards, batch)
             drawn_rewards.append(batch.rewards)
             if not algo.dynamic_sampling:
                 kept = [batch]
@@ -113,7 +90,7 @@ class RLTrainer(Session):
     # ------------------------------------------------------------------ scoring
 
     @torch.no_grad()
-    def score_forwards(self, batch: Experience, timer: StepTimer) -> None:
+    def score_forwards(self, batch: Experience, timer: StageTimer) -> None:
         """Step 4: reference log-probs, behaviour log-probs and critic values."""
         algo = self.config.algo
         mb = algo.micro_batch_size
@@ -309,7 +286,7 @@ class RLTrainer(Session):
     # ------------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict[str, float]:
-        timer = StepTimer()
+        timer = StageTimer()
         start = time.perf_counter()
         batch, draw_stats = self.collect(timer)                  # 1-3
         metrics: dict[str, float] = {**draw_stats}
@@ -321,7 +298,8 @@ class RLTrainer(Session):
         metrics.update(self.compute_advantages(batch))                 # 5
         with timer.stage("update"):
             metrics.update(self.update(batch, step))                   # 6
-        self.engine.update_weights(None, step + 1)
+        with timer.stage("weight_sync"):
+            self.engine.update_weights(None, step + 1)
         return self._timing(metrics, timer, start, batch)
 
     def rollout_metrics(self, batch: Experience) -> dict[str, float]:
@@ -336,7 +314,7 @@ class RLTrainer(Session):
             "tokens": float(lengths.sum()),
         }
 
-    def _timing(self, metrics, timer: StepTimer, start: float, batch) -> dict[str, float]:
+    def _timing(self, metrics, timer: StageTimer, start: float, batch) -> dict[str, float]:
         elapsed = time.perf_counter() - start
         metrics.update({f"time/{k}": v for k, v in timer.times.items()})
         metrics["time/step"] = elapsed

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,13 @@ from plait.models.loading import (
 )
 from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
-from plait.rollout.base import SamplingParams
-from plait.rollout.hf_engine import HFGenerateEngine
+from plait.rollout import build_engine
+from plait.rollout.base import Completion, SamplingParams
 from plait.telemetry.metrics import MetricsLogger, read_metrics
 from plait.telemetry.plots import plot_metrics
 from plait.telemetry.progress import ProgressBar
 from plait.telemetry.summary import write_json_atomic
+from plait.telemetry.timing import StageTimer
 from plait.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -98,11 +100,11 @@ class Session:
             [(f.fn, f.weight) for f in config.reward.functions], task=self.task,
             timeout_s=config.reward.timeout_s, on_error=config.reward.on_error,
             fallback_reward=config.reward.fallback_reward)
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-reward")
         try:
-            self.engine = HFGenerateEngine(self.policy, self.tokenizer,
-                                           batch_size=config.rollout.batch_size)
+            self.engine = build_engine(config.rollout, self.policy, self.tokenizer)
         except ValueError as err:
-            self.rewards.close()
+            self.close()
             raise ConfigError(f"model {str(self.model_dir)!r}: {err}") from None
         self.reference = None
         self.critic = None
@@ -247,12 +249,49 @@ class Session:
             self._prompt_cache[text] = ids
         return ids
 
-    def rollout(self, rows: list[dict], params: SamplingParams, n: int) -> Experience:
-        """Generate ``n`` completions per row; each row's completions share a group id."""
+    def rollout(self, rows: list[dict], params: SamplingParams, n: int,
+                timer: StageTimer | None = None) -> Experience:
+        """Generate ``n`` completions per row and score them. Each row's completions share
+        a group id; ``batch.rewards`` holds the total reward, ``batch.reward_failures`` the
+        count of failed reward calls.
+
+        With a streaming engine, each group's rewards are computed (in a helper thread, so
+        user functions in the reward worker run alongside generation) the moment its last
+        sample finishes, while the long tail is still generating."""
+        timer = timer or StageTimer()
         prompts = [self.encode_prompt(row["prompt"]) for row in rows]
+        groups: list[list[Completion] | None] = [None] * len(rows)
+        futures = {}
+        with timer.stage("generate"), self._diverged_generation():
+            for index, group in self._generated_groups(prompts, params, n):
+                groups[index] = group
+                futures[index] = self._reward_pool.submit(self._score_group, rows[index], group)
+        with timer.stage("reward_wait"):
+            results = [futures[i].result() for i in range(len(rows))]
+        timer.times["reward_compute"] = sum(r.seconds for r in results)
+        group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
+        self._next_group_id += len(rows)
+        batch = experience_from_completions(prompts, groups, group_ids,
+                                            self.tokenizer.pad_token_id)
+        batch.texts = [c.text for group in groups for c in group]
+        batch.rewards = torch.cat([r.total for r in results])
+        batch.reward_failures = sum(r.num_failures for r in results)
+        if self.device.type == "cuda" and hasattr(self.engine, "release"):
+            self.engine.release()  # hybrid engine: the KV cache makes room for training
+        return batch.to(self.device)
+
+    def _generated_groups(self, prompts, params, n):
+        with self.autocast():
+            if hasattr(self.engine, "stream"):
+                self.engine.submit(prompts, params, n)
+                yield from self.engine.stream()
+            else:
+                yield from enumerate(self.engine.generate(prompts, params, n=n))
+
+    @contextlib.contextmanager
+    def _diverged_generation(self):
         try:
-            with self.autocast():
-                groups = self.engine.generate(prompts, params, n=n)
+            yield
         except RuntimeError as err:
             if "probability tensor contains" not in str(err):
                 raise
@@ -261,22 +300,12 @@ class Session:
                 f"{self.global_step}: the weights diverged (lower optim.lr or set "
                 f"optim.max_grad_norm). The last complete checkpoint in "
                 f"{self.checkpoint_root} is intact") from err
-        group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
-        self._next_group_id += len(rows)
-        batch = experience_from_completions(prompts, groups, group_ids,
-                                            self.tokenizer.pad_token_id)
-        batch.texts = [c.text for group in groups for c in group]
-        return batch.to(self.device)
 
-    def score(self, rows: list[dict], batch: Experience):
-        """Rewards for a batch whose rows are ``rows`` repeated group-size times."""
-        per_row = batch.batch_size // len(rows)
-        expanded = [row for row in rows for _ in range(per_row)]
-        fields = {key: [row.get(key) for row in expanded]
-                  for key in expanded[0] if key != "prompt"}
-        result = self.rewards.score([row["prompt"] for row in expanded], batch.texts, fields)
-        result.total = result.total.to(self.device)
-        return result
+    def _score_group(self, row: dict, group: list[Completion]):
+        """Rewards of one prompt's completions (the row's extra fields are passed along)."""
+        size = len(group)
+        fields = {key: [value] * size for key, value in row.items() if key != "prompt"}
+        return self.rewards.score([row["prompt"]] * size, [c.text for c in group], fields)
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, float]:
@@ -289,7 +318,7 @@ class Session:
             next_id = self._next_group_id
             batch = self.rollout(self.eval_rows, params, 1)
             self._next_group_id = next_id
-            rewards = self.score(self.eval_rows, batch).total
+            rewards = batch.rewards
         result = {
             "eval/accuracy": float((rewards >= self.reward_high - 1e-6).float().mean()),
             "eval/reward": float(rewards.mean()),
@@ -452,6 +481,7 @@ class Session:
         return summary
 
     def close(self) -> None:
+        self._reward_pool.shutdown(wait=True)
         self.rewards.close()
         if self.metrics is not None:
             self.metrics.close()

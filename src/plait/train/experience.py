@@ -34,6 +34,7 @@ class Experience:
     returns: torch.Tensor | None = None           # [B, R] critic targets
     policy_version: int = 0
     texts: list[str] | None = None                # decoded completions, one per row
+    reward_failures: int = 0                      # reward calls that failed (fallback used)
 
     @property
     def batch_size(self) -> int:
