@@ -5,7 +5,11 @@ plait vs TRL's ``GRPOTrainer``, on the tiny default model and task.
 Both trainers start from the same saved Hugging Face directory (plait's tiny model after
 plait's SFT warm start, built once and cached), train for ``--steps`` steps of
 8 prompts x 8 samples on 2-digit addition, and are then evaluated by the same code
-(``plait.recipes.evaluate.evaluate_job``: greedy, 500 held-out "test" prompts).
+(``plait.recipes.evaluate.evaluate_job``: greedy, 500 held-out "test" prompts, with the
+reference ``hf`` rollout engine so the metric does not depend on the engine under test).
+plait trains with its default config apart from the settings below (so with its default
+rollout engine, recorded as ``rollout_engine`` in the JSON); ``--plait-override KEY=VALUE``
+changes that for experiments.
 
 Run it with the benchmark virtualenv, which holds both plait and TRL
 (see ``benchmarks/README.md``)::
@@ -135,15 +139,16 @@ def step_durations(loop_start: float, step_ends: list[float]) -> list[float]:
     return [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
 
-def plait_config(path: Path, tree: dict):
-    """Write ``tree`` as a plait YAML config at ``path`` and load it (validated)."""
+def plait_config(path: Path, tree: dict, overrides: list[str] | tuple[str, ...] = ()):
+    """Write ``tree`` as a plait YAML config at ``path`` and load it (validated), with
+    ``key=value`` overrides on top."""
     import yaml
 
     from plait.config import load_config
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return load_config(path)
+    return load_config(path, list(overrides))
 
 
 def common_tree(threads: int, seed: int = SEED) -> dict:
@@ -201,6 +206,8 @@ def evaluate(model_dir: Path, workdir: Path, threads: int, name: str) -> dict:
         "run": {"dir": str(workdir / "eval" / name), "tensorboard": False, "progress": False},
         "model": {"path": str(model_dir), "chat_template": "never"},
         "data": {"num_train": PROMPTS_PER_STEP},  # train rows are unused here
+        # the reference engine, so the metric does not depend on the engine under test
+        "rollout": {"engine": "hf"},
     }))
     result = evaluate_job(config)
     return {"accuracy": result["eval/accuracy"], "reward": result["eval/reward"],
@@ -211,7 +218,8 @@ def evaluate(model_dir: Path, workdir: Path, threads: int, name: str) -> dict:
 # --------------------------------------------------------------------------- plait worker
 
 
-def worker_plait(steps: int, threads: int, workdir: Path, start: Path, seed: int) -> dict:
+def worker_plait(steps: int, threads: int, workdir: Path, start: Path, seed: int,
+                 overrides: list[str]) -> dict:
     set_threads(threads)
     from plait.recipes.rl import RLTrainer
     from plait.train.checkpoint import latest_checkpoint
@@ -229,7 +237,7 @@ def worker_plait(steps: int, threads: int, workdir: Path, start: Path, seed: int
                   "warmup_steps": WARMUP_STEPS, "schedule": "constant",
                   "max_grad_norm": MAX_GRAD_NORM},
         "train": {"steps": steps, "eval_every": 0, "save_every": 0},
-    }))
+    }), overrides)
 
     class TimedRLTrainer(RLTrainer):
         loop_start: float | None = None
@@ -257,7 +265,8 @@ def worker_plait(steps: int, threads: int, workdir: Path, start: Path, seed: int
     return {"step_seconds": step_durations(loop_start, ends) if ends else [],
             "own_step_time": own_step_times, "train_reward": rewards, "lr_used": lrs,
             "threads_seen": sorted(thread_counts), "final_model": str(final),
-            "plait_summary": summary}
+            "rollout_engine": getattr(config.rollout, "engine", None),
+            "overrides": overrides, "plait_summary": summary}
 
 
 # --------------------------------------------------------------------------- TRL worker
@@ -386,6 +395,8 @@ def run_worker(which: str, args, start: Path) -> dict:
                "--seed", str(args.seed),
                "--workdir", str(args.workdir), "--start-model", str(start),
                "--worker-out", str(out)]
+    for override in args.plait_override:
+        command += ["--plait-override", override]
     print(f"[bench] {which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
     subprocess.run(command, env=env, check=True)
     return json.loads(out.read_text())
@@ -421,8 +432,9 @@ def side_result(raw: dict, accuracy: dict) -> dict:
               "own_step_time_mean": statistics.fmean(own) if own else None,
               "threads_seen": raw["threads_seen"], "lr_used": raw.get("lr_used"),
               "step_seconds": raw["step_seconds"]}
-    if "gradient_checkpointing" in raw:
-        result["gradient_checkpointing"] = raw["gradient_checkpointing"]
+    for key in ("gradient_checkpointing", "rollout_engine", "overrides"):
+        if key in raw:
+            result[key] = raw[key]
     return result
 
 
@@ -483,6 +495,10 @@ def parse_args(argv=None):
                         help="scratch directory (shared start model is cached here)")
     parser.add_argument("--start-model", default=None,
                         help="use this HF directory as the shared start instead of building it")
+    parser.add_argument("--plait-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra plait config override for the plait RL run, e.g. "
+                             "rollout.engine=hf (repeatable; changes the comparison, so the "
+                             "overrides are recorded in the JSON)")
     parser.add_argument("--worker", choices=("plait", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -492,8 +508,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir = args.workdir.resolve()
     if args.worker:
-        run = worker_plait if args.worker == "plait" else worker_trl
-        result = run(args.steps, args.threads, args.workdir, Path(args.start_model), args.seed)
+        common = (args.steps, args.threads, args.workdir, Path(args.start_model), args.seed)
+        result = worker_plait(*common, args.plait_override) if args.worker == "plait" \
+            else worker_trl(*common)
         args.worker_out.write_text(json.dumps(result, indent=2, default=str))
         return 0
     results = orchestrate(args)

@@ -341,9 +341,10 @@ class PlaitEngine:
         position_embeddings = self.base.rotary_emb(hidden, positions)
         # key j is visible to the token at position p iff j <= p (earlier tokens of its row)
         keys = torch.arange(kv_len, device=hidden.device)
-        visible = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
-        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-        mask.masked_fill_(~visible, torch.finfo(hidden.dtype).min)
+        mask = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
+        if self.config._attn_implementation != "sdpa":  # eager attention adds the mask
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device
+                               ).masked_fill_(~mask, torch.finfo(hidden.dtype).min)
         for layer in self.base.layers:
             out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                         past_key_values=cache, position_ids=positions, use_cache=True)
