@@ -35,14 +35,15 @@ def one_update(overrides):
         trainer.close()
 
 
+@pytest.mark.parametrize("split_by", ["algo.micro_batch_size=3", "algo.micro_batch_tokens=40"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm"])
-def test_micro_batches_equal_one_batch(tiny_job, reward_spec, tmp_path, agg):
+def test_micro_batches_equal_one_batch(tiny_job, reward_spec, tmp_path, agg, split_by):
     base = [*tiny_job[:-1], f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
             "algo.reward_range=[0, 1]", "optim.lr=1e-2", f"algo.loss_agg={agg}",
             "algo.kl_coef=0.05", "algo.entropy_coef=0.01", "optim.max_grad_norm=null"]
     whole, batch = one_update([*base, f"run.dir={tmp_path / 'a'}", "algo.micro_batch_size=64"])
-    split, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}", "algo.micro_batch_size=3"])
+    split, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}", split_by])
     assert torch.equal(batch.response_ids, batch2.response_ids)  # same rollout
     assert batch.response_lengths.unique().numel() > 1  # padding differs across micro-batches
     assert whole.keys() == split.keys() and len(whole) > 0
@@ -60,3 +61,28 @@ def test_ppo_critic_micro_batches(tiny_job, reward_spec, tmp_path):
     assert any(name.startswith("critic.") for name in whole)
     for name, value in whole.items():
         torch.testing.assert_close(split[name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_token_budget_packs_by_length(tiny_job, reward_spec, tmp_path):
+    _, batch = one_update([*tiny_job, f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+                           "algo.reward_range=[0, 1]"])
+    parts = batch.micro_batch_indices(64, token_budget=40)
+    assert sorted(torch.cat(parts).tolist()) == list(range(batch.batch_size))
+    for idx in parts:
+        micro = batch.select(idx).trimmed()
+        width = micro.prompt_ids.shape[1] + micro.response_ids.shape[1]
+        assert micro.batch_size == 1 or micro.batch_size * width <= 40
+
+
+def test_engine_logprobs_replace_the_recompute(tiny_job, reward_spec, tmp_path):
+    """With several updates per batch, the engine's sampled-token log-probs stand in for
+    the old-log-prob pass; the update matches the recomputed one."""
+    base = [*tiny_job[:-1], f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+            "algo.reward_range=[0, 1]", "algo.epochs=2", "optim.max_grad_norm=null"]
+    recomputed, batch = one_update([*base, f"run.dir={tmp_path / 'a'}"])
+    engine, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}", "algo.use_engine_logprobs=true"])
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(batch2.old_logprobs[mask], batch.old_logprobs[mask],
+                               atol=1e-5, rtol=1e-5)
+    for name, value in recomputed.items():
+        torch.testing.assert_close(engine[name], value, rtol=1e-3, atol=1e-6)

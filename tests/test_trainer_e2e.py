@@ -33,6 +33,10 @@ def test_grpo_learns_and_leaves_artefacts(tiny_job, reward_spec):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["accuracy_after"] == summary["accuracy_after"]
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timeline] == list(range(1, 41))
+    assert {"generate", "reward", "update"} <= {name for name, _, _ in timeline[-1]["spans"]}
     assert (run_dir / "config.yaml").is_file()
     ckpt = run_dir / "checkpoints" / "step_000040" / "policy"
     AutoModelForCausalLM.from_pretrained(ckpt)  # HF-loadable weights

@@ -132,6 +132,12 @@ class AlgoConfig:
                             low=1)
     micro_batch_size: int = opt(64, "Sequences per forward/backward; gradients accumulate.",
                                 low=1)
+    micro_batch_tokens: int | None = opt(
+        None, "Token budget per micro-batch: rows sorted by length and packed while rows x "
+        "padded width stays within it (micro_batch_size still caps the rows).", low=1)
+    use_engine_logprobs: bool = opt(
+        False, "Use the rollout engine's sampled-token log-probs as the old log-probs "
+        "instead of a recompute pass (when a batch gets several updates).")
     clip_low: float = opt(0.2, "PPO clip epsilon below 1.", low=0.0)
     clip_high: float = opt(0.2, "PPO clip epsilon above 1 (clip-higher: set > clip_low).",
                            low=0.0)
@@ -526,6 +532,9 @@ def _validate_algo(config: Config) -> None:
         (algo.overlong_buffer > config.rollout.max_new_tokens,
          f"algo.overlong_buffer={algo.overlong_buffer} exceeds "
          f"rollout.max_new_tokens={config.rollout.max_new_tokens}"),
+        (algo.use_engine_logprobs and (config.rollout.top_k > 0 or config.rollout.top_p < 1.0),
+         "algo.use_engine_logprobs needs rollout.top_k=0 and rollout.top_p=1: with filtering "
+         "the engine's log-probs are of a different distribution than the policy's"),
         (algo.mini_batches > algo.prompts_per_step * algo.group_size,
          f"algo.mini_batches={algo.mini_batches} exceeds the "
          f"{algo.prompts_per_step * algo.group_size} sequences per step "

@@ -92,24 +92,34 @@ class RLTrainer(Session):
     @torch.no_grad()
     def score_forwards(self, batch: Experience, timer: StageTimer) -> None:
         """Step 4: reference log-probs, behaviour log-probs and critic values."""
-        algo = self.config.algo
-        mb = algo.micro_batch_size
         if self.reference is not None:
             with timer.stage("reference"):
-                batch.ref_logprobs = self._forward_logprobs(self.reference, batch, mb)
+                batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
+                    self.reference, m))
         if self.needs_old_logprobs():
-            with timer.stage("old_logprobs"):
-                batch.old_logprobs = self._forward_logprobs(self.policy, batch, mb)
+            if self.config.algo.use_engine_logprobs and batch.sampled_logprobs is not None:
+                batch.old_logprobs = batch.sampled_logprobs
+            else:
+                with timer.stage("old_logprobs"):
+                    batch.old_logprobs = self._per_token(batch, lambda m: self._logprobs(
+                        self.policy, m))
         if self.critic is not None:
-            with timer.stage("critic"), self.autocast():
-                parts = [response_values(self.critic, m) for m in batch.micro_batches(mb)]
-                batch.values = _cat_right(parts, batch.response_ids.shape[1])
+            with timer.stage("critic"):
+                batch.values = self._per_token(batch, lambda m: response_values(self.critic, m))
 
-    def _forward_logprobs(self, model, batch: Experience, mb: int) -> torch.Tensor:
+    def _logprobs(self, model, micro: Experience) -> torch.Tensor:
+        return token_logprobs(response_logits(model, micro, self.train_temperature),
+                              micro.response_ids)
+
+    def _per_token(self, batch: Experience, fn) -> torch.Tensor:
+        """``fn`` over micro-batches, reassembled into a ``[B, R]`` tensor in row order."""
+        algo = self.config.algo
+        out = torch.zeros(batch.response_ids.shape, device=batch.response_ids.device)
         with self.autocast():
-            parts = [token_logprobs(response_logits(model, m, self.train_temperature),
-                                    m.response_ids) for m in batch.micro_batches(mb)]
-        return _cat_right(parts, batch.response_ids.shape[1])
+            for idx in batch.micro_batch_indices(algo.micro_batch_size, algo.micro_batch_tokens):
+                part = fn(batch.select(idx).trimmed()).float()
+                out[idx.to(out.device), : part.shape[1]] = part
+        return out
 
     def needs_old_logprobs(self) -> bool:
         """A batch used for exactly one on-policy update needs no separate pass: its old
@@ -203,7 +213,7 @@ class RLTrainer(Session):
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        for micro in mini.micro_batches(algo.micro_batch_size):
+        for micro in mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens):
             with self.autocast():
                 loss, micro_stats = self.micro_loss(micro, norm)
             loss.backward()
@@ -225,6 +235,9 @@ class RLTrainer(Session):
             clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=algo.ratio_level,
             agg=algo.loss_agg, **norm)
         stats = {"loss/policy": loss.item(), **{f"policy/{k}": float(v) for k, v in pstats.items()}}
+        if micro.sampled_logprobs is not None:  # engine vs trainer numerics, per token
+            gap = (micro.sampled_logprobs - logprobs.detach()).abs() * mask
+            stats["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum().clamp(min=1))
         if self.kl_in_loss:
             kl = algos.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
             kl_loss = algos.aggregate_loss(kl, mask, algo.loss_agg, **norm)
@@ -322,12 +335,8 @@ class RLTrainer(Session):
             metrics["throughput/tokens_per_s"] = metrics["tokens"] / elapsed
             metrics["throughput/samples_per_s"] = batch.batch_size / elapsed
         metrics["nan_skips"] = float(self.nan_skips)
+        metrics["_spans"] = timer.spans
         return metrics
-
-
-def _cat_right(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Concatenate ``[b, r_i]`` tensors along the batch, right-padding each to ``width``."""
-    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
 def train(config: Config, callbacks=()) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import random
 import shutil
@@ -35,7 +36,7 @@ from plait.rewards import RewardManager
 from plait.rollout import build_engine
 from plait.rollout.base import Completion, SamplingParams
 from plait.telemetry.metrics import MetricsLogger, read_metrics
-from plait.telemetry.plots import plot_metrics
+from plait.telemetry.plots import plot_metrics, plot_stage_timeline
 from plait.telemetry.progress import ProgressBar
 from plait.telemetry.summary import write_json_atomic
 from plait.telemetry.timing import StageTimer
@@ -267,8 +268,10 @@ class Session:
                 groups[index] = group
                 futures[index] = self._reward_pool.submit(self._score_group, rows[index], group)
         with timer.stage("reward_wait"):
-            results = [futures[i].result() for i in range(len(rows))]
+            timed = [futures[i].result() for i in range(len(rows))]
+        results = [result for result, _, _ in timed]
         timer.times["reward_compute"] = sum(r.seconds for r in results)
+        timer.spans.extend(("reward", start, end) for _, start, end in timed)
         group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
         self._next_group_id += len(rows)
         batch = experience_from_completions(prompts, groups, group_ids,
@@ -302,10 +305,13 @@ class Session:
                 f"{self.checkpoint_root} is intact") from err
 
     def _score_group(self, row: dict, group: list[Completion]):
-        """Rewards of one prompt's completions (the row's extra fields are passed along)."""
+        """Rewards of one prompt's completions (the row's extra fields are passed along),
+        with the wall-clock span of the call."""
+        start = time.perf_counter()
         size = len(group)
         fields = {key: [value] * size for key, value in row.items() if key != "prompt"}
-        return self.rewards.score([row["prompt"]] * size, [c.text for c in group], fields)
+        result = self.rewards.score([row["prompt"]] * size, [c.text for c in group], fields)
+        return result, start, time.perf_counter()
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, float]:
@@ -374,6 +380,11 @@ class Session:
         self.train_iter.load_state_dict(state["data"])
         self.engine.update_weights(None, self.global_step)
         self.metrics.truncate_after(self.global_step)
+        timeline = self.run_dir / "timeline.jsonl"
+        if timeline.is_file():  # drop steps the interrupted run did after this checkpoint
+            kept = [line for line in timeline.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.global_step]
+            timeline.write_text("".join(line + "\n" for line in kept))
         print(f"plait: resumed from {path} at step {self.global_step}", flush=True)
         return True
 
@@ -428,6 +439,7 @@ class Session:
         while self.global_step < cfg.train.steps:
             metrics = self.step(self.global_step)
             self.global_step += 1
+            self._record_timeline(metrics.pop("_spans", None))
             tokens += metrics.get("tokens", 0.0)
             if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 \
                     and self.global_step < cfg.train.steps:
@@ -446,6 +458,17 @@ class Session:
         self.metrics.log(self.global_step, final)
         self.save()
         return self.finish(started, rl_seconds, tokens)
+
+    def _record_timeline(self, spans) -> None:
+        """Append this step's stage spans (seconds from the step's start) to timeline.jsonl."""
+        if spans is None or self.metrics is None:
+            return
+        start = min(s for _, s, _ in spans)
+        record = {"step": self.global_step,
+                  "spans": [[name, round(s - start, 6), round(e - start, 6)]
+                            for name, s, e in spans]}
+        with open(self.run_dir / "timeline.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def latest_eval(self) -> dict[str, float]:
         evals = self.state["evals"]
@@ -478,6 +501,11 @@ class Session:
         records = read_metrics(self.run_dir / "metrics.jsonl")
         plot_metrics(records, self.run_dir / "metrics.png",
                      title=f"{self.config.algo.name} on {self.config.data.task or 'data'}")
+        timeline = self.run_dir / "timeline.jsonl"
+        if timeline.is_file():
+            steps = [json.loads(line) for line in timeline.read_text().splitlines()[-5:]]
+            plot_stage_timeline(steps, self.run_dir / "timeline.png",
+                                title="stage timeline (last steps)")
         return summary
 
     def close(self) -> None:

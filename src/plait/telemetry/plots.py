@@ -146,3 +146,41 @@ def _save_png(figure: Any, out_png: Path) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return out_png
+
+
+def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str, *,
+                        title: str | None = None) -> Path:
+    """A Gantt chart of where each step's wall time went.
+
+    ``steps`` are ``{"step": n, "spans": [[stage, start_s, end_s], ...]}`` with times in
+    seconds from that step's start; steps are laid end to end on the time axis, one row
+    per stage, so overlapping stages (e.g. reward scoring during generation) show as
+    overlapping bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stages: list[str] = []
+    for record in steps:
+        for name, _, _ in record["spans"]:
+            if name not in stages:
+                stages.append(name)
+    figure = Figure(figsize=(10, 0.45 * max(3, len(stages)) + 1.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    colors = {name: f"C{i % 10}" for i, name in enumerate(stages)}
+    offset = 0.0
+    for record in steps:
+        spans = record["spans"]
+        length = max((end for _, _, end in spans), default=0.0)
+        for name, start, end in spans:
+            axis.barh(stages.index(name), max(end - start, 1e-4), left=offset + start,
+                      color=colors[name], height=0.6)
+        axis.axvline(offset, color="0.6", linewidth=0.6)
+        axis.text(offset, len(stages) - 0.4, f"step {record['step']}", fontsize=7)
+        offset += length
+    axis.set_yticks(range(len(stages)), stages)
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds")
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_title(title or "stage timeline")
+    return _save_png(figure, Path(out_png))

@@ -91,10 +91,35 @@ class Experience:
 
         return self.map(trim)
 
-    def micro_batches(self, size: int) -> list[Experience]:
-        """Consecutive slices of at most ``size`` rows, each trimmed of padding."""
-        return [self.select(torch.arange(s, min(s + size, self.batch_size))).trimmed()
-                for s in range(0, self.batch_size, size)]
+    def micro_batch_indices(self, size: int, token_budget: int | None = None
+                            ) -> list[torch.Tensor]:
+        """Row indices of each micro-batch.
+
+        Without a budget: consecutive slices of ``size`` rows. With ``token_budget``:
+        rows sorted by length (longest first) and packed greedily while
+        ``rows x (longest prompt + longest response)`` stays within the budget (and at
+        most ``size`` rows), so short sequences are not padded to the longest one."""
+        if token_budget is None:
+            return [torch.arange(s, min(s + size, self.batch_size))
+                    for s in range(0, self.batch_size, size)]
+        prompt_len = self.prompt_mask.sum(-1).tolist()
+        response_len = self.response_mask.sum(-1).tolist()
+        order = sorted(range(self.batch_size), key=lambda i: -(prompt_len[i] + response_len[i]))
+        parts, current, widest_p, widest_r = [], [], 0, 0
+        for i in order:
+            p, r = max(widest_p, prompt_len[i]), max(widest_r, response_len[i])
+            if current and (len(current) == size or (len(current) + 1) * (p + r) > token_budget):
+                parts.append(torch.tensor(current))
+                current, p, r = [], prompt_len[i], response_len[i]
+            current.append(i)
+            widest_p, widest_r = p, r
+        parts.append(torch.tensor(current))
+        return parts
+
+    def micro_batches(self, size: int, token_budget: int | None = None) -> list[Experience]:
+        """The micro-batches of :meth:`micro_batch_indices`, each trimmed of padding."""
+        return [self.select(idx).trimmed()
+                for idx in self.micro_batch_indices(size, token_budget)]
 
     @staticmethod
     def cat(parts: list[Experience], pad_token_id: int) -> Experience:
