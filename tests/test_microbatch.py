@@ -86,3 +86,33 @@ def test_engine_logprobs_replace_the_recompute(tiny_job, reward_spec, tmp_path):
                                atol=1e-5, rtol=1e-5)
     for name, value in recomputed.items():
         torch.testing.assert_close(engine[name], value, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", [["algo.kl_coef=0.1"],
+                                  ["algo.name=ppo", "algo.group_size=1", "algo.prompts_per_step=16"]])
+def test_fused_forwards_equal_the_batch_pass(tiny_job, reward_spec, tmp_path, algo):
+    """Reference log-probs and critic values computed on groups as they finish (while
+    the engine refills its 4 slots) equal those of one pass over the whole batch."""
+    base = [*tiny_job[:-1], f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+            "algo.reward_range=[0, 1]", "rollout.batch_size=4", "algo.micro_batch_size=4",
+            *algo]
+    batches = {}
+    for fuse in (True, False):
+        trainer = RLTrainer(load_config(None, [*base, f"run.dir={tmp_path / str(fuse)}",
+                                               f"rollout.fuse_forwards={str(fuse).lower()}"]))
+        try:
+            trainer.warm_start()
+            timer = StageTimer()
+            batch, _ = trainer.collect(timer)
+            assert ("fused_forwards" in timer.times) == fuse
+            trainer.score_forwards(batch, timer)
+            batches[fuse] = batch
+        finally:
+            trainer.close()
+    fused, plain = batches[True], batches[False]
+    assert torch.equal(fused.response_ids, plain.response_ids)
+    mask = plain.response_mask.bool()
+    for name in ("ref_logprobs", "values"):
+        if getattr(plain, name) is not None:
+            torch.testing.assert_close(getattr(fused, name)[mask], getattr(plain, name)[mask],
+                                       atol=1e-5, rtol=1e-5)

@@ -114,6 +114,9 @@ class RolloutConfig:
     stop: list[str] = opt(doc="Strings that end a completion (text after them is cut).",
                           factory=list)
     batch_size: int = opt(256, "Most sequences generated at once (engine slots).", low=1)
+    fuse_forwards: bool = opt(
+        True, "Compute reference log-probs and critic values of finished groups while the "
+        "rest of the batch still generates (streaming engine only).")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ class RLTrainer(Session):
             stats["draws"] += 1
             rows = self.train_iter.next_batch(algo.prompts_per_step)
             stats["groups_drawn"] += len(rows)
-            batch = self.rollout(rows, self.sampling_params(), algo.group_size, timer)
+            batch = self.rollout(rows, self.sampling_params(), algo.group_size, timer,
+                                 fuse=self.fuse_forwards)
             stats["reward_failures"] += batch.reward_failures
             correct.append(batch.rewards >= self.reward_high - 1e-6)
             batch.rewards = self.shape_rewards(batch.rewards, batch)
@@ -91,8 +92,9 @@ class RLTrainer(Session):
 
     @torch.no_grad()
     def score_forwards(self, batch: Experience, timer: StageTimer) -> None:
-        """Step 4: reference log-probs, behaviour log-probs and critic values."""
-        if self.reference is not None:
+        """Step 4: reference log-probs, behaviour log-probs and critic values (those not
+        already computed on finished groups during generation)."""
+        if self.reference is not None and batch.ref_logprobs is None:
             with timer.stage("reference"):
                 batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                     self.reference, m))
@@ -103,9 +105,26 @@ class RLTrainer(Session):
                 with timer.stage("old_logprobs"):
                     batch.old_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.policy, m))
-        if self.critic is not None:
+        if self.critic is not None and batch.values is None:
             with timer.stage("critic"):
                 batch.values = self._per_token(batch, lambda m: response_values(self.critic, m))
+
+    @property
+    def fuse_forwards(self) -> bool:
+        has_passes = self.reference is not None or self.critic is not None
+        return self.config.rollout.fuse_forwards and has_passes
+
+    @torch.no_grad()
+    def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
+        """Reference log-probs and critic values of groups that finished while the rest of
+        the batch is still generating (inter-stage fusion)."""
+        out = {}
+        if self.reference is not None:
+            out["ref_logprobs"] = self._per_token(chunk, lambda m: self._logprobs(
+                self.reference, m))
+        if self.critic is not None:
+            out["values"] = self._per_token(chunk, lambda m: response_values(self.critic, m))
+        return out
 
     def _logprobs(self, model, micro: Experience) -> torch.Tensor:
         return token_logprobs(response_logits(model, micro, self.train_temperature),

@@ -251,22 +251,30 @@ class Session:
         return ids
 
     def rollout(self, rows: list[dict], params: SamplingParams, n: int,
-                timer: StageTimer | None = None) -> Experience:
+                timer: StageTimer | None = None, *, fuse: bool = False) -> Experience:
         """Generate ``n`` completions per row and score them. Each row's completions share
         a group id; ``batch.rewards`` holds the total reward, ``batch.reward_failures`` the
         count of failed reward calls.
 
         With a streaming engine, each group's rewards are computed (in a helper thread, so
         user functions in the reward worker run alongside generation) the moment its last
-        sample finishes, while the long tail is still generating."""
+        sample finishes, while the long tail is still generating. With ``fuse``, the
+        forward passes of :meth:`fused_forwards` (reference log-probs, critic values) also
+        run on finished groups between decode steps, a micro-batch at a time."""
         timer = timer or StageTimer()
         prompts = [self.encode_prompt(row["prompt"]) for row in rows]
         groups: list[list[Completion] | None] = [None] * len(rows)
-        futures = {}
+        futures, fused, pending = {}, {}, []
+        chunk_rows = self.config.algo.micro_batch_size
         with timer.stage("generate"), self._diverged_generation():
             for index, group in self._generated_groups(prompts, params, n):
                 groups[index] = group
                 futures[index] = self._reward_pool.submit(self._score_group, rows[index], group)
+                pending.append(index)
+                if fuse and len(pending) * n >= chunk_rows and getattr(self.engine, "busy", False):
+                    with timer.stage("fused_forwards"):
+                        self._fuse(prompts, groups, pending, fused)
+                    pending = []
         with timer.stage("reward_wait"):
             timed = [futures[i].result() for i in range(len(rows))]
         results = [result for result, _, _ in timed]
@@ -279,9 +287,44 @@ class Session:
         batch.texts = [c.text for group in groups for c in group]
         batch.rewards = torch.cat([r.total for r in results])
         batch.reward_failures = sum(r.num_failures for r in results)
+        if fused:
+            with timer.stage("fused_forwards"):
+                self._fuse(prompts, groups, [i for i in range(len(rows)) if i not in fused],
+                           fused)
+            self._attach_fused(batch, fused, len(rows))
         if self.device.type == "cuda" and hasattr(self.engine, "release"):
             self.engine.release()  # hybrid engine: the KV cache makes room for training
         return batch.to(self.device)
+
+    def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
+        """Per-token tensors ``[rows, R]`` computed on finished groups during generation;
+        recipes override this (the base session computes none)."""
+        return {}
+
+    def _fuse(self, prompts, groups, indices: list[int], fused: dict) -> None:
+        if not indices:
+            return
+        chunk = experience_from_completions([prompts[i] for i in indices],
+                                            [groups[i] for i in indices], list(indices),
+                                            self.tokenizer.pad_token_id).to(self.device)
+        outputs = self.fused_forwards(chunk)
+        row = 0
+        for index in indices:
+            size = len(groups[index])
+            fused[index] = {name: t[row:row + size] for name, t in outputs.items()}
+            row += size
+
+    @staticmethod
+    def _attach_fused(batch: Experience, fused: dict, num_groups: int) -> None:
+        """Place each group's fused tensors into ``[B, R]`` fields of ``batch``."""
+        for name in fused[0]:
+            out = torch.zeros(batch.response_ids.shape)
+            row = 0
+            for index in range(num_groups):
+                part = fused[index][name].cpu()
+                out[row:row + part.shape[0], : part.shape[1]] = part
+                row += part.shape[0]
+            setattr(batch, name, out)
 
     def _generated_groups(self, prompts, params, n):
         with self.autocast():

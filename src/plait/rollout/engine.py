@@ -120,6 +120,11 @@ class PlaitEngine:
         reallocated at the next generation."""
         self._keys, self._values = [], []
 
+    @property
+    def busy(self) -> bool:
+        """Requests are still running or waiting."""
+        return bool(self._running or self._waiting)
+
     def abort(self) -> None:
         """Stop generating after the current step; unfinished requests keep their tokens
         and continue on the next :meth:`resume`."""
