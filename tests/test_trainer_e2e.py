@@ -41,6 +41,8 @@ def test_grpo_learns_and_leaves_artefacts(tiny_job, reward_spec):
     ckpt = run_dir / "checkpoints" / "step_000040" / "policy"
     AutoModelForCausalLM.from_pretrained(ckpt)  # HF-loadable weights
     step_metrics = read_metrics(run_dir / "metrics.jsonl")[-2]
+    # one update per batch: the engine's log-probs are the trainer's, to float precision
+    assert step_metrics["rollout/logprob_gap_mean"] < 1e-4
     for key in ("time/generate", "time/reward_wait", "time/update", "time/weight_sync", "policy/clipfrac", "lr"):
         assert key in step_metrics
 

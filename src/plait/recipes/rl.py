@@ -91,9 +91,10 @@ class RLTrainer(Session):
     # ------------------------------------------------------------------ scoring
 
     @torch.no_grad()
-    def score_forwards(self, batch: Experience, timer: StageTimer) -> None:
+    def score_forwards(self, batch: Experience, timer: StageTimer) -> dict[str, float]:
         """Step 4: reference log-probs, behaviour log-probs and critic values (those not
         already computed on finished groups during generation)."""
+        stats: dict[str, float] = {}
         if self.reference is not None and batch.ref_logprobs is None:
             with timer.stage("reference"):
                 batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
@@ -105,9 +106,13 @@ class RLTrainer(Session):
                 with timer.stage("old_logprobs"):
                     batch.old_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.policy, m))
+                if batch.sampled_logprobs is not None:  # both exist: log the mismatch
+                    stats["rollout/logprob_gap_mean"] = _mean_gap(
+                        batch.sampled_logprobs, batch.old_logprobs, batch.response_mask)
         if self.critic is not None and batch.values is None:
             with timer.stage("critic"):
                 batch.values = self._per_token(batch, lambda m: response_values(self.critic, m))
+        return stats
 
     @property
     def fuse_forwards(self) -> bool:
@@ -254,9 +259,11 @@ class RLTrainer(Session):
             clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=algo.ratio_level,
             agg=algo.loss_agg, **norm)
         stats = {"loss/policy": loss.item(), **{f"policy/{k}": float(v) for k, v in pstats.items()}}
-        if micro.sampled_logprobs is not None:  # engine vs trainer numerics, per token
-            gap = (micro.sampled_logprobs - logprobs.detach()).abs() * mask
-            stats["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum().clamp(min=1))
+        if micro.old_logprobs is None and micro.sampled_logprobs is not None:
+            # lean path: the current policy is the behaviour policy, so this is the
+            # engine-vs-trainer numeric gap
+            stats["rollout/logprob_gap_mean"] = _mean_gap(micro.sampled_logprobs,
+                                                          logprobs.detach(), mask)
         if self.kl_in_loss:
             kl = algos.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
             kl_loss = algos.aggregate_loss(kl, mask, algo.loss_agg, **norm)
@@ -326,7 +333,7 @@ class RLTrainer(Session):
             metrics["skipped_no_signal"] = 1.0
             return self._timing(metrics, timer, start, None)
         metrics.update(self.rollout_metrics(batch))
-        self.score_forwards(batch, timer)                              # 4
+        metrics.update(self.score_forwards(batch, timer))              # 4
         metrics.update(self.compute_advantages(batch))                 # 5
         with timer.stage("update"):
             metrics.update(self.update(batch, step))                   # 6
@@ -362,3 +369,8 @@ def train(config: Config, callbacks=()) -> dict:
     """Run an RL job end to end and return its summary."""
     with RLTrainer(config, callbacks=callbacks) as trainer:
         return trainer.run()
+
+
+def _mean_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean absolute per-token difference over valid tokens."""
+    return float(((a - b).abs() * mask).sum() / mask.sum().clamp(min=1))
