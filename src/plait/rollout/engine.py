@@ -223,7 +223,22 @@ class PlaitEngine:
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
         first_slot = len(self._running)
         self._running.extend(batch)
-        self._stage_logits(first_slot, self._prefill(contexts, first_slot))
+        # samples of one prompt share their prefix: prefill each distinct context once and
+        # copy its cache rows to the other slots
+        source: dict[tuple[int, ...], int] = {}
+        for row, context in enumerate(contexts):
+            source.setdefault(tuple(context), row)
+        unique_rows = sorted(source.values())
+        logits = self._prefill([contexts[r] for r in unique_rows],
+                               torch.tensor(unique_rows) + first_slot)
+        position_of = {row: i for i, row in enumerate(unique_rows)}
+        take = [position_of[source[tuple(c)]] for c in contexts]
+        copies = [(first_slot + source[tuple(c)], first_slot + row, len(c))
+                  for row, c in enumerate(contexts) if source[tuple(c)] != row]
+        for src, dst, length in copies:
+            for cache in (*self._keys, *self._values):
+                cache[dst, :, :length].copy_(cache[src, :, :length])
+        self._stage_logits(first_slot, logits[torch.tensor(take, device=logits.device)])
 
     def _stage_logits(self, first_slot: int, logits: torch.Tensor) -> None:
         """Keep the next-token logits of every running slot for the next sampling step."""
@@ -310,8 +325,8 @@ class PlaitEngine:
 
     # ------------------------------------------------------------------ model passes
 
-    def _prefill(self, contexts: list[list[int]], first_slot: int) -> torch.Tensor:
-        """Run right-padded contexts into slots ``first_slot..``; return last-token logits."""
+    def _prefill(self, contexts: list[list[int]], slots: torch.Tensor) -> torch.Tensor:
+        """Run right-padded contexts into ``slots``; return their last-token logits."""
         device = self._device()
         width = max(len(c) for c in contexts)
         pad = self.tokenizer.pad_token_id or 0
@@ -319,7 +334,6 @@ class PlaitEngine:
         for row, context in enumerate(contexts):
             input_ids[row, : len(context)] = torch.tensor(context)
         positions = torch.arange(width).expand(len(contexts), width)
-        slots = torch.arange(first_slot, first_slot + len(contexts))
         lengths = torch.tensor([len(c) for c in contexts])
         hidden = self._run(input_ids.to(device), positions.to(device), slots.to(device),
                            kv_len=width, contiguous=False)
