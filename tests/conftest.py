@@ -26,6 +26,17 @@ TINY_JOB = [
 
 
 @pytest.fixture
+def float64_default():
+    """Exact comparisons need float64; restore the default afterwards for other tests."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
 def tiny_job(tmp_path):
     """Overrides for a seconds-long job writing into a fresh run directory."""
     return [*TINY_JOB, f"run.dir={tmp_path / 'run'}"]

@@ -13,13 +13,7 @@ from plait.algos.advantages import (
 )
 from plait.algos.dapo import group_has_signal, overlong_penalty
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,14 +21,7 @@ from plait.algos.policy_loss import (
     value_loss,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Exact comparisons need float64; restore the default afterwards for other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 # ---------------------------------------------------------------------------------------------
