@@ -136,3 +136,47 @@ def test_weight_update_in_place_and_release(setup):
     assert [g[0].token_ids for g in after] == [g[0].token_ids for g in expected]
     assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
     assert all(g[0].policy_version == 3 for g in after)
+
+
+def test_groups_are_not_lost_when_the_consumer_stops_early(setup):
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    engine = PlaitEngine(model, tokenizer, max_batch=4)
+    engine.submit(prompts, params)
+    seen = {}
+    for index, group in engine.stream():
+        seen[index] = group
+        break  # e.g. an exception in the consumer
+    seen.update(dict(engine.resume()))
+    assert sorted(seen) == list(range(len(prompts)))
+    straight = PlaitEngine(model, tokenizer, max_batch=4).generate(prompts, params)
+    assert [seen[i][0].token_ids for i in range(len(prompts))] == \
+        [g[0].token_ids for g in straight]
+
+
+def test_models_the_engine_cannot_run_exactly_are_refused():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = build_char_tokenizer()
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32,
+                                                       n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="rollout.engine=hf"):
+        PlaitEngine(gpt2, tokenizer)
+    llama = build_tiny_model(TinyModelSpec(arch="llama", hidden_size=32, intermediate_size=64,
+                                           num_layers=1, num_heads=2, num_kv_heads=1), tokenizer)
+    llama.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
+        PlaitEngine(llama, tokenizer)
+
+
+def test_top_p_one_rows_are_not_filtered_beside_filtered_rows():
+    from plait.rollout.engine import _filter_top_k_top_p
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5000) * 3
+    out = _filter_top_k_top_p(logits, [0, 3], [1.0, 1.0], torch.tensor([False, False]))
+    assert torch.equal(out[0], logits[0])
+    assert torch.isfinite(out[1]).sum() == 3
+    tied = torch.tensor([[3.0, 1.0, 3.0, 2.0]])
+    kept = _filter_top_k_top_p(tied, [1], [1.0], torch.tensor([False]))
+    assert torch.isfinite(kept).tolist() == [[True, False, True, False]]  # ties at k kept

@@ -329,6 +329,7 @@ class Session:
     def _generated_groups(self, prompts, params, n):
         with self.autocast():
             if hasattr(self.engine, "stream"):
+                self.engine.reset()  # partial rollouts are not carried across calls
                 self.engine.submit(prompts, params, n)
                 yield from self.engine.stream()
             else:

@@ -76,13 +76,43 @@ class SlotCache:
         return k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
 
 
+# Model families whose forward is exactly: embed -> decoder layers -> norm -> lm_head.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
+                         "mixtral")
+# Config settings that change the forward beyond what the engine runs (scaled embeddings or
+# logits, soft-capping): such models must use the reference engine.
+_UNSUPPORTED_SETTINGS = ("logit_scale", "logits_scaling", "embedding_multiplier",
+                         "final_logit_softcapping", "attn_logit_softcapping")
+
+
 def _decoder_parts(model):
+    config = model.config
+    hint = "; use rollout.engine=hf"
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"plait's engine supports the {', '.join(SUPPORTED_MODEL_TYPES)} "
+                         f"families, not {config.model_type!r}{hint}")
+    for name in _UNSUPPORTED_SETTINGS:
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(f"the model's config sets {name}, which plait's engine does not "
+                             f"apply{hint}")
+    if config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"plait's engine drives 'sdpa' or 'eager' attention, the model uses "
+                         f"{config._attn_implementation!r}{hint}")
     base = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if base is None or not all(hasattr(base, name) for name in needed):
         raise ValueError(f"{type(model).__name__} is not a Llama-style decoder (needs "
-                         "model.embed_tokens, layers, norm, rotary_emb); use rollout.engine=hf")
+                         f"model.embed_tokens, layers, norm, rotary_emb){hint}")
     return base, model.get_output_embeddings()
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window when any layer slides (the engine attends over everything)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    slides = "sliding_attention" in layer_types or (
+        window is not None and getattr(config, "use_sliding_window", True))
+    return window if slides and window else None
 
 
 class PlaitEngine:
@@ -106,19 +136,37 @@ class PlaitEngine:
         self._next_id = 0
         self._abort = False
         self._pending_logits: torch.Tensor | None = None
+        self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
+        self._window = _sliding_window(self.config)
 
     # ------------------------------------------------------------------ public API
 
     def update_weights(self, state_dict, version: int) -> None:
         """Load new weights in place (``None``: shared with the trainer) and set the version."""
         if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=False)
+            result = self.model.load_state_dict(state_dict, strict=False)
+            tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+            missing = set(result.missing_keys) - tied
+            if missing or result.unexpected_keys:
+                raise ValueError(f"weight update does not fit the engine's model: missing "
+                                 f"{sorted(missing)[:5]}, unexpected "
+                                 f"{sorted(result.unexpected_keys)[:5]}")
         self.policy_version = version
 
     def release(self) -> None:
         """Free the KV cache (e.g. while training runs in the same process); it is
-        reallocated at the next generation."""
+        reallocated at the next generation. Running requests go back to the queue and
+        re-prefill then."""
+        self._suspend_running()
         self._keys, self._values = [], []
+
+    def reset(self) -> None:
+        """Drop every queued, running and completed-but-unread request."""
+        self._suspend_running()
+        self._waiting.clear()
+        self._ready.clear()
+        self._groups.clear()
+        self._group_size.clear()
 
     @property
     def busy(self) -> bool:
@@ -133,6 +181,7 @@ class PlaitEngine:
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                seeds: list[int] | None = None) -> None:
         """Queue ``n`` samples of each prompt (prompt indices are positions in ``prompts``)."""
+        self._abort = False
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {index} is empty")
@@ -143,23 +192,37 @@ class PlaitEngine:
 
     def stream(self) -> Iterator[tuple[int, list[Completion]]]:
         """Run until every queued request is done (or :meth:`abort`), yielding
-        ``(prompt_index, completions)`` as each group completes."""
-        self._abort = False
-        was_training = self.model.training
-        self.model.eval()
+        ``(prompt_index, completions)`` as each group completes. A group is removed from
+        the engine only once yielded; if the consumer stops early, the rest stay queued."""
+        finished = False
         try:
-            with torch.no_grad():
-                while (self._waiting or self._running) and not self._abort:
-                    self._admit()
-                    yield from self._decode_step()
+            while True:
+                while self._ready:
+                    yield self._ready[0]
+                    self._ready.popleft()
+                if self._abort or not (self._waiting or self._running):
+                    break
+                self._step()
+            finished = not self._abort
         finally:
-            self.model.train(was_training)
-            if self._abort:
+            if not finished:  # abort, exception or early close: keep requests resumable
                 self._suspend_running()
 
     def resume(self) -> Iterator[tuple[int, list[Completion]]]:
         """Continue requests left by :meth:`abort` (re-prefilling what they generated)."""
+        self._abort = False
         return self.stream()
+
+    def _step(self) -> None:
+        """Admit waiting requests and sample one token for every running one."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self._admit()
+                self._ready.extend(self._decode_step())
+        finally:
+            self.model.train(was_training)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1
                  ) -> list[list[Completion]]:
@@ -219,7 +282,13 @@ class PlaitEngine:
         if free <= 0 or not self._waiting:
             return
         batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        self._ensure_cache(max(len(r.prompt) + r.params.max_new_tokens for r in batch))
+        longest = max(len(r.prompt) + r.params.max_new_tokens for r in batch)
+        if self._window is not None and longest > self._window:
+            self._waiting.extendleft(reversed(batch))
+            raise ValueError(f"a request spans {longest} positions, beyond the model's sliding "
+                             f"attention window of {self._window}, which plait's engine does "
+                             "not apply; use rollout.engine=hf or shorter requests")
+        self._ensure_cache(longest)
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
         first_slot = len(self._running)
         self._running.extend(batch)
@@ -247,7 +316,7 @@ class PlaitEngine:
         else:
             self._pending_logits = torch.cat([self._pending_logits[:first_slot], logits])
 
-    def _decode_step(self) -> Iterator[tuple[int, list[Completion]]]:
+    def _decode_step(self) -> list[tuple[int, list[Completion]]]:
         """Sample one token for every running request, retire finished ones, and run the
         model on the survivors."""
         tokens, logprobs = self._sample(self._pending_logits)
@@ -274,7 +343,7 @@ class PlaitEngine:
             self._pending_logits = self._decode(tokens[keep.to(tokens.device)])
         else:
             self._pending_logits = None
-        yield from done_groups
+        return done_groups
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         if token in self.end_ids:
@@ -409,13 +478,14 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[floa
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).unsqueeze(-1)
-    remove = ranks >= k
-    sorted_logits = sorted_logits.masked_fill(remove, -math.inf)
+    kth = sorted_logits.gather(-1, (k - 1).clamp(max=vocab - 1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties kept, as HF
     p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(-1)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # drop a token when the mass before it already reaches p (keep at least one)
+    # drop a token when the mass before it already reaches p (keep at least one); rows
+    # with top_p = 1 are left alone (cumsum rounding would otherwise trim their tail)
     before = probs.cumsum(-1) - probs
-    remove_p = (before >= p) & (ranks > 0)
+    remove_p = (before >= p) & (ranks > 0) & (p < 1.0)
     sorted_logits = sorted_logits.masked_fill(remove_p, -math.inf)
     filtered = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     return torch.where(greedy.unsqueeze(-1), logits, filtered)
