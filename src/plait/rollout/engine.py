@@ -260,9 +260,11 @@ class PlaitEngine:
         heads = self.config.num_key_value_heads
         head_dim = getattr(self.config, "head_dim", None) or \
             self.config.hidden_size // self.config.num_attention_heads
-        dtype = next(self.model.parameters()).dtype
-        shape = (self.max_batch, heads, length, head_dim)
         device = self._device()
+        dtype = next(self.model.parameters()).dtype
+        if torch.is_autocast_enabled(device.type):  # keys/values come out in autocast's dtype
+            dtype = torch.get_autocast_dtype(device.type)
+        shape = (self.max_batch, heads, length, head_dim)
 
         def grown(old):
             new = torch.zeros(shape, dtype=dtype, device=device)
