@@ -180,3 +180,20 @@ def test_top_p_one_rows_are_not_filtered_beside_filtered_rows():
     tied = torch.tensor([[3.0, 1.0, 3.0, 2.0]])
     kept = _filter_top_k_top_p(tied, [1], [1.0], torch.tensor([False]))
     assert torch.isfinite(kept).tolist() == [[True, False, True, False]]  # ties at k kept
+
+
+def test_stop_strings_end_the_completion(setup):
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    free = PlaitEngine(model, tokenizer, max_batch=3).generate(prompts, params)
+    texts = [g[0].text for g in free]
+    stop = next(t[2:4] for t in texts if len(t) >= 4)  # a string some completion produces
+    stopped = PlaitEngine(model, tokenizer, max_batch=3).generate(
+        prompts, SamplingParams(max_new_tokens=20, temperature=0.0, stop=(stop,)))
+    for full, (completion,) in zip(texts, stopped, strict=True):
+        if stop in full:
+            assert completion.finish_reason == "stop"
+            assert completion.text == full[: full.index(stop)]
+            assert tokenizer.decode(completion.token_ids).endswith(stop)
+        else:
+            assert completion.text == full

@@ -31,6 +31,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def cut_at_stop(self, text: str) -> str:
+        """``text`` up to the first stop string (the stop string itself removed)."""
+        for stop in self.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return text
+
 
 @dataclass
 class Completion:

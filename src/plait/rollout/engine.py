@@ -351,18 +351,19 @@ class PlaitEngine:
         if token in self.end_ids:
             return "stop"
         if request.params.stop:
-            text = self.tokenizer.decode(request.tokens)
-            if any(s in text for s in request.params.stop):
+            # a stop string absent before this token must end in it: it spans at most
+            # len(stop) tokens, so decoding that tail suffices (no O(T^2) full decodes)
+            tail = self.tokenizer.decode(
+                request.tokens[-max(len(s) for s in request.params.stop):])
+            if any(s in tail for s in request.params.stop):
                 return "stop"
         if len(request.tokens) >= request.params.max_new_tokens:
             return "length"
         return None
 
     def _complete(self, request: Request, reason: str):
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        for s in request.params.stop:
-            if s in text:
-                text = text[: text.index(s)]
+        text = request.params.cut_at_stop(
+            self.tokenizer.decode(request.tokens, skip_special_tokens=True))
         completion = Completion(
             prompt_index=request.prompt_index, token_ids=request.tokens,
             logprobs=request.logprobs, finish_reason=reason,

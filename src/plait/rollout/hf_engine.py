@@ -4,6 +4,9 @@ Simple and exact, not fast: every row of a batch keeps computing until the
 longest one finishes. The model object is shared with the trainer, so a
 weight update is free; the engine only tracks the version.
 
+Stop strings: ``generate`` matches them over prompt + completion, so one can end a row
+whose own text lacks it (plait's engine matches the completion only).
+
 Sampling is fully specified by :class:`SamplingParams`: settings a model's own
 ``generation_config.json`` may carry (top-k, repetition penalty, ...) are
 pinned off, so completions come from exactly the distribution the trainer
@@ -134,11 +137,14 @@ class HFGenerateEngine:
             if token in self.end_ids:
                 cut, finish = index + 1, "stop"
                 break
+        if finish == "length" and params.stop and ids and ids[-1] == self.tokenizer.pad_token_id:
+            # generate matches stop strings across the prompt boundary too, so a row can
+            # stop with no stop string in its own text: it still stopped, not ran out
+            while cut and ids[cut - 1] == self.tokenizer.pad_token_id:
+                cut -= 1
+            finish = "stop"
         ids = ids[:cut]
         row_logprobs = logprobs[row, :cut].tolist() if logprobs is not None else None
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for s in params.stop:
-            if s in text:
-                text = text[: text.index(s)]
+        text = params.cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True))
         return Completion(prompt_index=prompt_index, token_ids=ids, logprobs=row_logprobs,
                           finish_reason=finish, policy_version=self.policy_version, text=text)
