@@ -25,17 +25,23 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from plait.data.datasets import DataError
     from plait.recipes.session import TrainingDiverged
     from plait.rewards import RewardError, RewardLoadError
+    from plait.runtime.launch import RankFailure
     from plait.train.checkpoint import CheckpointError
 
     return (ConfigError, DataError, RewardError, RewardLoadError, CheckpointError,
-            TrainingDiverged, FileNotFoundError)
+            TrainingDiverged, FileNotFoundError, RankFailure)
 
 
 def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
-    from plait.recipes.rl import train
+    if config.runtime.num_ranks > 1 or config.runtime.launcher == "ray":
+        from plait.runtime.launch import launch
 
-    summary = train(config)
+        summary = launch(config)
+    else:
+        from plait.recipes.rl import train
+
+        summary = train(config)
     print(json.dumps(summary, indent=2))
     print(f"plait: run directory {config.run.dir} (summary.json, metrics.jsonl, metrics.png, "
           "tensorboard/, checkpoints/)")

@@ -241,6 +241,37 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Processes and placement: how many ranks, who starts them, where roles run."""
+
+    num_ranks: int = opt(
+        1, "Trainer data-parallel ranks, one process each, each with its own controller, "
+        "rollout engine and rewards; they meet only in collectives.", low=1)
+    launcher: Literal["local", "ray"] = opt(
+        "local", "'local' starts the rank processes on this machine (torch.distributed); "
+        "'ray' runs them as Ray actors in a placement group (pip install 'plait[ray]').")
+    controller: Literal["parallel", "single"] = opt(
+        "parallel", "'parallel': every rank drives its own shard of prompts; 'single': rank 0 "
+        "gathers every rollout, scores and computes advantages, and scatters the batches "
+        "(for comparison).")
+    backend: Literal["auto", "gloo", "nccl"] = opt(
+        "auto", "torch.distributed backend; 'auto' = nccl on CUDA, gloo on CPU.")
+    heartbeat_timeout_s: float = opt(
+        30.0, "A rank whose heartbeat is older than this is declared hung and the job ends.",
+        low=1.0)
+    collective_timeout_s: float = opt(
+        1800.0, "Longest wait in one collective (a rank that is alive but far behind).",
+        low=1.0)
+    master_port: int | None = opt(None, "Rendezvous port (null = a free one).", low=1,
+                                  high=65535)
+    ray_address: str | None = opt(
+        None, "Ray cluster to join ('auto' = the one started with `ray start`); null starts "
+        "a local Ray.")
+    cpus_per_rank: float = opt(1.0, "CPUs each Ray actor reserves.", low=0.0)
+    gpus_per_rank: float = opt(0.0, "GPUs each Ray actor reserves.", low=0.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """A plait job."""
 
@@ -253,6 +284,7 @@ class Config:
     reward: RewardConfig = opt(doc="Rewards.", factory=RewardConfig)
     optim: OptimConfig = opt(doc="Optimizer.", factory=OptimConfig)
     train: TrainConfig = opt(doc="Training loop.", factory=TrainConfig)
+    runtime: RuntimeConfig = opt(doc="Processes and placement.", factory=RuntimeConfig)
 
 
 # --------------------------------------------------------------------------- building
@@ -494,6 +526,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(config: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
     _validate_algo(config)
+    _validate_runtime(config)
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
     if config.data.task is None and config.data.train_path is None:
@@ -542,6 +575,26 @@ def _validate_algo(config: Config) -> None:
          f"algo.mini_batches={algo.mini_batches} exceeds the "
          f"{algo.prompts_per_step * algo.group_size} sequences per step "
          "(prompts_per_step x group_size)"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ConfigError(message)
+
+
+def _validate_runtime(config: Config) -> None:
+    runtime, algo = config.runtime, config.algo
+    ranks = runtime.num_ranks
+    local_rows = algo.prompts_per_step // ranks * algo.group_size
+    problems = [
+        (algo.prompts_per_step % ranks != 0,
+         f"algo.prompts_per_step={algo.prompts_per_step} must be a multiple of "
+         f"runtime.num_ranks={ranks}: each rank takes whole prompt groups"),
+        (ranks > 1 and algo.mini_batches > local_rows,
+         f"algo.mini_batches={algo.mini_batches} exceeds the {local_rows} sequences each of "
+         f"the {ranks} ranks holds per step"),
+        (runtime.controller == "single" and algo.dynamic_sampling,
+         "runtime.controller=single does not support algo.dynamic_sampling; use the "
+         "parallel controller"),
     ]
     for failed, message in problems:
         if failed:

@@ -1,4 +1,4 @@
-"""Online RL recipe: GRPO (and its descendants) and PPO with a critic, one process.
+"""Online RL recipe: GRPO (and its descendants) and PPO with a critic.
 
 One step reads as a dataflow:
 
@@ -12,29 +12,63 @@ One step reads as a dataflow:
 
 With dynamic sampling (DAPO), steps 1-3 repeat until enough groups carry a
 learning signal (rewards that differ) or the draw cap is hit.
+
+With several ranks (parallel controllers) every rank runs this same step on
+its own contiguous shard of the global prompt batch; the ranks meet only in
+collectives: the loss normalisers and the GAE whitening statistics (so the
+update equals the one-rank update), the gradient all-reduce (DDP), the
+non-finite check and the metric reduction. With ``runtime.controller=single``
+rank 0 instead gathers every completion, scores it, computes the advantages
+of the whole batch and scatters the shards back (the driver pattern, kept for
+comparison).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from plait import algos
 from plait.config import Config, ConfigError
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
+from plait.runtime.dist import shard_bounds
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
 from plait.train.forward import response_logits, response_values, token_logprobs
 
 SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy", "nonfinite"})
+# how per-rank step metrics combine: added, largest, or (the rest) averaged
+SUMMED_METRICS = ("samples", "tokens", "reward_failures", "groups_drawn", "groups_kept",
+                  "loss/policy", "loss/value", "kl_ref", "policy/entropy")
+MAX_METRICS = ("response_length/max", "nan_skips")
 
 
 class RLTrainer(Session):
-    """GRPO / PPO training loop on one process."""
+    """GRPO / PPO training loop: one process, or one rank of a data-parallel job."""
+
+    def setup_training(self, *, resuming: bool = False) -> None:
+        super().setup_training(resuming=resuming)
+        # the modules the update runs through: DDP wrappers when there are several ranks
+        self.train_policy, self.train_critic = self.policy, self.critic
+        if self.dist.active:
+            ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_policy = DistributedDataParallel(self.policy, **ddp)
+            if self.critic is not None:
+                self.train_critic = DistributedDataParallel(self.critic, **ddp)
+        self._grad_bytes = sum(p.numel() * p.element_size() for m in self.trainable_models()
+                               for p in m.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ rollout
+
+    def sample_seeds(self, first_index: int, count: int, draw: int) -> list[int]:
+        """One seed per prompt from (train.seed, step, draw, global prompt index): a
+        prompt's samples are the same on any number of ranks and after a resume."""
+        base = ((self.config.train.seed * 1_000_003 + self.global_step) * 1_000_003 + draw)
+        return [base * 1_000_003 + first_index + i for i in range(count)]
 
     def sampling_params(self) -> SamplingParams:
         r = self.config.rollout
@@ -47,12 +81,16 @@ class RLTrainer(Session):
         kept: list[Experience] = []
         stats = {"draws": 0, "groups_drawn": 0, "reward_failures": 0}
         drawn_rewards, correct = [], []
+        last = None
         while True:
             stats["draws"] += 1
-            rows = self.train_iter.next_batch(algo.prompts_per_step)
-            stats["groups_drawn"] += len(rows)
-            batch = self.rollout(rows, self.sampling_params(), algo.group_size, timer,
-                                 fuse=self.fuse_forwards)
+            rows = self.train_iter.next_batch(algo.prompts_per_step)  # the global batch
+            lo, hi = self.dist.shard_bounds(len(rows))                  # this rank's prompts
+            stats["groups_drawn"] += hi - lo
+            batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
+                                 fuse=self.fuse_forwards, first_index=lo, total=len(rows),
+                                 seeds=self.sample_seeds(lo, hi - lo, stats["draws"]))
+            last = batch
             stats["reward_failures"] += batch.reward_failures
             correct.append(batch.rewards >= self.reward_high - 1e-6)
             batch.rewards = self.shape_rewards(batch.rewards, batch)
@@ -63,21 +101,43 @@ class RLTrainer(Session):
             signal = algos.group_has_signal(batch.rewards, batch.group_ids)
             if signal.any():
                 kept.append(batch.select(signal.nonzero().squeeze(-1)))
-            num_groups = sum(part.group_ids.unique().numel() for part in kept)
+            local_groups = sum(part.group_ids.unique().numel() for part in kept)
+            num_groups = int(self.dist.all_reduce(torch.tensor([local_groups]), kind="control"))
             if num_groups >= algo.prompts_per_step or stats["draws"] >= algo.max_draws:
                 break
         stats["reward_all_mean"] = float(torch.cat(drawn_rewards).mean())
         stats["train/accuracy"] = float(torch.cat(correct).float().mean())
-        if not kept:
-            stats["groups_kept"] = 0
-            return None, stats
-        batch = Experience.cat(kept, self.tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
-        groups = batch.group_ids.unique()  # sorted: earliest draws first
-        if groups.numel() > algo.prompts_per_step:
-            keep = torch.isin(batch.group_ids, groups[: algo.prompts_per_step])
-            batch = batch.select(keep.nonzero().squeeze(-1))
-        stats["groups_kept"] = min(groups.numel(), algo.prompts_per_step)
+        batch = (Experience.cat(kept, self.tokenizer.pad_token_id) if len(kept) > 1
+                 else kept[0]) if kept else None
+        if algo.dynamic_sampling:
+            batch = self._keep_first_groups(batch, last, stats)
+        else:
+            stats["groups_kept"] = hi - lo
         return batch, stats
+
+    def _keep_first_groups(self, batch: Experience | None, last: Experience, stats: dict):
+        """Dynamic sampling keeps the first prompts_per_step groups with a signal, counted
+        over all ranks (group ids are global, earliest draws first). A rank left with none
+        trains on one of its rows at zero weight, so every rank joins the gradient
+        all-reduce; if no rank has any, the step is skipped."""
+        algo = self.config.algo
+        local = batch.group_ids.unique().tolist() if batch is not None else []
+        every = sorted(g for ids in self.dist.all_gather_objects(local, kind="control")
+                       for g in ids)
+        if not every:
+            stats["groups_kept"] = 0
+            return None
+        chosen = torch.tensor(every[: algo.prompts_per_step])
+        stats["groups_kept"] = 0
+        if batch is not None:
+            keep = torch.isin(batch.group_ids, chosen)
+            stats["groups_kept"] = int(batch.group_ids[keep].unique().numel())
+            batch = batch.select(keep.nonzero().squeeze(-1)) if keep.any() else None
+        if batch is None:
+            batch = last.select(torch.tensor([0]))
+            batch.ghost = True
+            batch.response_mask = torch.zeros_like(batch.response_mask)
+        return batch
 
     def shape_rewards(self, total: torch.Tensor, batch: Experience) -> torch.Tensor:
         """Add the DAPO soft overlong penalty when it is configured."""
@@ -163,8 +223,10 @@ class RLTrainer(Session):
 
     # ------------------------------------------------------------------ advantages
 
-    def compute_advantages(self, batch: Experience) -> dict[str, float]:
-        """Step 5: reward adjustment and the advantage estimator."""
+    def compute_advantages(self, batch: Experience, across_ranks: bool = True
+                           ) -> dict[str, float]:
+        """Step 5: reward adjustment and the advantage estimator (batch-wide statistics
+        over every rank's rows unless ``across_ranks`` is off)."""
         algo = self.config.algo
         mask = batch.response_mask
         rewards = batch.rewards
@@ -173,7 +235,10 @@ class RLTrainer(Session):
         if self.kl_in_reward:
             kl_tok = algos.kl_estimate(batch.old_logprobs, batch.ref_logprobs,
                                        algo.kl_estimator) * mask
-            stats["kl_ref"] = float(kl_tok.sum() / mask.sum().clamp(min=1))
+            count = mask.sum().double().cpu().reshape(1)
+            if across_ranks:  # a share of the global mean: the rank reduction adds shares
+                self.dist.all_reduce(count, kind="control")
+            stats["kl_ref"] = float(kl_tok.sum() / count.clamp(min=1).item())
         estimator = self.advantage_estimator
         if algo.reward_adjust == "grpovi":
             try:
@@ -203,8 +268,22 @@ class RLTrainer(Session):
         adv, returns = algos.gae_advantages(token_rewards, batch.values, mask, algo.gamma,
                                             algo.lam)
         batch.returns = returns
-        batch.advantages = algos.masked_whiten(adv, mask) * mask
+        batch.advantages = self.whiten(adv, mask, across_ranks) * mask
         return stats
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = True
+               ) -> torch.Tensor:
+        """Masked whitening with statistics over every rank's tokens."""
+        if not (self.dist.active and across_ranks):
+            return algos.masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        sums = torch.stack([(x * m).sum(), m.sum()]).double().cpu()
+        self.dist.all_reduce(sums, kind="control")
+        mean = (sums[0] / sums[1].clamp(min=1)).to(x.dtype).to(x.device)
+        sq = torch.stack([((x - mean) ** 2 * m).sum()]).double().cpu()
+        self.dist.all_reduce(sq, kind="control")
+        var = (sq[0] / (sums[1] - 1).clamp(min=1)).to(x.dtype).to(x.device)
+        return (x - mean) * torch.rsqrt(var + 1e-8)
 
     def grpovi_weights(self, batch: Experience) -> torch.Tensor | None:
         if self.config.algo.grpovi_weights == "uniform":
@@ -232,15 +311,26 @@ class RLTrainer(Session):
         """One optimizer step over a mini-batch, accumulating micro-batch gradients whose
         losses are normalised by mini-batch totals, so the update equals the unsplit one."""
         algo = self.config.algo
-        norm = dict(num_tokens=mini.response_mask.sum().clamp(min=1), num_seqs=mini.batch_size,
+        num_tokens, num_seqs = mini.response_mask.sum(), mini.num_real_rows
+        if self.dist.active:  # normalise by the global mini-batch, so ranks add up exactly
+            totals = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
+            self.dist.all_reduce(totals, kind="control")
+            num_tokens = torch.tensor(float(totals[0]), device=mini.response_mask.device)
+            num_seqs = int(totals[1])
+        norm = dict(num_tokens=num_tokens.clamp(min=1), num_seqs=max(num_seqs, 1),
                     norm_constant=self.loss_norm_constant)
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        for micro in mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens):
-            with self.autocast():
-                loss, micro_stats = self.micro_loss(micro, norm)
-            loss.backward()
+        micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens)
+        for i, micro in enumerate(micros):
+            # DDP all-reduces the gradients once, in the last micro-batch's backward
+            sync = i == len(micros) - 1
+            with self._no_sync(sync):
+                with self.autocast():
+                    loss, micro_stats = self.micro_loss(micro, norm)
+                # DDP averages over ranks; the loss is already a share of the global one
+                (loss * self.dist.world_size).backward()
             for key, value in micro_stats.items():
                 # losses are already fractions of the mini-batch loss: they add up;
                 # per-token means (clip fractions, ratios) are averaged by rows
@@ -248,10 +338,20 @@ class RLTrainer(Session):
                 stats[key] = stats.get(key, 0.0) + value * share
         return self.apply_gradients(stats)
 
+    def _no_sync(self, sync: bool):
+        """Skip DDP's gradient all-reduce for every micro-batch but the last."""
+        if sync or not self.dist.active:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for model in (self.train_policy, self.train_critic):
+            if isinstance(model, DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+        return stack
+
     def micro_loss(self, micro: Experience, norm: dict) -> tuple[torch.Tensor, dict]:
         algo = self.config.algo
         mask = micro.response_mask
-        logits = response_logits(self.policy, micro, self.train_temperature)
+        logits = response_logits(self.train_policy, micro, self.train_temperature)
         logprobs = token_logprobs(logits, micro.response_ids)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         loss, pstats = algos.ppo_policy_loss(
@@ -280,7 +380,7 @@ class RLTrainer(Session):
                                                algo.loss_agg, **norm)
             stats["policy/entropy"] = entropy.item()
         if self.critic is not None:
-            values = response_values(self.critic, micro)
+            values = response_values(self.train_critic, micro)
             vloss, vstats = algos.value_loss(values, micro.values, micro.returns, mask,
                                              clip_range=algo.vf_clip, agg=algo.loss_agg, **norm)
             loss = loss + algo.vf_coef * vloss
@@ -295,10 +395,15 @@ class RLTrainer(Session):
         max_norm = self.config.optim.max_grad_norm or float("inf")
         finite = stats.pop("nonfinite", 0.0) == 0.0
         for name, model in self.named_trainable_models():
-            # the total norm is NaN/inf exactly when some gradient is
+            # the total norm is NaN/inf exactly when some gradient is; after the all-reduce
+            # every rank holds the same gradients and so the same norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             stats[f"grad_norm/{name}"] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
+        if self.dist.active:  # a non-finite loss on any rank skips the step on all
+            self.dist.traffic.add("gradients", sent=self._grad_bytes, received=self._grad_bytes)
+            flag = torch.tensor([0.0 if finite else 1.0])
+            finite = float(self.dist.all_reduce(flag, op="max", kind="control")) == 0.0
         if not finite:
             self.skip_nonfinite_update()
             stats["skipped"] = 1.0
@@ -327,47 +432,123 @@ class RLTrainer(Session):
     def step(self, step: int) -> dict[str, float]:
         timer = StageTimer()
         start = time.perf_counter()
-        batch, draw_stats = self.collect(timer)                  # 1-3
-        metrics: dict[str, float] = {**draw_stats}
-        if batch is None:
-            metrics["skipped_no_signal"] = 1.0
-            return self._timing(metrics, timer, start, None)
-        metrics.update(self.rollout_metrics(batch))
-        metrics.update(self.score_forwards(batch, timer))              # 4
-        metrics.update(self.compute_advantages(batch))                 # 5
+        if self.config.runtime.controller == "single" and self.dist.active:
+            batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
+        else:
+            batch, draw_stats = self.collect(timer)                     # 1-3
+            metrics: dict[str, float] = {**draw_stats}
+            if batch is None:
+                metrics["skipped_no_signal"] = 1.0
+                return self._timing(metrics, timer, start)
+            metrics.update(self.rollout_metrics(batch))
+            metrics.update(self.score_forwards(batch, timer))          # 4
+            metrics.update(self.compute_advantages(batch))             # 5
         with timer.stage("update"):
             metrics.update(self.update(batch, step))                   # 6
         with timer.stage("weight_sync"):
             self.engine.update_weights(None, step + 1)
-        return self._timing(metrics, timer, start, batch)
+        return self._timing(metrics, timer, start)
 
-    def rollout_metrics(self, batch: Experience) -> dict[str, float]:
-        lengths = batch.response_lengths
-        rewards = batch.rewards
+    def collect_single(self, timer: StageTimer) -> tuple[Experience, dict]:
+        """Steps 1-5 the single-controller way: rank 0 draws the prompts and scatters
+        them, every rank generates and runs its forward passes, rank 0 gathers the whole
+        batch, scores it, computes the advantages and scatters each rank's share back."""
+        algo, dist = self.config.algo, self.dist
+        shards = None
+        if dist.is_main:
+            rows = self.train_iter.next_batch(algo.prompts_per_step)
+            shards = []
+            for rank in range(dist.world_size):
+                lo, hi = shard_bounds(len(rows), rank, dist.world_size)
+                shards.append((lo, rows[lo:hi]))
+        first, rows_local = dist.scatter_objects(shards, kind="prompts")
+        batch = self.rollout(rows_local, self.sampling_params(), algo.group_size, timer,
+                             fuse=self.fuse_forwards, first_index=first,
+                             total=algo.prompts_per_step,
+                             seeds=self.sample_seeds(first, len(rows_local), 1), score=False)
+        self.score_forwards(batch, timer)
+        with timer.stage("gather"):
+            parts = dist.gather_objects((rows_local, batch.to("cpu")), kind="rollouts")
+        metrics: dict[str, float] = {"draws": 1.0}
+        pieces = None
+        if dist.is_main:
+            with timer.stage("driver"):
+                pieces, metrics = self._drive(parts, metrics)
+        with timer.stage("scatter"):
+            batch = dist.scatter_objects(pieces, kind="batches").to(self.device)
+        return batch, metrics
+
+    def _drive(self, parts, metrics: dict) -> tuple[list[Experience], dict]:
+        """Rank 0's share of the single-controller step: score and compute advantages
+        for the whole batch, then cut it back into each rank's rows."""
+        rows = [row for part_rows, _ in parts for row in part_rows]
+        full = Experience.cat([b for _, b in parts], self.tokenizer.pad_token_id)
+        size = self.config.algo.group_size
+        prompts = [row["prompt"] for row in rows for _ in range(size)]
+        fields = {key: [row[key] for row in rows for _ in range(size)]
+                  for key in rows[0] if key != "prompt"}
+        result = self.rewards.score(prompts, full.texts, fields)
+        correct = result.total >= self.reward_high - 1e-6
+        full.rewards = self.shape_rewards(result.total, full)
+        metrics.update({"reward_failures": float(result.num_failures),
+                        "groups_drawn": float(len(rows)), "groups_kept": float(len(rows)),
+                        "reward_all_mean": float(full.rewards.mean()),
+                        "train/accuracy": float(correct.float().mean())})
+        metrics.update(self.rollout_metrics(full, across_ranks=False))
+        metrics.update(self.compute_advantages(full, across_ranks=False))
+        pieces, start = [], 0
+        for _, part in parts:
+            pieces.append(full.select(torch.arange(start, start + part.batch_size)).trimmed())
+            start += part.batch_size
+        return pieces, metrics
+
+    def rollout_metrics(self, batch: Experience, across_ranks: bool = True) -> dict[str, float]:
+        """Reward and length statistics of the step's batch (over every rank's rows)."""
+        real = 0 if batch.ghost else batch.batch_size
+        lengths = batch.response_lengths.double().cpu()[:real]
+        rewards = batch.rewards.double().cpu()[:real]
+        sums = torch.tensor([rewards.sum(), (rewards ** 2).sum(), real, lengths.sum()],
+                            dtype=torch.float64)
+        if across_ranks:
+            self.dist.all_reduce(sums, kind="metrics")
+        count = max(float(sums[2]), 1.0)
+        mean = float(sums[0]) / count
+        var = (float(sums[1]) - count * mean ** 2) / max(count - 1, 1.0)
         return {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "response_length/mean": float(lengths.mean()),
-            "response_length/max": float(lengths.max()),
-            "samples": float(batch.batch_size),
+            "reward/mean": mean,
+            "reward/std": max(var, 0.0) ** 0.5 if count > 1 else 0.0,
+            "response_length/mean": float(sums[3]) / count,
+            "response_length/max": float(lengths.max()) if real else 0.0,
+            "samples": float(real),
             "tokens": float(lengths.sum()),
         }
 
-    def _timing(self, metrics, timer: StageTimer, start: float, batch) -> dict[str, float]:
+    def _timing(self, metrics, timer: StageTimer, start: float) -> dict[str, float]:
+        """Stage times and throughput; with several ranks, metrics are reduced over them
+        (counts added, maxima and stage times the slowest rank's, the rest averaged)."""
         elapsed = time.perf_counter() - start
         metrics.update({f"time/{k}": v for k, v in timer.times.items()})
         metrics["time/step"] = elapsed
-        if batch is not None:
-            metrics["throughput/tokens_per_s"] = metrics["tokens"] / elapsed
-            metrics["throughput/samples_per_s"] = batch.batch_size / elapsed
         metrics["nan_skips"] = float(self.nan_skips)
+        if self.dist.active:
+            exact = {k: metrics[k] for k in ("reward/mean", "reward/std",
+                                             "response_length/mean") if k in metrics}
+            maxima = MAX_METRICS + tuple(k for k in metrics if k.startswith("time/"))
+            metrics = self.dist.reduce_metrics(metrics, sums=SUMMED_METRICS, maxima=maxima)
+            metrics.update(exact)  # already global
+            metrics["traffic/controller_bytes"] = float(
+                self.dist.traffic.total(exclude=("gradients",)))
+        if "tokens" in metrics:
+            metrics["throughput/tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
+            metrics["throughput/samples_per_s"] = metrics["samples"] / metrics["time/step"]
         metrics["_spans"] = timer.spans
         return metrics
 
 
-def train(config: Config, callbacks=()) -> dict:
-    """Run an RL job end to end and return its summary."""
-    with RLTrainer(config, callbacks=callbacks) as trainer:
+def train(config: Config, callbacks=(), dist=None) -> dict:
+    """Run an RL job end to end (as one rank of ``dist`` when given) and return its
+    summary."""
+    with RLTrainer(config, callbacks=callbacks, dist=dist) as trainer:
         return trainer.run()
 
 

@@ -35,6 +35,8 @@ from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
 from plait.rollout import build_engine
 from plait.rollout.base import Completion, SamplingParams
+from plait.runtime.dist import Dist
+from plait.runtime.heartbeat import report
 from plait.telemetry.metrics import MetricsLogger, read_metrics
 from plait.telemetry.plots import plot_metrics, plot_stage_timeline
 from plait.telemetry.progress import ProgressBar
@@ -72,25 +74,37 @@ def pick_device(name: str) -> torch.device:
 class Session:
     """The state of one job, built from a :class:`Config`."""
 
-    def __init__(self, config: Config, callbacks=(), *, prepare_run_dir: bool = True):
+    def __init__(self, config: Config, callbacks=(), *, prepare_run_dir: bool = True,
+                 dist: Dist | None = None):
         self.config = config
         self.callbacks = list(callbacks)
+        self.dist = dist or Dist.single()
         self.run_dir = Path(config.run.dir)
+        prepare_run_dir = prepare_run_dir and self.dist.is_main  # one writer per job
         if prepare_run_dir:
             self._prepare_run_dir()
-        else:
+        self.dist.barrier()  # the run directory is settled before any rank reads it
+        if not prepare_run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         train = config.train
         if train.threads:
             torch.set_num_threads(train.threads)
+        elif self.dist.active:  # ranks on one machine share its cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         if train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(train.seed)
         quiet_transformers()
         self.device = pick_device(train.device)
+        if self.device.type == "cuda" and self.dist.active:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.task = make_task(config.data.task, **config.data.task_args) \
             if config.data.task else None
         self._set_reward_range()
+        if self.dist.is_main:  # rank 0 builds the tiny model; the others load it
+            resolve_model_dir(config.model, self.run_dir)
+        self.dist.barrier()
         self.model_dir = resolve_model_dir(config.model, self.run_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.policy = load_causal_lm(self.model_dir).to(self.device)
@@ -183,13 +197,16 @@ class Session:
             low -= algo.overlong_penalty
         self.reward_low, self.reward_high = float(low), float(high)
 
-    def setup_training(self) -> None:
-        """Reference model, critic and optimizers, once the starting policy is final."""
+    def setup_training(self, *, resuming: bool = False) -> None:
+        """Reference model, critic and optimizers, once the starting policy is final. The
+        reference is model.ref_path, else (on resume) the saved warm-started model, else a
+        frozen copy of the starting policy."""
         config = self.config
         algo = config.algo
         if algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and algo.grpovi_weights ==
                                 "reference"):
-            ref_dir = config.model.ref_path or self.state.get("reference_dir")
+            ref_dir = config.model.ref_path or (
+                self.state.get("reference_dir") if resuming else None)
             if ref_dir:
                 self.reference = freeze(load_causal_lm(ref_dir)).to(self.device)
             else:
@@ -251,10 +268,18 @@ class Session:
         return ids
 
     def rollout(self, rows: list[dict], params: SamplingParams, n: int,
-                timer: StageTimer | None = None, *, fuse: bool = False) -> Experience:
+                timer: StageTimer | None = None, *, fuse: bool = False, first_index: int = 0,
+                total: int | None = None, seeds: list[int] | None = None,
+                score: bool = True) -> Experience:
         """Generate ``n`` completions per row and score them. Each row's completions share
         a group id; ``batch.rewards`` holds the total reward, ``batch.reward_failures`` the
         count of failed reward calls.
+
+        ``rows`` may be one rank's shard of a global batch of ``total`` rows starting at
+        ``first_index``: group ids are then global (``first_index + i`` past the ids of
+        earlier batches). ``seeds`` (one per row) make each row's samples a function of its
+        seed alone, whatever batch or rank generates them. ``score=False`` skips rewards
+        (the single controller scores on rank 0).
 
         With a streaming engine, each group's rewards are computed (in a helper thread, so
         user functions in the reward worker run alongside generation) the moment its last
@@ -267,26 +292,30 @@ class Session:
         futures, fused, pending = {}, {}, []
         chunk_rows = self.config.algo.micro_batch_size
         with timer.stage("generate"), self._diverged_generation():
-            for index, group in self._generated_groups(prompts, params, n):
+            for index, group in self._generated_groups(prompts, params, n, seeds):
                 groups[index] = group
-                futures[index] = self._reward_pool.submit(self._score_group, rows[index], group)
+                if score:
+                    futures[index] = self._reward_pool.submit(self._score_group, rows[index],
+                                                              group)
                 pending.append(index)
                 if fuse and len(pending) * n >= chunk_rows and getattr(self.engine, "busy", False):
                     with timer.stage("fused_forwards"):
                         self._fuse(prompts, groups, pending, fused)
                     pending = []
-        with timer.stage("reward_wait"):
-            timed = [futures[i].result() for i in range(len(rows))]
-        results = [result for result, _, _ in timed]
-        timer.times["reward_compute"] = sum(r.seconds for r in results)
-        timer.spans.extend(("reward", start, end) for _, start, end in timed)
-        group_ids = list(range(self._next_group_id, self._next_group_id + len(rows)))
-        self._next_group_id += len(rows)
+        first_id = self._next_group_id + first_index
+        group_ids = list(range(first_id, first_id + len(rows)))
+        self._next_group_id += len(rows) if total is None else total
         batch = experience_from_completions(prompts, groups, group_ids,
                                             self.tokenizer.pad_token_id)
         batch.texts = [c.text for group in groups for c in group]
-        batch.rewards = torch.cat([r.total for r in results])
-        batch.reward_failures = sum(r.num_failures for r in results)
+        if score:
+            with timer.stage("reward_wait"):
+                timed = [futures[i].result() for i in range(len(rows))]
+            results = [result for result, _, _ in timed]
+            timer.times["reward_compute"] = sum(r.seconds for r in results)
+            timer.spans.extend(("reward", start, end) for _, start, end in timed)
+            batch.rewards = torch.cat([r.total for r in results])
+            batch.reward_failures = sum(r.num_failures for r in results)
         if fused:
             with timer.stage("fused_forwards"):
                 self._fuse(prompts, groups, [i for i in range(len(rows)) if i not in fused],
@@ -326,11 +355,11 @@ class Session:
                 row += part.shape[0]
             setattr(batch, name, out)
 
-    def _generated_groups(self, prompts, params, n):
+    def _generated_groups(self, prompts, params, n, seeds=None):
         with self.autocast():
             if hasattr(self.engine, "stream"):
                 self.engine.reset()  # partial rollouts are not carried across calls
-                self.engine.submit(prompts, params, n)
+                self.engine.submit(prompts, params, n, seeds=seeds)
                 yield from self.engine.stream()
             else:
                 yield from enumerate(self.engine.generate(prompts, params, n=n))
@@ -364,15 +393,22 @@ class Session:
         params = SamplingParams(
             max_new_tokens=train.eval_max_new_tokens or self.config.rollout.max_new_tokens,
             temperature=0.0, stop=tuple(self.config.rollout.stop))
+        report(f"evaluate ({tag})")
+        lo, hi = self.dist.shard_bounds(len(self.eval_rows))
         with torch.random.fork_rng(devices=[]):
             next_id = self._next_group_id
-            batch = self.rollout(self.eval_rows, params, 1)
+            batch = self.rollout(self.eval_rows[lo:hi], params, 1)
             self._next_group_id = next_id
-            rewards = batch.rewards
+            rewards = batch.rewards.double().cpu()
+        sums = torch.tensor([float((rewards >= self.reward_high - 1e-6).sum()),
+                             float(rewards.sum()), float(batch.response_lengths.sum()),
+                             float(rewards.numel())], dtype=torch.float64)
+        self.dist.all_reduce(sums, kind="metrics")
+        count = max(float(sums[3]), 1.0)
         result = {
-            "eval/accuracy": float((rewards >= self.reward_high - 1e-6).float().mean()),
-            "eval/reward": float(rewards.mean()),
-            "eval/response_length": float(batch.response_lengths.mean()),
+            "eval/accuracy": float(sums[0]) / count,
+            "eval/reward": float(sums[1]) / count,
+            "eval/response_length": float(sums[2]) / count,
         }
         self.state["evals"][tag] = result
         return result
@@ -383,7 +419,11 @@ class Session:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Checkpoint (rank 0 writes; every rank holds the same weights and optimizer
+        state, and the data position is global)."""
+        if not self.dist.is_main:
+            return None
         models = {"policy": self.policy}
         if self.critic is not None:
             models["critic"] = self.critic
@@ -410,7 +450,7 @@ class Session:
             return False
         # the reference/critic structure must exist before their weights load
         self.state = read_trainer_state(path)
-        self.setup_training()
+        self.setup_training(resuming=True)
         models = {"policy": self.policy}
         if self.critic is not None:
             models["critic"] = self.critic
@@ -423,13 +463,17 @@ class Session:
         self._next_group_id = state["next_group_id"]
         self.train_iter.load_state_dict(state["data"])
         self.engine.update_weights(None, self.global_step)
-        self.metrics.truncate_after(self.global_step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.global_step)
         timeline = self.run_dir / "timeline.jsonl"
-        if timeline.is_file():  # drop steps the interrupted run did after this checkpoint
+        if timeline.is_file() and self.dist.is_main:  # drop steps the interrupted run did after this checkpoint
             kept = [line for line in timeline.read_text().splitlines()
                     if json.loads(line)["step"] <= self.global_step]
             timeline.write_text("".join(line + "\n" for line in kept))
-        print(f"plait: resumed from {path} at step {self.global_step}", flush=True)
+        if self.dist.is_main:
+            print(f"plait: resumed from {path} at step {self.global_step}"
+                  + (f" on {self.dist.world_size} ranks" if self.dist.active else ""),
+                  flush=True)
         return True
 
     # ------------------------------------------------------------------ the job
@@ -441,33 +485,43 @@ class Session:
             check_sft_rows(self.train_rows)
         self.evaluate("initial")
         if cfg.sft.steps > 0:
-            bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True)
-            sft_metrics = MetricsLogger(self.run_dir / "sft", tensorboard=cfg.run.tensorboard)
-
-            def on_step(step: int, loss: float) -> None:
-                bar.update(1, loss=loss)
-                sft_metrics.log(step, {"sft/loss": loss})
-
-            rows = self.train_rows
-            try:
-                supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
-                                      encode_prompt=self.encode_prompt, seed=cfg.train.seed,
-                                      device=self.device, on_step=on_step)
-            except FloatingPointError as err:
-                raise TrainingDiverged(str(err)) from None
-            self.policy.eval()
-            bar.close()
-            sft_metrics.close()
-            sft_dir = self.run_dir / "sft_model"
-            tmp_dir = self.run_dir / ".tmp-sft_model"
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            self.policy.save_pretrained(tmp_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp_dir)
-            shutil.rmtree(sft_dir, ignore_errors=True)
-            os.replace(tmp_dir, sft_dir)
-            self.state["reference_dir"] = str(sft_dir)
+            report("supervised warm start")
+            if self.dist.is_main:
+                self._supervised_warm_start()
+            self.dist.barrier()
+            # every rank continues from rank 0's warm-started weights
+            self.dist.broadcast_tensors(list(self.policy.state_dict().values()), src=0,
+                                        kind="weights")
+            self.state["reference_dir"] = str(self.run_dir / "sft_model")
             self.evaluate("after_sft")
         self.setup_training()
+
+    def _supervised_warm_start(self) -> None:
+        cfg = self.config
+        bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True)
+        sft_metrics = MetricsLogger(self.run_dir / "sft", tensorboard=cfg.run.tensorboard)
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1, loss=loss)
+            sft_metrics.log(step, {"sft/loss": loss})
+
+        rows = self.train_rows
+        try:
+            supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
+                                  encode_prompt=self.encode_prompt, seed=cfg.train.seed,
+                                  device=self.device, on_step=on_step)
+        except FloatingPointError as err:
+            raise TrainingDiverged(str(err)) from None
+        self.policy.eval()
+        bar.close()
+        sft_metrics.close()
+        sft_dir = self.run_dir / "sft_model"
+        tmp_dir = self.run_dir / ".tmp-sft_model"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        self.policy.save_pretrained(tmp_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp_dir)
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        os.replace(tmp_dir, sft_dir)
 
     def run(self) -> dict:
         cfg = self.config
@@ -475,12 +529,14 @@ class Session:
         if not self.try_resume():
             self.warm_start()
             self.state["evals"]["before"] = dict(self.latest_eval())
-            self.metrics.log(0, self.state["evals"]["before"])
+            self.log_metrics(0, self.state["evals"]["before"])
         bar = ProgressBar(cfg.train.steps, cfg.algo.name, initial=self.global_step,
-                          disable=None if cfg.run.progress else True)
+                          disable=None if cfg.run.progress else True,
+                          silent=not self.dist.is_main)
         rl_started = time.time()
         tokens = 0.0
         while self.global_step < cfg.train.steps:
+            report(f"step {self.global_step + 1}")
             metrics = self.step(self.global_step)
             self.global_step += 1
             self._record_timeline(metrics.pop("_spans", None))
@@ -488,7 +544,7 @@ class Session:
             if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 \
                     and self.global_step < cfg.train.steps:
                 metrics.update(self.evaluate(f"step_{self.global_step}"))
-            self.metrics.log(self.global_step, metrics)
+            self.log_metrics(self.global_step, metrics)
             bar.update(1, reward=metrics.get("reward/mean", float("nan")),
                        acc=metrics.get("train/accuracy", float("nan")),
                        tok_s=metrics.get("throughput/tokens_per_s", 0.0))
@@ -499,9 +555,14 @@ class Session:
         bar.close()
         rl_seconds = time.time() - rl_started
         final = self.evaluate("final")
-        self.metrics.log(self.global_step, final)
+        self.log_metrics(self.global_step, final)
         self.save()
+        report("finishing")
         return self.finish(started, rl_seconds, tokens)
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(step, metrics)
 
     def _record_timeline(self, spans) -> None:
         """Append this step's stage spans (seconds from the step's start) to timeline.jsonl."""
@@ -540,6 +601,14 @@ class Session:
         }
         if "after_sft" in evals:
             summary["accuracy_after_sft"] = evals["after_sft"]["eval/accuracy"]
+        if self.dist.active:
+            summary["ranks"] = self.dist.world_size
+            summary["controller"] = self.config.runtime.controller
+        summary["controller_traffic_bytes"] = self.dist.traffic.total(exclude=("gradients",))
+        summary["gradient_traffic_bytes"] = self.dist.traffic.total() - \
+            summary["controller_traffic_bytes"]
+        if not self.dist.is_main:
+            return summary
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.metrics.flush()
         records = read_metrics(self.run_dir / "metrics.jsonl")

@@ -36,6 +36,7 @@ import torch
 
 from plait.rollout.base import Completion, SamplingParams
 from plait.rollout.hf_engine import end_token_ids
+from plait.rollout.sampling import counter_uniform, sample_inverse_cdf, split_seed
 
 
 @dataclass
@@ -50,7 +51,6 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     version: int | None = None  # policy version of the first token sampled
-    generator: torch.Generator | None = None
 
 
 class SlotCache:
@@ -236,11 +236,7 @@ class PlaitEngine:
     # ------------------------------------------------------------------ scheduling
 
     def _request(self, index, prompt, params, seed) -> Request:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self._device()).manual_seed(seed)
-        request = Request(self._next_id, index, list(prompt), params, seed,
-                          generator=generator)
+        request = Request(self._next_id, index, list(prompt), params, seed)
         self._next_id += 1
         return request
 
@@ -462,14 +458,20 @@ class PlaitEngine:
             tokens[greedy] = logits[greedy].argmax(-1)
         sampled = (~greedy).nonzero().squeeze(-1)
         if sampled.numel():
-            seeded = [i for i in sampled.tolist() if self._running[i].generator is not None]
-            shared = [i for i in sampled.tolist() if self._running[i].generator is None]
+            seeded = [i for i in sampled.tolist() if self._running[i].seed is not None]
+            shared = [i for i in sampled.tolist() if self._running[i].seed is None]
             if shared:
                 rows = torch.tensor(shared, device=device)
                 tokens[rows] = torch.multinomial(logp[rows].exp(), 1).squeeze(-1)
-            for i in seeded:
-                tokens[i] = torch.multinomial(logp[i].exp(), 1,
-                                              generator=self._running[i].generator)[0]
+            if seeded:
+                # counter-based: the draw depends on (seed, token index) only
+                words = [split_seed(self._running[i].seed) for i in seeded]
+                lo = torch.tensor([w[0] for w in words])
+                hi = torch.tensor([w[1] for w in words])
+                counter = torch.tensor([len(self._running[i].tokens) for i in seeded])
+                rows = torch.tensor(seeded, device=device)
+                uniform = counter_uniform(lo, counter, hi)
+                tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform).to(device)
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

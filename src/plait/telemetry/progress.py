@@ -41,6 +41,7 @@ class ProgressBar:
             draws the bar, ``None`` decides from the stream and ``PLAIT_PROGRESS``.
         file: where to write (default ``sys.stderr``).
         unit: what one step is called in rates (``"step"``, ``"sample"``...).
+        silent: print nothing at all (ranks other than 0 of a multi-process job).
 
     ``update(n, **postfix)`` advances by ``n`` and shows the postfix values
     (merged with earlier ones, so rarely updated values such as eval accuracy
@@ -57,6 +58,7 @@ class ProgressBar:
         disable: bool | None = None,
         file: TextIO | None = None,
         unit: str = "step",
+        silent: bool = False,
     ) -> None:
         if total < 0 or initial < 0:
             raise ValueError(
@@ -66,7 +68,8 @@ class ProgressBar:
         self.desc = desc
         self.unit = unit
         self.n = initial
-        self.disabled = _auto_disable(file) if disable is None else disable
+        self.disabled = True if silent else (_auto_disable(file) if disable is None else disable)
+        self.silent = silent
         self._file = file
         self._postfix: dict[str, Any] = {}
         self._initial = initial
@@ -81,6 +84,8 @@ class ProgressBar:
         """Advance by ``n`` steps and show ``postfix`` values (e.g. ``reward=0.5``)."""
         self._postfix.update(postfix)
         self.n += n
+        if self.silent:
+            return
         if self._bar is not None:
             if postfix:
                 self._bar.set_postfix_str(format_postfix(self._postfix), refresh=False)
@@ -93,6 +98,8 @@ class ProgressBar:
         if self._closed:
             return
         self._closed = True
+        if self.silent:
+            return
         if self._bar is not None:
             self._bar.close()
         elif self.n != self._reported_n:

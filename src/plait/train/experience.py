@@ -35,6 +35,11 @@ class Experience:
     policy_version: int = 0
     texts: list[str] | None = None                # decoded completions, one per row
     reward_failures: int = 0                      # reward calls that failed (fallback used)
+    ghost: bool = False  # a zero-weight stand-in: the rank joins collectives, adds nothing
+
+    @property
+    def num_real_rows(self) -> int:
+        return 0 if self.ghost else self.batch_size
 
     @property
     def batch_size(self) -> int:

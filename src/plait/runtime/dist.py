@@ -1,0 +1,200 @@
+"""This process's place in a job: its rank, the collectives it meets the others
+in, and a count of every byte it sends and receives through them.
+
+A job of one process uses :meth:`Dist.single` and every collective is a no-op,
+so the recipes have one code path. With several ranks, each rank is a full
+controller; the only traffic between them is what passes through this class:
+
+- ``all_reduce`` of gradients (by DDP, counted separately from the model size),
+  metric sums and loss normalisers;
+- ``broadcast`` of weights (after a warm start on rank 0);
+- ``gather_objects`` / ``scatter_objects`` (the single-controller mode only).
+
+Example:
+    >>> dist = Dist.from_env()               # RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+    >>> lo, hi = dist.shard_bounds(8)        # this rank's prompts of a global batch of 8
+    >>> total = dist.all_reduce(torch.tensor([3.0]))
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Traffic:
+    """Bytes this process sent and received through collectives, by kind."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, sent: int = 0, received: int = 0) -> None:
+        self.sent[kind] = self.sent.get(kind, 0) + int(sent)
+        self.received[kind] = self.received.get(kind, 0) + int(received)
+
+    def total(self, exclude: tuple[str, ...] = ()) -> int:
+        return sum(v for k, v in self.sent.items() if k not in exclude) + \
+            sum(v for k, v in self.received.items() if k not in exclude)
+
+    def as_dict(self) -> dict:
+        return {"sent": dict(self.sent), "received": dict(self.received)}
+
+
+class Dist:
+    """Rank, world size and counted collectives (no-ops for a single process)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, *, initialised: bool = False):
+        self.rank = rank
+        self.world_size = world_size
+        self.initialised = initialised
+        self.traffic = Traffic()
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def single(cls) -> Dist:
+        return cls(0, 1)
+
+    @classmethod
+    def from_env(cls, *, backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
+        """Join the process group described by ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
+        and ``MASTER_PORT`` (a single process when ``WORLD_SIZE`` is unset or 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world <= 1:
+            return cls.single()
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) %
+                                  torch.cuda.device_count())
+        tdist.init_process_group(backend, rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, world, initialised=True)
+
+    def close(self) -> None:
+        if self.initialised and tdist.is_initialized():
+            tdist.destroy_process_group()
+        self.initialised = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard_bounds(self, total: int) -> tuple[int, int]:
+        """This rank's contiguous slice ``[lo, hi)`` of ``total`` items."""
+        return shard_bounds(total, self.rank, self.world_size)
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, kind: str = "reduce"
+                   ) -> torch.Tensor:
+        """Element-wise ``sum``/``max``/``min`` over ranks, in place; returns ``tensor``."""
+        if not self.active:
+            return tensor
+        ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
+        tdist.all_reduce(tensor, op=ops[op])
+        size = tensor.numel() * tensor.element_size()
+        self.traffic.add(kind, sent=size, received=size)
+        return tensor
+
+    def broadcast_tensors(self, tensors, src: int = 0, *, kind: str = "broadcast") -> None:
+        """Overwrite ``tensors`` on every rank with rank ``src``'s, in place."""
+        if not self.active:
+            return
+        for tensor in tensors:
+            data = tensor.data if tensor.is_contiguous() else tensor.data.contiguous()
+            tdist.broadcast(data, src=src)
+            if data is not tensor.data:
+                tensor.data.copy_(data)
+            size = tensor.numel() * tensor.element_size()
+            if self.rank == src:
+                self.traffic.add(kind, sent=size * (self.world_size - 1))
+            else:
+                self.traffic.add(kind, received=size)
+
+    def all_gather_objects(self, obj, *, kind: str = "gather") -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        size = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        received = sum(len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in out)
+        self.traffic.add(kind, sent=size * (self.world_size - 1), received=received - size)
+        return out
+
+    def gather_objects(self, obj, dst: int = 0, *, kind: str = "gather") -> list | None:
+        """Every rank's ``obj`` on rank ``dst`` (in rank order); ``None`` elsewhere."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        tdist.gather_object(obj, out, dst=dst)
+        if self.rank == dst:
+            self.traffic.add(kind, received=sum(_pickled_size(o) for i, o in enumerate(out)
+                                                if i != dst))
+        else:
+            self.traffic.add(kind, sent=_pickled_size(obj))
+        return out
+
+    def scatter_objects(self, objs: list | None, src: int = 0, *, kind: str = "scatter"):
+        """Rank ``i`` gets ``objs[i]`` from rank ``src``."""
+        if not self.active:
+            return objs[0]
+        out = [None]
+        tdist.scatter_object_list(out, objs if self.rank == src else None, src=src)
+        if self.rank == src:
+            self.traffic.add(kind, sent=sum(_pickled_size(o) for i, o in enumerate(objs)
+                                            if i != src))
+        else:
+            self.traffic.add(kind, received=_pickled_size(out[0]))
+        return out[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    # ------------------------------------------------------------------ metrics
+
+    def reduce_metrics(self, metrics: dict[str, float], *, sums=(), maxima=()) -> dict:
+        """Mean over ranks of every metric (keys in ``sums`` are added, keys in ``maxima``
+        take the largest); ranks must hold the same keys (missing ones count as absent)."""
+        if not self.active:
+            return dict(metrics)
+        keys = sorted(set().union(*self.all_gather_objects(sorted(metrics), kind="metrics")))
+        values = torch.tensor([[float(metrics.get(k, 0.0)), 1.0 if k in metrics else 0.0]
+                               for k in keys], dtype=torch.float64)
+        totals = self.all_reduce(values.clone(), kind="metrics")
+        highest = self.all_reduce(
+            torch.tensor([float(metrics.get(k, float("-inf"))) for k in keys],
+                         dtype=torch.float64), op="max", kind="metrics")
+        out = {}
+        for i, key in enumerate(keys):
+            if key in maxima:
+                out[key] = float(highest[i])
+            elif key in sums:
+                out[key] = float(totals[i, 0])
+            else:
+                out[key] = float(totals[i, 0] / totals[i, 1].clamp(min=1))
+        return out
+
+
+def shard_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous slice ``[lo, hi)`` of ``total`` items split over
+    ``world`` ranks (equal shares; the first ``total % world`` ranks take one more)."""
+    base, extra = divmod(total, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _pickled_size(obj) -> int:
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))

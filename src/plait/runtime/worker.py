@@ -1,0 +1,85 @@
+"""One rank of a launched job: ``python -m plait.runtime.worker CONFIG.yaml``.
+
+The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` and ``PLAIT_HEARTBEAT_DIR``. The rank beats
+its heartbeat from its first instant, joins the process group, runs the job,
+and on failure leaves its error in the heartbeat for the launcher to report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from plait.runtime.heartbeat import Heartbeat, install
+
+EXIT_FAILURE = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans, even when the
+    launcher itself is killed). A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_rank(config_path: str, heartbeat_dir: str | None = None) -> dict:
+    """Run this process's rank of the job in ``config_path``; returns its summary.
+    Raises on failure, after writing the error into the heartbeat."""
+    rank = int(os.environ.get("RANK", "0"))
+    beat = Heartbeat(heartbeat_dir, rank)
+    install(beat)
+    dist = None
+    try:
+        from plait.config import load_config
+        from plait.recipes.rl import train
+        from plait.runtime.dist import Dist
+
+        config = load_config(config_path)
+        beat.set("joining the process group")
+        dist = Dist.from_env(backend=config.runtime.backend,
+                             timeout_s=config.runtime.collective_timeout_s)
+        summary = train(config, dist=dist)
+        beat.finish("done")
+        return summary
+    except BaseException as err:
+        beat.finish("error", f"{type(err).__name__}: {err}".strip()[:2000])
+        raise
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m plait.runtime.worker CONFIG.yaml", file=sys.stderr)
+        return 2
+    die_with_parent()
+    rank = os.environ.get("RANK", "0")
+    try:
+        run_rank(argv[0], os.environ.get("PLAIT_HEARTBEAT_DIR"))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as err:
+        from plait.cli import _known_errors
+
+        if isinstance(err, _known_errors()):
+            print(f"plait: rank {rank}: error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
