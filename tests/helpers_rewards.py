@@ -22,3 +22,34 @@ def raise_on_third(prompts, completions, **kwargs):
 def hang(prompts, completions, **kwargs):
     time.sleep(60)
     return [0.0 for _ in completions]
+
+
+_calls = {"n": 0}
+
+
+def _on_rank1_call(number, action):
+    """Run ``action(pid of the rank process)`` on rank 1's ``number``-th reward call
+    (reward functions run in a worker forked from the rank, so its parent is the rank)."""
+    import os
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] == number:
+        action(os.getppid())
+
+
+def kill_rank1(prompts, completions, **kwargs):
+    """digit_fraction, but SIGKILLs rank 1 on its 14th call (8 in the first evaluation, 2 per step)."""
+    import os
+    import signal
+
+    _on_rank1_call(14, lambda pid: os.kill(pid, signal.SIGKILL))
+    return digit_fraction(prompts, completions)
+
+
+def freeze_rank1(prompts, completions, **kwargs):
+    """digit_fraction, but SIGSTOPs rank 1 (a hang: no heartbeat) on its 14th call (8 in the first evaluation, 2 per step)."""
+    import os
+    import signal
+
+    _on_rank1_call(14, lambda pid: os.kill(pid, signal.SIGSTOP))
+    return digit_fraction(prompts, completions)

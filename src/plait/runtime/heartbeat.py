@@ -49,7 +49,9 @@ class Heartbeat:
             self._thread.start()
 
     def set(self, message: str) -> None:
+        """New status message, written at once (a rank killed right after still leaves it)."""
         self.message = message
+        self._write()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

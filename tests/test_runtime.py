@@ -1,0 +1,151 @@
+"""Parallel controllers on torch.distributed (gloo, CPU): N ranks give the one-rank
+update, the single controller gives it too, failures end the job with the failing
+rank named and no process left behind, and a job resumes on another rank count."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plait.runtime.dist import shard_bounds
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "plait.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "PLAIT_PROGRESS": "0"},
+                          timeout=timeout)
+
+
+def job(tiny_job, reward_spec, run_dir, *extra, reward="digit_fraction"):
+    base = [a for a in tiny_job if not a.startswith(("run.dir=", "train.threads="))]
+    return [*base, f"run.dir={run_dir}", "train.threads=1", "train.steps=3",
+            "optim.lr=1e-2", "algo.reward_range=[0, 1]",
+            f"reward.functions=[{{fn: '{reward_spec(reward)}'}}]", *extra]
+
+
+def final_weights(run_dir):
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    return load_file(str(ckpts[-1] / "policy" / "model.safetensors"))
+
+
+def assert_same_weights(a_dir, b_dir, atol=1e-4):
+    a, b = final_weights(a_dir), final_weights(b_dir)
+    start = load_file(str(a_dir / "tiny_model" / "model.safetensors"))
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-3, "the weights did not move: the comparison would be empty"
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def worker_pids():
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines() if "plait.runtime.worker" in line}
+
+
+def test_shard_bounds_cover_everything_once():
+    for total in range(0, 11):
+        for world in range(1, 5):
+            parts = [shard_bounds(total, r, world) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(h - lo for lo, h in parts) - min(h - lo for lo, h in parts) <= 1
+
+
+@pytest.mark.parametrize("extra", [
+    (),                                                        # GRPO, parallel controllers
+    ("runtime.controller=single",),                            # GRPO, single controller
+    ("algo.name=ppo", "algo.group_size=2", "algo.epochs=2",    # PPO: critic + global whitening
+     "algo.kl_coef=0.05", "algo.kl_mode=reward"),
+], ids=["grpo-parallel", "grpo-single", "ppo-parallel"])
+def test_two_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, extra):
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_cli("train", *job(tiny_job, reward_spec, one, *extra))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", *job(tiny_job, reward_spec, two, *extra, "runtime.num_ranks=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_weights(one, two)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["gradient_traffic_bytes"] > 0
+    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(m1[1:4], m2[1:4]):  # the steps' batch statistics are the global ones
+        assert b["samples"] == a["samples"] and b["tokens"] == a["tokens"]
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
+        assert b["loss/policy"] == pytest.approx(a["loss/policy"], abs=1e-5)
+
+
+def test_resume_on_a_different_number_of_ranks(tiny_job, reward_spec, tmp_path):
+    straight, switched = tmp_path / "straight", tmp_path / "switched"
+    common = ("train.save_every=2", "train.keep_last=0")
+    proc = run_cli("train", *job(tiny_job, reward_spec, straight, *common, "train.steps=4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", *job(tiny_job, reward_spec, switched, *common, "train.steps=2",
+                                 "runtime.num_ranks=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", *job(tiny_job, reward_spec, switched, *common, "train.steps=4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_same_weights(straight, switched)
+
+
+def test_dead_rank_ends_the_job_and_names_it(tiny_job, reward_spec, tmp_path):
+    before = worker_pids()
+    run_dir = tmp_path / "run"
+    start = time.time()
+    proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "runtime.num_ranks=2",
+                                 "train.steps=50", "train.save_every=1",
+                                 reward="kill_rank1"))
+    assert proc.returncode == 1
+    assert "rank 1" in proc.stderr and "killed by signal 9" in proc.stderr
+    assert "last message: 'step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 120
+    time.sleep(0.5)
+    assert worker_pids() <= before, "rank processes were left behind"
+    # the checkpoint rank 0 wrote last is complete and loadable
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").is_file()
+    final_weights(run_dir)
+
+
+def test_hung_rank_is_detected_by_heartbeat(tiny_job, reward_spec, tmp_path):
+    before = worker_pids()
+    start = time.time()
+    proc = run_cli("train", *job(tiny_job, reward_spec, tmp_path / "run", "runtime.num_ranks=2",
+                                 "train.steps=50", "runtime.heartbeat_timeout_s=3",
+                                 reward="freeze_rank1"))
+    elapsed = time.time() - start
+    assert proc.returncode == 1
+    assert "rank 1" in proc.stderr and "stopped responding" in proc.stderr
+    assert "last message: 'step" in proc.stderr
+    assert elapsed < 60
+    time.sleep(0.5)
+    assert worker_pids() <= before, "rank processes were left behind"
+
+
+def test_killed_launcher_takes_its_ranks_with_it(tiny_job, reward_spec, tmp_path):
+    before = worker_pids()
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "plait.cli", "train",
+         *job(tiny_job, reward_spec, run_dir, "runtime.num_ranks=2", "train.steps=100000")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PLAIT_PROGRESS": "0"})
+    deadline = time.time() + 90
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    assert (run_dir / "metrics.jsonl").is_file(), "the job never started training"
+    ranks = worker_pids() - before
+    assert len(ranks) >= 2  # the ranks (and their forked reward workers)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and worker_pids() & ranks:
+        time.sleep(0.2)
+    assert not worker_pids() & ranks, "ranks outlived their launcher"
