@@ -53,7 +53,7 @@ def test_shard_bounds_cover_everything_once():
         for world in range(1, 5):
             parts = [shard_bounds(total, r, world) for r in range(world)]
             assert parts[0][0] == 0 and parts[-1][1] == total
-            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert all(a[1] == b[0] for a, b in zip(parts[:-1], parts[1:], strict=True))
             assert max(h - lo for lo, h in parts) - min(h - lo for lo, h in parts) <= 1
 
 
@@ -74,7 +74,7 @@ def test_two_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, ext
     assert summary["ranks"] == 2 and summary["gradient_traffic_bytes"] > 0
     m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(m1[1:4], m2[1:4]):  # the steps' batch statistics are the global ones
+    for a, b in zip(m1[1:4], m2[1:4], strict=True):  # the steps' batch statistics are the global ones
         assert b["samples"] == a["samples"] and b["tokens"] == a["tokens"]
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
         assert b["loss/policy"] == pytest.approx(a["loss/policy"], abs=1e-5)
