@@ -149,3 +149,25 @@ def test_killed_launcher_takes_its_ranks_with_it(tiny_job, reward_spec, tmp_path
     while time.time() < deadline and worker_pids() & ranks:
         time.sleep(0.2)
     assert not worker_pids() & ranks, "ranks outlived their launcher"
+
+
+def test_ray_launcher_runs_the_same_job(tiny_job, reward_spec, tmp_path):
+    pytest.importorskip("ray")
+    one, on_ray = tmp_path / "one", tmp_path / "ray"
+    proc = run_cli("train", *job(tiny_job, reward_spec, one))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", *job(tiny_job, reward_spec, on_ray, "runtime.num_ranks=2",
+                                 "runtime.launcher=ray"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_weights(one, on_ray)
+    assert json.loads((on_ray / "summary.json").read_text())["ranks"] == 2
+
+
+def test_ray_launcher_names_a_dead_rank(tiny_job, reward_spec, tmp_path):
+    pytest.importorskip("ray")
+    proc = run_cli("train", *job(tiny_job, reward_spec, tmp_path / "run", "runtime.num_ranks=2",
+                                 "runtime.launcher=ray", "train.steps=50",
+                                 reward="kill_rank1"))
+    assert proc.returncode == 1
+    assert "rank 1 (Ray actor) died" in proc.stderr, proc.stderr[-2000:]
+    assert "last message: 'step" in proc.stderr

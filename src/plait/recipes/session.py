@@ -89,6 +89,8 @@ class Session:
         train = config.train
         if train.threads:
             torch.set_num_threads(train.threads)
+        elif os.environ.get("PLAIT_THREADS"):  # the launcher's share of cores per rank
+            torch.set_num_threads(int(os.environ["PLAIT_THREADS"]))
         elif self.dist.active:  # ranks on one machine share its cores
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

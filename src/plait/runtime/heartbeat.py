@@ -30,10 +30,13 @@ def read_heartbeat(directory: str | Path, rank: int) -> dict | None:
 
 
 class Heartbeat:
-    """Writes this rank's beat in a background thread (no-op without a directory)."""
+    """Writes this rank's beat in a background thread: to ``<directory>/rank<R>.json``,
+    or to ``sink(record)`` (e.g. a Ray actor on another machine); a no-op with neither."""
 
-    def __init__(self, directory: str | Path | None, rank: int, interval: float = 1.0):
+    def __init__(self, directory: str | Path | None, rank: int, interval: float = 1.0,
+                 sink=None):
         self.path = heartbeat_path(directory, rank) if directory else None
+        self.sink = sink
         self.rank = rank
         self.interval = interval
         self.message = "starting"
@@ -42,7 +45,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = None
-        if self.path is not None:
+        if self.path is not None or sink is not None:
             self._write()
             self._thread = threading.Thread(target=self._run, name="plait-heartbeat",
                                             daemon=True)
@@ -58,10 +61,13 @@ class Heartbeat:
             self._write()
 
     def _write(self) -> None:
-        if self.path is None:
+        if self.path is None and self.sink is None:
             return
         record = {"rank": self.rank, "pid": os.getpid(), "time": time.time(),
                   "message": self.message, "status": self.status, "error": self.error}
+        if self.sink is not None:
+            self.sink(record)
+            return
         with self._lock:
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(record))

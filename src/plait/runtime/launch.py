@@ -111,8 +111,9 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
         if failed:
             time.sleep(0.3)  # let near-simultaneous exits land, then pick the cause
             codes = [p.poll() for p in procs]
+            failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
             raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir,
-                                               _first_cause(failed, heartbeats)))
+                                               _first_cause(failed, codes, heartbeats)))
         if all(code == 0 for code in codes):
             return
         now = time.time()
@@ -131,10 +132,13 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
         time.sleep(0.2)
 
 
-def _first_cause(failed: list[int], heartbeats: Path) -> int:
-    """Among failed ranks, prefer one whose error is its own rather than a broken
-    connection to a peer that failed first."""
+def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
+    """Among failed ranks, prefer one killed by a signal, then one whose error is its own
+    rather than a broken connection to a peer that failed first."""
     peer_words = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
+    for rank in failed:
+        if codes[rank] < 0:
+            return rank
     for rank in failed:
         beat = read_heartbeat(heartbeats, rank) or {}
         error = (beat.get("error") or "").lower()

@@ -32,11 +32,12 @@ def die_with_parent() -> None:
         pass
 
 
-def run_rank(config_path: str, heartbeat_dir: str | None = None) -> dict:
+def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> dict:
     """Run this process's rank of the job in ``config_path``; returns its summary.
-    Raises on failure, after writing the error into the heartbeat."""
+    Raises on failure, after writing the error into the heartbeat (a file in
+    ``heartbeat_dir``, or ``sink(record)``)."""
     rank = int(os.environ.get("RANK", "0"))
-    beat = Heartbeat(heartbeat_dir, rank)
+    beat = Heartbeat(heartbeat_dir, rank, sink=sink)
     install(beat)
     dist = None
     try:
