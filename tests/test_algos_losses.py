@@ -347,3 +347,41 @@ def test_sequence_logprob():
     token_logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, float("nan")]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     assert torch.equal(sequence_logprob(token_logprobs, mask), torch.tensor([-6.0, -1.0]))
+
+
+def test_off_policy_weights_hand_values():
+    from plait.algos import off_policy_weights
+
+    prox = torch.log(torch.tensor([[0.5, 0.3, 0.9, 0.2]]))
+    behav = torch.log(torch.tensor([[0.5, 0.1, 0.3, 0.4]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # pi_prox / pi_behav = 1, 3, 3, (0.5 masked)
+    w, stats = off_policy_weights(prox, behav, mask, "decoupled", cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert float(stats["is_capped_frac"]) == pytest.approx(2 / 3)
+    w, stats = off_policy_weights(prox, behav, mask, "tis", cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
+    assert float(stats["is_weight_mean"]) == pytest.approx(5 / 3)
+    w, _ = off_policy_weights(prox, behav, mask, "decoupled", cap=4.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 3.0, 3.0, 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown off-policy mode"):
+        off_policy_weights(prox, behav, mask, "nope")
+
+
+def test_decoupled_ppo_loss_hand_value():
+    """loss = -mean_t w_t * min(r_t A_t, clip(r_t) A_t), r against the proximal policy."""
+    from plait.algos import off_policy_weights
+
+    logprobs = torch.log(torch.tensor([[0.6, 0.2]])).requires_grad_()
+    prox = torch.log(torch.tensor([[0.5, 0.25]]))
+    behav = torch.log(torch.tensor([[0.25, 0.25]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    w, _ = off_policy_weights(prox, behav, mask, "tis", cap=5.0)  # [2, 1]
+    loss, _ = ppo_policy_loss(logprobs, prox, adv, mask, token_weights=w)
+    # token 0: r = 1.2 (within 1.2 clip), -A r = -1.2, weight 2 -> -2.4
+    # token 1: r = 0.8, A < 0: max(0.8, clip 0.8) = 0.8, weight 1 -> 0.8
+    assert float(loss) == pytest.approx((-2.4 + 0.8) / 2, abs=1e-6)
+    plain, _ = ppo_policy_loss(logprobs, prox, adv, mask)
+    same, _ = ppo_policy_loss(logprobs, prox, adv, mask, token_weights=torch.ones(1, 2))
+    assert float(same) == pytest.approx(float(plain))

@@ -34,7 +34,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
-    if config.runtime.num_ranks > 1 or config.runtime.launcher == "ray":
+    runtime = config.runtime
+    if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
         from plait.runtime.launch import launch
 
         summary = launch(config)

@@ -169,6 +169,12 @@ class AlgoConfig:
     max_draws: int = opt(4, "Most prompt batches drawn per step under dynamic sampling.", low=1)
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty buffer in tokens (0 = off).", low=0)
     overlong_penalty: float = opt(1.0, "Penalty at the length limit.", low=0.0)
+    off_policy: Literal["auto", "none", "decoupled", "tis"] = opt(
+        "auto", "Correction for samples from older weights: 'decoupled' (PPO clipped against "
+        "the proximal policy, weighted by pi_prox/pi_behav; tokens above the cap get weight "
+        "0), 'tis' (truncated importance weight min(pi_prox/pi_behav, cap)), 'none'; 'auto' "
+        "= decoupled when runtime.max_staleness > 0, else none.")
+    off_policy_cap: float = opt(2.0, "Cap on the off-policy importance weight.", low=1.0)
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,18 @@ class RuntimeConfig:
         "parallel", "'parallel': every rank drives its own shard of prompts; 'single': rank 0 "
         "gathers every rollout, scores and computes advantages, and scatters the batches "
         "(for comparison).")
+    placement: Literal["colocated", "disaggregated"] = opt(
+        "colocated", "'colocated': every rank generates and trains, time-shared (the hybrid "
+        "engine); 'disaggregated': runtime.rollout_workers extra processes generate and score "
+        "while the num_ranks trainer ranks train, weights pushed to them after each update.")
+    rollout_workers: int = opt(
+        1, "Rollout worker processes under the disaggregated placement (in addition to the "
+        "num_ranks trainer ranks).", low=1)
+    max_staleness: int = opt(
+        0, "Disaggregated: how many updates behind the trainer a batch's weights may be "
+        "(0 = synchronous; 1 = the next batch generates while this one trains).", low=0)
+    weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
+                                  low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(
         "auto", "torch.distributed backend; 'auto' = nccl on CUDA, gloo on CPU.")
     heartbeat_timeout_s: float = opt(
@@ -581,6 +599,14 @@ def _validate_algo(config: Config) -> None:
             raise ConfigError(message)
 
 
+def off_policy_mode(config: Config) -> str:
+    """The off-policy correction in force: algo.off_policy with 'auto' resolved."""
+    mode = config.algo.off_policy
+    if mode == "auto":
+        return "decoupled" if config.runtime.max_staleness > 0 else "none"
+    return mode
+
+
 def _validate_runtime(config: Config) -> None:
     runtime, algo = config.runtime, config.algo
     ranks = runtime.num_ranks
@@ -595,6 +621,27 @@ def _validate_runtime(config: Config) -> None:
         (runtime.controller == "single" and algo.dynamic_sampling,
          "runtime.controller=single does not support algo.dynamic_sampling; use the "
          "parallel controller"),
+        (runtime.placement == "disaggregated" and runtime.controller == "single",
+         "runtime.placement=disaggregated runs parallel controllers; set "
+         "runtime.controller=parallel"),
+        (runtime.placement == "disaggregated" and algo.dynamic_sampling,
+         "algo.dynamic_sampling needs runtime.placement=colocated"),
+        (runtime.placement == "disaggregated" and config.rollout.engine != "plait",
+         "runtime.placement=disaggregated needs rollout.engine=plait"),
+        (runtime.placement == "disaggregated" and (
+            algo.prompts_per_step % runtime.rollout_workers != 0 or
+            (ranks % runtime.rollout_workers and runtime.rollout_workers % ranks)),
+         f"runtime.rollout_workers={runtime.rollout_workers}: algo.prompts_per_step must be a "
+         "multiple of it, and it must divide or be a multiple of runtime.num_ranks"),
+        (runtime.max_staleness > 0 and runtime.placement != "disaggregated",
+         "runtime.max_staleness applies to runtime.placement=disaggregated"),
+        (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
+         "algo.off_policy corrects engine log-probs against a recompute: turn off "
+         "algo.use_engine_logprobs"),
+        (off_policy_mode(config) != "none" and (
+            config.rollout.top_k > 0 or config.rollout.top_p < 1.0),
+         "algo.off_policy needs rollout.top_k=0 and rollout.top_p=1 (the engine's log-probs "
+         "must be of the policy's own distribution)"),
     ]
     for failed, message in problems:
         if failed:

@@ -23,14 +23,18 @@ from plait.algos.grpovi import (
 )
 from plait.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
 from plait.algos.policy_loss import (
+    OFF_POLICY_MODES,
     RATIO_LEVELS,
     entropy_from_logits,
+    off_policy_weights,
     ppo_policy_loss,
     sequence_logprob,
     value_loss,
 )
 
 __all__ = [
+    "OFF_POLICY_MODES",
+    "off_policy_weights",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",

@@ -32,7 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from plait import algos
-from plait.config import Config, ConfigError
+from plait.config import Config, ConfigError, off_policy_mode
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
 from plait.runtime.dist import shard_bounds
@@ -50,12 +50,23 @@ MAX_METRICS = ("response_length/max", "nan_skips")
 class RLTrainer(Session):
     """GRPO / PPO training loop: one process, or one rank of a data-parallel job."""
 
+    remote = None  # the disaggregated placement's links to the rollout workers (runtime.job)
+
+    @property
+    def off_policy(self) -> str:
+        return off_policy_mode(self.config)
+
+    def on_start(self) -> None:
+        if self.remote is not None:
+            self.remote.start(self)
+
     def setup_training(self, *, resuming: bool = False) -> None:
         super().setup_training(resuming=resuming)
         # the modules the update runs through: DDP wrappers when there are several ranks
         self.train_policy, self.train_critic = self.policy, self.critic
         if self.dist.active:
-            ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       process_group=self.dist.group)
             self.train_policy = DistributedDataParallel(self.policy, **ddp)
             if self.critic is not None:
                 self.train_critic = DistributedDataParallel(self.critic, **ddp)
@@ -209,7 +220,8 @@ class RLTrainer(Session):
         """A batch used for exactly one on-policy update needs no separate pass: its old
         log-probs are the detached current ones."""
         algo = self.config.algo
-        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward
+        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward or \
+            self.off_policy != "none"
 
     @property
     def kl_in_reward(self) -> bool:
@@ -354,11 +366,16 @@ class RLTrainer(Session):
         logits = response_logits(self.train_policy, micro, self.train_temperature)
         logprobs = token_logprobs(logits, micro.response_ids)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        weights, wstats = None, {}
+        if self.off_policy != "none":  # old = proximal policy, sampled = behaviour policy
+            weights, wstats = algos.off_policy_weights(
+                old, micro.sampled_logprobs, mask, self.off_policy, algo.off_policy_cap)
         loss, pstats = algos.ppo_policy_loss(
             logprobs, old, micro.advantages, mask, clip_low=algo.clip_low,
             clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=algo.ratio_level,
-            agg=algo.loss_agg, **norm)
-        stats = {"loss/policy": loss.item(), **{f"policy/{k}": float(v) for k, v in pstats.items()}}
+            agg=algo.loss_agg, token_weights=weights, **norm)
+        stats = {"loss/policy": loss.item(),
+                 **{f"policy/{k}": float(v) for k, v in {**pstats, **wstats}.items()}}
         if micro.old_logprobs is None and micro.sampled_logprobs is not None:
             # lean path: the current policy is the behaviour policy, so this is the
             # engine-vs-trainer numeric gap
@@ -434,6 +451,11 @@ class RLTrainer(Session):
         start = time.perf_counter()
         if self.config.runtime.controller == "single" and self.dist.active:
             batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
+        elif self.remote is not None:
+            batch, metrics = self.collect_remote(timer)                 # 1-3 on the workers
+            metrics.update(self.rollout_metrics(batch))
+            metrics.update(self.score_forwards(batch, timer))          # 4
+            metrics.update(self.compute_advantages(batch))             # 5
         else:
             batch, draw_stats = self.collect(timer)                     # 1-3
             metrics: dict[str, float] = {**draw_stats}
@@ -447,7 +469,34 @@ class RLTrainer(Session):
             metrics.update(self.update(batch, step))                   # 6
         with timer.stage("weight_sync"):
             self.engine.update_weights(None, step + 1)
+            if self.remote is not None:
+                self.remote.after_update(self, step + 1)
         return self._timing(metrics, timer, start)
+
+    def collect_remote(self, timer: StageTimer) -> tuple[Experience, dict]:
+        """Steps 1-3 under the disaggregated placement: this rank's part of the batch the
+        rollout workers generated and scored (the wait is the time the trainer idles)."""
+        algo = self.config.algo
+        rows = self.train_iter.next_batch(algo.prompts_per_step)  # keeps the data position
+        sources = self.remote.layout.trainer_sources(self.dist.rank, len(rows))
+        with timer.stage("rollout_wait"):
+            parts = [self.remote.channel.recv(src) for src, _, _ in sources]
+        batches = [part["batch"] for part in parts]
+        batch = Experience.cat(batches, self.tokenizer.pad_token_id) if len(batches) > 1 \
+            else batches[0]
+        batch = batch.to(self.device)
+        version = min(part["version"] for part in parts)
+        correct = batch.rewards >= self.reward_high - 1e-6
+        batch.rewards = self.shape_rewards(batch.rewards, batch)
+        stats = {"draws": 1.0, "groups_drawn": float(sum(hi - lo for _, lo, hi in sources)),
+                 "groups_kept": float(sum(hi - lo for _, lo, hi in sources)),
+                 "reward_failures": float(batch.reward_failures),
+                 "reward_all_mean": float(batch.rewards.mean()),
+                 "train/accuracy": float(correct.float().mean()),
+                 "rollout/staleness": float(self.global_step - version),
+                 "rollout/worker_generate_s": max(p["times"].get("generate", 0.0)
+                                                  for p in parts)}
+        return batch, stats
 
     def collect_single(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-5 the single-controller way: rank 0 draws the prompts and scatters

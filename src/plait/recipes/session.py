@@ -532,6 +532,7 @@ class Session:
             self.warm_start()
             self.state["evals"]["before"] = dict(self.latest_eval())
             self.log_metrics(0, self.state["evals"]["before"])
+        self.on_start()
         bar = ProgressBar(cfg.train.steps, cfg.algo.name, initial=self.global_step,
                           disable=None if cfg.run.progress else True,
                           silent=not self.dist.is_main)
@@ -561,6 +562,9 @@ class Session:
         self.save()
         report("finishing")
         return self.finish(started, rl_seconds, tokens)
+
+    def on_start(self) -> None:
+        """Called once the starting weights are final, before the first step."""
 
     def log_metrics(self, step: int, metrics: dict) -> None:
         if self.metrics is not None:

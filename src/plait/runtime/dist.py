@@ -49,11 +49,22 @@ class Traffic:
 class Dist:
     """Rank, world size and counted collectives (no-ops for a single process)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, *, initialised: bool = False):
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(self, rank: int = 0, world_size: int = 1, *, initialised: bool = False,
+                 group=None, global_rank: int | None = None):
+        self.rank = rank                  # rank within this Dist's group
+        self.world_size = world_size      # size of the group
         self.initialised = initialised
+        self.group = group                # None: the whole job
+        self.global_rank = rank if global_rank is None else global_rank
         self.traffic = Traffic()
+
+    def subgroup(self, ranks: list[int], group) -> Dist:
+        """A Dist over ``ranks`` (global ranks, this process among them) sharing this one's
+        traffic count; ``group`` is the process group from ``new_group(ranks)``."""
+        sub = Dist(ranks.index(self.global_rank), len(ranks), group=group,
+                   global_rank=self.global_rank)
+        sub.traffic = self.traffic
+        return sub
 
     # ------------------------------------------------------------------ setup
 
@@ -89,7 +100,8 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """Rank 0 of the whole job: the one that writes the run directory."""
+        return self.global_rank == 0
 
     def shard_bounds(self, total: int) -> tuple[int, int]:
         """This rank's contiguous slice ``[lo, hi)`` of ``total`` items."""
@@ -103,7 +115,7 @@ class Dist:
         if not self.active:
             return tensor
         ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
-        tdist.all_reduce(tensor, op=ops[op])
+        tdist.all_reduce(tensor, op=ops[op], group=self.group)
         size = tensor.numel() * tensor.element_size()
         self.traffic.add(kind, sent=size, received=size)
         return tensor
@@ -114,7 +126,7 @@ class Dist:
             return
         for tensor in tensors:
             data = tensor.data if tensor.is_contiguous() else tensor.data.contiguous()
-            tdist.broadcast(data, src=src)
+            tdist.broadcast(data, src=src, group=self.group)
             if data is not tensor.data:
                 tensor.data.copy_(data)
             size = tensor.numel() * tensor.element_size()
@@ -127,7 +139,7 @@ class Dist:
         if not self.active:
             return [obj]
         out = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj, group=self.group)
         size = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         received = sum(len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in out)
         self.traffic.add(kind, sent=size * (self.world_size - 1), received=received - size)
@@ -161,7 +173,7 @@ class Dist:
 
     def barrier(self) -> None:
         if self.active:
-            tdist.barrier()
+            tdist.barrier(group=self.group)
 
     # ------------------------------------------------------------------ metrics
 

@@ -56,6 +56,13 @@ def prepare_job(config: Config) -> tuple[Config, Path]:
     return rank_config, run_dir
 
 
+def world_size(config: Config) -> int:
+    """Processes in the job: the trainer ranks, plus the rollout workers when apart."""
+    runtime = config.runtime
+    workers = runtime.rollout_workers if runtime.placement == "disaggregated" else 0
+    return runtime.num_ranks + workers
+
+
 def launch(config: Config) -> dict:
     """Run ``config`` on ``runtime.num_ranks`` ranks with its launcher; the summary."""
     if config.runtime.launcher == "ray":
@@ -78,9 +85,10 @@ def launch_local(config: Config) -> dict:
         heartbeats.mkdir()
         (run_dir / "logs").mkdir(exist_ok=True)
         port = runtime.master_port or free_port()
-        for rank in range(runtime.num_ranks):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(runtime.num_ranks),
-                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(runtime.num_ranks),
+        world = world_size(config)
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "PLAIT_HEARTBEAT_DIR": str(heartbeats), "PLAIT_RANK_PROCESS": "1"}
             out = None

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, dump_yaml
-from plait.runtime.launch import STARTUP_GRACE_S, RankFailure, prepare_job
+from plait.runtime.launch import STARTUP_GRACE_S, RankFailure, prepare_job, world_size
 
 PEER_WORDS = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
 
@@ -86,25 +86,25 @@ def launch_ray(config: Config) -> dict:
     if not ray.is_initialized():
         kwargs = {"address": runtime.ray_address} if runtime.ray_address else {
             "num_cpus": max(os.cpu_count() or 1,
-                            int(runtime.num_ranks * runtime.cpus_per_rank + 0.999))}
+                            int(world_size(config) * runtime.cpus_per_rank + 0.999))}
         ray.init(log_to_driver=True, include_dashboard=False, logging_level="ERROR",
                  **kwargs)
         started_ray = True
     bundles = [{"CPU": runtime.cpus_per_rank, **({"GPU": runtime.gpus_per_rank}
                                                  if runtime.gpus_per_rank else {})}
-               for _ in range(runtime.num_ranks)]
+               for _ in range(world_size(config))]
     group = placement_group(bundles, strategy="PACK")
     actors = []
     try:
         try:
             ray.get(group.ready(), timeout=120)
         except ray.exceptions.GetTimeoutError:
-            raise RankFailure(f"Ray could not place {runtime.num_ranks} ranks of {bundles[0]} "
+            raise RankFailure(f"Ray could not place {len(bundles)} ranks of {bundles[0]} "
                               "within 120 s: the cluster lacks the resources "
                               "(lower runtime.cpus_per_rank / gpus_per_rank)") from None
         board = ray.remote(num_cpus=0)(_Board).remote()
         rank_cls = ray.remote(max_restarts=0)(_Rank)
-        for rank in range(runtime.num_ranks):
+        for rank in range(world_size(config)):
             actors.append(rank_cls.options(
                 num_cpus=runtime.cpus_per_rank, num_gpus=runtime.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -112,7 +112,7 @@ def launch_ray(config: Config) -> dict:
         master = ray.get(actors[0].address.remote())
         threads = max(1, int(runtime.cpus_per_rank))
         text = dump_yaml(rank_config)
-        refs = [actor.run.remote(text, rank, runtime.num_ranks, master, board, threads)
+        refs = [actor.run.remote(text, rank, len(actors), master, board, threads)
                 for rank, actor in enumerate(actors)]
         summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir)
     finally:

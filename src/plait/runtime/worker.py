@@ -42,14 +42,14 @@ def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> d
     dist = None
     try:
         from plait.config import load_config
-        from plait.recipes.rl import train
         from plait.runtime.dist import Dist
+        from plait.runtime.job import run_job
 
         config = load_config(config_path)
         beat.set("joining the process group")
         dist = Dist.from_env(backend=config.runtime.backend,
                              timeout_s=config.runtime.collective_timeout_s)
-        summary = train(config, dist=dist)
+        summary = run_job(config, dist)
         beat.finish("done")
         return summary
     except BaseException as err:

@@ -1,0 +1,63 @@
+"""A rollout worker of the disaggregated placement: generate, score, send, repeat.
+
+The worker holds the policy weights for its engine, the rewards and the prompt
+stream; it has no optimizer. For step ``s`` it makes sure its weights are at
+least version ``s - max_staleness`` (receiving pushed versions in order, and
+blocking only when it would otherwise be too far ahead), draws the same global
+prompt batch every process draws for step ``s``, generates and scores its
+contiguous range of it with the same per-prompt seeds a colocated job uses,
+and posts each trainer its part without waiting for the trainer to take it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plait.recipes.rl import RLTrainer
+from plait.runtime.heartbeat import report
+from plait.telemetry.timing import StageTimer
+
+
+class RolloutWorker(RLTrainer):
+    """Serves batches to the trainer ranks (see module doc); built like a trainer, never
+    trains."""
+
+    def serve(self, remote) -> None:
+        """``remote``: the job's :class:`~plait.runtime.job.Remote` (layout, channel,
+        weight broadcast)."""
+        cfg = self.config
+        algo, k = cfg.algo, cfg.runtime.max_staleness
+        worker = remote.layout.worker_ranks.index(self.dist.global_rank)
+        start = remote.channel.recv(0, kind="control")
+        self.train_iter.load_state_dict(start["data"])
+        self._next_group_id = start["next_group_id"]
+        version = self._receive(remote)
+        for step in range(start["step"], cfg.train.steps):
+            while version < step - k:
+                report(f"step {step + 1}: waiting for weights v{step - k}")
+                version = self._receive(remote)
+            report(f"step {step + 1}: generate (weights v{version})")
+            self.global_step = step  # the seeds are those of this step
+            rows = self.train_iter.next_batch(algo.prompts_per_step)
+            lo, hi = remote.layout.worker_range(worker, len(rows))
+            timer = StageTimer()
+            batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
+                                 first_index=lo, total=len(rows),
+                                 seeds=self.sample_seeds(lo, hi - lo, 1)).to("cpu")
+            first_id = int(batch.group_ids.min())
+            for trainer, tlo, thi in remote.layout.worker_targets(worker, len(rows)):
+                local = batch.group_ids - first_id + lo  # global prompt index of each row
+                rows_idx = ((local >= tlo) & (local < thi)).nonzero().squeeze(-1)
+                remote.channel.send({"batch": batch.select(rows_idx), "version": version,
+                                     "times": dict(timer.times)}, trainer)
+        remote.channel.wait()
+        report("done serving")
+
+    def _receive(self, remote) -> int:
+        version = remote.weights.receive()
+        self.engine.update_weights(None, version)
+        return version
+
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, float]:  # pragma: no cover - trainers evaluate
+        raise RuntimeError("rollout workers do not evaluate")

@@ -1,0 +1,126 @@
+"""Moving batches and weights between trainer ranks and rollout workers.
+
+- :class:`ObjectChannel`: point-to-point sends of pickled objects (a batch of
+  experience) that do not block the sender: each send is posted asynchronously
+  and only waited for before the next send to the same peer, so a rollout
+  worker goes on generating while its last batch is in flight.
+- :class:`WeightBroadcast`: the trainer's parameters pushed to every rollout
+  worker by broadcast in flat buckets (``runtime.weight_bucket_mb``), preceded
+  by a header with the policy version. The sender snapshots the weights into
+  its bucket buffers and broadcasts asynchronously, so training continues while
+  the bytes travel; receivers block until a version arrives, then copy it into
+  their model in place.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+import torch.distributed as tdist
+
+from plait.runtime.dist import Dist
+
+
+class ObjectChannel:
+    """Asynchronous pickled-object sends, blocking receives, over the job's process group."""
+
+    def __init__(self, dist: Dist):
+        self.dist = dist
+        self._in_flight: dict[int, list] = {}
+
+    def send(self, obj, dst: int, *, kind: str = "rollouts") -> None:
+        """Post ``obj`` to global rank ``dst``; returns once the previous send to ``dst``
+        has completed (at most one in flight per peer)."""
+        self.wait(dst)
+        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
+                                dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        works = [tdist.isend(size, dst), tdist.isend(data, dst)]
+        self._in_flight[dst] = [works, size, data]  # tensors kept alive until sent
+        self.dist.traffic.add(kind, sent=data.numel() + 8)
+
+    def recv(self, src: int, *, kind: str = "rollouts"):
+        size = torch.zeros(1, dtype=torch.long)
+        tdist.recv(size, src)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        tdist.recv(data, src)
+        self.dist.traffic.add(kind, received=data.numel() + 8)
+        return pickle.loads(data.numpy().tobytes())
+
+    def wait(self, dst: int | None = None) -> None:
+        """Block until the sends to ``dst`` (every peer when None) have completed."""
+        peers = [dst] if dst is not None else list(self._in_flight)
+        for peer in peers:
+            entry = self._in_flight.pop(peer, None)
+            if entry is not None:
+                for work in entry[0]:
+                    work.wait()
+
+
+class WeightBroadcast:
+    """Bucketed, versioned broadcast of a model's parameters from one rank to a group.
+
+    Every member builds it over the same model structure; ``src`` (a global rank)
+    calls :meth:`push`, the others :meth:`receive`, once per version, in order.
+    """
+
+    def __init__(self, model: torch.nn.Module, group, src: int, dist: Dist,
+                 bucket_bytes: int = 64 << 20):
+        self.group, self.src, self.dist = group, src, dist
+        self.params = [p for p in model.parameters()]
+        self.buckets: list[list[torch.Tensor]] = []
+        current, size = [], 0
+        for p in self.params:
+            nbytes = p.numel() * p.element_size()
+            if current and (size + nbytes > bucket_bytes or p.dtype != current[0].dtype):
+                self.buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += nbytes
+        if current:
+            self.buckets.append(current)
+        self.flats = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype,
+                                  device=b[0].device) for b in self.buckets]
+        self._pending: list = []
+        self.group_size = tdist.get_world_size(group)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flats)
+
+    def push(self, version: int) -> None:
+        """Snapshot the weights and start broadcasting them as ``version``; the previous
+        push is completed first."""
+        self.wait()
+        header = torch.tensor([version, len(self.flats)], dtype=torch.long)
+        works = [tdist.broadcast(header, self.src, group=self.group, async_op=True)]
+        with torch.no_grad():
+            for flat, bucket in zip(self.flats, self.buckets, strict=True):
+                torch.cat([p.detach().reshape(-1) for p in bucket], out=flat)
+                works.append(tdist.broadcast(flat, self.src, group=self.group, async_op=True))
+        self._pending = [works, header]
+        self.dist.traffic.add("weights", sent=(self.num_bytes + 16) * (self.group_size - 1))
+
+    def wait(self) -> None:
+        if self._pending:
+            for work in self._pending[0]:
+                work.wait()
+            self._pending = []
+
+    def receive(self) -> int:
+        """Block until the next version arrives, copy it into the model, return it."""
+        header = torch.zeros(2, dtype=torch.long)
+        tdist.broadcast(header, self.src, group=self.group)
+        if int(header[1]) != len(self.flats):
+            raise RuntimeError(f"weight broadcast: {int(header[1])} buckets sent, "
+                               f"{len(self.flats)} expected (different model structures)")
+        with torch.no_grad():
+            for flat, bucket in zip(self.flats, self.buckets, strict=True):
+                tdist.broadcast(flat, self.src, group=self.group)
+                offset = 0
+                for p in bucket:
+                    p.copy_(flat[offset: offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        self.dist.traffic.add("weights", received=self.num_bytes + 16)
+        return int(header[0])
