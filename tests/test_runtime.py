@@ -205,3 +205,17 @@ def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward
     assert abs(steps[0]["policy/is_weight_mean"] - 1) < 1e-4
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5
+
+
+def test_layout_routes_every_prompt_once():
+    from plait.runtime.placement import Layout
+
+    for trainers, workers in [(1, 1), (2, 1), (1, 2), (2, 4), (4, 2)]:
+        layout = Layout(trainers, workers)
+        sent = sorted((t, lo, hi) for w in range(workers)
+                      for t, lo, hi in layout.worker_targets(w, 8))
+        got = sorted((t, lo, hi) for t in range(trainers)
+                     for _, lo, hi in layout.trainer_sources(t, 8))
+        assert sent == got
+        covered = sorted(i for _, lo, hi in sent for i in range(lo, hi))
+        assert covered == list(range(8))

@@ -52,22 +52,23 @@ class Layout:
     def worker_targets(self, worker: int, prompts: int) -> list[tuple[int, int, int]]:
         """``(trainer global rank, lo, hi)`` for each trainer that gets prompts ``lo..hi``
         (global indices) of worker ``worker``'s range."""
-        wlo, whi = self.worker_range(worker, prompts)
-        out = []
-        for t in range(self.trainers):
-            tlo, thi = self.trainer_range(t, prompts)
-            lo, hi = max(wlo, tlo), min(whi, thi)
-            if lo < hi:
-                out.append((t, lo, hi))
-        return out
+        mine = self.worker_range(worker, prompts)
+        others = [self.trainer_range(t, prompts) for t in range(self.trainers)]
+        return _overlaps(mine, others, first_rank=0)
 
     def trainer_sources(self, trainer: int, prompts: int) -> list[tuple[int, int, int]]:
         """``(worker global rank, lo, hi)`` for each worker sending this trainer prompts."""
-        tlo, thi = self.trainer_range(trainer, prompts)
-        out = []
-        for w in range(self.workers):
-            wlo, whi = self.worker_range(w, prompts)
-            lo, hi = max(wlo, tlo), min(whi, thi)
-            if lo < hi:
-                out.append((self.trainers + w, lo, hi))
-        return out
+        mine = self.trainer_range(trainer, prompts)
+        others = [self.worker_range(w, prompts) for w in range(self.workers)]
+        return _overlaps(mine, others, first_rank=self.trainers)
+
+
+def _overlaps(mine: tuple[int, int], others: list[tuple[int, int]], first_rank: int
+              ) -> list[tuple[int, int, int]]:
+    """``(first_rank + i, lo, hi)`` for each range ``others[i]`` that meets ``mine``."""
+    out = []
+    for i, (olo, ohi) in enumerate(others):
+        lo, hi = max(mine[0], olo), min(mine[1], ohi)
+        if lo < hi:
+            out.append((first_rank + i, lo, hi))
+    return out
