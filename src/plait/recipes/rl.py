@@ -44,7 +44,8 @@ SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy
 # how per-rank step metrics combine: added, largest, or (the rest) averaged
 SUMMED_METRICS = ("samples", "tokens", "reward_failures", "groups_drawn", "groups_kept",
                   "loss/policy", "loss/value", "kl_ref", "policy/entropy")
-MAX_METRICS = ("response_length/max", "nan_skips")
+MAX_METRICS = ("response_length/max", "nan_skips", "controller/traffic_bytes",
+               "controller/gradient_bytes", "controller/batch_bytes", "controller/peak_rss_mb")
 
 
 class RLTrainer(Session):
@@ -449,6 +450,8 @@ class RLTrainer(Session):
     def step(self, step: int) -> dict[str, float]:
         timer = StageTimer()
         start = time.perf_counter()
+        self._held_bytes = 0
+        traffic_before = (self.dist.traffic.total(exclude=("gradients",)), self.dist.traffic.total())
         if self.config.runtime.controller == "single" and self.dist.active:
             batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
         elif self.remote is not None:
@@ -465,13 +468,27 @@ class RLTrainer(Session):
             metrics.update(self.rollout_metrics(batch))
             metrics.update(self.score_forwards(batch, timer))          # 4
             metrics.update(self.compute_advantages(batch))             # 5
+        self._held_bytes = max(self._held_bytes, batch.nbytes)
         with timer.stage("update"):
             metrics.update(self.update(batch, step))                   # 6
         with timer.stage("weight_sync"):
             self.engine.update_weights(None, step + 1)
             if self.remote is not None:
                 self.remote.after_update(self, step + 1)
+        metrics.update(self._controller_load(traffic_before))
         return self._timing(metrics, timer, start)
+
+    def _controller_load(self, before: tuple[int, int]) -> dict[str, float]:
+        """What passed through this process in the step (collective payload bytes, the
+        experience it held at once) and its peak memory so far."""
+        import resource
+
+        control = self.dist.traffic.total(exclude=("gradients",)) - before[0]
+        total = self.dist.traffic.total() - before[1]
+        return {"controller/traffic_bytes": float(control),
+                "controller/gradient_bytes": float(total - control),
+                "controller/batch_bytes": float(self._held_bytes),
+                "controller/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def collect_remote(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-3 under the disaggregated placement: this rank's part of the batch the
@@ -549,6 +566,9 @@ class RLTrainer(Session):
         for _, part in parts:
             pieces.append(full.select(torch.arange(start, start + part.batch_size)).trimmed())
             start += part.batch_size
+        # the driver holds the gathered rollouts, the assembled batch and its cut-up copy
+        self._held_bytes = sum(part.nbytes for _, part in parts) + full.nbytes + \
+            sum(piece.nbytes for piece in pieces)
         return pieces, metrics
 
     def rollout_metrics(self, batch: Experience, across_ranks: bool = True) -> dict[str, float]:
@@ -585,8 +605,6 @@ class RLTrainer(Session):
             maxima = MAX_METRICS + tuple(k for k in metrics if k.startswith("time/"))
             metrics = self.dist.reduce_metrics(metrics, sums=SUMMED_METRICS, maxima=maxima)
             metrics.update(exact)  # already global
-            metrics["traffic/controller_bytes"] = float(
-                self.dist.traffic.total(exclude=("gradients",)))
         if "tokens" in metrics:
             metrics["throughput/tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
             metrics["throughput/samples_per_s"] = metrics["samples"] / metrics["time/step"]

@@ -38,6 +38,11 @@ class Experience:
     ghost: bool = False  # a zero-weight stand-in: the rank joins collectives, adds nothing
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by this batch's tensors."""
+        return sum(t.numel() * t.element_size() for _, t in self._tensor_fields())
+
+    @property
     def num_real_rows(self) -> int:
         return 0 if self.ghost else self.batch_size
 

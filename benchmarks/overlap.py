@@ -1,0 +1,115 @@
+"""Overlap: rollout workers apart with ``max_staleness=1`` vs the colocated synchronous
+job, on the same 2 processes, same job, same number of samples.
+
+All variants start from one SFT warm start of the default job (made once, then
+``model.path`` points at it) and run the same GRPO steps:
+
+- ``colocated-2``: 2 ranks, each generating and training its half (synchronous);
+- ``disagg-k0``: 1 trainer rank + 1 rollout worker, synchronous (max_staleness=0);
+- ``disagg-k1``: 1 trainer rank + 1 rollout worker, the next batch generates while
+  this one trains (max_staleness=1, decoupled PPO correction);
+- ``colocated-1``: 1 process with 2 threads, for reference.
+
+Reports the median seconds per step (the first 5 steps excluded), the mean
+training reward over the last 20 steps, and the held-out greedy accuracy at the
+end, and the ratio of each variant's step time to ``colocated-2``'s.
+
+    python benchmarks/overlap.py --steps 200 --out benchmarks/results/overlap_cpu.json
+    python benchmarks/overlap.py --job repeat --steps 100 --out benchmarks/results/overlap_repeat_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "colocated-2": ["runtime.num_ranks=2", "train.threads=1"],
+    "disagg-k0": ["runtime.placement=disaggregated", "runtime.max_staleness=0",
+                  "train.threads=1"],
+    "disagg-k1": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
+                  "train.threads=1"],
+    "colocated-1": ["train.threads=2"],
+}
+
+
+JOBS = {
+    "addition": [],
+    "repeat": ["data.task=repeat", "data.task_args={max_count: 48}",
+               "rollout.max_new_tokens=64", "algo.prompts_per_step=16"],
+}
+
+
+def plait(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "plait.cli", "train", *args],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PLAIT_PROGRESS": "0"})
+    if proc.returncode != 0:
+        raise SystemExit(f"job failed ({' '.join(args)}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--job", choices=list(JOBS), default="addition",
+                        help="'addition': the default job (short answers: training-bound); "
+                        "'repeat': long-tailed answers up to 64 tokens (generation-bound)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    common = ["examples/grpo_addition.yaml", "run.overwrite=true", "run.tensorboard=false",
+              "run.progress=false", "train.save_every=0", "train.eval_every=0",
+              *JOBS[args.job]]
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="plait-overlap-") as tmp:
+        sft = Path(tmp) / "sft"
+        plait(*common, f"run.dir={sft}", "train.steps=0")
+        for name in args.variants:
+            run_dir = Path(tmp) / name
+            start = time.time()
+            plait(*common, f"run.dir={run_dir}", f"model.path={sft / 'sft_model'}",
+                  "sft.steps=0", f"train.steps={args.steps}", *VARIANTS[name])
+            wall = time.time() - start
+            records = [json.loads(line)
+                       for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in records if "time/step" in r]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows[name] = {
+                "step_s_median": statistics.median(r["time/step"] for r in steps[5:]),
+                "reward_last20": statistics.fmean(r["reward/mean"] for r in steps[-20:]),
+                "accuracy_before": summary["accuracy_before"],
+                "accuracy_after": summary["accuracy_after"],
+                "samples": sum(r["samples"] for r in steps),
+                "wall_s": round(wall, 1),
+                "rollout_wait_s_median": statistics.median(
+                    r.get("time/rollout_wait", 0.0) for r in steps[5:]),
+            }
+            print(f"{name:12s} step={rows[name]['step_s_median']:.3f} s  "
+                  f"reward(last 20)={rows[name]['reward_last20']:.3f}  "
+                  f"acc {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}  "
+                  f"wall={wall:.0f} s", flush=True)
+    base = rows.get("colocated-2")
+    if base:
+        for row in rows.values():
+            row["step_ratio_vs_colocated_2"] = row["step_s_median"] / base["step_s_median"]
+        for name, row in rows.items():
+            print(f"{name:12s} {row['step_ratio_vs_colocated_2']:.2f}x colocated-2's step time")
+    result = {"benchmark": "overlap", "job": args.job, "steps": args.steps, "variants": rows,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "command": "python benchmarks/overlap.py " + " ".join(sys.argv[1:])}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
