@@ -43,8 +43,9 @@ VARIANTS = {
 
 JOBS = {
     "addition": [],
-    "repeat": ["data.task=repeat", "data.task_args={max_count: 48}",
-               "rollout.max_new_tokens=64", "algo.prompts_per_step=16"],
+    "repeat": ["data.task=repeat", "data.task_args={max_count: 120}",
+               "rollout.max_new_tokens=128", "model.tiny.max_position_embeddings=256",
+               "algo.prompts_per_step=4", "algo.micro_batch_tokens=2048", "data.num_eval=200"],
 }
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--job", choices=list(JOBS), default="addition",
                         help="'addition': the default job (short answers: training-bound); "
-                        "'repeat': long-tailed answers up to 64 tokens (generation-bound)")
+                        "'repeat': long-tailed answers up to 120 tokens, 32 samples a step (generation-bound)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     common = ["examples/grpo_addition.yaml", "run.overwrite=true", "run.tensorboard=false",

@@ -218,11 +218,12 @@ class RLTrainer(Session):
         return out
 
     def needs_old_logprobs(self) -> bool:
-        """A batch used for exactly one on-policy update needs no separate pass: its old
-        log-probs are the detached current ones."""
+        """A batch used for exactly one update needs no separate pass: its old log-probs
+        are the detached current ones. This holds for the off-policy corrections too: with
+        one update the proximal policy is the current one, so pi_prox/pi_behav is the
+        detached current probability over the engine's."""
         algo = self.config.algo
-        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward or \
-            self.off_policy != "none"
+        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward
 
     @property
     def kl_in_reward(self) -> bool:
