@@ -177,15 +177,20 @@ def metrics_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("trainers", [1, 2])
-def test_disaggregated_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, trainers):
+@pytest.mark.parametrize("placement, trainers, extra", [
+    ("disaggregated", 1, ()),
+    ("disaggregated", 2, ()),
+    ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the rollout worker
+], ids=["disaggregated-1", "disaggregated-2", "partial-kl"])
+def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, placement,
+                                                    trainers, extra):
     """Rollout workers apart, max_staleness=0: the same samples (per-prompt seeds) and
     the same weights (pushed before each batch) give the colocated job's update."""
     one, apart = tmp_path / "one", tmp_path / "apart"
-    proc = run_cli("train", *job(tiny_job, reward_spec, one))
+    proc = run_cli("train", *job(tiny_job, reward_spec, one, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_cli("train", *job(tiny_job, reward_spec, apart, "runtime.placement=disaggregated",
-                                 f"runtime.num_ranks={trainers}"))
+    proc = run_cli("train", *job(tiny_job, reward_spec, apart, f"runtime.placement={placement}",
+                                 f"runtime.num_ranks={trainers}", *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(one, apart)
     assert all(m.get("rollout/staleness", 0) == 0 for m in metrics_of(apart))

@@ -260,10 +260,12 @@ class RuntimeConfig:
         "parallel", "'parallel': every rank drives its own shard of prompts; 'single': rank 0 "
         "gathers every rollout, scores and computes advantages, and scatters the batches "
         "(for comparison).")
-    placement: Literal["colocated", "disaggregated"] = opt(
+    placement: Literal["colocated", "disaggregated", "partial"] = opt(
         "colocated", "'colocated': every rank generates and trains, time-shared (the hybrid "
         "engine); 'disaggregated': runtime.rollout_workers extra processes generate and score "
-        "while the num_ranks trainer ranks train, weights pushed to them after each update.")
+        "while the num_ranks trainer ranks train, weights pushed to them after each update; "
+        "'partial': as disaggregated, and the reference model lives with the rollout workers "
+        "(its log-probs computed on finished groups during generation), not on the trainers.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)
@@ -621,20 +623,21 @@ def _validate_runtime(config: Config) -> None:
         (runtime.controller == "single" and algo.dynamic_sampling,
          "runtime.controller=single does not support algo.dynamic_sampling; use the "
          "parallel controller"),
-        (runtime.placement == "disaggregated" and runtime.controller == "single",
-         "runtime.placement=disaggregated runs parallel controllers; set "
+        (runtime.placement != "colocated" and runtime.controller == "single",
+         "rollout workers apart (runtime.placement) run parallel controllers; set "
          "runtime.controller=parallel"),
-        (runtime.placement == "disaggregated" and algo.dynamic_sampling,
+        (runtime.placement != "colocated" and algo.dynamic_sampling,
          "algo.dynamic_sampling needs runtime.placement=colocated"),
-        (runtime.placement == "disaggregated" and config.rollout.engine != "plait",
-         "runtime.placement=disaggregated needs rollout.engine=plait"),
-        (runtime.placement == "disaggregated" and (
+        (runtime.placement != "colocated" and config.rollout.engine != "plait",
+         "rollout workers apart (runtime.placement) need rollout.engine=plait"),
+        (runtime.placement != "colocated" and (
             algo.prompts_per_step % runtime.rollout_workers != 0 or
             (ranks % runtime.rollout_workers and runtime.rollout_workers % ranks)),
          f"runtime.rollout_workers={runtime.rollout_workers}: algo.prompts_per_step must be a "
          "multiple of it, and it must divide or be a multiple of runtime.num_ranks"),
-        (runtime.max_staleness > 0 and runtime.placement != "disaggregated",
-         "runtime.max_staleness applies to runtime.placement=disaggregated"),
+        (runtime.max_staleness > 0 and runtime.placement == "colocated",
+         "runtime.max_staleness applies to rollout workers apart: set runtime.placement to "
+         "disaggregated or partial"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "
          "algo.use_engine_logprobs"),

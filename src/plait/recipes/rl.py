@@ -228,12 +228,12 @@ class RLTrainer(Session):
     @property
     def kl_in_reward(self) -> bool:
         algo = self.config.algo
-        return self.reference is not None and algo.kl_coef > 0 and algo.kl_mode == "reward"
+        return self.uses_reference and algo.kl_coef > 0 and algo.kl_mode == "reward"
 
     @property
     def kl_in_loss(self) -> bool:
         algo = self.config.algo
-        return self.reference is not None and algo.kl_coef > 0 and algo.kl_mode == "loss"
+        return self.uses_reference and algo.kl_coef > 0 and algo.kl_mode == "loss"
 
     # ------------------------------------------------------------------ advantages
 

@@ -1,4 +1,4 @@
-"""A rollout worker of the disaggregated placement: generate, score, send, repeat.
+"""A rollout worker of the disaggregated and partial placements: generate, score, send.
 
 The worker holds the policy weights for its engine, the rewards and the prompt
 stream; it has no optimizer. For step ``s`` it makes sure its weights are at
@@ -7,6 +7,9 @@ blocking only when it would otherwise be too far ahead), draws the same global
 prompt batch every process draws for step ``s``, generates and scores its
 contiguous range of it with the same per-prompt seeds a colocated job uses,
 and posts each trainer its part without waiting for the trainer to take it.
+Under the partial placement it also holds the reference model and sends the
+reference log-probs with the batch (computed on finished groups while the rest
+still generate).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class RolloutWorker(RLTrainer):
         start = remote.channel.recv(0, kind="control")
         self.train_iter.load_state_dict(start["data"])
         self._next_group_id = start["next_group_id"]
+        if cfg.runtime.placement == "partial" and self.uses_reference:
+            # the reference role lives here: the warm-started model, model.ref_path, or
+            # (neither) the starting model this worker loaded, before any weights arrive
+            self.build_reference(start["reference_dir"])
         version = self._receive(remote)
         for step in range(start["step"], cfg.train.steps):
             while version < step - k:
@@ -42,8 +49,13 @@ class RolloutWorker(RLTrainer):
             lo, hi = remote.layout.worker_range(worker, len(rows))
             timer = StageTimer()
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
-                                 first_index=lo, total=len(rows),
-                                 seeds=self.sample_seeds(lo, hi - lo, 1)).to("cpu")
+                                 fuse=self.fuse_forwards, first_index=lo, total=len(rows),
+                                 seeds=self.sample_seeds(lo, hi - lo, 1))
+            if self.reference is not None and batch.ref_logprobs is None:
+                with timer.stage("reference"):
+                    batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
+                        self.reference, m))
+            batch = batch.to("cpu")
             first_id = int(batch.group_ids.min())
             for trainer, tlo, thi in remote.layout.worker_targets(worker, len(rows)):
                 local = batch.group_ids - first_id + lo  # global prompt index of each row

@@ -205,14 +205,8 @@ class Session:
         frozen copy of the starting policy."""
         config = self.config
         algo = config.algo
-        if algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and algo.grpovi_weights ==
-                                "reference"):
-            ref_dir = config.model.ref_path or (
-                self.state.get("reference_dir") if resuming else None)
-            if ref_dir:
-                self.reference = freeze(load_causal_lm(ref_dir)).to(self.device)
-            else:
-                self.reference = freeze(copy.deepcopy(self.policy))
+        if self.uses_reference and config.runtime.placement != "partial":
+            self.build_reference(self.state.get("reference_dir") if resuming else None)
         if self.advantage_estimator == "gae":
             if config.model.critic_path:
                 self.critic = load_critic(config.model.critic_path)
@@ -228,6 +222,22 @@ class Session:
                 self.critic.parameters(), config.optim, lr=config.optim.critic_lr or config.optim.lr,
                 total_steps=total)
         self.policy.train()
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the job needs reference log-probs (KL, or GRPOVI's reference weights)."""
+        algo = self.config.algo
+        return algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and
+                                    algo.grpovi_weights == "reference")
+
+    def build_reference(self, saved_dir: str | None) -> None:
+        """model.ref_path, else ``saved_dir`` (the warm-started model), else a frozen copy
+        of the current policy."""
+        ref_dir = self.config.model.ref_path or saved_dir
+        if ref_dir:
+            self.reference = freeze(load_causal_lm(ref_dir)).to(self.device)
+        else:
+            self.reference = freeze(copy.deepcopy(self.policy))
 
     def trainable_models(self):
         return [m for _, m in self.named_trainable_models()]

@@ -35,7 +35,8 @@ class Remote:
         if trainer.dist.global_rank != 0:
             return
         state = {"step": trainer.global_step, "data": trainer.train_iter.state_dict(),
-                 "next_group_id": trainer._next_group_id}
+                 "next_group_id": trainer._next_group_id,
+                 "reference_dir": trainer.state.get("reference_dir")}
         for worker in self.layout.worker_ranks:
             self.channel.send(state, worker, kind="control")
         self.weights.push(trainer.global_step)

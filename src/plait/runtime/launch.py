@@ -59,7 +59,7 @@ def prepare_job(config: Config) -> tuple[Config, Path]:
 def world_size(config: Config) -> int:
     """Processes in the job: the trainer ranks, plus the rollout workers when apart."""
     runtime = config.runtime
-    workers = runtime.rollout_workers if runtime.placement == "disaggregated" else 0
+    workers = runtime.rollout_workers if runtime.placement != "colocated" else 0
     return runtime.num_ranks + workers
 
 
