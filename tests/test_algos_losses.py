@@ -381,7 +381,7 @@ def test_decoupled_ppo_loss_hand_value():
     loss, _ = ppo_policy_loss(logprobs, prox, adv, mask, token_weights=w)
     # token 0: r = 1.2 (within 1.2 clip), -A r = -1.2, weight 2 -> -2.4
     # token 1: r = 0.8, A < 0: max(0.8, clip 0.8) = 0.8, weight 1 -> 0.8
-    assert float(loss) == pytest.approx((-2.4 + 0.8) / 2, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx((-2.4 + 0.8) / 2, abs=1e-6)
     plain, _ = ppo_policy_loss(logprobs, prox, adv, mask)
     same, _ = ppo_policy_loss(logprobs, prox, adv, mask, token_weights=torch.ones(1, 2))
     assert float(same) == pytest.approx(float(plain))

@@ -260,12 +260,14 @@ class RuntimeConfig:
         "parallel", "'parallel': every rank drives its own shard of prompts; 'single': rank 0 "
         "gathers every rollout, scores and computes advantages, and scatters the batches "
         "(for comparison).")
-    placement: Literal["colocated", "disaggregated", "partial"] = opt(
+    placement: Literal["colocated", "disaggregated", "partial", "dynamic"] = opt(
         "colocated", "'colocated': every rank generates and trains, time-shared (the hybrid "
         "engine); 'disaggregated': runtime.rollout_workers extra processes generate and score "
         "while the num_ranks trainer ranks train, weights pushed to them after each update; "
         "'partial': as disaggregated, and the reference model lives with the rollout workers "
-        "(its log-probs computed on finished groups during generation), not on the trainers.")
+        "(its log-probs computed on finished groups during generation), not on the trainers; "
+        "'dynamic': the num_ranks processes hold every role and how many of them generate "
+        "(0 = colocated) is revised at step boundaries from the measured stage times.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)
@@ -605,7 +607,8 @@ def off_policy_mode(config: Config) -> str:
     """The off-policy correction in force: algo.off_policy with 'auto' resolved."""
     mode = config.algo.off_policy
     if mode == "auto":
-        return "decoupled" if config.runtime.max_staleness > 0 else "none"
+        stale = config.runtime.max_staleness > 0 or config.runtime.placement == "dynamic"
+        return "decoupled" if stale else "none"
     return mode
 
 
@@ -635,9 +638,12 @@ def _validate_runtime(config: Config) -> None:
             (ranks % runtime.rollout_workers and runtime.rollout_workers % ranks)),
          f"runtime.rollout_workers={runtime.rollout_workers}: algo.prompts_per_step must be a "
          "multiple of it, and it must divide or be a multiple of runtime.num_ranks"),
-        (runtime.max_staleness > 0 and runtime.placement == "colocated",
+        (runtime.max_staleness > 0 and runtime.placement in ("colocated", "dynamic"),
          "runtime.max_staleness applies to rollout workers apart: set runtime.placement to "
-         "disaggregated or partial"),
+         "disaggregated or partial (dynamic placement runs at most one version behind)"),
+        (runtime.placement == "dynamic" and ranks < 2,
+         "runtime.placement=dynamic splits processes between generating and training: set "
+         "runtime.num_ranks >= 2"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "
          "algo.use_engine_logprobs"),

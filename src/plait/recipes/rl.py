@@ -52,6 +52,7 @@ class RLTrainer(Session):
     """GRPO / PPO training loop: one process, or one rank of a data-parallel job."""
 
     remote = None  # the disaggregated placement's links to the rollout workers (runtime.job)
+    use_ddp = True  # False: gradients summed over the job's ranks by one flat all-reduce
 
     @property
     def off_policy(self) -> str:
@@ -65,7 +66,7 @@ class RLTrainer(Session):
         super().setup_training(resuming=resuming)
         # the modules the update runs through: DDP wrappers when there are several ranks
         self.train_policy, self.train_critic = self.policy, self.critic
-        if self.dist.active:
+        if self.dist.active and self.use_ddp:
             ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        process_group=self.dist.group)
             self.train_policy = DistributedDataParallel(self.policy, **ddp)
@@ -96,7 +97,7 @@ class RLTrainer(Session):
         last = None
         while True:
             stats["draws"] += 1
-            rows = self.train_iter.next_batch(algo.prompts_per_step)  # the global batch
+            rows = self.draw_rows()                                     # the global batch
             lo, hi = self.dist.shard_bounds(len(rows))                  # this rank's prompts
             stats["groups_drawn"] += hi - lo
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
@@ -150,6 +151,10 @@ class RLTrainer(Session):
             batch.ghost = True
             batch.response_mask = torch.zeros_like(batch.response_mask)
         return batch
+
+    def draw_rows(self) -> list[dict]:
+        """The next global prompt batch (the same on every rank)."""
+        return self.train_iter.next_batch(self.config.algo.prompts_per_step)
 
     def shape_rewards(self, total: torch.Tensor, batch: Experience) -> torch.Tensor:
         """Add the DAPO soft overlong penalty when it is configured."""
@@ -272,17 +277,24 @@ class RLTrainer(Session):
                 seq_adv = algos.grpo_advantages(rewards, batch.group_ids,
                                                 scale_by_std=estimator == "grpo")
             batch.advantages = algos.broadcast_seq_advantages(seq_adv, mask)
+            if batch.ghost:  # zero weight: no NaN from one-row groups may reach the update
+                batch.advantages = torch.zeros_like(batch.advantages)
             return stats
         token_rewards = algos.outcome_to_token_rewards(rewards, mask)
         if kl_tok is not None:
             token_rewards = token_rewards - algo.kl_coef * kl_tok
         if estimator == "reinforce++":
             batch.advantages = algos.reinforce_pp_advantages(token_rewards, mask, algo.gamma)
+            if batch.ghost:
+                batch.advantages = torch.zeros_like(batch.advantages)
             return stats
         adv, returns = algos.gae_advantages(token_rewards, batch.values, mask, algo.gamma,
                                             algo.lam)
         batch.returns = returns
         batch.advantages = self.whiten(adv, mask, across_ranks) * mask
+        if batch.ghost:  # zero weight: no NaN from one-row groups may reach the update
+            batch.advantages = torch.zeros_like(batch.advantages)
+            batch.returns = torch.zeros_like(batch.returns)
         return stats
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = True
@@ -344,13 +356,28 @@ class RLTrainer(Session):
                 with self.autocast():
                     loss, micro_stats = self.micro_loss(micro, norm)
                 # DDP averages over ranks; the loss is already a share of the global one
-                (loss * self.dist.world_size).backward()
+                (loss * (self.dist.world_size if self.use_ddp else 1)).backward()
             for key, value in micro_stats.items():
                 # losses are already fractions of the mini-batch loss: they add up;
                 # per-token means (clip fractions, ratios) are averaged by rows
                 share = 1.0 if key in SUMMED_STATS else micro.batch_size / mini.batch_size
                 stats[key] = stats.get(key, 0.0) + value * share
+        if self.dist.active and not self.use_ddp:
+            self._all_reduce_gradients()
         return self.apply_gradients(stats)
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum every trainable parameter's gradient over the job's ranks (one flat buffer
+        per model; a rank with no rows contributes zeros)."""
+        for model in self.trainable_models():
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.dist.all_reduce(flat, kind="gradients")
+            offset = 0
+            for p in params:
+                p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
 
     def _no_sync(self, sync: bool):
         """Skip DDP's gradient all-reduce for every micro-batch but the last."""
@@ -420,7 +447,9 @@ class RLTrainer(Session):
             stats[f"grad_norm/{name}"] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
         if self.dist.active:  # a non-finite loss on any rank skips the step on all
-            self.dist.traffic.add("gradients", sent=self._grad_bytes, received=self._grad_bytes)
+            if self.use_ddp:  # (the flat all-reduce counts its own bytes)
+                self.dist.traffic.add("gradients", sent=self._grad_bytes,
+                                      received=self._grad_bytes)
             flag = torch.tensor([0.0 if finite else 1.0])
             finite = float(self.dist.all_reduce(flag, op="max", kind="control")) == 0.0
         if not finite:

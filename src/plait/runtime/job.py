@@ -61,6 +61,11 @@ def run_job(config: Config, world: Dist) -> dict:
     if runtime.placement == "colocated":
         with RLTrainer(config, dist=world) as trainer:
             return trainer.run()
+    if runtime.placement == "dynamic":
+        from plait.recipes.dynamic import DynamicTrainer
+
+        with DynamicTrainer(config, dist=world) as trainer:
+            return trainer.run()
     layout = Layout(runtime.num_ranks, runtime.rollout_workers)
     trainer_group = _new_group(layout.trainer_ranks, world)
     worker_group = _new_group(layout.worker_ranks, world)

@@ -59,7 +59,8 @@ def prepare_job(config: Config) -> tuple[Config, Path]:
 def world_size(config: Config) -> int:
     """Processes in the job: the trainer ranks, plus the rollout workers when apart."""
     runtime = config.runtime
-    workers = runtime.rollout_workers if runtime.placement != "colocated" else 0
+    apart = runtime.placement in ("disaggregated", "partial")
+    workers = runtime.rollout_workers if apart else 0
     return runtime.num_ranks + workers
 
 

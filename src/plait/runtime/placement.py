@@ -27,10 +27,11 @@ from plait.runtime.dist import shard_bounds
 class Layout:
     trainers: int
     workers: int = 0
+    worker_base: int | None = None  # global rank of worker 0 (default: right after trainers)
 
     @property
-    def world_size(self) -> int:
-        return self.trainers + self.workers
+    def first_worker(self) -> int:
+        return self.trainers if self.worker_base is None else self.worker_base
 
     @property
     def trainer_ranks(self) -> list[int]:
@@ -38,10 +39,10 @@ class Layout:
 
     @property
     def worker_ranks(self) -> list[int]:
-        return list(range(self.trainers, self.trainers + self.workers))
+        return list(range(self.first_worker, self.first_worker + self.workers))
 
     def is_worker(self, global_rank: int) -> bool:
-        return global_rank >= self.trainers
+        return global_rank in self.worker_ranks
 
     def worker_range(self, worker: int, prompts: int) -> tuple[int, int]:
         return shard_bounds(prompts, worker, self.workers)
@@ -60,7 +61,7 @@ class Layout:
         """``(worker global rank, lo, hi)`` for each worker sending this trainer prompts."""
         mine = self.trainer_range(trainer, prompts)
         others = [self.worker_range(w, prompts) for w in range(self.workers)]
-        return _overlaps(mine, others, first_rank=self.trainers)
+        return _overlaps(mine, others, first_rank=self.first_worker)
 
 
 def _overlaps(mine: tuple[int, int], others: list[tuple[int, int]], first_rank: int

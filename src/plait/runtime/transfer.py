@@ -28,10 +28,14 @@ class ObjectChannel:
     def __init__(self, dist: Dist):
         self.dist = dist
         self._in_flight: dict[int, list] = {}
+        self._to_self: list = []  # sends to this very rank (a worker that trains next step)
 
     def send(self, obj, dst: int, *, kind: str = "rollouts") -> None:
         """Post ``obj`` to global rank ``dst``; returns once the previous send to ``dst``
         has completed (at most one in flight per peer)."""
+        if dst == self.dist.global_rank:
+            self._to_self.append(obj)
+            return
         self.wait(dst)
         data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
                                 dtype=torch.uint8)
@@ -41,6 +45,8 @@ class ObjectChannel:
         self.dist.traffic.add(kind, sent=data.numel() + 8)
 
     def recv(self, src: int, *, kind: str = "rollouts"):
+        if src == self.dist.global_rank:
+            return self._to_self.pop(0)
         size = torch.zeros(1, dtype=torch.long)
         tdist.recv(size, src)
         data = torch.empty(int(size), dtype=torch.uint8)

@@ -1,0 +1,94 @@
+"""Dynamic placement: how many of a job's processes generate, revised at step boundaries.
+
+With ``runtime.placement=dynamic`` every process holds every role. In a step
+with split ``w``, processes ``N-w..N-1`` are rollout workers and ``0..N-w-1``
+train; ``w = 0`` is the colocated placement. :class:`SplitController` reads the
+stage times each step measured (the same reduced numbers on every process, so
+every process decides the same) and moves ``w`` by one when one side idles:
+
+- colocated (``w = 0``): when generation takes at least ``try_share`` of the step,
+  try one rollout worker (its batch can then overlap the update);
+- apart (``w > 0``): the trainers waited for batches for more than ``idle_share`` of
+  the step -> one more worker; the workers waited for the trainers more than that
+  -> one fewer (back to colocated at 0);
+- a move whose step time (mean over ``dwell`` steps) came out more than
+  ``tolerance`` worse than the split it left is undone, and not retried for
+  ``cooldown`` steps; a move away from idle workers is not reversed for
+  ``cooldown`` steps either.
+
+Each change is returned with its reason, for the run's log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SplitController:
+    processes: int
+    dwell: int = 3
+    idle_share: float = 0.2
+    try_share: float = 0.3
+    tolerance: float = 0.05
+    cooldown: int = 20
+    split: int = 0
+    _since_change: int = 0
+    _times: dict[int, list[float]] = field(default_factory=dict)
+    _previous: int | None = None
+    _blocked: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def observe(self, step: int, metrics: dict[str, float]) -> tuple[int, str] | None:
+        """Record step ``step``'s reduced metrics (run under the current split); return
+        ``(new_split, reason)`` when the split should change, else None."""
+        step_time = metrics.get("time/step", 0.0)
+        self._times.setdefault(self.split, []).append(step_time)
+        self._since_change += 1
+        if self._since_change < self.dwell:
+            return None
+        recent = _mean(self._times[self.split][-self.dwell:])
+        if self._previous is not None and self._previous in self._times:
+            before = _mean(self._times[self._previous][-self.dwell:])
+            if recent > before * (1 + self.tolerance):
+                target, self._previous = self._previous, None
+                self._blocked[(target, self.split)] = step + self.cooldown
+                return self._change(target, step,
+                                    f"undo: {recent:.3f} s/step with {self.split} rollout "
+                                    f"worker(s) vs {before:.3f} s/step with {target}")
+        self._previous = None
+        if self.split == 0:
+            generate = metrics.get("time/generate", 0.0)
+            if self.processes > 1 and generate >= self.try_share * step_time:
+                return self._try(1, step, f"generation is {generate / step_time:.0%} of the "
+                                 "step: a rollout worker could overlap it")
+            return None
+        trainer_idle = metrics.get("time/rollout_wait", 0.0)
+        worker_idle = metrics.get("time/worker_idle", 0.0)
+        if trainer_idle > self.idle_share * step_time and self.split + 1 < self.processes:
+            return self._try(self.split + 1, step, f"trainers idle {trainer_idle:.3f} s of "
+                             f"{step_time:.3f} s waiting for batches")
+        if worker_idle > self.idle_share * step_time:
+            old = self.split
+            change = self._try(old - 1, step, f"rollout workers idle {worker_idle:.3f} s "
+                               f"of {step_time:.3f} s waiting for the trainers")
+            if change is not None:  # measured, not guessed: do not come straight back
+                self._blocked[(old - 1, old)] = step + self.cooldown
+                self._previous = None
+            return change
+        return None
+
+    def _try(self, split: int, step: int, reason: str) -> tuple[int, str] | None:
+        if self._blocked.get((self.split, split), -1) > step:
+            return None
+        self._previous = self.split
+        return self._change(split, step, reason)
+
+    def _change(self, split: int, step: int, reason: str) -> tuple[int, str]:
+        self.split = split
+        self._since_change = 0
+        self._times[split] = []
+        return split, reason
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
