@@ -8,7 +8,9 @@ All variants start from one SFT warm start of the default job (made once, then
 - ``disagg-k0``: 1 trainer rank + 1 rollout worker, synchronous (max_staleness=0);
 - ``disagg-k1``: 1 trainer rank + 1 rollout worker, the next batch generates while
   this one trains (max_staleness=1, decoupled PPO correction);
-- ``colocated-1``: 1 process with 2 threads, for reference.
+- ``colocated-1``: 1 process with 2 threads, for reference;
+- ``dynamic-2``: 2 processes whose split (0 or 1 generating) is revised from the
+  measured stage times (``placement.jsonl`` lists the changes).
 
 Reports the median seconds per step (the first 5 steps excluded), the mean
 training reward over the last 20 steps, and the held-out greedy accuracy at the
@@ -38,6 +40,7 @@ VARIANTS = {
     "disagg-k1": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
                   "train.threads=1"],
     "colocated-1": ["train.threads=2"],
+    "dynamic-2": ["runtime.placement=dynamic", "runtime.num_ranks=2", "train.threads=1"],
 }
 
 
@@ -84,7 +87,11 @@ def main() -> None:
                        for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             steps = [r for r in records if "time/step" in r]
             summary = json.loads((run_dir / "summary.json").read_text())
+            changes = run_dir / "placement.jsonl"
             rows[name] = {
+                "placement_changes": [json.loads(line) for line in
+                                      changes.read_text().splitlines()]
+                if changes.is_file() else [],
                 "step_s_median": statistics.median(r["time/step"] for r in steps[5:]),
                 "reward_last20": statistics.fmean(r["reward/mean"] for r in steps[-20:]),
                 "accuracy_before": summary["accuracy_before"],

@@ -99,6 +99,7 @@ class DynamicTrainer(RLTrainer):
         else:
             batch, metrics = self._receive(step, timer)
         idle_start = time.perf_counter()
+        self._ahead_s = 0.0
         metrics.update(self.rollout_metrics(batch))
         metrics.update(self.score_forwards(batch, timer))
         metrics.update(self.compute_advantages(batch))
@@ -106,7 +107,9 @@ class DynamicTrainer(RLTrainer):
         with timer.stage("update"):
             metrics.update(self.update(batch, step))
         if is_worker:  # a worker's share of the update is waiting for the trainers'
-            timer.times["worker_idle"] = time.perf_counter() - idle_start
+            busy = self._ahead_s if self.during_update is None else 0.0
+            self.during_update = None
+            timer.times["worker_idle"] = max(0.0, time.perf_counter() - idle_start - busy)
             metrics = {k: v for k, v in metrics.items()
                        if k.startswith(("time/", "reward/", "response_length/"))}
         with timer.stage("weight_sync"):
@@ -144,17 +147,21 @@ class DynamicTrainer(RLTrainer):
                                "generate_s": timer.times.get("generate", 0.0)}, trainer)
 
     def _serve(self, step: int, timer: StageTimer):
-        """A worker's step: this step's batch if nobody made it yet, the next step's batch
-        while the trainers train, then a zero-weight share of the update."""
+        """A worker's step: this step's batch if nobody made it yet, then a zero-weight
+        share of the update, inside which (after the last collective that precedes the
+        trainers' backward, before the gradient sum) it makes the next step's batch."""
         if not self.pregenerated(step):
             report(f"step {step + 1}: generate for this step")
             self._generate_for(step, step, timer)
         nxt = step + 1
         if nxt < self.config.train.steps and self.split_at(nxt) > 0:
-            report(f"step {step + 1}: generate for step {nxt + 1}")
-            self._generate_for(nxt, step, timer)
-        ghost = self._ghost()
-        return ghost, {}
+            def ahead():
+                report(f"step {step + 1}: generate for step {nxt + 1}")
+                began = time.perf_counter()
+                self._generate_for(nxt, step, timer)
+                self._ahead_s = time.perf_counter() - began
+            self.during_update = ahead
+        return self._ghost(), {}
 
     def _receive(self, step: int, timer: StageTimer):
         """A trainer's step under a split with workers: its part of the step's batch."""

@@ -53,6 +53,7 @@ class RLTrainer(Session):
 
     remote = None  # the disaggregated placement's links to the rollout workers (runtime.job)
     use_ddp = True  # False: gradients summed over the job's ranks by one flat all-reduce
+    during_update = None  # a callable run once inside the next optimizer step (see dynamic)
 
     @property
     def off_policy(self) -> str:
@@ -345,6 +346,9 @@ class RLTrainer(Session):
             num_seqs = int(totals[1])
         norm = dict(num_tokens=num_tokens.clamp(min=1), num_seqs=max(num_seqs, 1),
                     norm_constant=self.loss_norm_constant)
+        if self.during_update is not None:  # work that overlaps the other ranks' backward
+            task, self.during_update = self.during_update, None
+            task()
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)

@@ -11,7 +11,8 @@ every process decides the same) and moves ``w`` by one when one side idles:
 - apart (``w > 0``): the trainers waited for batches for more than ``idle_share`` of
   the step -> one more worker; the workers waited for the trainers more than that
   -> one fewer (back to colocated at 0);
-- a move whose step time (mean over ``dwell`` steps) came out more than
+- a move whose cost (step time per generated token, mean over ``dwell`` steps) came
+  out more than
   ``tolerance`` worse than the split it left is undone, and not retried for
   ``cooldown`` steps; a move away from idle workers is not reversed for
   ``cooldown`` steps either.
@@ -42,7 +43,10 @@ class SplitController:
         """Record step ``step``'s reduced metrics (run under the current split); return
         ``(new_split, reason)`` when the split should change, else None."""
         step_time = metrics.get("time/step", 0.0)
-        self._times.setdefault(self.split, []).append(step_time)
+        # cost per generated token: answer lengths drift during training, so splits tried
+        # at different times are compared per token, not per step
+        cost = step_time / metrics["tokens"] if metrics.get("tokens") else step_time
+        self._times.setdefault(self.split, []).append(cost)
         self._since_change += 1
         if self._since_change < self.dwell:
             return None
@@ -52,9 +56,10 @@ class SplitController:
             if recent > before * (1 + self.tolerance):
                 target, self._previous = self._previous, None
                 self._blocked[(target, self.split)] = step + self.cooldown
+                unit = "ms/token" if metrics.get("tokens") else "ms/step"
                 return self._change(target, step,
-                                    f"undo: {recent:.3f} s/step with {self.split} rollout "
-                                    f"worker(s) vs {before:.3f} s/step with {target}")
+                                    f"undo: {1e3 * recent:.3f} {unit} with {self.split} "
+                                    f"rollout worker(s) vs {1e3 * before:.3f} with {target}")
         self._previous = None
         if self.split == 0:
             generate = metrics.get("time/generate", 0.0)
