@@ -11,7 +11,7 @@ every process decides the same) and moves ``w`` by one when one side idles:
 - apart (``w > 0``): the trainers waited for batches for more than ``idle_share`` of
   the step -> one more worker; the workers waited for the trainers more than that
   -> one fewer (back to colocated at 0);
-- a move whose cost (step time per generated token, mean over ``dwell`` steps) came
+- a move whose cost (step time per generated token over ``dwell`` steps) came
   out more than
   ``tolerance`` worse than the split it left is undone, and not retried for
   ``cooldown`` steps; a move away from idle workers is not reversed for
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 @dataclass
 class SplitController:
     processes: int
-    dwell: int = 3
+    dwell: int = 6
     idle_share: float = 0.2
     try_share: float = 0.3
     tolerance: float = 0.05
     cooldown: int = 20
     split: int = 0
     _since_change: int = 0
-    _times: dict[int, list[float]] = field(default_factory=dict)
+    _times: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     _previous: int | None = None
     _blocked: dict[tuple[int, int], int] = field(default_factory=dict)
 
@@ -43,22 +43,21 @@ class SplitController:
         """Record step ``step``'s reduced metrics (run under the current split); return
         ``(new_split, reason)`` when the split should change, else None."""
         step_time = metrics.get("time/step", 0.0)
-        # cost per generated token: answer lengths drift during training, so splits tried
-        # at different times are compared per token, not per step
-        cost = step_time / metrics["tokens"] if metrics.get("tokens") else step_time
-        self._times.setdefault(self.split, []).append(cost)
+        # cost per generated token (summed time over summed tokens of the window): answer
+        # lengths drift during training, so splits tried at different times are compared
+        # per token, not per step
+        self._times.setdefault(self.split, []).append((step_time, metrics.get("tokens", 1.0)))
         self._since_change += 1
         if self._since_change < self.dwell:
             return None
-        recent = _mean(self._times[self.split][-self.dwell:])
+        recent = _cost(self._times[self.split][-self.dwell:])
         if self._previous is not None and self._previous in self._times:
-            before = _mean(self._times[self._previous][-self.dwell:])
+            before = _cost(self._times[self._previous][-self.dwell:])
             if recent > before * (1 + self.tolerance):
                 target, self._previous = self._previous, None
                 self._blocked[(target, self.split)] = step + self.cooldown
-                unit = "ms/token" if metrics.get("tokens") else "ms/step"
                 return self._change(target, step,
-                                    f"undo: {1e3 * recent:.3f} {unit} with {self.split} "
+                                    f"undo: {1e3 * recent:.3f} ms/token with {self.split} "
                                     f"rollout worker(s) vs {1e3 * before:.3f} with {target}")
         self._previous = None
         if self.split == 0:
@@ -95,5 +94,6 @@ class SplitController:
         return split, reason
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
+def _cost(window: list[tuple[float, float]]) -> float:
+    """Seconds per token over a window of (step seconds, tokens)."""
+    return sum(t for t, _ in window) / max(sum(n for _, n in window), 1e-9)
