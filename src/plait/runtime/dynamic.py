@@ -9,8 +9,8 @@ every process decides the same) and moves ``w`` by one when one side idles:
 - colocated (``w = 0``): when generation takes at least ``try_share`` of the step,
   try one rollout worker (its batch can then overlap the update);
 - apart (``w > 0``): the trainers waited for batches for more than ``idle_share`` of
-  the step -> one more worker; the workers waited for the trainers more than that
-  -> one fewer (back to colocated at 0);
+  the step time (means over the last ``dwell`` steps) -> one more worker; the workers
+  waited for the trainers more than that -> one fewer (back to colocated at 0);
 - a move whose cost (step time per generated token over ``dwell`` steps) came
   out more than
   ``tolerance`` worse than the split it left is undone, and not retried for
@@ -37,6 +37,7 @@ class SplitController:
     _since_change: int = 0
     _times: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     _previous: int | None = None
+    _idle: list[tuple[float, float, float]] = field(default_factory=list)
     _blocked: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def observe(self, step: int, metrics: dict[str, float]) -> tuple[int, str] | None:
@@ -47,6 +48,8 @@ class SplitController:
         # lengths drift during training, so splits tried at different times are compared
         # per token, not per step
         self._times.setdefault(self.split, []).append((step_time, metrics.get("tokens", 1.0)))
+        self._idle.append((step_time, metrics.get("time/rollout_wait", 0.0),
+                           metrics.get("time/worker_idle", 0.0)))
         self._since_change += 1
         if self._since_change < self.dwell:
             return None
@@ -66,8 +69,11 @@ class SplitController:
                 return self._try(1, step, f"generation is {generate / step_time:.0%} of the "
                                  "step: a rollout worker could overlap it")
             return None
-        trainer_idle = metrics.get("time/rollout_wait", 0.0)
-        worker_idle = metrics.get("time/worker_idle", 0.0)
+        # idle shares over the window, not one step: single steps are noisy
+        window = self._idle[-self.dwell:]
+        step_time = sum(t for t, _, _ in window) / len(window)
+        trainer_idle = sum(i for _, i, _ in window) / len(window)
+        worker_idle = sum(i for _, _, i in window) / len(window)
         if trainer_idle > self.idle_share * step_time and self.split + 1 < self.processes:
             return self._try(self.split + 1, step, f"trainers idle {trainer_idle:.3f} s of "
                              f"{step_time:.3f} s waiting for batches")
@@ -90,6 +96,7 @@ class SplitController:
     def _change(self, split: int, step: int, reason: str) -> tuple[int, str]:
         self.split = split
         self._since_change = 0
+        self._idle = []
         self._times[split] = []
         return split, reason
 
