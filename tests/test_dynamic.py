@@ -43,6 +43,7 @@ def test_idle_sides_move_the_split():
     ctl = SplitController(processes=4, dwell=1, split=2)
     change = feed(ctl, 0, step=1.0, worker_idle=0.5)  # workers wait for trainers
     assert change[0] == 1
+    assert feed(ctl, 1, step=1.0, worker_idle=0.5) is None  # the last worker stays
     ctl = SplitController(processes=2, dwell=1, split=1)
     assert feed(ctl, 0, step=1.0, rollout_wait=0.5) is None  # no process left to add
 
@@ -77,7 +78,7 @@ def test_dynamic_job_switches_roles_and_keeps_learning(tiny_job, reward_spec, tm
 
 
 def test_leaving_idle_workers_is_not_reversed_at_once():
-    ctl = SplitController(processes=2, dwell=1, split=1, cooldown=5)
-    assert feed(ctl, 0, step=1.0, worker_idle=0.5)[0] == 0
-    assert feed(ctl, 1, step=1.0, generate=0.9) is None  # would try a worker: blocked
-    assert feed(ctl, 6, step=1.0, generate=0.9)[0] == 1
+    ctl = SplitController(processes=3, dwell=1, split=2, cooldown=5)
+    assert feed(ctl, 0, step=1.0, worker_idle=0.5)[0] == 1
+    assert feed(ctl, 1, step=1.0, rollout_wait=0.9) is None  # would add a worker: blocked
+    assert feed(ctl, 6, step=1.0, rollout_wait=0.9)[0] == 2

@@ -10,7 +10,9 @@ every process decides the same) and moves ``w`` by one when one side idles:
   try one rollout worker (its batch can then overlap the update);
 - apart (``w > 0``): the trainers waited for batches for more than ``idle_share`` of
   the step time (means over the last ``dwell`` steps) -> one more worker; the workers
-  waited for the trainers more than that -> one fewer (back to colocated at 0);
+  waited for the trainers more than that -> one fewer, down to one worker (going
+  back to colocated is decided by cost, below: one idle worker may still overlap
+  more than it wastes);
 - a move whose cost (step time per generated token over ``dwell`` steps) came
   out more than
   ``tolerance`` worse than the split it left is undone, and not retried for
@@ -77,7 +79,9 @@ class SplitController:
         if trainer_idle > self.idle_share * step_time and self.split + 1 < self.processes:
             return self._try(self.split + 1, step, f"trainers idle {trainer_idle:.3f} s of "
                              f"{step_time:.3f} s waiting for batches")
-        if worker_idle > self.idle_share * step_time:
+        # (the last worker is not given up for being idle: without one nothing overlaps;
+        # only a measured higher cost, the undo above, returns to colocated)
+        if worker_idle > self.idle_share * step_time and self.split > 1:
             old = self.split
             change = self._try(old - 1, step, f"rollout workers idle {worker_idle:.3f} s "
                                f"of {step_time:.3f} s waiting for the trainers")
