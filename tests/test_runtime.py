@@ -94,11 +94,14 @@ def test_resume_on_a_different_number_of_ranks(tiny_job, reward_spec, tmp_path):
     assert_same_weights(straight, switched)
 
 
-def test_dead_rank_ends_the_job_and_names_it(tiny_job, reward_spec, tmp_path):
+@pytest.mark.parametrize("layout", [("runtime.num_ranks=2",),
+                                    ("runtime.placement=disaggregated",)],
+                         ids=["colocated", "rollout-worker"])
+def test_dead_rank_ends_the_job_and_names_it(tiny_job, reward_spec, tmp_path, layout):
     before = worker_pids()
     run_dir = tmp_path / "run"
     start = time.time()
-    proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "runtime.num_ranks=2",
+    proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, *layout,
                                  "train.steps=50", "train.save_every=1",
                                  reward="kill_rank1"))
     assert proc.returncode == 1
