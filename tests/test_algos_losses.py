@@ -384,4 +384,4 @@ def test_decoupled_ppo_loss_hand_value():
     assert float(loss.detach()) == pytest.approx((-2.4 + 0.8) / 2, abs=1e-6)
     plain, _ = ppo_policy_loss(logprobs, prox, adv, mask)
     same, _ = ppo_policy_loss(logprobs, prox, adv, mask, token_weights=torch.ones(1, 2))
-    assert float(same) == pytest.approx(float(plain))
+    assert float(same.detach()) == pytest.approx(float(plain.detach()))
