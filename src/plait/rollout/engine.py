@@ -48,6 +48,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     seed: int | None = None
+    seed_words: tuple[int, int] | None = None  # the seed as two 32-bit words
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     version: int | None = None  # policy version of the first token sampled
@@ -236,7 +237,8 @@ class PlaitEngine:
     # ------------------------------------------------------------------ scheduling
 
     def _request(self, index, prompt, params, seed) -> Request:
-        request = Request(self._next_id, index, list(prompt), params, seed)
+        request = Request(self._next_id, index, list(prompt), params, seed,
+                          seed_words=split_seed(seed) if seed is not None else None)
         self._next_id += 1
         return request
 
@@ -458,20 +460,23 @@ class PlaitEngine:
             tokens[greedy] = logits[greedy].argmax(-1)
         sampled = (~greedy).nonzero().squeeze(-1)
         if sampled.numel():
-            seeded = [i for i in sampled.tolist() if self._running[i].seed is not None]
-            shared = [i for i in sampled.tolist() if self._running[i].seed is None]
+            running = self._running
+            indices = sampled.tolist()
+            seeded = [i for i in indices if running[i].seed_words is not None]
+            shared = [i for i in indices if running[i].seed_words is None]
             if shared:
                 rows = torch.tensor(shared, device=device)
                 tokens[rows] = torch.multinomial(logp[rows].exp(), 1).squeeze(-1)
             if seeded:
                 # counter-based: the draw depends on (seed, token index) only
-                words = [split_seed(self._running[i].seed) for i in seeded]
-                lo = torch.tensor([w[0] for w in words])
-                hi = torch.tensor([w[1] for w in words])
-                counter = torch.tensor([len(self._running[i].tokens) for i in seeded])
-                rows = torch.tensor(seeded, device=device)
-                uniform = counter_uniform(lo, counter, hi)
-                tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform).to(device)
+                words = torch.tensor([(*running[i].seed_words, len(running[i].tokens))
+                                      for i in seeded])
+                uniform = counter_uniform(words[:, 0], words[:, 2], words[:, 1])
+                if len(seeded) == len(running):  # every row: no gather
+                    tokens = sample_inverse_cdf(logp.exp(), uniform).to(device)
+                else:
+                    rows = torch.tensor(seeded, device=device)
+                    tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform).to(device)
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
