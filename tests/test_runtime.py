@@ -227,3 +227,12 @@ def test_layout_routes_every_prompt_once():
         assert sent == got
         covered = sorted(i for _, lo, hi in sent for i in range(lo, hi))
         assert covered == list(range(8))
+
+
+def test_missing_ray_is_a_clear_error(monkeypatch):
+    from plait.config import ConfigError
+    from plait.runtime.ray_launcher import _import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'plait\[ray\]'"):
+        _import_ray()

@@ -28,11 +28,14 @@ PEER_WORDS = ("connection", "closed by peer", "timed out", "gloo", "nccl", "brok
 
 
 def _import_ray():
+    message = "runtime.launcher=ray needs Ray, an optional extra: pip install 'plait[ray]'"
     try:
         import ray
+        import ray.util.placement_group  # noqa: F401 - a directory named ray is not Ray
     except ImportError:
-        raise ConfigError("runtime.launcher=ray needs Ray, an optional extra: "
-                          "pip install 'plait[ray]'") from None
+        raise ConfigError(message) from None
+    if not hasattr(ray, "init"):
+        raise ConfigError(message)
     return ray
 
 
