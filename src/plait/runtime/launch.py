@@ -114,6 +114,7 @@ def launch_local(config: Config) -> dict:
 def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
     """Poll until every rank exits 0; raise :class:`RankFailure` at the first that fails."""
     started = time.time()
+    finished = None
     while True:
         codes = [p.poll() for p in procs]
         failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
@@ -126,6 +127,14 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
         if all(code == 0 for code in codes):
             return
         now = time.time()
+        if codes[0] == 0:  # rank 0 wrote the results: the others only have to exit
+            finished = finished or now
+            if now - finished > timeout_s:
+                late = [r for r, code in enumerate(codes) if code is None]
+                print(f"plait: warning: rank 0 finished but rank(s) {late} did not exit within "
+                      f"{timeout_s:g} s; stopping them (the results are complete)",
+                      file=sys.stderr, flush=True)
+                return
         for rank, code in enumerate(codes):
             if code is not None:
                 continue
