@@ -83,11 +83,7 @@ class DynamicTrainer(RLTrainer):
     # ------------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict[str, float]:
-        timer = StageTimer()
-        start = time.perf_counter()
-        self._held_bytes = 0
-        traffic_before = (self.dist.traffic.total(exclude=("gradients",)),
-                          self.dist.traffic.total())
+        timer, start, traffic_before = self.begin_step()
         split = self.split_at(step)
         trainers = self.dist.world_size - split
         is_worker = self.dist.rank >= trainers
@@ -136,15 +132,10 @@ class DynamicTrainer(RLTrainer):
         try:
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
                                  first_index=lo, total=len(rows),
-                                 seeds=self.sample_seeds(lo, hi - lo, 1)).to("cpu")
+                                 seeds=self.sample_seeds(lo, hi - lo, 1))
         finally:
             self.global_step = saved_step
-        first_id = int(batch.group_ids.min())
-        for trainer, tlo, thi in layout.worker_targets(worker, len(rows)):
-            index = batch.group_ids - first_id + lo
-            pick = ((index >= tlo) & (index < thi)).nonzero().squeeze(-1)
-            self.channel.send({"batch": batch.select(pick), "version": made_in,
-                               "generate_s": timer.times.get("generate", 0.0)}, trainer)
+        self.send_parts(batch, layout, worker, lo, len(rows), self.channel, made_in, timer)
 
     def _serve(self, step: int, timer: StageTimer):
         """A worker's step: this step's batch if nobody made it yet, then a zero-weight
@@ -166,23 +157,8 @@ class DynamicTrainer(RLTrainer):
     def _receive(self, step: int, timer: StageTimer):
         """A trainer's step under a split with workers: its part of the step's batch."""
         made_in = step - 1 if self.pregenerated(step) else step
-        layout = self.layout(step, made_in)
         rows = self.rows_for(step)
-        sources = layout.trainer_sources(self.dist.rank, len(rows))
-        with timer.stage("rollout_wait"):
-            parts = [self.channel.recv(src) for src, _, _ in sources]
-        batches = [p["batch"] for p in parts]
-        batch = Experience.cat(batches, self.tokenizer.pad_token_id) if len(batches) > 1 \
-            else batches[0]
-        batch = batch.to(self.device)
-        correct = batch.rewards >= self.reward_high - 1e-6
-        batch.rewards = self.shape_rewards(batch.rewards, batch)
-        groups = float(sum(hi - lo for _, lo, hi in sources))
-        return batch, {"draws": 1.0, "groups_drawn": groups, "groups_kept": groups,
-                       "reward_failures": float(batch.reward_failures),
-                       "reward_all_mean": float(batch.rewards.mean()),
-                       "train/accuracy": float(correct.float().mean()),
-                       "rollout/staleness": float(step - min(p["version"] for p in parts))}
+        return self.receive_parts(self.layout(step, made_in), len(rows), self.channel, timer)
 
     def _ghost(self) -> Experience:
         """A zero-weight batch, so a worker runs the trainers' collectives in step."""

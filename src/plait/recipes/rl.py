@@ -26,6 +26,7 @@ comparison).
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 
 import torch
@@ -481,11 +482,14 @@ class RLTrainer(Session):
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, step: int) -> dict[str, float]:
-        timer = StageTimer()
-        start = time.perf_counter()
+    def begin_step(self) -> tuple[StageTimer, float, tuple[int, int]]:
+        """A step's timer, start time and traffic counters (see :meth:`_controller_load`)."""
         self._held_bytes = 0
-        traffic_before = (self.dist.traffic.total(exclude=("gradients",)), self.dist.traffic.total())
+        traffic = (self.dist.traffic.total(exclude=("gradients",)), self.dist.traffic.total())
+        return StageTimer(), time.perf_counter(), traffic
+
+    def step(self, step: int) -> dict[str, float]:
+        timer, start, traffic_before = self.begin_step()
         if self.config.runtime.controller == "single" and self.dist.active:
             batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
         elif self.remote is not None:
@@ -515,8 +519,6 @@ class RLTrainer(Session):
     def _controller_load(self, before: tuple[int, int]) -> dict[str, float]:
         """What passed through this process in the step (collective payload bytes, the
         experience it held at once) and its peak memory so far."""
-        import resource
-
         control = self.dist.traffic.total(exclude=("gradients",)) - before[0]
         total = self.dist.traffic.total() - before[1]
         return {"controller/traffic_bytes": float(control),
@@ -527,11 +529,16 @@ class RLTrainer(Session):
     def collect_remote(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-3 under the disaggregated placement: this rank's part of the batch the
         rollout workers generated and scored (the wait is the time the trainer idles)."""
-        algo = self.config.algo
-        rows = self.train_iter.next_batch(algo.prompts_per_step)  # keeps the data position
-        sources = self.remote.layout.trainer_sources(self.dist.rank, len(rows))
+        rows = self.draw_rows()  # keeps the data position in step with the workers
+        return self.receive_parts(self.remote.layout, len(rows), self.remote.channel, timer)
+
+    def receive_parts(self, layout, total: int, channel, timer: StageTimer
+                      ) -> tuple[Experience, dict]:
+        """This trainer's part of a batch of ``total`` prompts made by ``layout``'s rollout
+        workers (the wait is the time the trainer idles), with its step statistics."""
+        sources = layout.trainer_sources(self.dist.rank, total)
         with timer.stage("rollout_wait"):
-            parts = [self.remote.channel.recv(src) for src, _, _ in sources]
+            parts = [channel.recv(src) for src, _, _ in sources]
         batches = [part["batch"] for part in parts]
         batch = Experience.cat(batches, self.tokenizer.pad_token_id) if len(batches) > 1 \
             else batches[0]
@@ -539,8 +546,8 @@ class RLTrainer(Session):
         version = min(part["version"] for part in parts)
         correct = batch.rewards >= self.reward_high - 1e-6
         batch.rewards = self.shape_rewards(batch.rewards, batch)
-        stats = {"draws": 1.0, "groups_drawn": float(sum(hi - lo for _, lo, hi in sources)),
-                 "groups_kept": float(sum(hi - lo for _, lo, hi in sources)),
+        groups = float(sum(hi - lo for _, lo, hi in sources))
+        stats = {"draws": 1.0, "groups_drawn": groups, "groups_kept": groups,
                  "reward_failures": float(batch.reward_failures),
                  "reward_all_mean": float(batch.rewards.mean()),
                  "train/accuracy": float(correct.float().mean()),
@@ -548,6 +555,18 @@ class RLTrainer(Session):
                  "rollout/worker_generate_s": max(p["times"].get("generate", 0.0)
                                                   for p in parts)}
         return batch, stats
+
+    def send_parts(self, batch: Experience, layout, worker: int, first: int, total: int,
+                   channel, version: int, timer: StageTimer) -> None:
+        """As rollout worker ``worker`` of ``layout``, whose ``batch`` holds prompts
+        ``first..`` of a global batch of ``total``: send each trainer the rows of the
+        prompts in its range."""
+        batch = batch.to("cpu")
+        prompt = batch.group_ids - int(batch.group_ids.min()) + first  # global index
+        for trainer, lo, hi in layout.worker_targets(worker, total):
+            rows = ((prompt >= lo) & (prompt < hi)).nonzero().squeeze(-1)
+            channel.send({"batch": batch.select(rows), "version": version,
+                          "times": dict(timer.times)}, trainer)
 
     def collect_single(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-5 the single-controller way: rank 0 draws the prompts and scatters

@@ -45,7 +45,7 @@ class RolloutWorker(RLTrainer):
                 version = self._receive(remote)
             report(f"step {step + 1}: generate (weights v{version})")
             self.global_step = step  # the seeds are those of this step
-            rows = self.train_iter.next_batch(algo.prompts_per_step)
+            rows = self.draw_rows()
             lo, hi = remote.layout.worker_range(worker, len(rows))
             timer = StageTimer()
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
@@ -55,13 +55,8 @@ class RolloutWorker(RLTrainer):
                 with timer.stage("reference"):
                     batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.reference, m))
-            batch = batch.to("cpu")
-            first_id = int(batch.group_ids.min())
-            for trainer, tlo, thi in remote.layout.worker_targets(worker, len(rows)):
-                local = batch.group_ids - first_id + lo  # global prompt index of each row
-                rows_idx = ((local >= tlo) & (local < thi)).nonzero().squeeze(-1)
-                remote.channel.send({"batch": batch.select(rows_idx), "version": version,
-                                     "times": dict(timer.times)}, trainer)
+            self.send_parts(batch, remote.layout, worker, lo, len(rows), remote.channel,
+                            version, timer)
         remote.channel.wait()
         report("done serving")
 

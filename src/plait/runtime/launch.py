@@ -32,6 +32,8 @@ from plait.runtime.heartbeat import read_heartbeat
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat
 STOP_GRACE_S = 5.0       # SIGTERM -> SIGKILL
+# words of an error that is a symptom (a peer went away), not a rank's own failure
+PEER_WORDS = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
 
 
 class RankFailure(RuntimeError):
@@ -153,14 +155,13 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
 def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
     """Among failed ranks, prefer one killed by a signal, then one whose error is its own
     rather than a broken connection to a peer that failed first."""
-    peer_words = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
     for rank in failed:
         if codes[rank] < 0:
             return rank
     for rank in failed:
         beat = read_heartbeat(heartbeats, rank) or {}
         error = (beat.get("error") or "").lower()
-        if not any(word in error for word in peer_words):
+        if not any(word in error for word in PEER_WORDS):
             return rank
     return failed[0]
 

@@ -22,9 +22,13 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, dump_yaml
-from plait.runtime.launch import STARTUP_GRACE_S, RankFailure, prepare_job, world_size
-
-PEER_WORDS = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
+from plait.runtime.launch import (
+    PEER_WORDS,
+    STARTUP_GRACE_S,
+    RankFailure,
+    prepare_job,
+    world_size,
+)
 
 
 def _import_ray():
