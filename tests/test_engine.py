@@ -29,7 +29,7 @@ def early_stopping(engine, tokenizer):
     return engine
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("slots", [3, 8])
 def test_greedy_equals_hf_generate(arch, slots):
     tokenizer = build_char_tokenizer()

@@ -116,3 +116,21 @@ def test_fused_forwards_equal_the_batch_pass(tiny_job, reward_spec, tmp_path, al
         if getattr(plain, name) is not None:
             torch.testing.assert_close(getattr(fused, name)[mask], getattr(plain, name)[mask],
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split_by", ["algo.micro_batch_size=64", "algo.micro_batch_size=5"])
+def test_shared_prompt_forward_gives_the_full_forward_update(tiny_job, reward_spec, tmp_path,
+                                                              split_by):
+    """Each prompt run once for its group (with KL to the reference, so the reference pass
+    shares too) gives the gradients of every [prompt | response] row run in full."""
+    base = [*tiny_job[:-1], f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+            "algo.reward_range=[0, 1]", "optim.lr=1e-2", "algo.kl_coef=0.05",
+            "optim.max_grad_norm=null", split_by]
+    full, batch = one_update([*base, f"run.dir={tmp_path / 'a'}",
+                              "algo.share_prompt_forward=false"])
+    shared, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}"])
+    assert torch.equal(batch.response_ids, batch2.response_ids)
+    torch.testing.assert_close(batch2.ref_logprobs, batch.ref_logprobs, rtol=1e-5, atol=1e-5)
+    assert max(float(g.abs().max()) for g in full.values()) > 1e-3
+    for name, value in full.items():
+        torch.testing.assert_close(shared[name], value, rtol=1e-4, atol=1e-6)

@@ -43,7 +43,8 @@ def opt(default: Any = dataclasses.MISSING, doc: str = "", *, low: float | None 
 class TinyModelConfig:
     """Shape of the built-in tiny model (used when ``model.path: tiny``)."""
 
-    arch: Literal["qwen2", "llama"] = opt("qwen2", "Architecture family of the tiny model.")
+    arch: Literal["qwen2", "llama", "qwen3", "mistral"] = opt(
+        "qwen2", "Architecture family of the tiny model.")
     hidden_size: int = opt(128, "Hidden width.", low=8)
     intermediate_size: int = opt(384, "MLP width.", low=8)
     num_layers: int = opt(4, "Number of decoder blocks.", low=1)
@@ -138,6 +139,10 @@ class AlgoConfig:
     micro_batch_tokens: int | None = opt(
         None, "Token budget per micro-batch: rows sorted by length and packed while rows x "
         "padded width stays within it (micro_batch_size still caps the rows).", low=1)
+    share_prompt_forward: bool = opt(
+        True, "Teacher-forced forwards (update, old and reference log-probs) run each "
+        "distinct prompt of a micro-batch once and its responses against the cached keys "
+        "and values, instead of every [prompt | response] row in full; same result.")
     use_engine_logprobs: bool = opt(
         False, "Use the rollout engine's sampled-token log-probs as the old log-probs "
         "instead of a recompute pass (when a batch gets several updates).")

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from plait.data.tasks import CHAR_VOCAB
 
@@ -66,12 +73,23 @@ class TinyModelSpec:
     tie_word_embeddings: bool = True
 
 
+TINY_ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config,
+              "mistral": MistralConfig}
+
+
 def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):
     """A randomly initialised causal LM of ``spec``'s shape for ``tokenizer``'s vocabulary."""
-    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}.get(spec.arch)
+    config_cls = TINY_ARCHS.get(spec.arch)
     if config_cls is None:
-        raise ValueError(f"tiny model arch must be 'qwen2' or 'llama', got {spec.arch!r}")
+        raise ValueError(f"tiny model arch must be one of {', '.join(TINY_ARCHS)}, "
+                         f"got {spec.arch!r}")
+    extra = {}
+    if spec.arch == "qwen3":  # per-head q/k RMSNorm; head_dim is a free setting
+        extra["head_dim"] = spec.hidden_size // spec.num_heads
+    if spec.arch == "mistral":
+        extra["sliding_window"] = None  # full attention, as the tiny model's contexts are short
     config = config_cls(
+        **extra,
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,

@@ -39,7 +39,7 @@ from plait.rollout.base import SamplingParams
 from plait.runtime.dist import shard_bounds
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
-from plait.train.forward import response_logits, response_values, token_logprobs
+from plait.train.forward import ResponseLogits, response_logits, response_values, token_logprobs
 
 SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy", "nonfinite"})
 # how per-rank step metrics combine: added, largest, or (the rest) averaged
@@ -67,11 +67,12 @@ class RLTrainer(Session):
     def setup_training(self, *, resuming: bool = False) -> None:
         super().setup_training(resuming=resuming)
         # the modules the update runs through: DDP wrappers when there are several ranks
-        self.train_policy, self.train_critic = self.policy, self.critic
+        self.train_policy = ResponseLogits(self.policy, self.config.algo.share_prompt_forward)
+        self.train_critic = self.critic
         if self.dist.active and self.use_ddp:
             ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        process_group=self.dist.group)
-            self.train_policy = DistributedDataParallel(self.policy, **ddp)
+            self.train_policy = DistributedDataParallel(self.train_policy, **ddp)
             if self.critic is not None:
                 self.train_critic = DistributedDataParallel(self.critic, **ddp)
         self._grad_bytes = sum(p.numel() * p.element_size() for m in self.trainable_models()
@@ -211,7 +212,8 @@ class RLTrainer(Session):
         return out
 
     def _logprobs(self, model, micro: Experience) -> torch.Tensor:
-        return token_logprobs(response_logits(model, micro, self.train_temperature),
+        return token_logprobs(response_logits(model, micro, self.train_temperature,
+                                              self.config.algo.share_prompt_forward),
                               micro.response_ids)
 
     def _per_token(self, batch: Experience, fn) -> torch.Tensor:
@@ -219,7 +221,8 @@ class RLTrainer(Session):
         algo = self.config.algo
         out = torch.zeros(batch.response_ids.shape, device=batch.response_ids.device)
         with self.autocast():
-            for idx in batch.micro_batch_indices(algo.micro_batch_size, algo.micro_batch_tokens):
+            for idx in batch.micro_batch_indices(algo.micro_batch_size, algo.micro_batch_tokens,
+                                                 algo.share_prompt_forward):
                 part = fn(batch.select(idx).trimmed()).float()
                 out[idx.to(out.device), : part.shape[1]] = part
         return out
@@ -353,7 +356,8 @@ class RLTrainer(Session):
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens)
+        micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
+                                    algo.share_prompt_forward)
         for i, micro in enumerate(micros):
             # DDP all-reduces the gradients once, in the last micro-batch's backward
             sync = i == len(micros) - 1
@@ -397,7 +401,7 @@ class RLTrainer(Session):
     def micro_loss(self, micro: Experience, norm: dict) -> tuple[torch.Tensor, dict]:
         algo = self.config.algo
         mask = micro.response_mask
-        logits = response_logits(self.train_policy, micro, self.train_temperature)
+        logits = self.train_policy(micro, self.train_temperature)
         logprobs = token_logprobs(logits, micro.response_ids)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         weights, wstats = None, {}

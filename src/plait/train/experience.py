@@ -101,35 +101,87 @@ class Experience:
 
         return self.map(trim)
 
-    def micro_batch_indices(self, size: int, token_budget: int | None = None
-                            ) -> list[torch.Tensor]:
+    def prompt_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first, inverse)``: the first row of each distinct prompt (in row order), and
+        for every row the number of its distinct prompt (``first[inverse]`` has each
+        row's prompt). Padding does not tell prompts apart."""
+        key = self.prompt_ids.masked_fill(self.prompt_mask == 0, -1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        rows = torch.arange(self.batch_size, device=key.device)
+        first = torch.full((int(inverse.max()) + 1,), self.batch_size, device=key.device,
+                           dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
+        order = first.argsort()  # number distinct prompts by their first row
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        return first[order], rank[inverse]
+
+    def micro_batch_indices(self, size: int, token_budget: int | None = None,
+                            share_prompts: bool = False) -> list[torch.Tensor]:
         """Row indices of each micro-batch.
 
         Without a budget: consecutive slices of ``size`` rows. With ``token_budget``:
-        rows sorted by length (longest first) and packed greedily while
-        ``rows x (longest prompt + longest response)`` stays within the budget (and at
-        most ``size`` rows), so short sequences are not padded to the longest one."""
+        rows sorted by length (longest first) and packed greedily while the padded
+        positions computed stay within the budget (and at most ``size`` rows), so short
+        sequences are not padded to the longest one. The positions are
+        ``rows x (longest prompt + longest response)``; with ``share_prompts`` (each
+        distinct prompt run once for its rows) they are ``prompts x longest prompt +
+        rows x longest response``, and rows that share a prompt are kept together
+        unless their prompt alone exceeds the budget."""
         if token_budget is None:
             return [torch.arange(s, min(s + size, self.batch_size))
                     for s in range(0, self.batch_size, size)]
         prompt_len = self.prompt_mask.sum(-1).tolist()
         response_len = self.response_mask.sum(-1).tolist()
-        order = sorted(range(self.batch_size), key=lambda i: -(prompt_len[i] + response_len[i]))
-        parts, current, widest_p, widest_r = [], [], 0, 0
-        for i in order:
-            p, r = max(widest_p, prompt_len[i]), max(widest_r, response_len[i])
-            if current and (len(current) == size or (len(current) + 1) * (p + r) > token_budget):
+        if share_prompts:
+            _, inverse = self.prompt_index()
+            units: dict[int, list[int]] = {}
+            for row, unit in enumerate(inverse.tolist()):
+                units.setdefault(unit, []).append(row)
+        else:
+            units = {row: [row] for row in range(self.batch_size)}
+        # pieces: rows of one prompt, longest response first, each fitting on its own
+        pieces = []
+        for rows in units.values():
+            rows.sort(key=lambda i: -response_len[i])
+            piece = []
+            for i in rows:
+                if piece and not self._fits(len(piece) + 1, 1, prompt_len[i],
+                                            response_len[piece[0]], size, token_budget,
+                                            share_prompts):
+                    pieces.append(piece)
+                    piece = []
+                piece.append(i)
+            pieces.append(piece)
+        pieces.sort(key=lambda piece: -(prompt_len[piece[0]] + response_len[piece[0]]))
+        parts, current, n_prompts, widest_p, widest_r = [], [], 0, 0, 0
+        for piece in pieces:
+            p = max(widest_p, prompt_len[piece[0]])
+            r = max(widest_r, response_len[piece[0]])
+            if current and not self._fits(len(current) + len(piece), n_prompts + 1, p, r, size,
+                                          token_budget, share_prompts):
                 parts.append(torch.tensor(current))
-                current, p, r = [], prompt_len[i], response_len[i]
-            current.append(i)
+                current, n_prompts = [], 0
+                p, r = prompt_len[piece[0]], response_len[piece[0]]
+            current.extend(piece)
+            n_prompts += 1
             widest_p, widest_r = p, r
         parts.append(torch.tensor(current))
         return parts
 
-    def micro_batches(self, size: int, token_budget: int | None = None) -> list[Experience]:
+    @staticmethod
+    def _fits(rows: int, prompts: int, prompt_width: float, response_width: float, size: int,
+              budget: int, share_prompts: bool) -> bool:
+        if rows > size:
+            return False
+        if share_prompts:
+            return prompts * prompt_width + rows * response_width <= budget
+        return rows * (prompt_width + response_width) <= budget
+
+    def micro_batches(self, size: int, token_budget: int | None = None,
+                      share_prompts: bool = False) -> list[Experience]:
         """The micro-batches of :meth:`micro_batch_indices`, each trimmed of padding."""
         return [self.select(idx).trimmed()
-                for idx in self.micro_batch_indices(size, token_budget)]
+                for idx in self.micro_batch_indices(size, token_budget, share_prompts)]
 
     @staticmethod
     def cat(parts: list[Experience], pad_token_id: int) -> Experience:

@@ -1,0 +1,109 @@
+"""Teacher-forced forwards: a group's shared prompt run once equals every row in full."""
+
+import pytest
+import torch
+
+from plait.models.tiny import TINY_ARCHS, TinyModelSpec, build_char_tokenizer, build_tiny_model
+from plait.train.experience import Experience
+from plait.train.forward import response_logits
+
+
+def _batch(vocab: int, groups: int = 3, group_size: int = 4, width: int = 5, seed: int = 0):
+    """``groups`` prompts of different lengths (left-padded), each answered ``group_size``
+    times with responses of different lengths (right-padded), rows shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_width = 7
+    prompt_ids = torch.randint(4, vocab, (groups, prompt_width), generator=g)
+    prompt_mask = torch.ones(groups, prompt_width, dtype=torch.long)
+    for i in range(groups):
+        prompt_mask[i, : i % 3] = 0
+    prompt_ids = prompt_ids.masked_fill(prompt_mask == 0, 0)
+    rows = groups * group_size
+    group_ids = torch.arange(groups).repeat_interleave(group_size)
+    response_ids = torch.randint(4, vocab, (rows, width), generator=g)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    lengths[0] = width
+    response_mask = (torch.arange(width) < lengths.unsqueeze(1)).float()
+    response_ids = response_ids.masked_fill(response_mask == 0, 0)
+    order = torch.randperm(rows, generator=g)
+    return Experience(prompt_ids=prompt_ids[group_ids][order],
+                      prompt_mask=prompt_mask[group_ids][order],
+                      response_ids=response_ids[order], response_mask=response_mask[order],
+                      group_ids=group_ids[order])
+
+
+def _logprob_sum(logits, batch):
+    picked = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1))
+    return (picked.squeeze(-1) * batch.response_mask).sum()
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+@pytest.mark.parametrize("width", [1, 5])
+def test_shared_prompts_equal_the_full_forward(arch, width):
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(arch=arch, hidden_size=32, intermediate_size=64,
+                                           num_layers=2, num_heads=4, num_kv_heads=2),
+                             tokenizer, seed=1)
+    batch = _batch(len(tokenizer), width=width)
+    params = list(model.parameters())
+    full = response_logits(model, batch, 0.7)
+    full_grads = torch.autograd.grad(_logprob_sum(full, batch), params)
+    shared = response_logits(model, batch, 0.7, share_prompts=True)
+    shared_grads = torch.autograd.grad(_logprob_sum(shared, batch), params)
+    mask = batch.response_mask.bool()
+    assert shared.shape == full.shape
+    torch.testing.assert_close(shared[mask], full[mask], rtol=1e-5, atol=1e-5)
+    assert max(float(g.abs().max()) for g in full_grads) > 1e-2
+    for a, b in zip(shared_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_distinct_prompts_ignore_padding_and_map_every_row():
+    batch = _batch(40, groups=4, group_size=3)
+    first, inverse = batch.prompt_index()
+    assert first.numel() == 4
+    assert torch.equal(batch.prompt_ids[first][inverse], batch.prompt_ids)
+    assert torch.equal(batch.prompt_mask[first][inverse], batch.prompt_mask)
+    assert first.tolist() == sorted(first.tolist())  # numbered in row order
+    assert all(inverse[f] == i for i, f in enumerate(first.tolist()))
+
+
+def test_rows_without_a_shared_prompt_run_in_full(monkeypatch):
+    """No two rows alike: the forward is the plain one (one model call)."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=1,
+                                           num_heads=2, num_kv_heads=1), tokenizer)
+    batch = _batch(len(tokenizer), groups=4, group_size=1)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k) or forward(*a, **k))
+    out = response_logits(model, batch, share_prompts=True)
+    assert len(calls) == 1 and calls[0]["use_cache"] is False
+    assert out.shape[:2] == batch.response_ids.shape
+
+
+@pytest.mark.parametrize("budget", [12, 30, 1000])
+def test_token_budget_keeps_a_prompt_with_its_rows(budget):
+    """With shared prompts, a micro-batch costs prompts x prompt width + rows x response
+    width; a prompt's rows stay in one micro-batch unless they alone exceed the budget."""
+    batch = _batch(40, groups=5, group_size=4, width=6, seed=2)
+    parts = batch.micro_batch_indices(8, token_budget=budget, share_prompts=True)
+    assert sorted(torch.cat(parts).tolist()) == list(range(batch.batch_size))
+    _, inverse = batch.prompt_index()
+    homes = {}
+    for idx in parts:
+        micro = batch.select(idx).trimmed()
+        prompts = micro.prompt_index()[0].numel()
+        cost = prompts * micro.prompt_ids.shape[1] + micro.batch_size * micro.response_ids.shape[1]
+        assert micro.batch_size <= 8
+        assert cost <= budget or prompts == 1 and micro.batch_size == 1
+        for unit in inverse[idx].unique().tolist():
+            homes.setdefault(unit, []).append(len(idx))
+    for unit, sizes in homes.items():
+        rows = int((inverse == unit).sum())
+        mine = inverse == unit
+        alone = batch.prompt_mask[mine][0].sum() + rows * batch.response_mask[mine].sum(-1).max()
+        if len(sizes) > 1:  # split only when the whole prompt group cannot fit
+            assert rows > 8 or alone > budget
+    if budget == 1000:
+        assert len(parts) == 3  # 20 rows, 8 at most per micro-batch, whole groups of 4
