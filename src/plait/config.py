@@ -273,6 +273,12 @@ class RuntimeConfig:
         "(its log-probs computed on finished groups during generation), not on the trainers; "
         "'dynamic': the num_ranks processes hold every role and how many of them generate "
         "(0 = colocated) is revised at step boundaries from the measured stage times.")
+    data_parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", "How trainer ranks hold the model: 'ddp' keeps a full copy on every rank and "
+        "all-reduces gradients; 'fsdp' (FSDP2) shards parameters, gradients and optimizer "
+        "state over the ranks, per decoder layer, for models that do not fit one device "
+        "(the policy is gathered whole for generation and no-grad passes; checkpoints hold "
+        "full weights). Colocated placement only.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)
@@ -649,6 +655,9 @@ def _validate_runtime(config: Config) -> None:
         (runtime.placement == "dynamic" and ranks < 2,
          "runtime.placement=dynamic splits processes between generating and training: set "
          "runtime.num_ranks >= 2"),
+        (runtime.data_parallel == "fsdp" and runtime.placement != "colocated",
+         "runtime.data_parallel=fsdp runs with runtime.placement=colocated (rollout workers "
+         "apart take full weights)"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "
          "algo.use_engine_logprobs"),

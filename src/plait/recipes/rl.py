@@ -36,6 +36,7 @@ from plait import algos
 from plait.config import Config, ConfigError, off_policy_mode
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
+from plait.runtime import fsdp
 from plait.runtime.dist import shard_bounds
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
@@ -64,12 +65,14 @@ class RLTrainer(Session):
         if self.remote is not None:
             self.remote.start(self)
 
-    def setup_training(self, *, resuming: bool = False) -> None:
-        super().setup_training(resuming=resuming)
+    def setup_training(self, *, resuming: bool = False, load_weights=None) -> None:
+        super().setup_training(resuming=resuming, load_weights=load_weights)
         # the modules the update runs through: DDP wrappers when there are several ranks
-        self.train_policy = ResponseLogits(self.policy, self.config.algo.share_prompt_forward)
+        # (sharded forwards must be the same on every rank: one model call per micro-batch)
+        share = self.config.algo.share_prompt_forward and not self.sharded
+        self.train_policy = ResponseLogits(self.policy, share)
         self.train_critic = self.critic
-        if self.dist.active and self.use_ddp:
+        if self.dist.active and self.use_ddp and not self.sharded:
             ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        process_group=self.dist.group)
             self.train_policy = DistributedDataParallel(self.train_policy, **ddp)
@@ -176,28 +179,30 @@ class RLTrainer(Session):
         already computed on finished groups during generation)."""
         stats: dict[str, float] = {}
         if self.reference is not None and batch.ref_logprobs is None:
-            with timer.stage("reference"):
+            with timer.stage("reference"), self.gathered(self.reference):
                 batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                     self.reference, m))
         if self.needs_old_logprobs():
             if self.config.algo.use_engine_logprobs and batch.sampled_logprobs is not None:
                 batch.old_logprobs = batch.sampled_logprobs
             else:
-                with timer.stage("old_logprobs"):
+                with timer.stage("old_logprobs"), self.gathered(self.policy):
                     batch.old_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.policy, m))
                 if batch.sampled_logprobs is not None:  # both exist: log the mismatch
                     stats["rollout/logprob_gap_mean"] = _mean_gap(
                         batch.sampled_logprobs, batch.old_logprobs, batch.response_mask)
         if self.critic is not None and batch.values is None:
-            with timer.stage("critic"):
+            with timer.stage("critic"), self.gathered(self.critic):
                 batch.values = self._per_token(batch, lambda m: response_values(self.critic, m))
         return stats
 
     @property
     def fuse_forwards(self) -> bool:
+        """Forwards on finished groups during generation: not with sharded models, whose
+        gathering every rank must do at the same point."""
         has_passes = self.reference is not None or self.critic is not None
-        return self.config.rollout.fuse_forwards and has_passes
+        return self.config.rollout.fuse_forwards and has_passes and not self.sharded
 
     @torch.no_grad()
     def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
@@ -357,7 +362,9 @@ class RLTrainer(Session):
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
-                                    algo.share_prompt_forward)
+                                    algo.share_prompt_forward and not self.sharded)
+        if self.sharded:  # every rank runs as many sharded forwards/backwards
+            micros = self._as_many_micro_batches(micros)
         for i, micro in enumerate(micros):
             # DDP all-reduces the gradients once, in the last micro-batch's backward
             sync = i == len(micros) - 1
@@ -366,6 +373,8 @@ class RLTrainer(Session):
                     loss, micro_stats = self.micro_loss(micro, norm)
                 # DDP averages over ranks; the loss is already a share of the global one
                 (loss * (self.dist.world_size if self.use_ddp else 1)).backward()
+            if micro.ghost:
+                continue
             for key, value in micro_stats.items():
                 # losses are already fractions of the mini-batch loss: they add up;
                 # per-token means (clip fractions, ratios) are averaged by rows
@@ -374,6 +383,19 @@ class RLTrainer(Session):
         if self.dist.active and not self.use_ddp:
             self._all_reduce_gradients()
         return self.apply_gradients(stats)
+
+    def _as_many_micro_batches(self, micros: list[Experience]) -> list[Experience]:
+        """``micros`` padded with zero-weight micro-batches to the largest count over the
+        ranks (token budgets or uneven batches can give ranks different counts)."""
+        count = torch.tensor([float(len(micros))])
+        most = int(self.dist.all_reduce(count, op="max", kind="control"))
+        ghost = micros[0].select(torch.tensor([0]))
+        ghost.ghost = True
+        ghost.response_mask = torch.zeros_like(ghost.response_mask)
+        ghost.advantages = torch.zeros_like(ghost.response_mask)
+        if ghost.returns is not None:
+            ghost.returns = torch.zeros_like(ghost.returns)
+        return micros + [ghost] * (most - len(micros))
 
     def _all_reduce_gradients(self) -> None:
         """Sum every trainable parameter's gradient over the job's ranks (one flat buffer
@@ -393,6 +415,11 @@ class RLTrainer(Session):
         if sync or not self.dist.active:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
+        if self.sharded:
+            models = self.trainable_models()
+            fsdp.set_gradient_sync(models, False)
+            stack.callback(fsdp.set_gradient_sync, models, True)
+            return stack
         for model in (self.train_policy, self.train_critic):
             if isinstance(model, DistributedDataParallel):
                 stack.enter_context(model.no_sync())
@@ -452,7 +479,8 @@ class RLTrainer(Session):
         for name, model in self.named_trainable_models():
             # the total norm is NaN/inf exactly when some gradient is; after the all-reduce
             # every rank holds the same gradients and so the same norm
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            norm = fsdp.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                     max_norm))
             stats[f"grad_norm/{name}"] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
         if self.dist.active:  # a non-finite loss on any rank skips the step on all

@@ -35,6 +35,7 @@ from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
 from plait.rollout import build_engine
 from plait.rollout.base import Completion, SamplingParams
+from plait.runtime import fsdp
 from plait.runtime.dist import Dist
 from plait.runtime.heartbeat import report
 from plait.telemetry.metrics import MetricsLogger, read_metrics
@@ -199,10 +200,11 @@ class Session:
             low -= algo.overlong_penalty
         self.reward_low, self.reward_high = float(low), float(high)
 
-    def setup_training(self, *, resuming: bool = False) -> None:
+    def setup_training(self, *, resuming: bool = False, load_weights=None) -> None:
         """Reference model, critic and optimizers, once the starting policy is final. The
         reference is model.ref_path, else (on resume) the saved warm-started model, else a
-        frozen copy of the starting policy."""
+        frozen copy of the starting policy. ``load_weights`` (resume) loads the saved
+        weights into the full models, before sharding (runtime.data_parallel=fsdp)."""
         config = self.config
         algo = config.algo
         if self.uses_reference and config.runtime.placement != "partial":
@@ -214,6 +216,10 @@ class Session:
                 backbone = copy.deepcopy(self.policy.base_model)
                 self.critic = ValueModel(backbone, self.policy.config.hidden_size)
             self.critic.to(self.device).eval()
+        if load_weights is not None:
+            load_weights()
+        if self.sharded:
+            self._shard_models()
         total = config.train.steps * algo.epochs * algo.mini_batches
         self.optimizers["policy"], self.schedulers["policy"] = build_optimizer(
             self.policy.parameters(), config.optim, total_steps=total)
@@ -222,6 +228,26 @@ class Session:
                 self.critic.parameters(), config.optim, lr=config.optim.critic_lr or config.optim.lr,
                 total_steps=total)
         self.policy.train()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether trainer ranks shard the models (runtime.data_parallel=fsdp)."""
+        return self.config.runtime.data_parallel == "fsdp" and self.dist.active
+
+    def _shard_models(self) -> None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(self.dist.group or torch.distributed.group.WORLD,
+                                     self.device.type)
+        self._twins = {name: fsdp.meta_twin(model)
+                       for name, model in self.named_trainable_models()}
+        for model in (self.policy, self.critic, self.reference):
+            if model is not None:
+                fsdp.shard(model, mesh)
+
+    def gathered(self, *models):
+        """Full parameters of the sharded ``models`` inside (a no-op without sharding)."""
+        return fsdp.gathered(*models) if self.sharded else contextlib.nullcontext()
 
     @property
     def uses_reference(self) -> bool:
@@ -303,7 +329,7 @@ class Session:
         groups: list[list[Completion] | None] = [None] * len(rows)
         futures, fused, pending = {}, {}, []
         chunk_rows = self.config.algo.micro_batch_size
-        with timer.stage("generate"), self._diverged_generation():
+        with timer.stage("generate"), self._diverged_generation(), self.gathered(self.policy):
             for index, group in self._generated_groups(prompts, params, n, seeds):
                 groups[index] = group
                 if score:
@@ -434,11 +460,17 @@ class Session:
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes; every rank holds the same weights and optimizer
         state, and the data position is global)."""
+        models = dict(self.named_trainable_models())
+        optimizers = self.optimizers
+        if self.sharded:  # every rank joins the gathering of full states
+            models, optimizers = {}, {}
+            for name, model in self.named_trainable_models():
+                weights, optim = fsdp.full_state(model, self.optimizers[name])
+                if self.dist.is_main:
+                    models[name] = fsdp.plain_model(self._twins[name], weights)
+                    optimizers[name] = fsdp.FullOptimizerState(model, None, optim)
         if not self.dist.is_main:
             return None
-        models = {"policy": self.policy}
-        if self.critic is not None:
-            models["critic"] = self.critic
         state = {
             **self.state,
             "global_step": self.global_step,
@@ -447,10 +479,15 @@ class Session:
             "next_group_id": self._next_group_id,
             "data": self.train_iter.state_dict(),
         }
-        return save_checkpoint(self.checkpoint_root, self.global_step, models=models,
-                               tokenizer=self.tokenizer, optimizers=self.optimizers,
-                               schedulers=self.schedulers, trainer_state=state,
-                               keep_last=self.config.train.keep_last or None)
+        try:
+            return save_checkpoint(self.checkpoint_root, self.global_step, models=models,
+                                   tokenizer=self.tokenizer, optimizers=optimizers,
+                                   schedulers=self.schedulers, trainer_state=state,
+                                   keep_last=self.config.train.keep_last or None)
+        finally:
+            if self.sharded:  # the twins give their gathered weights back
+                for twin in self._twins.values():
+                    twin.to("meta")
 
     def try_resume(self) -> bool:
         mode = self.config.run.resume
@@ -460,13 +497,17 @@ class Session:
                 raise ConfigError(f"run.resume is 'must' but {str(self.checkpoint_root)!r} "
                                   "holds no complete checkpoint")
             return False
-        # the reference/critic structure must exist before their weights load
+        # the reference/critic structure must exist before their weights load, and the
+        # weights load into the full models (before any sharding), the optimizer states
+        # once the optimizers exist
         self.state = read_trainer_state(path)
-        self.setup_training(resuming=True)
-        models = {"policy": self.policy}
-        if self.critic is not None:
-            models["critic"] = self.critic
-        state = load_checkpoint(path, models=models, optimizers=self.optimizers,
+        self.setup_training(resuming=True, load_weights=lambda: load_checkpoint(
+            path, models=dict(self.named_trainable_models()), restore_rng=False))
+        optimizers = self.optimizers
+        if self.sharded:
+            optimizers = {name: fsdp.FullOptimizerState(model, self.optimizers[name])
+                          for name, model in self.named_trainable_models()}
+        state = load_checkpoint(path, models={}, optimizers=optimizers,
                                 schedulers=self.schedulers)
         self.state = state
         self.global_step = state["global_step"]
