@@ -53,3 +53,10 @@ def freeze_rank1(prompts, completions, **kwargs):
 
     _on_rank1_call(14, lambda pid: os.kill(pid, signal.SIGSTOP))
     return digit_fraction(prompts, completions)
+
+
+def stall_rank1(prompts, completions, **kwargs):
+    """digit_fraction, but rank 1's 14th call never returns (the rank stays alive and keeps
+    its heartbeat: a stall that only a progress watch can see)."""
+    _on_rank1_call(14, lambda pid: time.sleep(3600))
+    return digit_fraction(prompts, completions)

@@ -132,6 +132,24 @@ def test_hung_rank_is_detected_by_heartbeat(tiny_job, reward_spec, tmp_path):
     assert worker_pids() <= before, "rank processes were left behind"
 
 
+def test_rank_alive_but_stuck_is_named_by_the_progress_watch(tiny_job, reward_spec, tmp_path):
+    """Rank 1 keeps beating while its step never ends (a reward call that does not return,
+    under a generous reward time limit); rank 0 waits for it in a collective. The job ends
+    naming rank 1, not the rank that waits."""
+    before = worker_pids()
+    start = time.time()
+    proc = run_cli("train", *job(tiny_job, reward_spec, tmp_path / "run", "runtime.num_ranks=2",
+                                 "train.steps=50", "runtime.progress_timeout_s=2",
+                                 "reward.timeout_s=600", reward="stall_rank1"))
+    elapsed = time.time() - start
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "rank 1" in proc.stderr and "made no progress for" in proc.stderr, proc.stderr
+    assert "last message: 'step 3'" in proc.stderr
+    assert elapsed < 60
+    time.sleep(0.5)
+    assert worker_pids() <= before, "rank processes were left behind"
+
+
 def test_killed_launcher_takes_its_ranks_with_it(tiny_job, reward_spec, tmp_path):
     before = worker_pids()
     run_dir = tmp_path / "run"
@@ -236,3 +254,33 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'plait\[ray\]'"):
         _import_ray()
+
+
+def test_progress_watch_rules():
+    from plait.runtime.heartbeat import ProgressWatch
+
+    def beat(message, since, waiting=None, longest=2.0):
+        return {"time": since + 100.0, "since": since, "message": message,
+                "waiting": waiting, "status": "running", "longest_step_s": longest}
+
+    watch = ProgressWatch(floor_s=5.0, factor=10.0)
+    # no step finished yet: nothing is judged, however old
+    assert watch.stuck({0: beat("step 1", 0.0, longest=0.0)}, now=1000.0) is None
+    # the longest step any rank reported sets the limit
+    watch.stuck({0: beat("step 2", 2.0, longest=1.0), 1: beat("step 2", 2.0)}, now=2.1)
+    assert watch.longest_step == 2.0 and watch.limit() == 20.0
+    # under the limit, or out of a step (evaluation, saving): nothing
+    assert watch.stuck({0: beat("step 2", 2.0), 1: beat("step 2", 2.0)}, now=21.0) is None
+    assert watch.stuck({0: beat("evaluate (step_2)", 2.0)}, now=500.0) is None
+    assert watch.stuck({0: beat("saving checkpoint (step 2)", 2.0)}, now=500.0) is None
+    # both late: the rank not blocked in a collective is the one to blame
+    late = {0: beat("step 3", 3.0, waiting="all_reduce (control)"), 1: beat("step 3", 3.5)}
+    rank, why = watch.stuck(late, now=30.0)
+    assert rank == 1 and "made no progress for 26 s" in why
+    # all waiting (a collective that never completes): the longest stalled is named
+    late = {0: beat("step 3", 3.0, waiting="all_reduce"), 1: beat("step 3", 3.5, waiting="x")}
+    assert watch.stuck(late, now=30.0)[0] == 0
+    # the floor holds when steps are short
+    quick = ProgressWatch(floor_s=5.0)
+    quick.stuck({0: beat("step 2", 0.01, longest=0.01)}, now=0.02)
+    assert quick.limit() == 5.0

@@ -292,6 +292,10 @@ class RuntimeConfig:
     heartbeat_timeout_s: float = opt(
         30.0, "A rank whose heartbeat is older than this is declared hung and the job ends.",
         low=1.0)
+    progress_timeout_s: float = opt(
+        120.0, "A rank that still beats but whose step has not advanced for longer than the "
+        "larger of this and 10x the longest step so far is declared stuck and the job ends "
+        "(the rank named is one not waiting in a collective).", low=1.0)
     collective_timeout_s: float = opt(
         1800.0, "Longest wait in one collective (a rank that is alive but far behind).",
         low=1.0)

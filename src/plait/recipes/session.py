@@ -37,7 +37,7 @@ from plait.rollout import build_engine
 from plait.rollout.base import Completion, SamplingParams
 from plait.runtime import fsdp
 from plait.runtime.dist import Dist
-from plait.runtime.heartbeat import report
+from plait.runtime.heartbeat import report, step_done
 from plait.telemetry.metrics import MetricsLogger, read_metrics
 from plait.telemetry.plots import plot_metrics, plot_stage_timeline
 from plait.telemetry.progress import ProgressBar
@@ -460,6 +460,7 @@ class Session:
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes; every rank holds the same weights and optimizer
         state, and the data position is global)."""
+        report(f"saving checkpoint (step {self.global_step})")  # not a step: no progress limit
         models = dict(self.named_trainable_models())
         optimizers = self.optimizers
         if self.sharded:  # every rank joins the gathering of full states
@@ -591,7 +592,9 @@ class Session:
         tokens = 0.0
         while self.global_step < cfg.train.steps:
             report(f"step {self.global_step + 1}")
+            step_started = time.perf_counter()
             metrics = self.step(self.global_step)
+            step_done(time.perf_counter() - step_started)
             self.global_step += 1
             self._record_timeline(metrics.pop("_spans", None))
             tokens += metrics.get("tokens", 0.0)
@@ -661,6 +664,10 @@ class Session:
         if self.dist.active:
             summary["ranks"] = self.dist.world_size
             summary["controller"] = self.config.runtime.controller
+            summary["data_parallel"] = self.config.runtime.data_parallel
+        held = fsdp.model_state_bytes((self.policy, self.critic, self.reference),
+                                      self.optimizers.values())
+        summary["model_state_mb_per_rank"] = {k: round(v / 2**20, 2) for k, v in held.items()}
         summary["controller_traffic_bytes"] = self.dist.traffic.total(exclude=("gradients",))
         summary["gradient_traffic_bytes"] = self.dist.traffic.total() - \
             summary["controller_traffic_bytes"]

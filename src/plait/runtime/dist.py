@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
+from plait.runtime.heartbeat import waiting_in
+
 
 @dataclass
 class Traffic:
@@ -115,7 +117,8 @@ class Dist:
         if not self.active:
             return tensor
         ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
-        tdist.all_reduce(tensor, op=ops[op], group=self.group)
+        with waiting_in(f"all_reduce ({kind})"):
+            tdist.all_reduce(tensor, op=ops[op], group=self.group)
         size = tensor.numel() * tensor.element_size()
         self.traffic.add(kind, sent=size, received=size)
         return tensor
@@ -126,7 +129,8 @@ class Dist:
             return
         for tensor in tensors:
             data = tensor.data if tensor.is_contiguous() else tensor.data.contiguous()
-            tdist.broadcast(data, src=src, group=self.group)
+            with waiting_in(f"broadcast ({kind})"):
+                tdist.broadcast(data, src=src, group=self.group)
             if data is not tensor.data:
                 tensor.data.copy_(data)
             size = tensor.numel() * tensor.element_size()
@@ -139,7 +143,8 @@ class Dist:
         if not self.active:
             return [obj]
         out = [None] * self.world_size
-        tdist.all_gather_object(out, obj, group=self.group)
+        with waiting_in(f"all_gather ({kind})"):
+            tdist.all_gather_object(out, obj, group=self.group)
         size = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         received = sum(len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in out)
         self.traffic.add(kind, sent=size * (self.world_size - 1), received=received - size)
@@ -150,7 +155,8 @@ class Dist:
         if not self.active:
             return [obj]
         out = [None] * self.world_size if self.rank == dst else None
-        tdist.gather_object(obj, out, dst=dst)
+        with waiting_in(f"gather ({kind})"):
+            tdist.gather_object(obj, out, dst=dst)
         if self.rank == dst:
             self.traffic.add(kind, received=sum(_pickled_size(o) for i, o in enumerate(out)
                                                 if i != dst))
@@ -163,7 +169,8 @@ class Dist:
         if not self.active:
             return objs[0]
         out = [None]
-        tdist.scatter_object_list(out, objs if self.rank == src else None, src=src)
+        with waiting_in(f"scatter ({kind})"):
+            tdist.scatter_object_list(out, objs if self.rank == src else None, src=src)
         if self.rank == src:
             self.traffic.add(kind, sent=sum(_pickled_size(o) for i, o in enumerate(objs)
                                             if i != src))
@@ -173,7 +180,8 @@ class Dist:
 
     def barrier(self) -> None:
         if self.active:
-            tdist.barrier(group=self.group)
+            with waiting_in("barrier"):
+                tdist.barrier(group=self.group)
 
     # ------------------------------------------------------------------ metrics
 

@@ -105,6 +105,23 @@ def local_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def model_state_bytes(models, optimizers) -> dict[str, int]:
+    """Bytes of training state this process holds between steps: parameters of
+    ``models``, gradients of the trainable ones, and optimizer states (a shard of each
+    under FSDP, all of it otherwise)."""
+    params = [p for m in models if m is not None for p in m.parameters()]
+    states = [v for opt in optimizers for state in opt.state.values()
+              for v in state.values() if isinstance(v, torch.Tensor)]
+    return {"parameters": sum(_local_bytes(p) for p in params),
+            "gradients": sum(_local_bytes(p) for p in params if p.requires_grad),
+            "optimizer": sum(_local_bytes(v) for v in states)}
+
+
 def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
     """Full model (and optimizer) state dicts on CPU: a collective; rank 0 receives the
     tensors, the other ranks empty dicts. Optimizer states are keyed by parameter name."""

@@ -10,8 +10,10 @@ last message. A rank that fails writes its error here before it exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,9 @@ class Heartbeat:
         self.rank = rank
         self.interval = interval
         self.message = "starting"
+        self.since = time.time()      # when the message was set
+        self.waiting: str | None = None  # the collective this rank is blocked in, if any
+        self.longest_step = 0.0          # seconds of this rank's longest step so far
         self.status = "running"
         self.error: str | None = None
         self._stop = threading.Event()
@@ -54,6 +59,7 @@ class Heartbeat:
     def set(self, message: str) -> None:
         """New status message, written at once (a rank killed right after still leaves it)."""
         self.message = message
+        self.since = time.time()
         self._write()
 
     def _run(self) -> None:
@@ -64,7 +70,9 @@ class Heartbeat:
         if self.path is None and self.sink is None:
             return
         record = {"rank": self.rank, "pid": os.getpid(), "time": time.time(),
-                  "message": self.message, "status": self.status, "error": self.error}
+                  "message": self.message, "since": self.since, "waiting": self.waiting,
+                  "longest_step_s": self.longest_step,
+                  "status": self.status, "error": self.error}
         if self.sink is not None:
             self.sink(record)
             return
@@ -94,3 +102,68 @@ def report(message: str) -> None:
     """Set this process's status message (no-op outside a launched rank)."""
     if _current is not None:
         _current.set(message)
+
+
+def step_done(seconds: float) -> None:
+    """Record a finished step's duration (the progress watch scales its limit by it)."""
+    if _current is not None:
+        _current.longest_step = max(_current.longest_step, seconds)
+
+
+@contextlib.contextmanager
+def waiting_in(what: str):
+    """Mark this rank as blocked in a collective (``what``) while inside: a rank that makes
+    no progress outside one is the cause of a stall, the ranks waiting for it are not."""
+    if _current is None:
+        yield
+        return
+    _current.waiting = what
+    try:
+        yield
+    finally:
+        _current.waiting = None
+
+
+_STEP = re.compile(r"step (\d+)")
+
+
+class ProgressWatch:
+    """Tells a rank that is alive (it beats) but stuck: its status names a step and has
+    not changed for longer than ``max(floor_s, factor x the longest step so far)``, the
+    longest step being the largest any rank has reported. Until a step has finished, and
+    outside steps (evaluation, warm start, saving), nothing is judged: a slow rank is
+    then left to the collective timeout."""
+
+    def __init__(self, floor_s: float, factor: float = 10.0):
+        self.floor_s, self.factor = floor_s, factor
+        self.longest_step = 0.0
+
+    def limit(self) -> float | None:
+        if self.longest_step <= 0:
+            return None
+        return max(self.floor_s, self.factor * self.longest_step)
+
+    def observe(self, beat: dict) -> None:
+        self.longest_step = max(self.longest_step, float(beat.get("longest_step_s") or 0.0))
+
+    def stuck(self, beats: dict[int, dict], now: float) -> tuple[int, str] | None:
+        """``(rank, reason)`` for the stuck rank to blame, or None. Ranks blocked in a
+        collective are waiting for another: one that is not is preferred."""
+        for beat in beats.values():
+            self.observe(beat)
+        limit = self.limit()
+        if limit is None:
+            return None
+        late = [(now - beat.get("since", beat["time"]), rank) for rank, beat in beats.items()
+                if beat.get("status") == "running" and _STEP.match(beat.get("message") or "")
+                and now - beat.get("since", beat["time"]) > limit]
+        if not late:
+            return None
+        free = [item for item in late if not beats[item[1]].get("waiting")]
+        stalled, rank = max(free or late)
+        where = beats[rank].get("waiting")
+        return rank, (f"made no progress for {stalled:.0f} s"
+                      + (f" (blocked in {where})" if where else "")
+                      + f"; steps so far took at most {self.longest_step:.1f} s "
+                      f"(limit: the larger of runtime.progress_timeout_s={self.floor_s:g} "
+                      f"and {self.factor:g}x the longest step)")

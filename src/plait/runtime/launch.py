@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, dump_yaml
-from plait.runtime.heartbeat import read_heartbeat
+from plait.runtime.heartbeat import ProgressWatch, read_heartbeat
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat
 STOP_GRACE_S = 5.0       # SIGTERM -> SIGKILL
@@ -103,7 +103,8 @@ def launch_local(config: Config) -> dict:
                 stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
                 start_new_session=True))
         with _stop_on_signals(procs):
-            _watch(procs, heartbeats, runtime.heartbeat_timeout_s, run_dir)
+            _watch(procs, heartbeats, runtime.heartbeat_timeout_s, run_dir,
+                   ProgressWatch(runtime.progress_timeout_s))
     finally:
         stop_all(procs)
         for handle in logs:
@@ -113,8 +114,10 @@ def launch_local(config: Config) -> dict:
     return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
 
 
-def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
-    """Poll until every rank exits 0; raise :class:`RankFailure` at the first that fails."""
+def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
+           progress: ProgressWatch) -> None:
+    """Poll until every rank exits 0; raise :class:`RankFailure` at the first that fails,
+    stops beating, or beats without making progress."""
     started = time.time()
     finished = None
     while True:
@@ -137,10 +140,17 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path) -> None:
                       f"{timeout_s:g} s; stopping them (the results are complete)",
                       file=sys.stderr, flush=True)
                 return
+        beats = {rank: read_heartbeat(heartbeats, rank) for rank, code in enumerate(codes)
+                 if code is None}
+        stuck = progress.stuck({r: b for r, b in beats.items() if b}, now)
+        if stuck:
+            rank, why = stuck
+            raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir, rank,
+                                               f"rank {rank} (pid {procs[rank].pid}) {why}"))
         for rank, code in enumerate(codes):
             if code is not None:
                 continue
-            beat = read_heartbeat(heartbeats, rank)
+            beat = beats[rank]
             age = now - beat["time"] if beat else now - started
             limit = timeout_s if beat else timeout_s + STARTUP_GRACE_S
             if age > limit:

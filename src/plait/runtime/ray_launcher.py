@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, dump_yaml
+from plait.runtime.heartbeat import ProgressWatch
 from plait.runtime.launch import (
     PEER_WORDS,
     STARTUP_GRACE_S,
@@ -121,7 +122,8 @@ def launch_ray(config: Config) -> dict:
         text = dump_yaml(rank_config)
         refs = [actor.run.remote(text, rank, len(actors), master, board, threads)
                 for rank, actor in enumerate(actors)]
-        summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir)
+        summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir,
+                           ProgressWatch(runtime.progress_timeout_s))
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -132,7 +134,8 @@ def launch_ray(config: Config) -> dict:
     return json.loads(summary_path.read_text()) if summary_path.is_file() else summaries[0]
 
 
-def _watch(ray, refs, board, timeout_s: float, run_dir: Path) -> list[dict]:
+def _watch(ray, refs, board, timeout_s: float, run_dir: Path,
+           progress: ProgressWatch) -> list[dict]:
     started = time.time()
     results: dict[int, dict] = {}
     index_of = {ref: rank for rank, ref in enumerate(refs)}
@@ -159,6 +162,11 @@ def _watch(ray, refs, board, timeout_s: float, run_dir: Path) -> list[dict]:
             rank, err = _first_cause(failed, beats)
             raise RankFailure(_message(rank, _describe(err), beats, run_dir))
         now = time.time()
+        live = {index_of[ref]: beats[index_of[ref]] for ref in pending
+                if beats.get(index_of[ref])}
+        stuck = progress.stuck(live, now)
+        if stuck:
+            raise RankFailure(_message(stuck[0], stuck[1], beats, run_dir))
         for ref in pending:
             rank = index_of[ref]
             beat = beats.get(rank)
