@@ -68,11 +68,13 @@ def main() -> None:
     parser.add_argument("--job", choices=list(JOBS), default="addition",
                         help="'addition': the default job (short answers: training-bound); "
                         "'repeat': long-tailed answers up to 120 tokens, 32 samples a step (generation-bound)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every variant (e.g. algo.epochs=2)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     common = ["examples/grpo_addition.yaml", "run.overwrite=true", "run.tensorboard=false",
               "run.progress=false", "train.save_every=0", "train.eval_every=0",
-              *JOBS[args.job]]
+              *JOBS[args.job], *args.set]
     rows = {}
     with tempfile.TemporaryDirectory(prefix="plait-overlap-") as tmp:
         sft = Path(tmp) / "sft"
@@ -100,6 +102,12 @@ def main() -> None:
                 "wall_s": round(wall, 1),
                 "rollout_wait_s_median": statistics.median(
                     r.get("time/rollout_wait", 0.0) for r in steps[5:]),
+                # stage medians (on a trainer: generate is 0 when workers generate)
+                **{f"{stage}_s_median": statistics.median(
+                    r.get(f"time/{stage}", 0.0) for r in steps[5:])
+                   for stage in ("generate", "update", "old_logprobs")},
+                "worker_generate_s_median": statistics.median(
+                    r.get("rollout/worker_generate_s", 0.0) for r in steps[5:]),
             }
             print(f"{name:12s} step={rows[name]['step_s_median']:.3f} s  "
                   f"reward(last 20)={rows[name]['reward_last20']:.3f}  "
@@ -111,7 +119,8 @@ def main() -> None:
             row["step_ratio_vs_colocated_2"] = row["step_s_median"] / base["step_s_median"]
         for name, row in rows.items():
             print(f"{name:12s} {row['step_ratio_vs_colocated_2']:.2f}x colocated-2's step time")
-    result = {"benchmark": "overlap", "job": args.job, "steps": args.steps, "variants": rows,
+    result = {"benchmark": "overlap", "job": args.job, "overrides": args.set,
+              "steps": args.steps, "variants": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "command": "python benchmarks/overlap.py " + " ".join(sys.argv[1:])}
     if args.out:

@@ -107,3 +107,23 @@ def test_token_budget_keeps_a_prompt_with_its_rows(budget):
             assert rows > 8 or alone > budget
     if budget == 1000:
         assert len(parts) == 3  # 20 rows, 8 at most per micro-batch, whole groups of 4
+
+
+def test_attention_implementation_is_a_setting(tmp_path):
+    """model.attn_implementation picks the kernels; eager and sdpa give the same logits."""
+    from plait.models.loading import load_causal_lm
+    from plait.models.tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "tiny", TinyModelSpec(hidden_size=32, intermediate_size=64,
+                                                           num_layers=2, num_heads=2,
+                                                           num_kv_heads=1))
+    eager = load_causal_lm(path, "eager")
+    default = load_causal_lm(path)
+    assert eager.config._attn_implementation == "eager"
+    assert default.config._attn_implementation == "sdpa"
+    batch = _batch(eager.config.vocab_size)
+    mask = batch.response_mask.bool()
+    for share in (False, True):
+        torch.testing.assert_close(response_logits(eager, batch, share_prompts=share)[mask],
+                                   response_logits(default, batch, share_prompts=share)[mask],
+                                   rtol=1e-5, atol=1e-5)

@@ -65,6 +65,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = opt(
         "float32", "Compute dtype. Weights and optimizer state stay float32; 'bfloat16' runs "
         "forward passes under autocast (for GPUs).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
+        "auto", "Attention kernels of the loaded models ('auto' = transformers' default, "
+        "sdpa). 'eager' can be faster for tiny models on CPU; 'flash_attention_2' needs the "
+        "flash-attn package, a GPU and rollout.engine=hf.")
     chat_template: Literal["auto", "always", "never"] = opt(
         "auto", "Wrap prompts in the tokenizer's chat template: 'auto' when it has one.")
     ref_path: str | None = opt(None, "Reference model directory; default: the initial policy.")

@@ -30,12 +30,20 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path):
+def _attention(attn_implementation: str) -> dict:
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+
+
+def load_causal_lm(path: str | Path, attn_implementation: str = "auto"):
     """A causal LM with float32 parameters (the master weights; bfloat16 compute is
     applied with autocast, see ``model.dtype``)."""
     check_local_model_path(str(path), "model")
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                local_files_only=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                    local_files_only=True,
+                                                    **_attention(attn_implementation))
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise ConfigError(f"model.attn_implementation={attn_implementation!r}: {err}") from None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -65,11 +73,12 @@ class ValueModel(nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
-def load_critic(path: str | Path) -> ValueModel:
+def load_critic(path: str | Path, attn_implementation: str = "auto") -> ValueModel:
     """Critic whose backbone starts from the weights at ``path`` (the LM head is dropped)."""
     check_local_model_path(str(path), "critic")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
+                                         **_attention(attn_implementation))
     return ValueModel(backbone, config.hidden_size)
 
 

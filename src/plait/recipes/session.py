@@ -110,7 +110,8 @@ class Session:
         self.dist.barrier()
         self.model_dir = resolve_model_dir(config.model, self.run_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.policy = load_causal_lm(self.model_dir).to(self.device)
+        self.policy = load_causal_lm(self.model_dir,
+                                     config.model.attn_implementation).to(self.device)
         self.policy.eval()  # dropout off: a batch's first-epoch ratio is exactly 1
         self._prompt_cache: dict[str, list[int]] = {}
         self._load_data()
@@ -211,7 +212,8 @@ class Session:
             self.build_reference(self.state.get("reference_dir") if resuming else None)
         if self.advantage_estimator == "gae":
             if config.model.critic_path:
-                self.critic = load_critic(config.model.critic_path)
+                self.critic = load_critic(config.model.critic_path,
+                                          config.model.attn_implementation)
             else:
                 backbone = copy.deepcopy(self.policy.base_model)
                 self.critic = ValueModel(backbone, self.policy.config.hidden_size)
@@ -261,7 +263,8 @@ class Session:
         of the current policy."""
         ref_dir = self.config.model.ref_path or saved_dir
         if ref_dir:
-            self.reference = freeze(load_causal_lm(ref_dir)).to(self.device)
+            self.reference = freeze(load_causal_lm(
+                ref_dir, self.config.model.attn_implementation)).to(self.device)
         else:
             self.reference = freeze(copy.deepcopy(self.policy))
 
