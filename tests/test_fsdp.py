@@ -16,7 +16,10 @@ FSDP = ("runtime.num_ranks=2", "runtime.data_parallel=fsdp")
     ("algo.kl_coef=0.05", "algo.micro_batch_tokens=40"),
     # PPO: a sharded critic, two epochs (old log-probs from the gathered policy)
     ("algo.name=ppo", "algo.group_size=2", "algo.epochs=2", "algo.micro_batch_size=3"),
-], ids=["grpo-kl-token-budget", "ppo-critic"])
+    # the SFT warm start sharded too (each rank a share of every batch), the reference
+    # then read from the saved warm-started model
+    ("sft.steps=4", "sft.batch_size=6", "algo.kl_coef=0.05"),
+], ids=["grpo-kl-token-budget", "ppo-critic", "sft-then-grpo"])
 def test_sharded_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     proc = run_cli("train", *job(tiny_job, reward_spec, one, *extra))

@@ -663,6 +663,10 @@ def _validate_runtime(config: Config) -> None:
         (runtime.placement == "dynamic" and ranks < 2,
          "runtime.placement=dynamic splits processes between generating and training: set "
          "runtime.num_ranks >= 2"),
+        (runtime.data_parallel == "fsdp" and config.sft.steps > 0 and
+         config.sft.batch_size < ranks,
+         f"sft.batch_size={config.sft.batch_size} is below runtime.num_ranks={ranks}: "
+         "sharded ranks each train a share of every SFT batch"),
         (runtime.data_parallel == "fsdp" and runtime.placement != "colocated",
          "runtime.data_parallel=fsdp runs with runtime.placement=colocated (rollout workers "
          "apart take full weights)"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import random
@@ -110,8 +111,13 @@ class Session:
         self.dist.barrier()
         self.model_dir = resolve_model_dir(config.model, self.run_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.policy = load_causal_lm(self.model_dir,
-                                     config.model.attn_implementation).to(self.device)
+        self.policy = load_causal_lm(self.model_dir, config.model.attn_implementation)
+        self._twins: dict = {}  # parameter-free copies of sharded models, for saving
+        if self.sharded:  # loaded on the CPU, only this rank's shards go to the device
+            self._twins["policy"] = fsdp.meta_twin(self.policy)
+            fsdp.shard(self.policy, self.mesh)
+        else:
+            self.policy.to(self.device)
         self.policy.eval()  # dropout off: a batch's first-epoch ratio is exactly 1
         self._prompt_cache: dict[str, list[int]] = {}
         self._load_data()
@@ -205,23 +211,32 @@ class Session:
         """Reference model, critic and optimizers, once the starting policy is final. The
         reference is model.ref_path, else (on resume) the saved warm-started model, else a
         frozen copy of the starting policy. ``load_weights`` (resume) loads the saved
-        weights into the full models, before sharding (runtime.data_parallel=fsdp)."""
+        weights once every model exists. Under runtime.data_parallel=fsdp, models read
+        from disk are sharded from the CPU and copies of the policy are made shard by
+        shard: no rank ever holds one whole."""
         config = self.config
         algo = config.algo
         if self.uses_reference and config.runtime.placement != "partial":
             self.build_reference(self.state.get("reference_dir") if resuming else None)
         if self.advantage_estimator == "gae":
+            hidden = self.policy.config.hidden_size
             if config.model.critic_path:
-                self.critic = load_critic(config.model.critic_path,
-                                          config.model.attn_implementation)
+                self.critic = self._placed(load_critic(config.model.critic_path,
+                                                       config.model.attn_implementation),
+                                           "critic")
+            elif self.sharded:
+                self._twins["critic"] = ValueModel(fsdp.meta_twin(self.policy.base_model),
+                                                   hidden)
+                self.critic = fsdp.sharded_copy(
+                    self.policy.base_model,
+                    ValueModel(fsdp.meta_twin(self.policy.base_model), hidden), self.mesh,
+                    prefix="backbone.")
             else:
                 backbone = copy.deepcopy(self.policy.base_model)
-                self.critic = ValueModel(backbone, self.policy.config.hidden_size)
-            self.critic.to(self.device).eval()
+                self.critic = ValueModel(backbone, hidden).to(self.device)
+            self.critic.eval()
         if load_weights is not None:
             load_weights()
-        if self.sharded:
-            self._shard_models()
         total = config.train.steps * algo.epochs * algo.mini_batches
         self.optimizers["policy"], self.schedulers["policy"] = build_optimizer(
             self.policy.parameters(), config.optim, total_steps=total)
@@ -236,16 +251,36 @@ class Session:
         """Whether trainer ranks shard the models (runtime.data_parallel=fsdp)."""
         return self.config.runtime.data_parallel == "fsdp" and self.dist.active
 
-    def _shard_models(self) -> None:
+    @functools.cached_property
+    def mesh(self):
+        """The device mesh the sharded models live on: the job's trainer ranks."""
         from torch.distributed.device_mesh import DeviceMesh
 
-        mesh = DeviceMesh.from_group(self.dist.group or torch.distributed.group.WORLD,
+        return DeviceMesh.from_group(self.dist.group or torch.distributed.group.WORLD,
                                      self.device.type)
-        self._twins = {name: fsdp.meta_twin(model)
-                       for name, model in self.named_trainable_models()}
-        for model in (self.policy, self.critic, self.reference):
-            if model is not None:
-                fsdp.shard(model, mesh)
+
+    def _placed(self, model, name: str | None = None):
+        """A model read from disk (on the CPU) on this rank's device: sharded under FSDP
+        (``name``: keep a parameter-free twin of it for saving), else moved whole."""
+        if not self.sharded:
+            return model.to(self.device)
+        if name is not None:
+            self._twins[name] = fsdp.meta_twin(model)
+        return fsdp.shard(model, self.mesh)
+
+    def _load_sharded_weights(self, path: Path) -> None:
+        """Resume under FSDP: each trainable model's saved weights are read into its
+        twin on the CPU (with the usual checks) and copied into the shards."""
+        for name, model in self.named_trainable_models():
+            twin = self._twins[name]
+            twin.to_empty(device="cpu")
+            if hasattr(twin, "tie_weights"):
+                twin.tie_weights()
+            try:
+                load_checkpoint(path, models={name: twin}, restore_rng=False)
+                fsdp.load_full_weights(model, twin.state_dict())
+            finally:
+                fsdp.release(twin)
 
     def gathered(self, *models):
         """Full parameters of the sharded ``models`` inside (a no-op without sharding)."""
@@ -263,8 +298,11 @@ class Session:
         of the current policy."""
         ref_dir = self.config.model.ref_path or saved_dir
         if ref_dir:
-            self.reference = freeze(load_causal_lm(
-                ref_dir, self.config.model.attn_implementation)).to(self.device)
+            self.reference = freeze(self._placed(load_causal_lm(
+                ref_dir, self.config.model.attn_implementation)))
+        elif self.sharded:
+            self.reference = freeze(fsdp.sharded_copy(
+                self.policy, copy.deepcopy(self._twins["policy"]), self.mesh))
         else:
             self.reference = freeze(copy.deepcopy(self.policy))
 
@@ -491,7 +529,7 @@ class Session:
         finally:
             if self.sharded:  # the twins give their gathered weights back
                 for twin in self._twins.values():
-                    twin.to("meta")
+                    fsdp.release(twin)
 
     def try_resume(self) -> bool:
         mode = self.config.run.resume
@@ -505,8 +543,12 @@ class Session:
         # weights load into the full models (before any sharding), the optimizer states
         # once the optimizers exist
         self.state = read_trainer_state(path)
-        self.setup_training(resuming=True, load_weights=lambda: load_checkpoint(
-            path, models=dict(self.named_trainable_models()), restore_rng=False))
+        if self.sharded:
+            self.setup_training(resuming=True,
+                                load_weights=lambda: self._load_sharded_weights(path))
+        else:
+            self.setup_training(resuming=True, load_weights=lambda: load_checkpoint(
+                path, models=dict(self.named_trainable_models()), restore_rng=False))
         optimizers = self.optimizers
         if self.sharded:
             optimizers = {name: fsdp.FullOptimizerState(model, self.optimizers[name])
@@ -543,42 +585,61 @@ class Session:
         self.evaluate("initial")
         if cfg.sft.steps > 0:
             report("supervised warm start")
-            if self.dist.is_main:
+            if self.sharded:  # every rank trains its shard of each SFT batch
                 self._supervised_warm_start()
-            self.dist.barrier()
-            # every rank continues from rank 0's warm-started weights
-            self.dist.broadcast_tensors(list(self.policy.state_dict().values()), src=0,
-                                        kind="weights")
+            else:
+                if self.dist.is_main:
+                    self._supervised_warm_start()
+                self.dist.barrier()
+                # every rank continues from rank 0's warm-started weights
+                self.dist.broadcast_tensors(list(self.policy.state_dict().values()), src=0,
+                                            kind="weights")
             self.state["reference_dir"] = str(self.run_dir / "sft_model")
             self.evaluate("after_sft")
         self.setup_training()
 
     def _supervised_warm_start(self) -> None:
         cfg = self.config
-        bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True)
-        sft_metrics = MetricsLogger(self.run_dir / "sft", tensorboard=cfg.run.tensorboard)
+        main = self.dist.is_main
+        bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True,
+                          silent=not main)
+        sft_metrics = MetricsLogger(self.run_dir / "sft", tensorboard=cfg.run.tensorboard) \
+            if main else None
 
         def on_step(step: int, loss: float) -> None:
             bar.update(1, loss=loss)
-            sft_metrics.log(step, {"sft/loss": loss})
+            if sft_metrics is not None:
+                sft_metrics.log(step, {"sft/loss": loss})
 
         rows = self.train_rows
         try:
             supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
                                   encode_prompt=self.encode_prompt, seed=cfg.train.seed,
-                                  device=self.device, on_step=on_step)
+                                  device=self.device, on_step=on_step,
+                                  dist=self.dist if self.sharded else None)
         except FloatingPointError as err:
             raise TrainingDiverged(str(err)) from None
         self.policy.eval()
         bar.close()
-        sft_metrics.close()
-        sft_dir = self.run_dir / "sft_model"
-        tmp_dir = self.run_dir / ".tmp-sft_model"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        self.policy.save_pretrained(tmp_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp_dir)
-        shutil.rmtree(sft_dir, ignore_errors=True)
-        os.replace(tmp_dir, sft_dir)
+        if sft_metrics is not None:
+            sft_metrics.close()
+        model = self.policy
+        if self.sharded:  # every rank joins the gathering; rank 0 writes
+            weights, _ = fsdp.full_state(self.policy)
+            if not main:
+                return
+            model = fsdp.plain_model(self._twins["policy"], weights)
+        try:
+            sft_dir = self.run_dir / "sft_model"
+            tmp_dir = self.run_dir / ".tmp-sft_model"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            model.save_pretrained(tmp_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp_dir)
+            shutil.rmtree(sft_dir, ignore_errors=True)
+            os.replace(tmp_dir, sft_dir)
+        finally:
+            if model is not self.policy:
+                fsdp.release(model)
 
     def run(self) -> dict:
         cfg = self.config

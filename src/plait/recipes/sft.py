@@ -47,18 +47,24 @@ def sft_batch(rows: list[dict], encode_prompt: Callable[[str], list[int]], token
     return input_ids, attention_mask, labels
 
 
-def sft_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+def sft_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"
+             ) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+        reduction=reduction)
 
 
 def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
                           encode_prompt: Callable[[str], list[int]], seed: int,
-                          device: torch.device, on_step: Callable[[int, float], None] | None = None
-                          ) -> list[float]:
-    """Train ``model`` in place for ``cfg.steps`` steps; returns the loss of each step."""
+                          device: torch.device, on_step: Callable[[int, float], None] | None = None,
+                          dist=None) -> list[float]:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns the loss of each step.
+
+    With ``dist`` (sharded ranks, whose backward averages gradients over ranks), every rank
+    draws the same batch and trains its contiguous share of the rows; the loss is
+    normalised by the batch's total answer tokens, so the update is the one-process one."""
     optim_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
                             min_lr_ratio=0.1, max_grad_norm=1.0)
     optimizer, scheduler = build_optimizer(model.parameters(), optim_cfg, total_steps=cfg.steps)
@@ -66,18 +72,31 @@ def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
     model.train()
     losses = []
     for step in range(cfg.steps):
-        input_ids, attention_mask, labels = sft_batch(data.next_batch(cfg.batch_size),
-                                                      encode_prompt, tokenizer)
-        loss = sft_loss(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"SFT loss became {float(loss)} at step {step + 1}; "
+        batch = data.next_batch(cfg.batch_size)
+        if dist is None:
+            input_ids, attention_mask, labels = sft_batch(batch, encode_prompt, tokenizer)
+            loss = sft_loss(model, input_ids.to(device), attention_mask.to(device),
+                            labels.to(device))
+            value = loss
+        else:
+            lo, hi = dist.shard_bounds(len(batch))
+            input_ids, attention_mask, labels = sft_batch(batch[lo:hi], encode_prompt, tokenizer)
+            summed = sft_loss(model, input_ids.to(device), attention_mask.to(device),
+                              labels.to(device), reduction="sum")
+            totals = torch.tensor([float((labels[:, 1:] != IGNORE).sum()), float(summed.detach())],
+                                  dtype=torch.float64)
+            dist.all_reduce(totals, kind="metrics")
+            loss = summed / totals[0].item() * dist.world_size
+            value = torch.tensor(totals[1].item() / totals[0].item())
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"SFT loss became {float(value)} at step {step + 1}; "
                                      "lower sft.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(value.item())
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return losses

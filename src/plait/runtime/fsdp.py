@@ -48,19 +48,65 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def shard(model: nn.Module, mesh) -> nn.Module:
     """Shard ``model`` in place over ``mesh``: each decoder layer, then the rest (embeddings,
-    final norm, heads) as the root. Returns the same module (its class now an FSDP one)."""
+    final norm, heads) as the root; the shards move to the mesh's device (a model loaded
+    on the CPU never exists whole on the device). Returns the same module (its class now
+    an FSDP one)."""
+    _wrap(model, mesh)
+    _root_init(model)
+    return model
+
+
+def _wrap(model: nn.Module, mesh) -> None:
     _, fully_shard = _fsdp_api()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    # one forward through the root makes it the root of every layer's state (a layer
-    # called first on its own, as the rollout engine does, would become a root itself)
+
+
+def _root_init(model: nn.Module) -> None:
+    """One forward through the root makes it the root of every layer's state (a layer
+    called first on its own, as the rollout engine does, would become a root itself);
+    then every parameter goes back to its shard (the root would keep its gathered ones,
+    and an optimizer built then would hold them)."""
     device = next(model.parameters()).device
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
-    for module in _fsdp_modules([model]):  # the root keeps its gathered parameters otherwise
+    for module in _fsdp_modules([model]):
         module.reshard()
-    return model
+
+
+def sharded_copy(source: nn.Module, twin: nn.Module, mesh, prefix: str = "") -> nn.Module:
+    """``twin`` (a meta-device module whose parameters named ``prefix + name`` are
+    ``source``'s ``name``) sharded like ``source`` and filled shard by shard from it: no
+    full tensor is made. Parameters ``source`` lacks (a new head) are left zero."""
+    _wrap(twin, mesh)
+    device = next(source.parameters()).device
+    twin.to_empty(device=device)
+    params = dict(source.named_parameters())
+    buffers = dict(source.named_buffers())
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            mine = params.get(name[len(prefix):]) if name.startswith(prefix) else None
+            if mine is None:
+                local.zero_()
+            else:
+                local.copy_(mine.to_local() if hasattr(mine, "to_local") else mine)
+        for name, buffer in twin.named_buffers():
+            mine = buffers.get(name[len(prefix):]) if name.startswith(prefix) else None
+            if mine is not None:
+                buffer.copy_(mine)
+    _root_init(twin)
+    return twin
+
+
+def load_full_weights(model: nn.Module, weights: dict) -> None:
+    """Copy a full state dict (plain tensors, e.g. read from a checkpoint by every rank)
+    into the sharded ``model``: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                  strict=False))
 
 
 def is_sharded(model: nn.Module | None) -> bool:
@@ -162,6 +208,14 @@ def meta_twin(model: nn.Module) -> nn.Module:
             return ValueModel(meta_twin(model.backbone), model.value_head.in_features)
     raise TypeError(f"cannot shard a {type(model).__name__}: FSDP here takes Hugging Face "
                     "models and plait critics")
+
+
+def release(twin: nn.Module) -> None:
+    """Give a twin's weights back (to the meta device), its tied weights tied again (moving
+    a module unties them, and a twin must keep the structure of the model it copies)."""
+    twin.to("meta")
+    if hasattr(twin, "tie_weights"):
+        twin.tie_weights()
 
 
 def plain_model(twin: nn.Module, weights: dict) -> nn.Module:
