@@ -57,9 +57,9 @@ def test_checkpoints_resume_across_layouts(tiny_job, reward_spec, tmp_path, firs
     assert_same_weights(straight, switched)
 
 
-def test_sharding_needs_colocated_placement():
+def test_sharding_is_refused_under_dynamic_placement():
     from plait.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="data_parallel=fsdp runs with runtime.placement"):
+    with pytest.raises(ConfigError, match="fsdp does not run under runtime.placement=dynamic"):
         load_config(None, ["runtime.num_ranks=2", "runtime.data_parallel=fsdp",
-                           "runtime.placement=disaggregated"])
+                           "runtime.placement=dynamic"])

@@ -202,13 +202,16 @@ def metrics_of(run_dir):
     ("disaggregated", 1, ()),
     ("disaggregated", 2, ()),
     ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the rollout worker
-], ids=["disaggregated-1", "disaggregated-2", "partial-kl"])
+    # sharded trainers gather the policy together for each push to the worker
+    ("disaggregated", 2, ("runtime.data_parallel=fsdp",)),
+], ids=["disaggregated-1", "disaggregated-2", "partial-kl", "disaggregated-2-fsdp"])
 def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, placement,
                                                     trainers, extra):
     """Rollout workers apart, max_staleness=0: the same samples (per-prompt seeds) and
     the same weights (pushed before each batch) give the colocated job's update."""
     one, apart = tmp_path / "one", tmp_path / "apart"
-    proc = run_cli("train", *job(tiny_job, reward_spec, one, *extra))
+    alone = [e for e in extra if not e.startswith("runtime.")]
+    proc = run_cli("train", *job(tiny_job, reward_spec, one, *alone))
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli("train", *job(tiny_job, reward_spec, apart, f"runtime.placement={placement}",
                                  f"runtime.num_ranks={trainers}", *extra))

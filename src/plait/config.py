@@ -282,7 +282,7 @@ class RuntimeConfig:
         "all-reduces gradients; 'fsdp' (FSDP2) shards parameters, gradients and optimizer "
         "state over the ranks, per decoder layer, for models that do not fit one device "
         "(the policy is gathered whole for generation and no-grad passes; checkpoints hold "
-        "full weights). Colocated placement only.")
+        "full weights). Not with the dynamic placement.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)
@@ -667,9 +667,10 @@ def _validate_runtime(config: Config) -> None:
          config.sft.batch_size < ranks,
          f"sft.batch_size={config.sft.batch_size} is below runtime.num_ranks={ranks}: "
          "sharded ranks each train a share of every SFT batch"),
-        (runtime.data_parallel == "fsdp" and runtime.placement != "colocated",
-         "runtime.data_parallel=fsdp runs with runtime.placement=colocated (rollout workers "
-         "apart take full weights)"),
+        (runtime.data_parallel == "fsdp" and runtime.placement == "dynamic",
+         "runtime.data_parallel=fsdp does not run under runtime.placement=dynamic (every "
+         "process there holds whole models to switch roles); use colocated, disaggregated "
+         "or partial"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "
          "algo.use_engine_logprobs"),

@@ -25,6 +25,11 @@ class RolloutWorker(RLTrainer):
     """Serves batches to the trainer ranks (see module doc); built like a trainer, never
     trains."""
 
+    @property
+    def sharded(self) -> bool:
+        """A worker holds whole models to generate with, whatever the trainers do."""
+        return False
+
     def serve(self, remote) -> None:
         """``remote``: the job's :class:`~plait.runtime.job.Remote` (layout, channel,
         weight broadcast)."""

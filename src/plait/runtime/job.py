@@ -32,20 +32,26 @@ class Remote:
     def start(self, trainer) -> None:
         """Trainer 0, before the first step: tell each worker where the job stands and push
         the starting weights (version = the step the job resumes from)."""
-        if trainer.dist.global_rank != 0:
-            return
-        state = {"step": trainer.global_step, "data": trainer.train_iter.state_dict(),
-                 "next_group_id": trainer._next_group_id,
-                 "reference_dir": trainer.state.get("reference_dir")}
-        for worker in self.layout.worker_ranks:
-            self.channel.send(state, worker, kind="control")
-        self.weights.push(trainer.global_step)
+        if trainer.dist.global_rank == 0:
+            state = {"step": trainer.global_step, "data": trainer.train_iter.state_dict(),
+                     "next_group_id": trainer._next_group_id,
+                     "reference_dir": trainer.state.get("reference_dir")}
+            for worker in self.layout.worker_ranks:
+                self.channel.send(state, worker, kind="control")
+        self._push(trainer, trainer.global_step)
 
     def after_update(self, trainer, version: int) -> None:
         """Trainer 0 pushes ``version`` if some worker will still need it: batch ``s``
         needs weights ``>= s - max_staleness``, and the last batch is ``steps - 1``."""
-        if trainer.dist.global_rank == 0 and version + self.max_staleness <= self.steps - 1:
-            self.weights.push(version)
+        if version + self.max_staleness <= self.steps - 1:
+            self._push(trainer, version)
+
+    def _push(self, trainer, version: int) -> None:
+        """Every trainer calls this: sharded trainers gather the policy together, and
+        trainer 0 snapshots and sends it."""
+        with trainer.gathered(trainer.policy):
+            if trainer.dist.global_rank == 0:
+                self.weights.push(version)
 
     def finish(self) -> None:
         self.channel.wait()

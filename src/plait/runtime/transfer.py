@@ -68,26 +68,32 @@ class WeightBroadcast:
     """Bucketed, versioned broadcast of a model's parameters from one rank to a group.
 
     Every member builds it over the same model structure; ``src`` (a global rank)
-    calls :meth:`push`, the others :meth:`receive`, once per version, in order.
+    calls :meth:`push`, the others :meth:`receive`, once per version, in order. A sharded
+    (FSDP) model is pushed while its trainers hold it gathered: the parameters are read
+    from the model at each push, since gathering swaps them.
     """
 
     def __init__(self, model: torch.nn.Module, group, src: int, dist: Dist,
                  bucket_bytes: int = 64 << 20):
         self.group, self.src, self.dist = group, src, dist
-        self.params = [p for p in model.parameters()]
-        self.buckets: list[list[torch.Tensor]] = []
+        self.model = model
+        self.layout: list[list[int]] = []  # parameter positions of each bucket
         current, size = [], 0
-        for p in self.params:
+        params = list(model.parameters())
+        for i, p in enumerate(params):
             nbytes = p.numel() * p.element_size()
-            if current and (size + nbytes > bucket_bytes or p.dtype != current[0].dtype):
-                self.buckets.append(current)
+            if current and (size + nbytes > bucket_bytes or
+                            p.dtype != params[current[0]].dtype):
+                self.layout.append(current)
                 current, size = [], 0
-            current.append(p)
+            current.append(i)
             size += nbytes
         if current:
-            self.buckets.append(current)
-        self.flats = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype,
-                                  device=b[0].device) for b in self.buckets]
+            self.layout.append(current)
+        device = torch.device(params[0].device.type) if params[0].device.type == "cpu" \
+            else params[0].device
+        self.flats = [torch.empty(sum(params[i].numel() for i in b), dtype=params[b[0]].dtype,
+                                  device=device) for b in self.layout]
         self._pending: list = []
         self.group_size = tdist.get_world_size(group)
 
@@ -101,9 +107,10 @@ class WeightBroadcast:
         self.wait()
         header = torch.tensor([version, len(self.flats)], dtype=torch.long)
         works = [tdist.broadcast(header, self.src, group=self.group, async_op=True)]
+        params = list(self.model.parameters())
         with torch.no_grad():
-            for flat, bucket in zip(self.flats, self.buckets, strict=True):
-                torch.cat([p.detach().reshape(-1) for p in bucket], out=flat)
+            for flat, bucket in zip(self.flats, self.layout, strict=True):
+                torch.cat([params[i].detach().reshape(-1) for i in bucket], out=flat)
                 works.append(tdist.broadcast(flat, self.src, group=self.group, async_op=True))
         self._pending = [works, header]
         self.dist.traffic.add("weights", sent=(self.num_bytes + 16) * (self.group_size - 1))
@@ -121,11 +128,12 @@ class WeightBroadcast:
         if int(header[1]) != len(self.flats):
             raise RuntimeError(f"weight broadcast: {int(header[1])} buckets sent, "
                                f"{len(self.flats)} expected (different model structures)")
+        params = list(self.model.parameters())
         with torch.no_grad():
-            for flat, bucket in zip(self.flats, self.buckets, strict=True):
+            for flat, bucket in zip(self.flats, self.layout, strict=True):
                 tdist.broadcast(flat, self.src, group=self.group)
                 offset = 0
-                for p in bucket:
+                for p in (params[i] for i in bucket):
                     p.copy_(flat[offset: offset + p.numel()].view_as(p))
                     offset += p.numel()
         self.dist.traffic.add("weights", received=self.num_bytes + 16)
