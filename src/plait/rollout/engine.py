@@ -203,7 +203,7 @@ class PlaitEngine:
                     self._ready.popleft()
                 if self._abort or not (self._waiting or self._running):
                     break
-                self._step()
+                self._steps()
             finished = not self._abort
         finally:
             if not finished:  # abort, exception or early close: keep requests resumable
@@ -214,16 +214,23 @@ class PlaitEngine:
         self._abort = False
         return self.stream()
 
-    def _step(self) -> None:
-        """Admit waiting requests and sample one token for every running one."""
+    def _steps(self) -> None:
+        """Admit waiting requests and sample one token for every running one, until a
+        group completes (the consumer gets it at once) or nothing is left. The model is
+        put in eval mode once for the run of steps, not per step (a recursive walk of
+        every module)."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             with torch.no_grad():
-                self._admit()
-                self._ready.extend(self._decode_step())
+                while (self._waiting or self._running) and not self._ready \
+                        and not self._abort:
+                    self._admit()
+                    self._ready.extend(self._decode_step())
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1
                  ) -> list[list[Completion]]:
@@ -302,11 +309,16 @@ class PlaitEngine:
                                torch.tensor(unique_rows) + first_slot)
         position_of = {row: i for i, row in enumerate(unique_rows)}
         take = [position_of[source[tuple(c)]] for c in contexts]
-        copies = [(first_slot + source[tuple(c)], first_slot + row, len(c))
+        copies = [(first_slot + source[tuple(c)], first_slot + row)
                   for row, c in enumerate(contexts) if source[tuple(c)] != row]
-        for src, dst, length in copies:
+        if copies:  # one indexed copy per cache tensor (positions past a context's end
+            # are hidden by the mask until decoding overwrites them)
+            device = self._keys[0].device
+            src = torch.tensor([a for a, _ in copies], device=device)
+            dst = torch.tensor([b for _, b in copies], device=device)
+            width = max(len(c) for c in contexts)
             for cache in (*self._keys, *self._values):
-                cache[dst, :, :length].copy_(cache[src, :, :length])
+                cache[dst, :, :width] = cache[src, :, :width]
         self._stage_logits(first_slot, logits[torch.tensor(take, device=logits.device)])
 
     def _stage_logits(self, first_slot: int, logits: torch.Tensor) -> None:
@@ -380,10 +392,13 @@ class PlaitEngine:
         survivors = keep.nonzero().squeeze(-1).tolist()
         if len(survivors) == len(self._running):
             return
-        for new_slot, old_slot in enumerate(survivors):
-            if new_slot != old_slot:
-                for cache in (*self._keys, *self._values):
-                    cache[new_slot].copy_(cache[old_slot])
+        moves = [(new, old) for new, old in enumerate(survivors) if new != old]
+        if moves:  # one indexed copy per cache tensor (the source rows are read first)
+            device = self._keys[0].device
+            dst = torch.tensor([new for new, _ in moves], device=device)
+            src = torch.tensor([old for _, old in moves], device=device)
+            for cache in (*self._keys, *self._values):
+                cache[dst] = cache[src]
         self._running = [self._running[i] for i in survivors]
 
     def _suspend_running(self) -> None:
