@@ -303,7 +303,8 @@ def trl_config(steps: int, output_dir: Path, seed: int):
     )
 
 
-def worker_trl(steps: int, threads: int, workdir: Path, start: Path, seed: int) -> dict:
+def worker_trl(steps: int, threads: int, workdir: Path, start: Path, seed: int,
+               attention: str = "auto") -> dict:
     set_threads(threads)
     import torch
     import trl
@@ -367,7 +368,7 @@ def worker_trl(steps: int, threads: int, workdir: Path, start: Path, seed: int) 
     output_dir = workdir / "trl_run"
     shutil.rmtree(output_dir, ignore_errors=True)
     trainer = PlaitWarmupGRPOTrainer(
-        model=load_causal_lm(start), reward_funcs=[exact_match],
+        model=load_causal_lm(start, attention), reward_funcs=[exact_match],
         args=trl_config(steps, output_dir, seed), train_dataset=dataset,
         processing_class=load_tokenizer(start), callbacks=[clock])
     clock.trainer = trainer
@@ -394,7 +395,7 @@ def run_worker(which: str, args, start: Path) -> dict:
                "--steps", str(args.steps), "--threads", str(args.threads),
                "--seed", str(args.seed),
                "--workdir", str(args.workdir), "--start-model", str(start),
-               "--worker-out", str(out)]
+               "--worker-out", str(out), "--attention", args.attention]
     for override in args.plait_override:
         command += ["--plait-override", override]
     print(f"[bench] {which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
@@ -463,6 +464,7 @@ def orchestrate(args) -> dict:
         prepare_start_model(args.workdir, args.threads)
     before = evaluate(start, args.workdir, args.threads, "before")
     results = {"benchmark": "rl_step_vs_trl", "steps": args.steps, "seed": args.seed,
+               "attention": args.attention,
                "machine": machine(args.threads), "versions": versions(),
                "start_model": str(start), "accuracy_before": before["accuracy"],
                "eval_before": before}
@@ -499,6 +501,9 @@ def parse_args(argv=None):
                         help="extra plait config override for the plait RL run, e.g. "
                              "rollout.engine=hf (repeatable; changes the comparison, so the "
                              "overrides are recorded in the JSON)")
+    parser.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
+                        help="attention kernels of the model on both sides (plait's "
+                             "model.attn_implementation, the model TRL is given)")
     parser.add_argument("--worker", choices=("plait", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -509,8 +514,9 @@ def main(argv=None) -> int:
     args.workdir = args.workdir.resolve()
     if args.worker:
         common = (args.steps, args.threads, args.workdir, Path(args.start_model), args.seed)
-        result = worker_plait(*common, args.plait_override) if args.worker == "plait" \
-            else worker_trl(*common)
+        overrides = [*args.plait_override, f"model.attn_implementation={args.attention}"]
+        result = worker_plait(*common, overrides) if args.worker == "plait" \
+            else worker_trl(*common, args.attention)
         args.worker_out.write_text(json.dumps(result, indent=2, default=str))
         return 0
     results = orchestrate(args)
