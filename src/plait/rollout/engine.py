@@ -21,8 +21,10 @@ How it works
   distribution is returned, greedy rows report the untempered distribution.
 
 Limits (documented deviations): sliding-window attention is not applied (the
-full context is attended), and every step syncs the sampled tokens to the host
-to check stop conditions.
+full context is attended), and every step brings the sampled tokens to the host
+to check stop conditions (one transfer per step, tokens and log-probs together;
+which rows are greedy or seeded is decided from host-side settings, so sampling
+itself does not wait on the device).
 """
 
 from __future__ import annotations
@@ -332,9 +334,11 @@ class PlaitEngine:
         """Sample one token for every running request, retire finished ones, and run the
         model on the survivors."""
         tokens, logprobs = self._sample(self._pending_logits)
+        # the step's one device-to-host transfer: tokens and log-probs together
+        host = torch.stack([tokens.double(), logprobs.double()]).cpu()
         finished = []
         for slot, (request, token, logprob) in enumerate(
-                zip(self._running, tokens.tolist(), logprobs.tolist(), strict=True)):
+                zip(self._running, host[0].long().tolist(), host[1].tolist(), strict=True)):
             if request.version is None:
                 request.version = self.policy_version
             request.tokens.append(token)
@@ -429,10 +433,10 @@ class PlaitEngine:
         """One token for each running slot ``0..n-1``; returns next-token logits ``[n, V]``."""
         device = self._device()
         n = len(self._running)
-        positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in self._running],
-                                 device=device)
+        where = [len(r.prompt) + len(r.tokens) - 1 for r in self._running]
+        positions = torch.tensor(where, device=device)
         hidden = self._run(tokens.view(n, 1).to(device), positions.view(n, 1),
-                           torch.arange(n, device=device), kv_len=int(positions.max()) + 1,
+                           torch.arange(n, device=device), kv_len=max(where) + 1,
                            contiguous=True)
         return self.lm_head(self.base.norm(hidden[:, -1])).float()
 
@@ -459,9 +463,11 @@ class PlaitEngine:
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled token and its log-probability for each running request."""
+        # which rows are greedy, seeded, filtered is known on the host: no device syncs
         params = [r.params for r in self._running]
         device = logits.device
-        greedy = torch.tensor([p.greedy for p in params], device=device)
+        is_greedy = [p.greedy for p in params]
+        greedy = torch.tensor(is_greedy, device=device)
         temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
                                    device=device, dtype=logits.dtype)
         processed = logits / temperature.unsqueeze(-1)
@@ -471,12 +477,14 @@ class PlaitEngine:
             processed = _filter_top_k_top_p(processed, top_k, top_p, greedy)
         logp = torch.log_softmax(processed, dim=-1)
         tokens = torch.empty(len(params), dtype=torch.long, device=device)
-        if greedy.any():
-            tokens[greedy] = logits[greedy].argmax(-1)
-        sampled = (~greedy).nonzero().squeeze(-1)
-        if sampled.numel():
+        if all(is_greedy):
+            tokens = logits.argmax(-1)
+        elif any(is_greedy):  # index rows, not a boolean mask (that would sync on a GPU)
+            rows = torch.tensor([i for i, g in enumerate(is_greedy) if g], device=device)
+            tokens[rows] = logits[rows].argmax(-1)
+        indices = [i for i, g in enumerate(is_greedy) if not g]
+        if indices:
             running = self._running
-            indices = sampled.tolist()
             seeded = [i for i in indices if running[i].seed_words is not None]
             shared = [i for i in indices if running[i].seed_words is None]
             if shared:
