@@ -37,9 +37,9 @@ from plait.train.experience import Experience
 
 
 class DynamicTrainer(RLTrainer):
-    """Data-parallel trainer whose processes switch between generating and training."""
-
-    use_ddp = False  # every process joins the gradient sum, trainer or not
+    """Data-parallel trainer whose processes switch between generating and training.
+    Every process joins the DDP gradient all-reduce, trainer or not (a worker with a
+    zero-weight ghost batch, after generating the next batch)."""
 
     def __init__(self, config, callbacks=(), *, dist=None, **kwargs):
         super().__init__(config, callbacks, dist=dist, **kwargs)

@@ -73,8 +73,12 @@ class RLTrainer(Session):
         self.train_policy = ResponseLogits(self.policy, share)
         self.train_critic = self.critic
         if self.dist.active and self.use_ddp and not self.sharded:
+            # buffers (rotary tables) never change: no broadcast before each forward, so
+            # a rank's forwards issue no collective and only the backward's all-reduce
+            # meets the other ranks (dynamic placement's workers join it late, after
+            # generating, while the trainers run their micro-batches)
             ddp = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       process_group=self.dist.group)
+                       process_group=self.dist.group, **_no_forward_buffer_sync())
             self.train_policy = DistributedDataParallel(self.train_policy, **ddp)
             if self.critic is not None:
                 self.train_critic = DistributedDataParallel(self.critic, **ddp)
@@ -702,6 +706,15 @@ def train(config: Config, callbacks=(), dist=None) -> dict:
     summary."""
     with RLTrainer(config, callbacks=callbacks, dist=dist) as trainer:
         return trainer.run()
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP's switch for syncing buffers before every forward, by its name in this torch."""
+    import inspect
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names \
+        else {"broadcast_buffers": False}
 
 
 def _mean_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
