@@ -54,7 +54,6 @@ class RLTrainer(Session):
     """GRPO / PPO training loop: one process, or one rank of a data-parallel job."""
 
     remote = None  # the disaggregated placement's links to the rollout workers (runtime.job)
-    use_ddp = True  # False: gradients summed over the job's ranks by one flat all-reduce
     during_update = None  # a callable run once inside the next optimizer step (see dynamic)
 
     @property
@@ -72,7 +71,7 @@ class RLTrainer(Session):
         share = self.config.algo.share_prompt_forward and not self.sharded
         self.train_policy = ResponseLogits(self.policy, share)
         self.train_critic = self.critic
-        if self.dist.active and self.use_ddp and not self.sharded:
+        if self.dist.active and not self.sharded:
             # buffers (rotary tables) never change: no broadcast before each forward, so
             # a rank's forwards issue no collective and only the backward's all-reduce
             # meets the other ranks (dynamic placement's workers join it late, after
@@ -375,8 +374,8 @@ class RLTrainer(Session):
             with self._no_sync(sync):
                 with self.autocast():
                     loss, micro_stats = self.micro_loss(micro, norm)
-                # DDP averages over ranks; the loss is already a share of the global one
-                (loss * (self.dist.world_size if self.use_ddp else 1)).backward()
+                # DDP/FSDP average over ranks; the loss is already a share of the global one
+                (loss * self.dist.world_size).backward()
             if micro.ghost:
                 continue
             for key, value in micro_stats.items():
@@ -384,8 +383,6 @@ class RLTrainer(Session):
                 # per-token means (clip fractions, ratios) are averaged by rows
                 share = 1.0 if key in SUMMED_STATS else micro.batch_size / mini.batch_size
                 stats[key] = stats.get(key, 0.0) + value * share
-        if self.dist.active and not self.use_ddp:
-            self._all_reduce_gradients()
         return self.apply_gradients(stats)
 
     def _as_many_micro_batches(self, micros: list[Experience]) -> list[Experience]:
@@ -400,19 +397,6 @@ class RLTrainer(Session):
         if ghost.returns is not None:
             ghost.returns = torch.zeros_like(ghost.returns)
         return micros + [ghost] * (most - len(micros))
-
-    def _all_reduce_gradients(self) -> None:
-        """Sum every trainable parameter's gradient over the job's ranks (one flat buffer
-        per model; a rank with no rows contributes zeros)."""
-        for model in self.trainable_models():
-            params = [p for p in model.parameters() if p.requires_grad]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.dist.all_reduce(flat, kind="gradients")
-            offset = 0
-            for p in params:
-                p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
 
     def _no_sync(self, sync: bool):
         """Skip DDP's gradient all-reduce for every micro-batch but the last."""
@@ -488,9 +472,9 @@ class RLTrainer(Session):
             stats[f"grad_norm/{name}"] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
         if self.dist.active:  # a non-finite loss on any rank skips the step on all
-            if self.use_ddp:  # (the flat all-reduce counts its own bytes)
-                self.dist.traffic.add("gradients", sent=self._grad_bytes,
-                                      received=self._grad_bytes)
+            # (the gradient all-reduce or reduce-scatter runs inside the backward)
+            self.dist.traffic.add("gradients", sent=self._grad_bytes,
+                                  received=self._grad_bytes)
             flag = torch.tensor([0.0 if finite else 1.0])
             finite = float(self.dist.all_reduce(flag, op="max", kind="control")) == 0.0
         if not finite:
