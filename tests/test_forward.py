@@ -127,3 +127,23 @@ def test_attention_implementation_is_a_setting(tmp_path):
         torch.testing.assert_close(response_logits(eager, batch, share_prompts=share)[mask],
                                    response_logits(default, batch, share_prompts=share)[mask],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_shared_prompts_under_sliding_window_attention(arch):
+    """A window shorter than prompt + response: the shared path still equals the full one
+    (the cache's sliding layers keep what the mask would show)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = MistralConfig(sliding_window=4, **common) if arch == "mistral" else Qwen3Config(
+        sliding_window=4, use_sliding_window=True, max_window_layers=1,
+        layer_types=["sliding_attention", "full_attention"], **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    batch = _batch(50, width=5)
+    mask = batch.response_mask.bool()
+    full = response_logits(model, batch)
+    shared = response_logits(model, batch, share_prompts=True)
+    torch.testing.assert_close(shared[mask], full[mask], rtol=1e-5, atol=1e-5)
