@@ -155,11 +155,7 @@ class RLTrainer(Session):
             keep = torch.isin(batch.group_ids, chosen)
             stats["groups_kept"] = int(batch.group_ids[keep].unique().numel())
             batch = batch.select(keep.nonzero().squeeze(-1)) if keep.any() else None
-        if batch is None:
-            batch = last.select(torch.tensor([0]))
-            batch.ghost = True
-            batch.response_mask = torch.zeros_like(batch.response_mask)
-        return batch
+        return batch if batch is not None else last.ghost_row()
 
     def draw_rows(self) -> list[dict]:
         """The next global prompt batch (the same on every rank)."""
@@ -390,13 +386,7 @@ class RLTrainer(Session):
         ranks (token budgets or uneven batches can give ranks different counts)."""
         count = torch.tensor([float(len(micros))])
         most = int(self.dist.all_reduce(count, op="max", kind="control"))
-        ghost = micros[0].select(torch.tensor([0]))
-        ghost.ghost = True
-        ghost.response_mask = torch.zeros_like(ghost.response_mask)
-        ghost.advantages = torch.zeros_like(ghost.response_mask)
-        if ghost.returns is not None:
-            ghost.returns = torch.zeros_like(ghost.returns)
-        return micros + [ghost] * (most - len(micros))
+        return micros + [micros[0].ghost_row()] * (most - len(micros))
 
     def _no_sync(self, sync: bool):
         """Skip DDP's gradient all-reduce for every micro-batch but the last."""

@@ -224,13 +224,12 @@ class Session:
                 self.critic = self._placed(load_critic(config.model.critic_path,
                                                        config.model.attn_implementation),
                                            "critic")
-            elif self.sharded:
-                self._twins["critic"] = ValueModel(fsdp.meta_twin(self.policy.base_model),
-                                                   hidden)
-                self.critic = fsdp.sharded_copy(
-                    self.policy.base_model,
-                    ValueModel(fsdp.meta_twin(self.policy.base_model), hidden), self.mesh,
-                    prefix="backbone.")
+            elif self.sharded:  # one twin to keep for saving, one to become the critic
+                twins = [ValueModel(fsdp.meta_twin(self.policy.base_model), hidden)
+                         for _ in range(2)]
+                self._twins["critic"] = twins[0]
+                self.critic = fsdp.sharded_copy(self.policy.base_model, twins[1], self.mesh,
+                                                prefix="backbone.")
             else:
                 backbone = copy.deepcopy(self.policy.base_model)
                 self.critic = ValueModel(backbone, hidden).to(self.device)
@@ -540,19 +539,17 @@ class Session:
                                   "holds no complete checkpoint")
             return False
         # the reference/critic structure must exist before their weights load, and the
-        # weights load into the full models (before any sharding), the optimizer states
-        # once the optimizers exist
+        # optimizers before their states do
         self.state = read_trainer_state(path)
         if self.sharded:
             self.setup_training(resuming=True,
                                 load_weights=lambda: self._load_sharded_weights(path))
+            optimizers = {name: fsdp.FullOptimizerState(model, self.optimizers[name])
+                          for name, model in self.named_trainable_models()}
         else:
             self.setup_training(resuming=True, load_weights=lambda: load_checkpoint(
                 path, models=dict(self.named_trainable_models()), restore_rng=False))
-        optimizers = self.optimizers
-        if self.sharded:
-            optimizers = {name: fsdp.FullOptimizerState(model, self.optimizers[name])
-                          for name, model in self.named_trainable_models()}
+            optimizers = self.optimizers
         state = load_checkpoint(path, models={}, optimizers=optimizers,
                                 schedulers=self.schedulers)
         self.state = state

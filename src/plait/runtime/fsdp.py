@@ -109,13 +109,6 @@ def load_full_weights(model: nn.Module, weights: dict) -> None:
                                                                   strict=False))
 
 
-def is_sharded(model: nn.Module | None) -> bool:
-    if model is None:
-        return False
-    FSDPModule, _ = _fsdp_api()
-    return isinstance(model, FSDPModule)
-
-
 def _fsdp_modules(models) -> list:
     FSDPModule, _ = _fsdp_api()
     return [m for model in models if model is not None for m in model.modules()
@@ -184,15 +177,6 @@ def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
     return weights, optim
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Load a full optimizer state (as :func:`full_state` gathers it, read on every rank)
-    into the sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
-
-
 def meta_twin(model: nn.Module) -> nn.Module:
     """A parameter-free copy of ``model``'s structure (on the meta device), made before
     sharding; :func:`plain_model` fills it with full weights for saving."""
@@ -249,8 +233,15 @@ class FullOptimizerState:
                                  for g in groups]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Shard a full state (read from the checkpoint on every rank) into the optimizer."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
         names = [name for name, p in self.model.named_parameters() if p.requires_grad]
         by_name = {"state": {names[i]: value for i, value in state["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                                     for g in state["param_groups"]]}
-        load_full_optimizer_state(self.model, self.optimizer, by_name)
+        set_optimizer_state_dict(self.model, self.optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True))

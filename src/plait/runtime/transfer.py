@@ -90,10 +90,8 @@ class WeightBroadcast:
             size += nbytes
         if current:
             self.layout.append(current)
-        device = torch.device(params[0].device.type) if params[0].device.type == "cpu" \
-            else params[0].device
         self.flats = [torch.empty(sum(params[i].numel() for i in b), dtype=params[b[0]].dtype,
-                                  device=device) for b in self.layout]
+                                  device=params[0].device) for b in self.layout]
         self._pending: list = []
         self.group_size = tdist.get_world_size(group)
 

@@ -85,6 +85,17 @@ class Experience:
             picked.texts = [self.texts[i] for i in index.tolist()]
         return picked
 
+    def ghost_row(self) -> Experience:
+        """A one-row, zero-weight stand-in (row 0 with no response tokens and no
+        advantage): a rank with nothing to add still runs the collectives of a step."""
+        ghost = self.select(torch.tensor([0]))
+        ghost.ghost = True
+        ghost.response_mask = torch.zeros_like(ghost.response_mask)
+        for name in ("advantages", "returns"):
+            if getattr(ghost, name) is not None:
+                setattr(ghost, name, torch.zeros_like(getattr(ghost, name)))
+        return ghost
+
     def trimmed(self) -> Experience:
         """Drop prompt columns that are padding in every row and response columns past the
         longest response, so a micro-batch computes no wasted positions."""
