@@ -20,11 +20,15 @@ How it works
   request; the log-probability of each sampled token under that processed
   distribution is returned, greedy rows report the untempered distribution.
 
-Limits (documented deviations): sliding-window attention is not applied (the
-full context is attended), and every step brings the sampled tokens to the host
-to check stop conditions (one transfer per step, tokens and log-probs together;
-which rows are greedy or seeded is decided from host-side settings, so sampling
-itself does not wait on the device).
+Sliding-window attention (Mistral, Qwen2/Qwen3 with ``use_sliding_window``, mixed
+``layer_types``) is applied through the mask: a sliding layer's token at position
+``p`` sees keys ``p - window < j <= p``, as HF's masks do. The slot cache keeps the
+whole context (it is not a ring buffer), so its memory is not bounded by the window.
+
+Limit (documented deviation): every step brings the sampled tokens to the host to
+check stop conditions (one transfer per step, tokens and log-probs together; which
+rows are greedy or seeded is decided from host-side settings, so sampling itself
+does not wait on the device).
 """
 
 from __future__ import annotations
@@ -109,13 +113,23 @@ def _decoder_parts(model):
     return base, model.get_output_embeddings()
 
 
-def _sliding_window(config) -> int | None:
-    """The attention window when any layer slides (the engine attends over everything)."""
+_ONE_MASK_FAMILIES = ("mistral", "mixtral", "qwen3_moe")
+
+
+def _sliding_layers(config) -> tuple[int | None, list[bool]]:
+    """The attention window and which decoder layers slide, by HF's rules: families with
+    one mask for all layers (Mistral, Mixtral, Qwen3-MoE) slide everywhere when
+    ``sliding_window`` is set; the others follow ``layer_types``."""
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    slides = "sliding_attention" in layer_types or (
-        window is not None and getattr(config, "use_sliding_window", True))
-    return window if slides and window else None
+    layers = config.num_hidden_layers
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None, [False] * layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and config.model_type not in _ONE_MASK_FAMILIES:
+        slides = [kind == "sliding_attention" for kind in layer_types]
+    else:
+        slides = [True] * layers
+    return (window, slides) if any(slides) else (None, slides)
 
 
 class PlaitEngine:
@@ -140,7 +154,7 @@ class PlaitEngine:
         self._abort = False
         self._pending_logits: torch.Tensor | None = None
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
-        self._window = _sliding_window(self.config)
+        self._window, self._sliding = _sliding_layers(self.config)
 
     # ------------------------------------------------------------------ public API
 
@@ -292,11 +306,6 @@ class PlaitEngine:
             return
         batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         longest = max(len(r.prompt) + r.params.max_new_tokens for r in batch)
-        if self._window is not None and longest > self._window:
-            self._waiting.extendleft(reversed(batch))
-            raise ValueError(f"a request spans {longest} positions, beyond the model's sliding "
-                             f"attention window of {self._window}, which plait's engine does "
-                             "not apply; use rollout.engine=hf or shorter requests")
         self._ensure_cache(longest)
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
         first_slot = len(self._running)
@@ -447,17 +456,28 @@ class PlaitEngine:
         cache.contiguous = contiguous
         hidden = self.base.embed_tokens(input_ids)
         position_embeddings = self.base.rotary_emb(hidden, positions)
-        # key j is visible to the token at position p iff j <= p (earlier tokens of its row)
-        keys = torch.arange(kv_len, device=hidden.device)
-        mask = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
-        if self.config._attn_implementation != "sdpa":  # eager attention adds the mask
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device
-                               ).masked_fill_(~mask, torch.finfo(hidden.dtype).min)
-        for layer in self.base.layers:
-            out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+        # key j is visible to the token at position p iff j <= p (earlier tokens of its row),
+        # and on sliding layers iff also j > p - window
+        keys = torch.arange(kv_len, device=hidden.device).view(1, 1, 1, kv_len)
+        query = positions.unsqueeze(1).unsqueeze(-1)
+        full = self._additive(keys <= query, hidden.dtype)
+        sliding = full
+        if self._window is not None and kv_len > self._window:
+            sliding = self._additive((keys <= query) & (keys > query - self._window),
+                                     hidden.dtype)
+        for layer, slides in zip(self.base.layers, self._sliding, strict=True):
+            out = layer(hidden, attention_mask=sliding if slides else full,
+                        position_embeddings=position_embeddings,
                         past_key_values=cache, position_ids=positions, use_cache=True)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _additive(self, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sdpa takes the boolean mask; eager attention adds it (0 or the dtype's min)."""
+        if self.config._attn_implementation == "sdpa":
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device
+                           ).masked_fill_(~visible, torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------ sampling
 
