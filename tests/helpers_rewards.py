@@ -60,3 +60,14 @@ def stall_rank1(prompts, completions, **kwargs):
     its heartbeat: a stall that only a progress watch can see)."""
     _on_rank1_call(14, lambda pid: time.sleep(3600))
     return digit_fraction(prompts, completions)
+
+
+def digits_on_even_prompts(prompts, completions, **kwargs):
+    """digit_fraction for prompts of even length, 0 for the others: their whole groups tie
+    (zero advantage) while the rest still learn."""
+    return [0.0 if len(p) % 2 else score
+            for p, score in zip(prompts, digit_fraction(prompts, completions), strict=True)]
+
+
+def zero_reward(prompts, completions, **kwargs):
+    return [0.0] * len(completions)

@@ -134,3 +134,55 @@ def test_shared_prompt_forward_gives_the_full_forward_update(tiny_job, reward_sp
     assert max(float(g.abs().max()) for g in full.values()) > 1e-3
     for name, value in full.items():
         torch.testing.assert_close(shared[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("split_by", ["algo.micro_batch_size=64", "algo.micro_batch_size=3"])
+def test_skipping_zero_advantage_rows_keeps_the_update(tiny_job, reward_spec, tmp_path, agg,
+                                                        split_by):
+    """Groups whose rewards tie have zero advantage everywhere: leaving their rows out of
+    the forward and backward gives the gradients of the full batch (the normalisers still
+    count them)."""
+    base = [*tiny_job[:-1], "algo.prompts_per_step=8",
+            f"reward.functions=[{{fn: '{reward_spec('digits_on_even_prompts')}'}}]",
+            "algo.reward_range=[0, 1]", "optim.lr=1e-2", f"algo.loss_agg={agg}",
+            "optim.max_grad_norm=null", split_by]
+    full, batch = one_update([*base, f"run.dir={tmp_path / 'a'}",
+                              "algo.skip_zero_advantage=false"])
+    skipped, batch2 = one_update([*base, f"run.dir={tmp_path / 'b'}"])
+    assert torch.equal(batch.response_ids, batch2.response_ids)
+    zero_rows = (batch.advantages == 0).all(-1)
+    assert 0 < int(zero_rows.sum()) < batch.batch_size  # some rows skipped, some trained
+    assert max(float(g.abs().max()) for g in full.values()) > 1e-3
+    assert full.keys() == skipped.keys()
+    for name, value in full.items():
+        torch.testing.assert_close(skipped[name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_rows_with_gradient_are_kept_when_the_loss_needs_every_row(tiny_job, reward_spec):
+    """A KL or entropy term, or a critic, gives zero-advantage rows a gradient: nothing is
+    skipped then; with no row left, one zero-weight row stands in."""
+    from plait.rollout.base import Completion
+    from plait.train.experience import experience_from_completions
+
+    def trainer_for(extra):
+        return RLTrainer(load_config(None, [*tiny_job, *extra]))
+
+    groups = [[Completion(prompt_index=i, token_ids=[5, 6], logprobs=[-1.0, -1.0],
+                          finish_reason="stop", policy_version=0) for _ in range(2)]
+              for i in range(2)]
+    batch = experience_from_completions([[3, 4], [3, 5]], groups, [0, 1], 0)
+    batch.advantages = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    for extra, kept in (([], 2), (["algo.kl_coef=0.1"], 4), (["algo.entropy_coef=0.01"], 4),
+                        (["algo.skip_zero_advantage=false"], 4)):
+        trainer = trainer_for(extra)
+        try:
+            assert trainer._rows_with_gradient(batch).batch_size == kept, extra
+            batch.advantages.zero_()
+            if not extra:
+                ghost = trainer._rows_with_gradient(batch)
+                assert ghost.ghost and ghost.batch_size == 1
+            batch.advantages = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0],
+                                             [-1.0, -1.0]])
+        finally:
+            trainer.close()

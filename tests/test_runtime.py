@@ -80,6 +80,25 @@ def test_two_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, ext
         assert b["loss/policy"] == pytest.approx(a["loss/policy"], abs=1e-5)
 
 
+def test_ranks_skipping_different_rows_give_the_one_rank_update(tiny_job, reward_spec,
+                                                                tmp_path):
+    """Zero-advantage rows left out of the update on each rank (a rank may keep none and
+    run one zero-weight row): 2 ranks still give the one-rank update."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = {}
+    for run_dir, extra in ((one, ()), (two, ("runtime.num_ranks=2",))):
+        proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "train.steps=4", *extra,
+                                     reward="digits_on_even_prompts"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[run_dir] = [json.loads(line)
+                         for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert_same_weights(one, two)
+    assert any(0 < m.get("update/rows_skipped_frac", 0) for m in runs[one])
+    proc = run_cli("train", *job(tiny_job, reward_spec, tmp_path / "none", "runtime.num_ranks=2",
+                                 reward="zero_reward"))  # every row skipped on every rank
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_resume_on_a_different_number_of_ranks(tiny_job, reward_spec, tmp_path):
     straight, switched = tmp_path / "straight", tmp_path / "switched"
     common = ("train.save_every=2", "train.keep_last=0")

@@ -77,8 +77,8 @@ def test_nan_loss_is_skipped_and_counted(tiny_job, reward_spec):
     with RLTrainer(cfg) as trainer:
         micro_loss = trainer.micro_loss
 
-        def maybe_nan(micro, norm):
-            loss, stats = micro_loss(micro, norm)
+        def maybe_nan(micro, norm, stat_norm=None):
+            loss, stats = micro_loss(micro, norm, stat_norm)
             if trainer.global_step in poisoned_steps:
                 loss = loss * float("nan")
                 stats["nonfinite"] = 1.0

@@ -143,6 +143,12 @@ class AlgoConfig:
     micro_batch_tokens: int | None = opt(
         None, "Token budget per micro-batch: rows sorted by length and packed while rows x "
         "padded width stays within it (micro_batch_size still caps the rows).", low=1)
+    skip_zero_advantage: bool = opt(
+        True, "Leave rows whose every advantage is exactly 0 (e.g. GRPO groups with equal "
+        "rewards) out of the update's forward and backward when nothing else in the loss "
+        "needs them (no KL or entropy term, no critic): they add 0 to the gradient and the "
+        "loss normalisers still count them, so the update is the same. Per-token policy "
+        "statistics are then over the rows trained.")
     share_prompt_forward: bool = opt(
         True, "Teacher-forced forwards (update, old and reference log-probs) run each "
         "distinct prompt of a micro-batch once and its responses against the cached keys "
@@ -221,6 +227,9 @@ class OptimConfig:
     min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr (linear/cosine).", low=0.0,
                               high=1.0)
     max_grad_norm: float | None = opt(1.0, "Gradient clipping norm (null = off).", low=0.0)
+    implementation: Literal["auto", "fused", "foreach", "loop"] = opt(
+        "auto", "AdamW kernel: 'fused' (one kernel for all parameters; 'auto' picks it on CPU "
+        "and CUDA), 'foreach' or the per-parameter 'loop'.")
 
 
 @dataclass(frozen=True)

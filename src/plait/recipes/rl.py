@@ -346,20 +346,31 @@ class RLTrainer(Session):
         """One optimizer step over a mini-batch, accumulating micro-batch gradients whose
         losses are normalised by mini-batch totals, so the update equals the unsplit one."""
         algo = self.config.algo
-        num_tokens, num_seqs = mini.response_mask.sum(), mini.num_real_rows
+        trained = self._rows_with_gradient(mini)
+        # the loss is normalised by the whole mini-batch (skipped rows included), logged
+        # per-token statistics by the rows trained
+        counts = torch.tensor([mini.response_mask.sum().item(), mini.num_real_rows,
+                               trained.response_mask.sum().item(), trained.num_real_rows],
+                              dtype=torch.float64)
         if self.dist.active:  # normalise by the global mini-batch, so ranks add up exactly
-            totals = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
-            self.dist.all_reduce(totals, kind="control")
-            num_tokens = torch.tensor(float(totals[0]), device=mini.response_mask.device)
-            num_seqs = int(totals[1])
-        norm = dict(num_tokens=num_tokens.clamp(min=1), num_seqs=max(num_seqs, 1),
-                    norm_constant=self.loss_norm_constant)
+            self.dist.all_reduce(counts, kind="control")
+        device = mini.response_mask.device
+
+        def normaliser(tokens, seqs):
+            return dict(num_tokens=torch.tensor(float(tokens), device=device).clamp(min=1),
+                        num_seqs=max(int(seqs), 1), norm_constant=self.loss_norm_constant)
+
+        norm = normaliser(counts[0], counts[1])
+        stat_norm = normaliser(counts[2], counts[3])
         if self.during_update is not None:  # work that overlaps the other ranks' backward
             task, self.during_update = self.during_update, None
             task()
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        if trained is not mini:
+            stats["update/rows_skipped_frac"] = 1.0 - trained.num_real_rows / mini.batch_size
+            mini = trained
         micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
                                     algo.share_prompt_forward and not self.sharded)
         if self.sharded:  # every rank runs as many sharded forwards/backwards
@@ -369,7 +380,7 @@ class RLTrainer(Session):
             sync = i == len(micros) - 1
             with self._no_sync(sync):
                 with self.autocast():
-                    loss, micro_stats = self.micro_loss(micro, norm)
+                    loss, micro_stats = self.micro_loss(micro, norm, stat_norm)
                 # DDP/FSDP average over ranks; the loss is already a share of the global one
                 (loss * self.dist.world_size).backward()
             if micro.ghost:
@@ -380,6 +391,21 @@ class RLTrainer(Session):
                 share = 1.0 if key in SUMMED_STATS else micro.batch_size / mini.batch_size
                 stats[key] = stats.get(key, 0.0) + value * share
         return self.apply_gradients(stats)
+
+    def _rows_with_gradient(self, mini: Experience) -> Experience:
+        """``mini`` without the rows that add exactly nothing to the gradient (every
+        advantage 0 and no other loss term), or ``mini`` itself. A rank left with no row
+        keeps one zero-weight row, so it still runs the step's backward and collectives."""
+        if not self.config.algo.skip_zero_advantage or self.kl_in_loss or \
+                self.config.algo.entropy_coef != 0 or self.critic is not None or \
+                mini.advantages is None:
+            return mini
+        keep = ((mini.advantages != 0) & mini.response_mask.bool()).any(-1)
+        if bool(keep.all()):
+            return mini
+        if not bool(keep.any()):
+            return mini.ghost_row()
+        return mini.select(keep.nonzero().squeeze(-1))
 
     def _as_many_micro_batches(self, micros: list[Experience]) -> list[Experience]:
         """``micros`` padded with zero-weight micro-batches to the largest count over the
@@ -403,7 +429,10 @@ class RLTrainer(Session):
                 stack.enter_context(model.no_sync())
         return stack
 
-    def micro_loss(self, micro: Experience, norm: dict) -> tuple[torch.Tensor, dict]:
+    def micro_loss(self, micro: Experience, norm: dict, stat_norm: dict | None = None
+                   ) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch (a share of the mini-batch loss, normalised by
+        ``norm``) and its statistics (logged-only ones normalised by ``stat_norm``)."""
         algo = self.config.algo
         mask = micro.response_mask
         logits = self.train_policy(micro, self.train_temperature)
@@ -437,7 +466,7 @@ class RLTrainer(Session):
         else:  # logged only: keep the [B, R, V] softmax out of the autograd graph
             with torch.no_grad():
                 entropy = algos.aggregate_loss(algos.entropy_from_logits(logits.detach()), mask,
-                                               algo.loss_agg, **norm)
+                                               algo.loss_agg, **(stat_norm or norm))
             stats["policy/entropy"] = entropy.item()
         if self.critic is not None:
             values = response_values(self.train_critic, micro)

@@ -406,12 +406,15 @@ class PlaitEngine:
         if len(survivors) == len(self._running):
             return
         moves = [(new, old) for new, old in enumerate(survivors) if new != old]
-        if moves:  # one indexed copy per cache tensor (the source rows are read first)
+        if moves:  # one indexed copy per cache tensor (the source rows are read first),
+            # over the positions written so far only (the newest token is not yet cached)
             device = self._keys[0].device
             dst = torch.tensor([new for new, _ in moves], device=device)
             src = torch.tensor([old for _, old in moves], device=device)
+            width = max(len(self._running[old].prompt) + len(self._running[old].tokens)
+                        for _, old in moves)
             for cache in (*self._keys, *self._values):
-                cache[dst] = cache[src]
+                cache[dst, :, :width] = cache[src, :, :width]
         self._running = [self._running[i] for i in survivors]
 
     def _suspend_running(self) -> None:

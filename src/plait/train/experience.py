@@ -231,26 +231,29 @@ def experience_from_completions(prompts: list[list[int]], groups: list[list[Comp
     rows = [(prompts[i], c, group_ids[i]) for i, group in enumerate(groups) for c in group]
     prompt_width = max(len(p) for p, _, _ in rows)
     response_width = max(1, max(len(c.token_ids) for _, c, _ in rows))
-    batch = len(rows)
-    prompt_ids = torch.full((batch, prompt_width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((batch, prompt_width), dtype=torch.long)
-    response_ids = torch.full((batch, response_width), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((batch, response_width))
-    sampled = torch.zeros((batch, response_width))
     have_logprobs = all(c.logprobs is not None for _, c, _ in rows)
-    for row, (prompt, completion, _) in enumerate(rows):
-        prompt_ids[row, prompt_width - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[row, prompt_width - len(prompt):] = 1
-        n = len(completion.token_ids)
-        if n:
-            response_ids[row, :n] = torch.tensor(completion.token_ids)
-            response_mask[row, :n] = 1.0
-            if have_logprobs:
-                sampled[row, :n] = torch.tensor(completion.logprobs)
+    # padded Python lists, then one tensor per field (per-row tensor writes cost more than
+    # the packing itself on small batches)
+    prompt_ids, prompt_mask, response_ids, response_mask, sampled = [], [], [], [], []
+    for prompt, completion, _ in rows:
+        gap = prompt_width - len(prompt)
+        prompt_ids.append([pad_token_id] * gap + list(prompt))
+        prompt_mask.append([0] * gap + [1] * len(prompt))
+        tokens = completion.token_ids
+        tail = response_width - len(tokens)
+        response_ids.append(list(tokens) + [pad_token_id] * tail)
+        response_mask.append([1.0] * len(tokens) + [0.0] * tail)
+        if have_logprobs:
+            sampled.append(list(completion.logprobs) + [0.0] * tail)
+    prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
+    prompt_mask = torch.tensor(prompt_mask, dtype=torch.long)
+    response_ids = torch.tensor(response_ids, dtype=torch.long)
+    response_mask = torch.tensor(response_mask)
+    sampled = torch.tensor(sampled) if have_logprobs else None
     return Experience(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
         response_mask=response_mask,
         group_ids=torch.tensor([g for _, _, g in rows], dtype=torch.long),
-        sampled_logprobs=sampled if have_logprobs else None,
+        sampled_logprobs=sampled,
         policy_version=min(c.policy_version for _, c, _ in rows),
     )
