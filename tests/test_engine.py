@@ -204,7 +204,8 @@ def test_stop_strings_end_the_completion(setup):
 def test_sliding_window_attention_equals_hf_generate(arch, attention):
     """A window of 5 positions, far shorter than prompt + 24 new tokens: the engine's
     masks give HF generate's greedy tokens (Mistral slides everywhere; Qwen2/Qwen3 only on
-    the layers ``layer_types`` names), and log-probs match HF's scores."""
+    the layers ``layer_types`` names), and sampled log-probs match a teacher-forced
+    forward (HF's own sliding masks)."""
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
     tokenizer = build_char_tokenizer()
@@ -249,3 +250,67 @@ def test_sliding_window_attention_equals_hf_generate(arch, attention):
     mask = batch.response_mask.bool()
     torch.testing.assert_close(batch.sampled_logprobs[mask], expected[mask],
                                atol=1e-5, rtol=1e-5)
+
+
+def _mixed_batch(engine, prompts):
+    """Greedy, seeded temperature, seeded top-k and top-p requests in one batch."""
+    engine.submit(prompts[:3], SamplingParams(max_new_tokens=14, temperature=0.0))
+    engine.submit(prompts[3:5], SamplingParams(max_new_tokens=9, temperature=0.8), n=2,
+                  seeds=[5, 6])
+    engine.submit(prompts[5:], SamplingParams(max_new_tokens=16, temperature=1.2, top_k=6,
+                                              top_p=0.9), n=3, seeds=[7, 8, 9])
+
+
+@pytest.mark.parametrize("sync_every", [2, 5, 32])
+def test_decode_runs_between_host_syncs_give_the_same_completions(setup, sync_every):
+    """Tokens brought to the host every k steps: rows stopping inside a run are cut at
+    their stop, slots refill at the next sync, and every greedy and seeded completion
+    (tokens, log-probs, finish reason) equals the step-by-step one, with fewer syncs."""
+    tokenizer, model, prompts = setup
+    results, runs = {}, {}
+    for k in (1, sync_every):
+        engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=5, sync_every=k),
+                                tokenizer)
+        calls = []
+        original = engine._decode_run
+        engine._decode_run = lambda original=original, calls=calls: calls.append(1) or \
+            original()
+        _mixed_batch(engine, prompts)
+        results[k] = sorted(((c.prompt_index, c.token_ids, c.finish_reason, c.logprobs)
+                             for _, group in engine.stream() for c in group),
+                            key=lambda x: (x[0], x[1]))
+        runs[k] = len(calls)
+    one, many = results[1], results[sync_every]
+    assert len({len(c[1]) for c in one}) > 3  # rows finished at many different steps
+    assert {c[2] for c in one} == {"stop", "length"}
+    assert [c[:3] for c in many] == [c[:3] for c in one]
+    for a, b in zip(one, many, strict=True):
+        torch.testing.assert_close(torch.tensor(b[3]), torch.tensor(a[3]), atol=1e-5,
+                                   rtol=1e-5)
+    assert runs[sync_every] < runs[1]
+
+
+def test_decode_runs_keep_stop_strings_abort_and_resume(setup):
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    free = PlaitEngine(model, tokenizer, max_batch=3).generate(prompts, params)
+    stop = next(g[0].text[2:4] for g in free if len(g[0].text) >= 4)
+    stopped = SamplingParams(max_new_tokens=20, temperature=0.0, stop=(stop,))
+    one = PlaitEngine(model, tokenizer, max_batch=3).generate(prompts, stopped)
+    engine = PlaitEngine(model, tokenizer, max_batch=3, sync_every=6)
+    engine.submit(prompts, stopped)
+    results = {}
+    for count, (index, group) in enumerate(engine.stream()):
+        results[index] = group
+        if count == 1:
+            engine.abort()
+    assert len(results) < len(prompts)
+    results.update(dict(engine.resume()))
+    assert any(g[0].finish_reason == "stop" and stop in free[i][0].text
+               for i, g in enumerate(one))
+    for index, group in enumerate(one):
+        assert results[index][0].token_ids == group[0].token_ids
+        assert results[index][0].text == group[0].text
+        assert results[index][0].finish_reason == group[0].finish_reason
+    with pytest.raises(ValueError, match="sync_every"):
+        PlaitEngine(model, tokenizer, sync_every=0)

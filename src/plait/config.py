@@ -119,6 +119,10 @@ class RolloutConfig:
     stop: list[str] = opt(doc="Strings that end a completion (text after them is cut).",
                           factory=list)
     batch_size: int = opt(256, "Most sequences generated at once (engine slots).", low=1)
+    sync_every: int | None = opt(
+        None, "plait engine: decode steps between device-to-host transfers of the sampled "
+        "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "
+        "values keep a GPU busy; finished rows compute until the next check.", low=1)
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")

@@ -11,4 +11,5 @@ def build_engine(rollout_cfg, model, tokenizer):
         return HFGenerateEngine(model, tokenizer, batch_size=rollout_cfg.batch_size)
     from plait.rollout.engine import PlaitEngine
 
-    return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size)
+    return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size,
+                       sync_every=rollout_cfg.sync_every)

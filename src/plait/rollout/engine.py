@@ -25,10 +25,15 @@ Sliding-window attention (Mistral, Qwen2/Qwen3 with ``use_sliding_window``, mixe
 ``p`` sees keys ``p - window < j <= p``, as HF's masks do. The slot cache keeps the
 whole context (it is not a ring buffer), so its memory is not bounded by the window.
 
-Limit (documented deviation): every step brings the sampled tokens to the host to
-check stop conditions (one transfer per step, tokens and log-probs together; which
-rows are greedy or seeded is decided from host-side settings, so sampling itself
-does not wait on the device).
+Host syncs: the sampled tokens come to the host only every ``sync_every`` decode
+steps (default 1 on the CPU, where a sync is free, and 8 on CUDA), in one transfer of
+tokens and log-probs. Between those points positions advance on the device and the
+sampling settings (temperatures, greedy and seeded rows, seeds and token counters) are
+device tensors built once per run, so no step copies host data to the device or waits
+for it. Stop tokens, stop strings and token limits are then checked token by token, so
+greedy and seeded completions are those of ``sync_every=1`` (unseeded rows draw from the
+global generator, whose stream then differs); the price is that a finished row computes
+until the run ends and a freed slot is refilled at the next sync.
 """
 
 from __future__ import annotations
@@ -135,7 +140,8 @@ def _sliding_layers(config) -> tuple[int | None, list[bool]]:
 class PlaitEngine:
     """Continuous-batching generation on the trainer's (shared) model."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None,
+                 sync_every: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.base, self.lm_head = _decoder_parts(model)
@@ -155,6 +161,11 @@ class PlaitEngine:
         self._pending_logits: torch.Tensor | None = None
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._window, self._sliding = _sliding_layers(self.config)
+        if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
+            sync_every = 8 if self._device().type == "cuda" else 1
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, not {sync_every}")
+        self.sync_every = sync_every
 
     # ------------------------------------------------------------------ public API
 
@@ -243,7 +254,7 @@ class PlaitEngine:
                 while (self._waiting or self._running) and not self._ready \
                         and not self._abort:
                     self._admit()
-                    self._ready.extend(self._decode_step())
+                    self._ready.extend(self._decode_run())
         finally:
             if was_training:
                 self.model.train()
@@ -339,33 +350,52 @@ class PlaitEngine:
         else:
             self._pending_logits = torch.cat([self._pending_logits[:first_slot], logits])
 
-    def _decode_step(self) -> list[tuple[int, list[Completion]]]:
-        """Sample one token for every running request, retire finished ones, and run the
-        model on the survivors."""
-        tokens, logprobs = self._sample(self._pending_logits)
-        # the step's one device-to-host transfer: tokens and log-probs together
-        host = torch.stack([tokens.double(), logprobs.double()]).cpu()
+    def _decode_run(self) -> list[tuple[int, list[Completion]]]:
+        """Sample up to ``sync_every`` tokens for every running request with no
+        device-to-host transfer in between, then bring them to the host at once: each row
+        takes its tokens up to its first stop, finished rows leave, and the model runs on
+        the survivors' last tokens. A row that stops inside the run computes on until its
+        end (its extra tokens are dropped); the run never passes a row's token limit."""
+        running = self._running
+        steps = min(self.sync_every,
+                    min(r.params.max_new_tokens - len(r.tokens) for r in running))
+        plan = self._sampling_plan()
+        logits = self._pending_logits
+        drawn = []
+        for k in range(steps):
+            tokens, logprobs = self._sample(logits, plan, offset=k)
+            drawn.append(torch.stack([tokens.double(), logprobs.double()]))
+            if k < steps - 1:  # every row runs; positions advance on the device
+                logits = self._decode(tokens, plan.positions + k,
+                                      kv_len=plan.longest + k + 1)
+        # the run's one device-to-host transfer: [2, rows, steps]
+        host = torch.stack(drawn, -1).cpu()
+        token_rows, logprob_rows = host[0].long().tolist(), host[1].tolist()
         finished = []
-        for slot, (request, token, logprob) in enumerate(
-                zip(self._running, host[0].long().tolist(), host[1].tolist(), strict=True)):
+        for slot, request in enumerate(running):
             if request.version is None:
                 request.version = self.policy_version
-            request.tokens.append(token)
-            request.logprobs.append(logprob)
-            reason = self._finish_reason(request, token)
-            if reason is not None:
-                finished.append((slot, reason))
-        keep = torch.ones(len(self._running), dtype=torch.bool)
+            for token, logprob in zip(token_rows[slot], logprob_rows[slot], strict=True):
+                request.tokens.append(token)
+                request.logprobs.append(logprob)
+                reason = self._finish_reason(request, token)
+                if reason is not None:
+                    finished.append((slot, reason))
+                    break
+        keep = torch.ones(len(running), dtype=torch.bool)
         for slot, _ in finished:
             keep[slot] = False
         done_groups = []
         for slot, reason in finished:
-            done = self._complete(self._running[slot], reason)
+            done = self._complete(running[slot], reason)
             if done is not None:
                 done_groups.append(done)
         self._compact(keep)
         if self._running:
-            self._pending_logits = self._decode(tokens[keep.to(tokens.device)])
+            last = tokens[keep.to(tokens.device)]
+            where = [len(r.prompt) + len(r.tokens) - 1 for r in self._running]
+            self._pending_logits = self._decode(
+                last, torch.tensor(where, device=last.device), kv_len=max(where) + 1)
         else:
             self._pending_logits = None
         return done_groups
@@ -441,15 +471,14 @@ class PlaitEngine:
         last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
         return self.lm_head(self.base.norm(last)).float()
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for each running slot ``0..n-1``; returns next-token logits ``[n, V]``."""
-        device = self._device()
-        n = len(self._running)
-        where = [len(r.prompt) + len(r.tokens) - 1 for r in self._running]
-        positions = torch.tensor(where, device=device)
-        hidden = self._run(tokens.view(n, 1).to(device), positions.view(n, 1),
-                           torch.arange(n, device=device), kv_len=max(where) + 1,
-                           contiguous=True)
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
+                ) -> torch.Tensor:
+        """One token for each running slot ``0..n-1`` at ``positions`` (a device tensor);
+        returns next-token logits ``[n, V]``."""
+        n = tokens.shape[0]
+        device = tokens.device
+        hidden = self._run(tokens.view(n, 1), positions.view(n, 1),
+                           torch.arange(n, device=device), kv_len=kv_len, contiguous=True)
         return self.lm_head(self.base.norm(hidden[:, -1])).float()
 
     def _run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
@@ -484,59 +513,107 @@ class PlaitEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled token and its log-probability for each running request."""
-        # which rows are greedy, seeded, filtered is known on the host: no device syncs
-        params = [r.params for r in self._running]
-        device = logits.device
+    def _sampling_plan(self) -> _SamplingPlan:
+        """The running rows' sampling settings as device tensors, built once per decode
+        run (host lists turned into device tensors would otherwise copy every step)."""
+        running = self._running
+        device = self._pending_logits.device
+        params = [r.params for r in running]
         is_greedy = [p.greedy for p in params]
-        greedy = torch.tensor(is_greedy, device=device)
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                   device=device, dtype=logits.dtype)
-        processed = logits / temperature.unsqueeze(-1)
+        where = [len(r.prompt) + len(r.tokens) for r in running]
+        plan = _SamplingPlan(
+            greedy=torch.tensor(is_greedy, device=device),
+            all_greedy=all(is_greedy),
+            temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                     device=device).unsqueeze(-1),
+            positions=torch.tensor(where, device=device), longest=max(where))
+        if any(is_greedy) and not plan.all_greedy:
+            plan.greedy_rows = torch.tensor([i for i, g in enumerate(is_greedy) if g],
+                                            device=device)
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            processed = _filter_top_k_top_p(processed, top_k, top_p, greedy)
+            vocab = self._pending_logits.shape[-1]
+            plan.top_k = torch.tensor([k if k > 0 else vocab for k in top_k],
+                                      device=device).unsqueeze(-1)
+            plan.top_p = torch.tensor(top_p, device=device).unsqueeze(-1)
+        sampled = [i for i, g in enumerate(is_greedy) if not g]
+        seeded = [i for i in sampled if running[i].seed_words is not None]
+        shared = [i for i in sampled if running[i].seed_words is None]
+        if shared:
+            plan.shared_rows = torch.tensor(shared, device=device)
+        if seeded:  # counter-based: the draw depends on (seed, token index) only
+            plan.seeded_all = len(seeded) == len(running)
+            plan.seeded_rows = torch.tensor(seeded, device=device)
+            plan.seed_words = torch.tensor(
+                [(*running[i].seed_words, len(running[i].tokens)) for i in seeded],
+                device=device)
+        return plan
+
+    def _sample(self, logits: torch.Tensor, plan: _SamplingPlan, offset: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled token and its log-probability for each running request, ``offset``
+        tokens into a decode run (no host-to-device copy, no device sync)."""
+        processed = logits / plan.temperature.to(logits.dtype)
+        if plan.top_k is not None:
+            processed = _filter_top_k_top_p(processed, plan.top_k, plan.top_p.to(logits.dtype),
+                                            plan.greedy)
         logp = torch.log_softmax(processed, dim=-1)
-        tokens = torch.empty(len(params), dtype=torch.long, device=device)
-        if all(is_greedy):
+        if plan.all_greedy:
             tokens = logits.argmax(-1)
-        elif any(is_greedy):  # index rows, not a boolean mask (that would sync on a GPU)
-            rows = torch.tensor([i for i, g in enumerate(is_greedy) if g], device=device)
-            tokens[rows] = logits[rows].argmax(-1)
-        indices = [i for i, g in enumerate(is_greedy) if not g]
-        if indices:
-            running = self._running
-            seeded = [i for i in indices if running[i].seed_words is not None]
-            shared = [i for i in indices if running[i].seed_words is None]
-            if shared:
-                rows = torch.tensor(shared, device=device)
+        else:
+            tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+            if plan.greedy_rows is not None:  # index rows, not a boolean mask (no sync)
+                tokens[plan.greedy_rows] = logits[plan.greedy_rows].argmax(-1)
+            if plan.shared_rows is not None:
+                rows = plan.shared_rows
                 tokens[rows] = torch.multinomial(logp[rows].exp(), 1).squeeze(-1)
-            if seeded:
-                # counter-based: the draw depends on (seed, token index) only
-                words = torch.tensor([(*running[i].seed_words, len(running[i].tokens))
-                                      for i in seeded])
-                uniform = counter_uniform(words[:, 0], words[:, 2], words[:, 1])
-                if len(seeded) == len(running):  # every row: no gather
-                    tokens = sample_inverse_cdf(logp.exp(), uniform).to(device)
+            if plan.seed_words is not None:
+                words = plan.seed_words
+                uniform = counter_uniform(words[:, 0], words[:, 2] + offset, words[:, 1])
+                if plan.seeded_all:  # every row: no gather
+                    tokens = sample_inverse_cdf(logp.exp(), uniform)
                 else:
-                    rows = torch.tensor(seeded, device=device)
-                    tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform).to(device)
+                    rows = plan.seeded_rows
+                    tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform)
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
-                        greedy: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k, then outside its top-p nucleus (HF order)."""
+@dataclass
+class _SamplingPlan:
+    """Per-run device tensors of the running rows' sampling settings."""
+
+    greedy: torch.Tensor                       # [n] bool
+    all_greedy: bool
+    temperature: torch.Tensor                  # [n, 1]
+    positions: torch.Tensor                    # [n] position of the first token of the run
+    longest: int                               # max of positions
+    greedy_rows: torch.Tensor | None = None
+    shared_rows: torch.Tensor | None = None    # unseeded sampled rows (global generator)
+    seeded_rows: torch.Tensor | None = None
+    seeded_all: bool = False
+    seed_words: torch.Tensor | None = None     # [m, 3]: seed low, seed high, tokens so far
+    top_k: torch.Tensor | None = None          # [n, 1] (vocab size = off)
+    top_p: torch.Tensor | None = None          # [n, 1]
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p, greedy: torch.Tensor
+                        ) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus (HF order).
+    ``top_k`` / ``top_p``: per-row lists or ``[n, 1]`` tensors (top-k 0 or the vocabulary
+    size = off, top-p 1 = off)."""
     vocab = logits.shape[-1]
     device = logits.device
+    if not isinstance(top_k, torch.Tensor):
+        top_k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device
+                             ).unsqueeze(-1)
+    if not isinstance(top_p, torch.Tensor):
+        top_p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).unsqueeze(-1)
-    kth = sorted_logits.gather(-1, (k - 1).clamp(max=vocab - 1))
+    kth = sorted_logits.gather(-1, (top_k - 1).clamp(max=vocab - 1))
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties kept, as HF
-    p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(-1)
+    p = top_p
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the mass before it already reaches p (keep at least one); rows
     # with top_p = 1 are left alone (cumsum rounding would otherwise trim their tail)
