@@ -52,7 +52,13 @@ def warm_model(work: Path, steps: int, max_count: int, seed: int):
 def run_engine(engine, prompts, params) -> dict:
     torch.manual_seed(1234)
     start = time.perf_counter()
-    groups = engine.generate(prompts, params, n=1)
+    if hasattr(engine, "submit"):  # plait: per-request seeds, so every sync_every variant
+        # generates the very same completions (HF draws from the global generator)
+        engine.submit(prompts, params, n=1, seeds=list(range(len(prompts))))
+        done = dict(engine.stream())
+        groups = [done[i] for i in range(len(prompts))]
+    else:
+        groups = engine.generate(prompts, params, n=1)
     seconds = time.perf_counter() - start
     lengths = [len(c.token_ids) for g in groups for c in g]
     return {"seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
@@ -71,6 +77,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/plait-bench")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sync-every", type=int, nargs="+", default=None,
+                        help="also run plait's engine with these rollout.sync_every values "
+                             "(decode steps between host transfers)")
     args = parser.parse_args()
 
     from plait.rollout.base import SamplingParams
@@ -82,6 +91,9 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
     engines = {"hf_generate": HFGenerateEngine(model, tokenizer, batch_size=args.samples),
                "plait": PlaitEngine(model, tokenizer, max_batch=args.slots)}
+    for k in args.sync_every or []:
+        engines[f"plait_sync_every_{k}"] = PlaitEngine(model, tokenizer, max_batch=args.slots,
+                                                      sync_every=k)
     runs = {name: [] for name in engines}
     for repeat in range(args.repeats):
         prompts = pool[repeat * args.samples:(repeat + 1) * args.samples]
@@ -89,17 +101,21 @@ def main() -> None:
             runs[name].append(run_engine(engine, prompts, params))
     summary = {name: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                       "runs": rs} for name, rs in runs.items()}
-    ratio = summary["plait"]["tokens_per_s"] / summary["hf_generate"]["tokens_per_s"]
+    hf_rate = summary["hf_generate"]["tokens_per_s"]
+    ratio = summary["plait"]["tokens_per_s"] / hf_rate
     result = {"benchmark": "long-tailed generation", "samples": args.samples,
               "slots": args.slots, "max_new_tokens": args.max_new_tokens,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads "
                          f"{torch.get_num_threads()}, cuda={torch.cuda.is_available()}",
-              "engines": summary, "ratio_plait_over_hf": ratio}
+              "engines": summary, "ratio_plait_over_hf": ratio,
+              "ratios_over_hf": {name: r["tokens_per_s"] / hf_rate
+                                 for name, r in summary.items() if name != "hf_generate"}}
     for name, r in summary.items():
         lengths = r["runs"][0]
         print(f"{name:12s} {r['tokens_per_s']:9.1f} tok/s  (lengths min/median/max "
               f"{lengths['length_min']}/{lengths['length_median']}/{lengths['length_max']})")
-    print(f"ratio plait / hf_generate: {ratio:.2f}x")
+    for name, value in result["ratios_over_hf"].items():
+        print(f"ratio {name} / hf_generate: {value:.2f}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
