@@ -314,3 +314,49 @@ def test_decode_runs_keep_stop_strings_abort_and_resume(setup):
         assert results[index][0].finish_reason == group[0].finish_reason
     with pytest.raises(ValueError, match="sync_every"):
         PlaitEngine(model, tokenizer, sync_every=0)
+
+
+def test_ignore_eos_runs_every_row_to_its_limit(setup):
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    reference = HFGenerateEngine(model, tokenizer).generate(prompts, params)
+    assert all(len(g[0].token_ids) == 12 and g[0].finish_reason == "length"
+               for g in reference)
+    # a token some row generates early becomes an end token: rows stop there, unless EOS
+    # is ignored
+    engine = PlaitEngine(model, tokenizer, max_batch=4, sync_every=3)
+    engine.end_ids = [*engine.end_ids, reference[0][0].token_ids[2]]
+    stopping = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+    assert stopping[0][0].finish_reason == "stop" and len(stopping[0][0].token_ids) <= 3
+    ours = engine.generate(prompts, params)
+    assert [g[0].token_ids for g in ours] == [g[0].token_ids for g in reference]
+    assert all(g[0].finish_reason == "length" for g in ours)
+    hf = HFGenerateEngine(model, tokenizer)
+    hf.end_ids = engine.end_ids
+    assert len(hf.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0)
+                           )[0][0].token_ids) <= 3
+    assert [g[0].token_ids for g in hf.generate(prompts, params)] == \
+        [g[0].token_ids for g in reference]
+
+
+def test_gpu_generation_benchmark_runs_at_a_tiny_shape(tmp_path):
+    """The GPU benchmark's smoke run on CPU: both engines generate every row's target and
+    the JSON carries the ratios and the decode figures."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_generation.py"
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu",
+                           "--samples", "8", "--prompt-len", "8", "--max-new-tokens", "40",
+                           "--median-new-tokens", "6", "--min-new-tokens", "2",
+                           "--sync-every", "1", "4", "--repeats", "1", "--decode-steps", "4",
+                           "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["ratios_over_hf"]) == {"plait_sync_every_1", "plait_sync_every_4"}
+    assert result["targets"]["max"] > result["targets"]["min"]
+    assert result["decode"]["step_ms"] > 0 and result["decode"]["weight_bytes"] > 0

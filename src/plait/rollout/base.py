@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (or a stop string) through EOS tokens
 
     @property
     def greedy(self) -> bool:

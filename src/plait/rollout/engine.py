@@ -401,7 +401,7 @@ class PlaitEngine:
         return done_groups
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
-        if token in self.end_ids:
+        if token in self.end_ids and not request.params.ignore_eos:
             return "stop"
         if request.params.stop:
             # a stop string absent before this token must end in it: it spans at most

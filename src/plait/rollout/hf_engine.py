@@ -64,7 +64,7 @@ class HFGenerateEngine:
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.end_ids,
+            eos_token_id=None if params.ignore_eos else self.end_ids,
             return_dict_in_generate=True,
             output_scores=self.return_logprobs,
             # pinned so a model's generation_config.json cannot change the distribution
@@ -134,7 +134,7 @@ class HFGenerateEngine:
                     cut, finish = end, "stop"
                     break
         for index, token in enumerate(ids[:cut]):
-            if token in self.end_ids:
+            if token in self.end_ids and not params.ignore_eos:
                 cut, finish = index + 1, "stop"
                 break
         if finish == "length" and params.stop and ids and ids[-1] == self.tokenizer.pad_token_id:
