@@ -85,3 +85,26 @@ def test_experience_micro_batches_trim_padding():
         torch.testing.assert_close(lp[m], whole[row:row + part.batch_size, :width][m],
                                    atol=1e-5, rtol=1e-5)
         row += part.batch_size
+
+
+def test_kv_cache_is_released_after_generation_when_asked(tiny_job, reward_spec):
+    """The hybrid engine frees its KV cache for training (default on CUDA only; asked
+    for here on the CPU) and rebuilds it at the next generation with the same results."""
+    from plait.config import load_config
+    from plait.recipes.rl import RLTrainer
+    from plait.telemetry.timing import StageTimer
+
+    batches = {}
+    for release in ("true", "false"):
+        trainer = RLTrainer(load_config(None, [
+            *tiny_job, f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+            f"rollout.release_kv_cache={release}"]))
+        try:
+            first, _ = trainer.collect(StageTimer())
+            assert bool(trainer.engine._keys) == (release == "false")
+            second, _ = trainer.collect(StageTimer())
+            batches[release] = (first, second)
+        finally:
+            trainer.close()
+    for a, b in zip(batches["true"], batches["false"], strict=True):
+        assert torch.equal(a.response_ids, b.response_ids)

@@ -249,3 +249,34 @@ def test_json_safe_names_the_offending_value() -> None:
         json_safe({"data": [1, object()]}, where="state")
     with pytest.raises(TypeError, match="key 3"):
         json_safe({"ok": {3: 1}})
+
+
+def test_stage_memory_peaks_nest(monkeypatch) -> None:
+    """Each stage keeps the peak allocated during it; an inner stage's peak counts in its
+    parent's, and a parent's earlier peak survives the inner stage's counter restart."""
+    from plait.telemetry import timing
+
+    state = {"now": 0, "peak": 0}
+
+    def alloc(mb):
+        state["now"] += mb * 2**20
+        state["peak"] = max(state["peak"], state["now"])
+
+    def reset():
+        state["peak"] = state["now"]
+
+    monkeypatch.setattr(timing, "_cuda_tracked", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    timer = timing.StageTimer()
+    with timer.stage("generate"):
+        alloc(300)                 # KV cache
+        alloc(-200)
+        with timer.stage("reward"):
+            alloc(20)
+            alloc(-20)
+        alloc(-100)
+    with timer.stage("update"):
+        alloc(500)
+        alloc(-500)
+    assert timer.memory == {"generate": 300.0, "reward": 120.0, "update": 500.0}

@@ -119,6 +119,10 @@ class RolloutConfig:
     stop: list[str] = opt(doc="Strings that end a completion (text after them is cut).",
                           factory=list)
     batch_size: int = opt(256, "Most sequences generated at once (engine slots).", low=1)
+    release_kv_cache: bool | None = opt(
+        None, "Free the plait engine's KV cache after each generation, so training can use "
+        "that memory (the hybrid engine); null = on CUDA only. It is reallocated at the "
+        "next generation.")
     sync_every: int | None = opt(
         None, "plait engine: decode steps between device-to-host transfers of the sampled "
         "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "

@@ -689,12 +689,14 @@ class RLTrainer(Session):
         (counts added, maxima and stage times the slowest rank's, the rest averaged)."""
         elapsed = time.perf_counter() - start
         metrics.update({f"time/{k}": v for k, v in timer.times.items()})
+        metrics.update({f"memory/{k}_peak_mb": v for k, v in timer.memory.items()})
         metrics["time/step"] = elapsed
         metrics["nan_skips"] = float(self.nan_skips)
         if self.dist.active:
             exact = {k: metrics[k] for k in ("reward/mean", "reward/std",
                                              "response_length/mean") if k in metrics}
-            maxima = MAX_METRICS + tuple(k for k in metrics if k.startswith("time/"))
+            maxima = MAX_METRICS + tuple(k for k in metrics
+                                         if k.startswith(("time/", "memory/")))
             metrics = self.dist.reduce_metrics(metrics, sums=SUMMED_METRICS, maxima=maxima)
             metrics.update(exact)  # already global
         if "tokens" in metrics:

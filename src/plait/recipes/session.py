@@ -399,7 +399,10 @@ class Session:
                 self._fuse(prompts, groups, [i for i in range(len(rows)) if i not in fused],
                            fused)
             self._attach_fused(batch, fused, len(rows))
-        if self.device.type == "cuda" and hasattr(self.engine, "release"):
+        release = self.config.rollout.release_kv_cache
+        if release is None:
+            release = self.device.type == "cuda"
+        if release and hasattr(self.engine, "release"):
             self.engine.release()  # hybrid engine: the KV cache makes room for training
         return batch.to(self.device)
 
