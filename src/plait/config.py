@@ -236,8 +236,10 @@ class OptimConfig:
                               high=1.0)
     max_grad_norm: float | None = opt(1.0, "Gradient clipping norm (null = off).", low=0.0)
     implementation: Literal["auto", "fused", "foreach", "loop"] = opt(
-        "auto", "AdamW kernel: 'fused' (one kernel for all parameters; 'auto' picks it on CPU "
-        "and CUDA), 'foreach' or the per-parameter 'loop'.")
+        "auto", "AdamW kernel (also of the SFT warm start): 'fused' (one kernel for all "
+        "parameters), 'foreach' or the per-parameter 'loop'; 'auto' = fused on CUDA, foreach "
+        "elsewhere (on the CPU foreach equals the loop bit for bit). Same update up to float "
+        "rounding.")
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,8 @@ class RuntimeConfig:
         "all-reduces gradients; 'fsdp' (FSDP2) shards parameters, gradients and optimizer "
         "state over the ranks, per decoder layer, for models that do not fit one device "
         "(the policy is gathered whole for generation and no-grad passes; checkpoints hold "
-        "full weights). Not with the dynamic placement.")
+        "full weights; with model.dtype=bfloat16 parameters are gathered and computed in "
+        "bfloat16, gradients reduced in float32). Not with the dynamic placement.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)

@@ -115,7 +115,7 @@ class Session:
         self._twins: dict = {}  # parameter-free copies of sharded models, for saving
         if self.sharded:  # loaded on the CPU, only this rank's shards go to the device
             self._twins["policy"] = fsdp.meta_twin(self.policy)
-            fsdp.shard(self.policy, self.mesh)
+            fsdp.shard(self.policy, self.mesh, self.fsdp_compute_dtype)
         else:
             self.policy.to(self.device)
         self.policy.eval()  # dropout off: a batch's first-epoch ratio is exactly 1
@@ -229,7 +229,8 @@ class Session:
                          for _ in range(2)]
                 self._twins["critic"] = twins[0]
                 self.critic = fsdp.sharded_copy(self.policy.base_model, twins[1], self.mesh,
-                                                prefix="backbone.")
+                                                prefix="backbone.",
+                                                compute_dtype=self.fsdp_compute_dtype)
             else:
                 backbone = copy.deepcopy(self.policy.base_model)
                 self.critic = ValueModel(backbone, hidden).to(self.device)
@@ -250,6 +251,12 @@ class Session:
         """Whether trainer ranks shard the models (runtime.data_parallel=fsdp)."""
         return self.config.runtime.data_parallel == "fsdp" and self.dist.active
 
+    @property
+    def fsdp_compute_dtype(self) -> torch.dtype | None:
+        """Sharded models gather their parameters in bfloat16 when model.dtype asks for
+        bfloat16 compute (FSDP2 mixed precision; shards and optimizer stay float32)."""
+        return torch.bfloat16 if self.config.model.dtype == "bfloat16" else None
+
     @functools.cached_property
     def mesh(self):
         """The device mesh the sharded models live on: the job's trainer ranks."""
@@ -265,7 +272,7 @@ class Session:
             return model.to(self.device)
         if name is not None:
             self._twins[name] = fsdp.meta_twin(model)
-        return fsdp.shard(model, self.mesh)
+        return fsdp.shard(model, self.mesh, self.fsdp_compute_dtype)
 
     def _load_sharded_weights(self, path: Path) -> None:
         """Resume under FSDP: each trainable model's saved weights are read into its
@@ -301,7 +308,8 @@ class Session:
                 ref_dir, self.config.model.attn_implementation)))
         elif self.sharded:
             self.reference = freeze(fsdp.sharded_copy(
-                self.policy, copy.deepcopy(self._twins["policy"]), self.mesh))
+                self.policy, copy.deepcopy(self._twins["policy"]), self.mesh,
+                compute_dtype=self.fsdp_compute_dtype))
         else:
             self.reference = freeze(copy.deepcopy(self.policy))
 
@@ -616,7 +624,8 @@ class Session:
             supervised_warm_start(self.policy, self.tokenizer, rows, cfg.sft,
                                   encode_prompt=self.encode_prompt, seed=cfg.train.seed,
                                   device=self.device, on_step=on_step,
-                                  dist=self.dist if self.sharded else None)
+                                  dist=self.dist if self.sharded else None,
+                                  optimizer_implementation=cfg.optim.implementation)
         except FloatingPointError as err:
             raise TrainingDiverged(str(err)) from None
         self.policy.eval()

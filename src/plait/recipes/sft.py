@@ -59,14 +59,15 @@ def sft_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"
 def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
                           encode_prompt: Callable[[str], list[int]], seed: int,
                           device: torch.device, on_step: Callable[[int, float], None] | None = None,
-                          dist=None) -> list[float]:
+                          dist=None, optimizer_implementation: str = "auto") -> list[float]:
     """Train ``model`` in place for ``cfg.steps`` steps; returns the loss of each step.
 
     With ``dist`` (sharded ranks, whose backward averages gradients over ranks), every rank
     draws the same batch and trains its contiguous share of the rows; the loss is
     normalised by the batch's total answer tokens, so the update is the one-process one."""
     optim_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
-                            min_lr_ratio=0.1, max_grad_norm=1.0)
+                            min_lr_ratio=0.1, max_grad_norm=1.0,
+                            implementation=optimizer_implementation)
     optimizer, scheduler = build_optimizer(model.parameters(), optim_cfg, total_steps=cfg.steps)
     data = PromptIterator(rows, seed=seed + 1)
     model.train()

@@ -160,6 +160,7 @@ class PlaitEngine:
         self._abort = False
         self._pending_logits: torch.Tensor | None = None
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
+        self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
         self._window, self._sliding = _sliding_layers(self.config)
         if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
             sync_every = 8 if self._device().type == "cuda" else 1
@@ -321,6 +322,7 @@ class PlaitEngine:
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
         first_slot = len(self._running)
         self._running.extend(batch)
+        self._plan = None
         # samples of one prompt share their prefix: prefill each distinct context once and
         # copy its cache rows to the other slots
         source: dict[tuple[int, ...], int] = {}
@@ -359,15 +361,19 @@ class PlaitEngine:
         running = self._running
         steps = min(self.sync_every,
                     min(r.params.max_new_tokens - len(r.tokens) for r in running))
-        plan = self._sampling_plan()
+        if self._plan is None:  # kept while the running set stays the same
+            self._plan = self._sampling_plan()
+        plan = self._plan
         logits = self._pending_logits
         drawn = []
         for k in range(steps):
-            tokens, logprobs = self._sample(logits, plan, offset=k)
+            at = plan.drawn + k  # tokens since the plan was made
+            tokens, logprobs = self._sample(logits, plan, offset=at)
             drawn.append(torch.stack([tokens.double(), logprobs.double()]))
             if k < steps - 1:  # every row runs; positions advance on the device
-                logits = self._decode(tokens, plan.positions + k,
-                                      kv_len=plan.longest + k + 1)
+                logits = self._decode(tokens, plan.positions + at,
+                                      kv_len=plan.longest + at + 1)
+        plan.drawn += steps
         # the run's one device-to-host transfer: [2, rows, steps]
         host = torch.stack(drawn, -1).cpu()
         token_rows, logprob_rows = host[0].long().tolist(), host[1].tolist()
@@ -446,6 +452,7 @@ class PlaitEngine:
             for cache in (*self._keys, *self._values):
                 cache[dst, :, :width] = cache[src, :, :width]
         self._running = [self._running[i] for i in survivors]
+        self._plan = None
 
     def _suspend_running(self) -> None:
         """On abort: running requests go back to the front of the queue, tokens kept."""
@@ -453,6 +460,7 @@ class PlaitEngine:
             self._waiting.appendleft(request)
         self._running = []
         self._pending_logits = None
+        self._plan = None
 
     # ------------------------------------------------------------------ model passes
 
@@ -550,6 +558,19 @@ class PlaitEngine:
                 device=device)
         return plan
 
+    @staticmethod
+    def _seeded_uniforms(plan: _SamplingPlan, offset: int, chunk: int = 64) -> torch.Tensor:
+        """The seeded rows' draws for token ``offset`` of the plan: counter-based uniforms
+        computed ``chunk`` tokens at a time (one hash pass instead of one per step)."""
+        column = offset - plan.uniforms_from
+        if plan.uniforms is None or column >= plan.uniforms.shape[1]:
+            words = plan.seed_words
+            ahead = torch.arange(chunk, device=words.device)
+            plan.uniforms = counter_uniform(words[:, 0:1], words[:, 2:3] + offset + ahead,
+                                            words[:, 1:2])
+            plan.uniforms_from, column = offset, 0
+        return plan.uniforms[:, column]
+
     def _sample(self, logits: torch.Tensor, plan: _SamplingPlan, offset: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled token and its log-probability for each running request, ``offset``
@@ -569,8 +590,7 @@ class PlaitEngine:
                 rows = plan.shared_rows
                 tokens[rows] = torch.multinomial(logp[rows].exp(), 1).squeeze(-1)
             if plan.seed_words is not None:
-                words = plan.seed_words
-                uniform = counter_uniform(words[:, 0], words[:, 2] + offset, words[:, 1])
+                uniform = self._seeded_uniforms(plan, offset)
                 if plan.seeded_all:  # every row: no gather
                     tokens = sample_inverse_cdf(logp.exp(), uniform)
                 else:
@@ -595,6 +615,9 @@ class _SamplingPlan:
     seed_words: torch.Tensor | None = None     # [m, 3]: seed low, seed high, tokens so far
     top_k: torch.Tensor | None = None          # [n, 1] (vocab size = off)
     top_p: torch.Tensor | None = None          # [n, 1]
+    drawn: int = 0                             # tokens sampled since the plan was made
+    uniforms: torch.Tensor | None = None       # [m, chunk] seeded draws ahead
+    uniforms_from: int = 0                     # the token offset of uniforms[:, 0]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p, greedy: torch.Tensor

@@ -46,21 +46,31 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def shard(model: nn.Module, mesh) -> nn.Module:
+def shard(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard ``model`` in place over ``mesh``: each decoder layer, then the rest (embeddings,
     final norm, heads) as the root; the shards move to the mesh's device (a model loaded
     on the CPU never exists whole on the device). Returns the same module (its class now
-    an FSDP one)."""
-    _wrap(model, mesh)
+    an FSDP one).
+
+    ``compute_dtype`` (e.g. bfloat16): parameters are all-gathered and computed in it
+    while the shards, the gradients' reduce-scatter and the optimizer stay float32
+    (FSDP2's mixed-precision policy: half the all-gather bytes and gathered memory)."""
+    _wrap(model, mesh, compute_dtype)
     _root_init(model)
     return model
 
 
-def _wrap(model: nn.Module, mesh) -> None:
+def _wrap(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> None:
     _, fully_shard = _fsdp_api()
+    extra = {}
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                                  reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **extra)
+    fully_shard(model, mesh=mesh, **extra)
 
 
 def _root_init(model: nn.Module) -> None:
@@ -75,11 +85,13 @@ def _root_init(model: nn.Module) -> None:
         module.reshard()
 
 
-def sharded_copy(source: nn.Module, twin: nn.Module, mesh, prefix: str = "") -> nn.Module:
+def sharded_copy(source: nn.Module, twin: nn.Module, mesh, prefix: str = "",
+                 compute_dtype: torch.dtype | None = None) -> nn.Module:
     """``twin`` (a meta-device module whose parameters named ``prefix + name`` are
     ``source``'s ``name``) sharded like ``source`` and filled shard by shard from it: no
-    full tensor is made. Parameters ``source`` lacks (a new head) are left zero."""
-    _wrap(twin, mesh)
+    full tensor is made. Parameters ``source`` lacks (a new head) are left zero.
+    ``compute_dtype``: as in :func:`shard`."""
+    _wrap(twin, mesh, compute_dtype)
     device = next(source.parameters()).device
     twin.to_empty(device=device)
     params = dict(source.named_parameters())
