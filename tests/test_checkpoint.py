@@ -366,3 +366,21 @@ def test_bad_model_names_are_rejected(tmp_path: Path, name: str) -> None:
 def test_restoring_cuda_rng_without_cuda_warns() -> None:
     with pytest.warns(UserWarning, match="CUDA RNG states for 1 device"):
         restore_rng_state({"cuda": [[0] * 16]})
+
+
+def test_resumed_optimizer_keeps_its_own_kernel_choice(tmp_path: Path) -> None:
+    """A checkpoint saved with one AdamW kernel resumes with the kernel the resumed run
+    asks for (optim.implementation), states intact."""
+    model = nn.Linear(4, 3)
+    saved_with = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    model(torch.randn(2, 4)).sum().backward()
+    saved_with.step()
+    path = save_checkpoint(tmp_path, 1, models={}, optimizers={"policy": saved_with},
+                           trainer_state={})
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    load_checkpoint(path, models={}, optimizers={"policy": resumed})
+    group = resumed.param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resumed.state[p][key], saved_with.state[p][key])

@@ -331,12 +331,17 @@ def test_ignore_eos_runs_every_row_to_its_limit(setup):
     ours = engine.generate(prompts, params)
     assert [g[0].token_ids for g in ours] == [g[0].token_ids for g in reference]
     assert all(g[0].finish_reason == "length" for g in ours)
-    hf = HFGenerateEngine(model, tokenizer)
-    hf.end_ids = engine.end_ids
-    assert len(hf.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0)
-                           )[0][0].token_ids) <= 3
-    assert [g[0].token_ids for g in hf.generate(prompts, params)] == \
-        [g[0].token_ids for g in reference]
+    # HF generate must ignore an EOS the model's own generation config names, too
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = reference[0][0].token_ids[2]
+    try:
+        hf = HFGenerateEngine(model, tokenizer)
+        assert len(hf.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0)
+                               )[0][0].token_ids) <= 3
+        assert [g[0].token_ids for g in hf.generate(prompts, params)] == \
+            [g[0].token_ids for g in reference]
+    finally:
+        model.generation_config.eos_token_id = saved
 
 
 def test_gpu_generation_benchmark_runs_at_a_tiny_shape(tmp_path):

@@ -64,7 +64,7 @@ class ModelConfig:
                                 factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16"] = opt(
         "float32", "Compute dtype. Weights and optimizer state stay float32; 'bfloat16' runs "
-        "forward passes under autocast (for GPUs).")
+        "forward passes (SFT warm start included) under autocast (for GPUs).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
         "auto", "Attention kernels of the loaded models ('auto' = transformers' default, "
         "sdpa). 'eager' can be faster for tiny models on CPU; 'flash_attention_2' needs the "
@@ -302,7 +302,8 @@ class RuntimeConfig:
         "state over the ranks, per decoder layer, for models that do not fit one device "
         "(the policy is gathered whole for generation and no-grad passes; checkpoints hold "
         "full weights; with model.dtype=bfloat16 parameters are gathered and computed in "
-        "bfloat16, gradients reduced in float32). Not with the dynamic placement.")
+        "bfloat16, gradients reduced in float32, and rollout workers apart receive those "
+        "bfloat16-gathered weights). Not with the dynamic placement.")
     rollout_workers: int = opt(
         1, "Rollout worker processes under the disaggregated placement (in addition to the "
         "num_ranks trainer ranks).", low=1)

@@ -368,9 +368,11 @@ class RLTrainer(Session):
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if trained is not mini:
+        if self.config.algo.skip_zero_advantage and not mini.ghost:
             stats["update/rows_skipped_frac"] = 1.0 - trained.num_real_rows / mini.batch_size
-            mini = trained
+        if trained.ghost and not mini.ghost:  # every row skipped: their loss is exactly 0
+            stats["loss/policy"] = 0.0
+        mini = trained
         micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
                                     algo.share_prompt_forward and not self.sharded)
         if self.sharded:  # every rank runs as many sharded forwards/backwards
@@ -398,7 +400,7 @@ class RLTrainer(Session):
         keeps one zero-weight row, so it still runs the step's backward and collectives."""
         if not self.config.algo.skip_zero_advantage or self.kl_in_loss or \
                 self.config.algo.entropy_coef != 0 or self.critic is not None or \
-                mini.advantages is None:
+                mini.advantages is None or mini.ghost:
             return mini
         keep = ((mini.advantages != 0) & mini.response_mask.bool()).any(-1)
         if bool(keep.all()):

@@ -625,7 +625,8 @@ class Session:
                                   encode_prompt=self.encode_prompt, seed=cfg.train.seed,
                                   device=self.device, on_step=on_step,
                                   dist=self.dist if self.sharded else None,
-                                  optimizer_implementation=cfg.optim.implementation)
+                                  optimizer_implementation=cfg.optim.implementation,
+                                  autocast=self.autocast)
         except FloatingPointError as err:
             raise TrainingDiverged(str(err)) from None
         self.policy.eval()

@@ -6,6 +6,7 @@ only (prompt tokens are context), averaged over answer tokens.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -56,15 +57,36 @@ def sft_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"
         reduction=reduction)
 
 
+def _sft_step_loss(model, tokenizer, batch, encode_prompt, device, dist):
+    """The loss to backpropagate and the batch's mean loss (to report)."""
+    if dist is None:
+        input_ids, attention_mask, labels = sft_batch(batch, encode_prompt, tokenizer)
+        loss = sft_loss(model, input_ids.to(device), attention_mask.to(device),
+                        labels.to(device))
+        return loss, loss.detach()
+    lo, hi = dist.shard_bounds(len(batch))
+    input_ids, attention_mask, labels = sft_batch(batch[lo:hi], encode_prompt, tokenizer)
+    summed = sft_loss(model, input_ids.to(device), attention_mask.to(device),
+                      labels.to(device), reduction="sum")
+    totals = torch.tensor([float((labels[:, 1:] != IGNORE).sum()), float(summed.detach())],
+                          dtype=torch.float64)
+    dist.all_reduce(totals, kind="metrics")
+    loss = summed / totals[0].item() * dist.world_size
+    return loss, torch.tensor(totals[1].item() / totals[0].item())
+
+
 def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
                           encode_prompt: Callable[[str], list[int]], seed: int,
                           device: torch.device, on_step: Callable[[int, float], None] | None = None,
-                          dist=None, optimizer_implementation: str = "auto") -> list[float]:
+                          dist=None, optimizer_implementation: str = "auto",
+                          autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                          ) -> list[float]:
     """Train ``model`` in place for ``cfg.steps`` steps; returns the loss of each step.
 
     With ``dist`` (sharded ranks, whose backward averages gradients over ranks), every rank
     draws the same batch and trains its contiguous share of the rows; the loss is
-    normalised by the batch's total answer tokens, so the update is the one-process one."""
+    normalised by the batch's total answer tokens, so the update is the one-process one.
+    ``autocast``: the context the forwards run in (the session's model.dtype compute)."""
     optim_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
                             min_lr_ratio=0.1, max_grad_norm=1.0,
                             implementation=optimizer_implementation)
@@ -74,21 +96,8 @@ def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
     losses = []
     for step in range(cfg.steps):
         batch = data.next_batch(cfg.batch_size)
-        if dist is None:
-            input_ids, attention_mask, labels = sft_batch(batch, encode_prompt, tokenizer)
-            loss = sft_loss(model, input_ids.to(device), attention_mask.to(device),
-                            labels.to(device))
-            value = loss
-        else:
-            lo, hi = dist.shard_bounds(len(batch))
-            input_ids, attention_mask, labels = sft_batch(batch[lo:hi], encode_prompt, tokenizer)
-            summed = sft_loss(model, input_ids.to(device), attention_mask.to(device),
-                              labels.to(device), reduction="sum")
-            totals = torch.tensor([float((labels[:, 1:] != IGNORE).sum()), float(summed.detach())],
-                                  dtype=torch.float64)
-            dist.all_reduce(totals, kind="metrics")
-            loss = summed / totals[0].item() * dist.world_size
-            value = torch.tensor(totals[1].item() / totals[0].item())
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            loss, value = _sft_step_loss(model, tokenizer, batch, encode_prompt, device, dist)
         if not torch.isfinite(value):
             raise FloatingPointError(f"SFT loss became {float(value)} at step {step + 1}; "
                                      "lower sft.lr")

@@ -31,9 +31,10 @@ tokens and log-probs. Between those points positions advance on the device and t
 sampling settings (temperatures, greedy and seeded rows, seeds and token counters) are
 device tensors built once per run, so no step copies host data to the device or waits
 for it. Stop tokens, stop strings and token limits are then checked token by token, so
-greedy and seeded completions are those of ``sync_every=1`` (unseeded rows draw from the
-global generator, whose stream then differs); the price is that a finished row computes
-until the run ends and a freed slot is refilled at the next sync.
+greedy and seeded completions are those of ``sync_every=1`` (up to float rounding where
+a batch of another shape picks other kernels; unseeded rows draw from the global
+generator, whose stream then differs); the price is that a finished row computes until
+the run ends and a freed slot is refilled at the next sync.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ class PlaitEngine:
                seeds: list[int] | None = None) -> None:
         """Queue ``n`` samples of each prompt (prompt indices are positions in ``prompts``)."""
         self._abort = False
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {params.max_new_tokens}")
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {index} is empty")

@@ -107,6 +107,9 @@ class HFGenerateEngine:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         extra = {"tokenizer": self.tokenizer} if params.stop else {}
+        if params.ignore_eos:  # as a keyword: None in the config means "unset", and
+            # generate would fill it from the model's own generation config
+            extra["eos_token_id"] = None
         out = self.model.generate(input_ids=input_ids.to(device),
                                   attention_mask=attention_mask.to(device),
                                   generation_config=self._generation_config(params), **extra)

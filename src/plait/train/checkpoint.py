@@ -405,7 +405,7 @@ def load_checkpoint(
     for name, model in models.items():
         _load_model(path, name, _unwrap(model), manifest["models"][name])
     for name, optimizer in optimizers.items():
-        state = _load_torch_state(path / OPTIMIZERS_DIR / f"{name}.pt")
+        state = _keep_kernel(optimizer, _load_torch_state(path / OPTIMIZERS_DIR / f"{name}.pt"))
         _apply_state(optimizer, state, f"{path}: optimizer {name!r}")
     for name, scheduler in schedulers.items():
         state = _load_torch_state(path / SCHEDULERS_DIR / f"{name}.pt")
@@ -503,6 +503,25 @@ def _load_torch_state(file: Path) -> Any:
         raise CheckpointError(
             f"cannot load {file} safely (torch.load weights_only=True): {error}"
         ) from error
+
+
+_KERNEL_OPTIONS = ("fused", "foreach")
+
+
+def _keep_kernel(optimizer: Any, state: Any) -> Any:
+    """``state`` with the optimizer's current kernel choice (``fused``/``foreach``) in its
+    parameter groups: a saved choice would otherwise override the resumed run's
+    ``optim.implementation`` (the update is the same up to rounding either way)."""
+    groups = getattr(getattr(optimizer, "optimizer", optimizer), "param_groups", None)
+    if not groups or not isinstance(state, dict) or "param_groups" not in state:
+        return state
+    saved = state["param_groups"]
+    if len(saved) != len(groups):
+        return state  # _apply_state reports the mismatch
+    state["param_groups"] = [
+        {**old, **{k: new[k] for k in _KERNEL_OPTIONS if k in new and k in old}}
+        for old, new in zip(saved, groups, strict=True)]
+    return state
 
 
 def _apply_state(target: Any, state: Any, what: str) -> None:
