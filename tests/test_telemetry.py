@@ -280,3 +280,19 @@ def test_stage_memory_peaks_nest(monkeypatch) -> None:
         alloc(500)
         alloc(-500)
     assert timer.memory == {"generate": 300.0, "reward": 120.0, "update": 500.0}
+
+
+def test_tensorboard_holds_every_scalar_of_every_step(tmp_path: Path) -> None:
+    """All keys of a step go into one event; TensorBoard reads each back as its own
+    scalar series, NaN included."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as logger:
+        logger.log(1, {"reward/mean": 0.5, "time/step": 0.25, "loss/policy": float("nan")})
+        logger.log(2, {"reward/mean": 0.75, "time/step": 0.125})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"reward/mean", "time/step", "loss/policy"}
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.5), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("time/step")] == [(1, 0.25), (2, 0.125)]
+    assert math.isnan(events.Scalars("loss/policy")[0].value)

@@ -175,8 +175,16 @@ class MetricsLogger:
         writer = self._tensorboard_writer()
         if writer is None:
             return
-        for key, value in values.items():
-            writer.add_scalar(key, value, global_step=step, walltime=walltime)
+        if not values:
+            return
+        # one event holding every scalar of the step (one add_scalar per key writes one
+        # event each: ~2 ms a step for 35 keys)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard.summary import scalar
+
+        merged = Summary(value=[v for key, value in values.items()
+                                for v in scalar(key, float(value)).value])
+        writer._get_file_writer().add_summary(merged, step, walltime)
 
     def _tensorboard_writer(self) -> Any:
         if self._writer is None and self._use_tensorboard:
