@@ -102,20 +102,29 @@ def test_seeded_requests_do_not_depend_on_batch_company(setup):
     assert [c.token_ids for c in alone_out] == [c.token_ids for c in crowd_out]
 
 
+def _aborted_then_resumed(engine, count, before_resume=None) -> dict:
+    """Stream, abort once the second group is in (some are left), run ``before_resume``,
+    resume: every group, by prompt index."""
+    results = {}
+    for seen, (index, group) in enumerate(engine.stream()):
+        results[index] = group
+        if seen == 1:
+            engine.abort()
+    assert len(results) < count
+    if before_resume is not None:
+        before_resume()
+    results.update(dict(engine.resume()))
+    return results
+
+
 def test_abort_then_resume_equals_uninterrupted_greedy(setup):
     tokenizer, model, prompts = setup
     params = SamplingParams(max_new_tokens=18, temperature=0.0)
     straight = PlaitEngine(model, tokenizer, max_batch=3).generate(prompts, params)
     engine = PlaitEngine(model, tokenizer, max_batch=3)
     engine.submit(prompts, params)
-    results = {}
-    for steps, (index, group) in enumerate(engine.stream()):
-        results[index] = group
-        if steps == 1:
-            engine.abort()
-    assert len(results) < len(prompts)
-    engine.update_weights(None, version=7)
-    results.update(dict(engine.resume()))
+    results = _aborted_then_resumed(engine, len(prompts),
+                                    lambda: engine.update_weights(None, version=7))
     for index, group in enumerate(straight):
         assert results[index][0].token_ids == group[0].token_ids
 
@@ -299,13 +308,7 @@ def test_decode_runs_keep_stop_strings_abort_and_resume(setup):
     one = PlaitEngine(model, tokenizer, max_batch=3).generate(prompts, stopped)
     engine = PlaitEngine(model, tokenizer, max_batch=3, sync_every=6)
     engine.submit(prompts, stopped)
-    results = {}
-    for count, (index, group) in enumerate(engine.stream()):
-        results[index] = group
-        if count == 1:
-            engine.abort()
-    assert len(results) < len(prompts)
-    results.update(dict(engine.resume()))
+    results = _aborted_then_resumed(engine, len(prompts))
     assert any(g[0].finish_reason == "stop" and stop in free[i][0].text
                for i, g in enumerate(one))
     for index, group in enumerate(one):

@@ -368,7 +368,7 @@ class RLTrainer(Session):
         stats: dict[str, float] = {}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if self.config.algo.skip_zero_advantage and not mini.ghost:
+        if algo.skip_zero_advantage and not mini.ghost:
             stats["update/rows_skipped_frac"] = 1.0 - trained.num_real_rows / mini.batch_size
         if trained.ghost and not mini.ghost:  # every row skipped: their loss is exactly 0
             stats["loss/policy"] = 0.0

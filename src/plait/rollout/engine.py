@@ -544,10 +544,8 @@ class PlaitEngine:
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            vocab = self._pending_logits.shape[-1]
-            plan.top_k = torch.tensor([k if k > 0 else vocab for k in top_k],
-                                      device=device).unsqueeze(-1)
-            plan.top_p = torch.tensor(top_p, device=device).unsqueeze(-1)
+            plan.top_k, plan.top_p = _filter_settings(top_k, top_p,
+                                                      self._pending_logits.shape[-1], device)
         sampled = [i for i, g in enumerate(is_greedy) if not g]
         seeded = [i for i in sampled if running[i].seed_words is not None]
         shared = [i for i in sampled if running[i].seed_words is None]
@@ -580,8 +578,7 @@ class PlaitEngine:
         tokens into a decode run (no host-to-device copy, no device sync)."""
         processed = logits / plan.temperature.to(logits.dtype)
         if plan.top_k is not None:
-            processed = _filter_top_k_top_p(processed, plan.top_k, plan.top_p.to(logits.dtype),
-                                            plan.greedy)
+            processed = _filter_top_k_top_p(processed, plan.top_k, plan.top_p, plan.greedy)
         logp = torch.log_softmax(processed, dim=-1)
         if plan.all_greedy:
             tokens = logits.argmax(-1)
@@ -623,6 +620,13 @@ class _SamplingPlan:
     uniforms_from: int = 0                     # the token offset of uniforms[:, 0]
 
 
+def _filter_settings(top_k: list[int], top_p: list[float], vocab: int, device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k (0 = off, as the vocabulary size) and top-p as ``[n, 1]`` tensors."""
+    return (torch.tensor([k if k > 0 else vocab for k in top_k], device=device).unsqueeze(-1),
+            torch.tensor(top_p, device=device).unsqueeze(-1))
+
+
 def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p, greedy: torch.Tensor
                         ) -> torch.Tensor:
     """Mask logits outside each row's top-k, then outside its top-p nucleus (HF order).
@@ -631,15 +635,12 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p, greedy: torch.Tensor
     vocab = logits.shape[-1]
     device = logits.device
     if not isinstance(top_k, torch.Tensor):
-        top_k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device
-                             ).unsqueeze(-1)
-    if not isinstance(top_p, torch.Tensor):
-        top_p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(-1)
+        top_k, top_p = _filter_settings(top_k, top_p, vocab, device)
+    p = top_p.to(logits.dtype)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     kth = sorted_logits.gather(-1, (top_k - 1).clamp(max=vocab - 1))
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties kept, as HF
-    p = top_p
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the mass before it already reaches p (keep at least one); rows
     # with top_p = 1 are left alone (cumsum rounding would otherwise trim their tail)

@@ -64,7 +64,7 @@ class HFGenerateEngine:
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=None if params.ignore_eos else self.end_ids,
+            eos_token_id=self.end_ids,
             return_dict_in_generate=True,
             output_scores=self.return_logprobs,
             # pinned so a model's generation_config.json cannot change the distribution
