@@ -84,3 +84,16 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(AttributeError):
         cfg.train.steps = 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.compile=true", "rollout.engine=hf"], "rollout.compile compiles the plait engine"),
+    (["rollout.compile=true", "runtime.num_ranks=2", "runtime.data_parallel=fsdp"],
+     "rollout.compile does not run on FSDP-sharded trainers"),
+])
+def test_compiled_decode_is_refused_where_it_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    # sharded trainers with whole-model rollout workers apart may compile
+    load_config(None, ["rollout.compile=true", "runtime.num_ranks=2",
+                       "runtime.data_parallel=fsdp", "runtime.placement=disaggregated"])

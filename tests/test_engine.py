@@ -1,6 +1,8 @@
 """plait's continuous-batching engine: exact against HF generate and a teacher-forced
 forward, streaming, refill, abort/resume and per-request seeds."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -368,3 +370,52 @@ def test_gpu_generation_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert set(result["ratios_over_hf"]) == {"plait_sync_every_1", "plait_sync_every_4"}
     assert result["targets"]["max"] > result["targets"]["min"]
     assert result["decode"]["step_ms"] > 0 and result["decode"]["weight_bytes"] > 0
+
+
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@needs_cxx
+def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
+    """rollout.compile: greedy and seeded completions (tokens, finish reasons, log-probs)
+    equal the eager engine's across batch sizes, refills, decode runs, a cache that grows
+    and a weight update in place, from one compilation."""
+    from torch._dynamo.utils import counters
+
+    tokenizer, _, prompts = setup
+    spec = TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    model = build_tiny_model(spec, tokenizer, seed=3).eval()
+    other = build_tiny_model(spec, tokenizer, seed=4).state_dict()
+
+    def completions(engine):
+        _mixed_batch(engine, prompts)
+        return sorted(((c.prompt_index, c.token_ids, c.finish_reason, c.logprobs)
+                       for _, group in engine.stream() for c in group),
+                      key=lambda x: (x[0], x[1]))
+
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    runs = []
+    for compile_ in (False, True):
+        engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=5, sync_every=1,
+                                            compile=compile_), tokenizer)
+        first = completions(engine)
+        engine.sync_every = 4
+        long = engine.generate(prompts[:2], SamplingParams(max_new_tokens=90, temperature=0.0))
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        engine.update_weights(other, version=1)
+        updated = completions(engine)
+        model.load_state_dict(saved)
+        runs.append((first, [g[0].token_ids for g in long], updated))
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    (first, long, updated), (c_first, c_long, c_updated) = runs
+    assert first != updated  # the new weights change the completions
+    assert c_long == long and max(len(t) for t in long) > 64  # the cache grew past 64
+    for eager, compiled in ((first, c_first), (updated, c_updated)):
+        assert [c[:3] for c in compiled] == [c[:3] for c in eager]
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(torch.tensor(b[3]), torch.tensor(a[3]), atol=1e-4,
+                                       rtol=1e-4)

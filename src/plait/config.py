@@ -127,6 +127,11 @@ class RolloutConfig:
         None, "plait engine: decode steps between device-to-host transfers of the sampled "
         "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "
         "values keep a GPU busy; finished rows compute until the next check.", low=1)
+    compile: bool = opt(
+        False, "plait engine: run the decode step through torch.compile (symbolic shapes: one "
+        "compilation for every batch size and length, paid by the first decode, ~10-30 s on "
+        "a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill and sampling stay "
+        "eager.")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")
@@ -692,6 +697,15 @@ def _validate_runtime(config: Config) -> None:
          "runtime.data_parallel=fsdp does not run under runtime.placement=dynamic (every "
          "process there holds whole models to switch roles); use colocated, disaggregated "
          "or partial"),
+        (config.rollout.compile and config.rollout.engine != "plait",
+         "rollout.compile compiles the plait engine's decode step: set rollout.engine=plait "
+         "or rollout.compile=false"),
+        (config.rollout.compile and runtime.data_parallel == "fsdp" and
+         runtime.placement == "colocated",
+         "rollout.compile does not run on FSDP-sharded trainers (their engine runs on "
+         "parameters gathered anew for each generation, which would recompile): use "
+         "runtime.placement=disaggregated (rollout workers hold whole models) or "
+         "rollout.compile=false"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "
          "algo.use_engine_logprobs"),

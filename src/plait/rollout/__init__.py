@@ -12,4 +12,4 @@ def build_engine(rollout_cfg, model, tokenizer):
     from plait.rollout.engine import PlaitEngine
 
     return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size,
-                       sync_every=rollout_cfg.sync_every)
+                       sync_every=rollout_cfg.sync_every, compile=rollout_cfg.compile)

@@ -35,6 +35,13 @@ greedy and seeded completions are those of ``sync_every=1`` (up to float roundin
 a batch of another shape picks other kernels; unseeded rows draw from the global
 generator, whose stream then differs); the price is that a finished row computes until
 the run ends and a freed slot is refilled at the next sync.
+
+``compile=True`` (``rollout.compile``) runs the decode step (embedding, decoder layers,
+cache writes, final norm and head) through ``torch.compile`` with symbolic batch and
+cache lengths: one compilation serves every batch size and length (the first decode
+pays it), element-wise work is fused and the per-operator overhead of small batches
+drops. Prefill and sampling stay eager. No CUDA graphs are captured (their static
+buffers would pin the KV cache that the hybrid engine releases between generations).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class SlotCache:
         v_cache[rows, :, self.positions] = value_states.transpose(1, 2).to(v_cache.dtype)
         if self.contiguous:
             n = self.slots.shape[0]
+            torch._check(n <= k_cache.shape[0])  # for compiled code: a row count fits
             return k_cache[:n, :, : self.kv_len], v_cache[:n, :, : self.kv_len]
         return k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
 
@@ -142,7 +150,7 @@ class PlaitEngine:
     """Continuous-batching generation on the trainer's (shared) model."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None,
-                 sync_every: int | None = None):
+                 sync_every: int | None = None, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.base, self.lm_head = _decoder_parts(model)
@@ -168,6 +176,11 @@ class PlaitEngine:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, not {sync_every}")
         self.sync_every = sync_every
+        # the decode step compiled once with symbolic batch and cache lengths: no recompile
+        # as rows finish, lengths grow or the cache is reallocated; weights updated in
+        # place (trainer steps, weight pushes) are read by the compiled code as they are
+        self._compiled_decode = torch.compile(self._decode, dynamic=True, fullgraph=True) \
+            if compile else None
 
     # ------------------------------------------------------------------ public API
 
@@ -374,8 +387,8 @@ class PlaitEngine:
             tokens, logprobs = self._sample(logits, plan, offset=at)
             drawn.append(torch.stack([tokens.double(), logprobs.double()]))
             if k < steps - 1:  # every row runs; positions advance on the device
-                logits = self._decode(tokens, plan.positions + at,
-                                      kv_len=plan.longest + at + 1)
+                logits = self._decode_step(tokens, plan.positions + at,
+                                           kv_len=plan.longest + at + 1)
         plan.drawn += steps
         # the run's one device-to-host transfer: [2, rows, steps]
         host = torch.stack(drawn, -1).cpu()
@@ -403,7 +416,7 @@ class PlaitEngine:
         if self._running:
             last = tokens[keep.to(tokens.device)]
             where = [len(r.prompt) + len(r.tokens) - 1 for r in self._running]
-            self._pending_logits = self._decode(
+            self._pending_logits = self._decode_step(
                 last, torch.tensor(where, device=last.device), kv_len=max(where) + 1)
         else:
             self._pending_logits = None
@@ -481,6 +494,24 @@ class PlaitEngine:
                            kv_len=width, contiguous=False)
         last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
         return self.lm_head(self.base.norm(last)).float()
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
+                     ) -> torch.Tensor:
+        """:meth:`_decode`, compiled when the engine was built with ``compile``."""
+        if self._compiled_decode is None:
+            return self._decode(tokens, positions, kv_len=kv_len)
+        # the row count as an unbacked size: no specialisation to 1 row, nor to the slot
+        # count when every slot runs
+        torch._dynamo.decorators.mark_unbacked(tokens, 0)
+        torch._dynamo.decorators.mark_unbacked(positions, 0)
+        try:
+            return self._compiled_decode(tokens, positions, kv_len=kv_len)
+        except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
+            lines = str(err).strip().splitlines()
+            raise RuntimeError(
+                f"rollout.compile: torch.compile could not compile the engine's decode step "
+                f"({type(err).__name__}: {lines[0] if lines else ''}); it needs a C++ "
+                f"compiler on the CPU and Triton on a GPU. Set rollout.compile=false") from err
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
                 ) -> torch.Tensor:
