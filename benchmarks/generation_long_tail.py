@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, nargs="+", default=None,
                         help="also run plait's engine with these rollout.sync_every values "
                              "(decode steps between host transfers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run plait's engine with rollout.compile (its one-time "
+                             "compilation is timed apart, before the timed runs)")
     args = parser.parse_args()
 
     from plait.rollout.base import SamplingParams
@@ -94,6 +97,13 @@ def main() -> None:
     for k in args.sync_every or []:
         engines[f"plait_sync_every_{k}"] = PlaitEngine(model, tokenizer, max_batch=args.slots,
                                                       sync_every=k)
+    compile_s = None
+    if args.compile:
+        engine = PlaitEngine(model, tokenizer, max_batch=args.slots, compile=True)
+        start = time.perf_counter()  # the first decode compiles; later calls reuse it
+        engine.generate(pool[-2:], SamplingParams(max_new_tokens=4, temperature=1.0))
+        compile_s = time.perf_counter() - start
+        engines["plait_compiled"] = engine
     runs = {name: [] for name in engines}
     for repeat in range(args.repeats):
         prompts = pool[repeat * args.samples:(repeat + 1) * args.samples]
@@ -108,6 +118,7 @@ def main() -> None:
               "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads "
                          f"{torch.get_num_threads()}, cuda={torch.cuda.is_available()}",
               "engines": summary, "ratio_plait_over_hf": ratio,
+              "compile_seconds": compile_s,
               "ratios_over_hf": {name: r["tokens_per_s"] / hf_rate
                                  for name, r in summary.items() if name != "hf_generate"}}
     for name, r in summary.items():
@@ -116,6 +127,8 @@ def main() -> None:
               f"{lengths['length_min']}/{lengths['length_median']}/{lengths['length_max']})")
     for name, value in result["ratios_over_hf"].items():
         print(f"ratio {name} / hf_generate: {value:.2f}x")
+    if compile_s is not None:
+        print(f"plait_compiled: first call (compilation) {compile_s:.1f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -106,8 +106,11 @@ def main() -> None:
                 **{f"{stage}_s_median": statistics.median(
                     r.get(f"time/{stage}", 0.0) for r in steps[5:])
                    for stage in ("generate", "update", "old_logprobs")},
-                "worker_generate_s_median": statistics.median(
-                    r.get("rollout/worker_generate_s", 0.0) for r in steps[5:]),
+                # the rollout worker's stages (generate, weights_wait, cycle, send, ...)
+                **{f"{key.removeprefix('rollout/')}_median": statistics.median(
+                    r.get(key, 0.0) for r in steps[5:])
+                   for key in sorted({k for r in steps for k in r
+                                      if k.startswith("rollout/worker_")})},
             }
             print(f"{name:12s} step={rows[name]['step_s_median']:.3f} s  "
                   f"reward(last 20)={rows[name]['reward_last20']:.3f}  "

@@ -251,6 +251,13 @@ def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward
     assert all("policy/is_weight_mean" in m for m in steps)
     assert any(abs(m["policy/is_weight_mean"] - 1) > 1e-4 for m in steps[1:])
     assert abs(steps[0]["policy/is_weight_mean"] - 1) < 1e-4
+    # the worker's own stage times reach the trainer's log; a cycle (posting one batch to
+    # posting the next) holds the next batch's generation and weight wait
+    assert all(m["rollout/worker_generate_s"] > 0 and "rollout/worker_weights_wait_s" in m
+               for m in steps)
+    assert "rollout/worker_cycle_s" not in steps[0]
+    assert all(m["rollout/worker_cycle_s"] >= m["rollout/worker_generate_s"] +
+               m["rollout/worker_weights_wait_s"] for m in steps[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5
 

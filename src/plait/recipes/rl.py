@@ -592,9 +592,10 @@ class RLTrainer(Session):
                  "reward_failures": float(batch.reward_failures),
                  "reward_all_mean": float(batch.rewards.mean()),
                  "train/accuracy": float(correct.float().mean()),
-                 "rollout/staleness": float(self.global_step - version),
-                 "rollout/worker_generate_s": max(p["times"].get("generate", 0.0)
-                                                  for p in parts)}
+                 "rollout/staleness": float(self.global_step - version)}
+        # the slowest worker's stage times (generate, weights_wait, reward_wait, cycle...)
+        for name in {name for part in parts for name in part["times"]}:
+            stats[f"rollout/worker_{name}_s"] = max(p["times"].get(name, 0.0) for p in parts)
         return batch, stats
 
     def send_parts(self, batch: Experience, layout, worker: int, first: int, total: int,

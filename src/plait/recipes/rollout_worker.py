@@ -14,6 +14,8 @@ still generate).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from plait.recipes.rl import RLTrainer
@@ -44,15 +46,17 @@ class RolloutWorker(RLTrainer):
             # (neither) the starting model this worker loaded, before any weights arrive
             self.build_reference(start["reference_dir"])
         version = self._receive(remote)
+        sent, send_s = None, 0.0  # when the previous batch was posted, and how long it took
         for step in range(start["step"], cfg.train.steps):
-            while version < step - k:
-                report(f"step {step + 1}: waiting for weights v{step - k}")
-                version = self._receive(remote)
+            timer = StageTimer()
+            with timer.stage("weights_wait"):
+                while version < step - k:
+                    report(f"step {step + 1}: waiting for weights v{step - k}")
+                    version = self._receive(remote)
             report(f"step {step + 1}: generate (weights v{version})")
             self.global_step = step  # the seeds are those of this step
             rows = self.draw_rows()
             lo, hi = remote.layout.worker_range(worker, len(rows))
-            timer = StageTimer()
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
                                  fuse=self.fuse_forwards, first_index=lo, total=len(rows),
                                  seeds=self.sample_seeds(lo, hi - lo, 1))
@@ -60,8 +64,15 @@ class RolloutWorker(RLTrainer):
                 with timer.stage("reference"):
                     batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.reference, m))
+            now = time.perf_counter()
+            if sent is not None:  # from posting one batch to posting the next, and the
+                # previous batch's posting (this one's is not over when it is sent)
+                timer.times["cycle"] = now - sent
+                timer.times["send"] = send_s
             self.send_parts(batch, remote.layout, worker, lo, len(rows), remote.channel,
                             version, timer)
+            sent = time.perf_counter()
+            send_s = sent - now
         remote.channel.wait()
         report("done serving")
 
