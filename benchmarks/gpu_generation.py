@@ -108,12 +108,10 @@ def run_hf(model, tokenizer, prompts, targets) -> float:
     return time.perf_counter() - start
 
 
-def run_plait(model, tokenizer, prompts, targets, sync_every) -> float:
+def run_plait(engine, prompts, targets) -> float:
     from plait.rollout.base import SamplingParams
-    from plait.rollout.engine import PlaitEngine
 
-    engine = PlaitEngine(model, tokenizer, max_batch=len(prompts), sync_every=sync_every)
-    device = next(model.parameters()).device
+    device = next(engine.model.parameters()).device
     synchronize(device)
     start = time.perf_counter()
     for index, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
@@ -135,7 +133,7 @@ def model_bytes(model) -> int:
     return total
 
 
-def decode_rate(model, tokenizer, args, steps: int) -> dict:
+def decode_rate(model, tokenizer, args, steps: int, compile: bool = False) -> dict:
     """Steady decode steps at the full batch; bytes each step must read vs its time."""
     from plait.rollout.base import SamplingParams
     from plait.rollout.engine import PlaitEngine
@@ -143,7 +141,7 @@ def decode_rate(model, tokenizer, args, steps: int) -> dict:
     device = next(model.parameters()).device
     context = args.prompt_len + args.median_new_tokens
     prompts, _ = workload(args, model.config.vocab_size)
-    engine = PlaitEngine(model, tokenizer, max_batch=len(prompts))
+    engine = PlaitEngine(model, tokenizer, max_batch=len(prompts), compile=compile)
     params = SamplingParams(max_new_tokens=context - args.prompt_len + steps + 2,
                             temperature=0.0, ignore_eos=True)
     contexts = [p + [1] * (context - args.prompt_len) for p in prompts]
@@ -153,11 +151,11 @@ def decode_rate(model, tokenizer, args, steps: int) -> dict:
         tokens = engine._pending_logits.argmax(-1)
         positions = torch.full((len(prompts),), context, device=device)
         for k in range(3):  # warm-up
-            engine._decode(tokens, positions + k, kv_len=context + k + 1)
+            engine._decode_step(tokens, positions + k, kv_len=context + k + 1)
         synchronize(device)
         start = time.perf_counter()
         for k in range(steps):
-            logits = engine._decode(tokens, positions + 3 + k, kv_len=context + 4 + k)
+            logits = engine._decode_step(tokens, positions + 3 + k, kv_len=context + 4 + k)
             tokens = logits.argmax(-1)
         synchronize(device)
     step = (time.perf_counter() - start) / steps
@@ -201,6 +199,9 @@ def main() -> None:
                         help="log-normal sigma of the target lengths")
     parser.add_argument("--sync-every", type=int, nargs="+", default=[None],
                         help="plait engine variants (null = its default for the device)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run the engine with rollout.compile (its compilation "
+                             "is timed apart, in the warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -219,18 +220,32 @@ def main() -> None:
     print(f"[bench] {args.shape} on {device}: {args.samples} prompts x {args.prompt_len} "
           f"tokens; targets min/median/max {min(targets)}/{statistics.median(targets)}/"
           f"{max(targets)}, {counted} tokens in all")
+    from plait.rollout.engine import PlaitEngine
+
     runs: dict[str, list[float]] = {"hf_generate": []}
-    variants = {("plait" if k is None else f"plait_sync_every_{k}"): k for k in args.sync_every}
-    runs.update({name: [] for name in variants})
-    run_plait(model, tokenizer, prompts[:8], [4] * 8, None)  # warm-up (allocator, kernels)
+    engines = {("plait" if k is None else f"plait_sync_every_{k}"):
+               PlaitEngine(model, tokenizer, max_batch=len(prompts), sync_every=k)
+               for k in args.sync_every}
+    if args.compile:
+        engines["plait_compiled"] = PlaitEngine(model, tokenizer, max_batch=len(prompts),
+                                                compile=True)
+    runs.update({name: [] for name in engines})
+    warmup = {}
+    for name, engine in engines.items():  # allocator, kernels, and the compilation
+        start = time.perf_counter()
+        run_plait(engine, prompts[:8], [4] * 8)
+        warmup[name] = time.perf_counter() - start
     for repeat in range(args.repeats):
         runs["hf_generate"].append(run_hf(model, tokenizer, prompts, targets))
-        for name, k in variants.items():
-            runs[name].append(run_plait(model, tokenizer, prompts, targets, k))
+        for name, engine in engines.items():
+            runs[name].append(run_plait(engine, prompts, targets))
         print(f"[bench] repeat {repeat + 1}: " + ", ".join(
             f"{name} {times[-1]:.2f} s" for name, times in runs.items()))
     rates = {name: counted / statistics.median(times) for name, times in runs.items()}
     decode = decode_rate(model, tokenizer, args, args.decode_steps)
+    if args.compile:
+        decode["compiled"] = decode_rate(model, tokenizer, args, args.decode_steps,
+                                         compile=True)
     copy = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in (name or "")), None)
@@ -243,7 +258,7 @@ def main() -> None:
         "machine": f"{name} ({device}), {os.cpu_count()} cpus, torch {torch.__version__}",
         "targets": {"min": min(targets), "median": statistics.median(targets),
                     "max": max(targets), "tokens": counted},
-        "seconds": runs, "tokens_per_s": rates,
+        "seconds": runs, "warmup_seconds": warmup, "tokens_per_s": rates,
         "ratios_over_hf": {k: v / rates["hf_generate"] for k, v in rates.items()
                            if k != "hf_generate"},
         "decode": decode, "copy_bandwidth_bytes_per_s": copy, "nominal_peak_bytes_per_s": peak,
@@ -257,6 +272,9 @@ def main() -> None:
           + (f" = {decode['fraction_of_copy_bandwidth']:.0%} of the measured copy rate"
              if copy else "")
           + (f", {decode['fraction_of_nominal_peak']:.0%} of the nominal peak" if peak else ""))
+    if "compiled" in decode:
+        print(f"compiled decode: {decode['compiled']['step_ms']:.2f} ms/step; warm-up "
+              f"(compilation) {warmup['plait_compiled']:.1f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
