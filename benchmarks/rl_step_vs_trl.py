@@ -18,7 +18,10 @@ Run it with the benchmark virtualenv, which holds both plait and TRL
         --out runs/bench_rl_step_vs_trl/results.json
 
 Each trainer runs in its own subprocess (``--worker``), one after the other, with the same
-torch thread count. Seconds per step is the wall time between consecutive step ends inside
+torch thread count, in ``--rounds`` rounds (plait, each ``--plait-variant``, TRL); a ratio
+is the median over rounds of the two sides' median seconds per step within one round, so
+a machine whose speed drifts over minutes moves both sides of each ratio alike. The
+first round's models are evaluated. Seconds per step is the wall time between consecutive step ends inside
 the training loop (the first step is measured from the start of the loop), so model
 loading, data preparation, evaluation and the final save are excluded, and everything the
 loop does per step (sampling, rewards, update, per-step bookkeeping) is included.
@@ -390,8 +393,11 @@ def worker_trl(steps: int, threads: int, workdir: Path, start: Path, seed: int,
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_worker(which: str, args, start: Path) -> dict:
-    out = args.workdir / f"worker_{which}.json"
+def run_worker(which: str, args, start: Path, name: str | None = None,
+               extra: list[str] = ()) -> dict:
+    """One trainer run in its own process; ``name``/``extra``: a plait variant's label
+    and overrides (added to ``--plait-override``)."""
+    out = args.workdir / f"worker_{name or which}.json"
     out.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
@@ -400,9 +406,9 @@ def run_worker(which: str, args, start: Path) -> dict:
                "--seed", str(args.seed),
                "--workdir", str(args.workdir), "--start-model", str(start),
                "--worker-out", str(out), "--attention", args.attention]
-    for override in args.plait_override:
+    for override in [*args.plait_override, *extra]:
         command += ["--plait-override", override]
-    print(f"[bench] {which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
+    print(f"[bench] {name or which}: {args.steps} steps, {args.threads} thread(s)", flush=True)
     subprocess.run(command, env=env, check=True)
     return json.loads(out.read_text())
 
@@ -444,46 +450,83 @@ def side_result(raw: dict, accuracy: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    rows = [("", "s/step mean", "s/step median", "acc before", "acc after")]
-    for side in ("plait", "trl"):
+    rows = [("", "s/step mean", "s/step median", "acc before", "acc after", "ratio")]
+    ratios = results.get("ratios_over_trl", {})
+    for side in ("plait", *results.get("variants", {}), "trl"):
         if side in results:
             r = results[side]
+            ratio = ratios.get(side)
             rows.append((side, f"{r['sec_per_step_mean']:.3f}", f"{r['sec_per_step_median']:.3f}",
-                         f"{results['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}"))
-    ratio = results.get("ratio_plait_over_trl")
-    if ratio:
-        rows.append(("plait/trl", f"{ratio['mean']:.3f}x", f"{ratio['median']:.3f}x", "", ""))
+                         f"{results['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}",
+                         f"{ratio['median']:.3f}x" if ratio else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"\nRL step vs TRL: {results['steps']} steps of {PROMPTS_PER_STEP} prompts x "
           f"{GROUP_SIZE} samples, {results['machine']['torch_threads']} torch thread(s), "
-          f"{results['machine']['cpu_count']} CPUs")
+          f"{results['machine']['cpu_count']} CPUs, {len(results['rounds'])} round(s)")
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    if len(results["rounds"]) > 1:
+        for side, ratio in ratios.items():
+            print(f"{side}/trl per round (median s/step): "
+                  + ", ".join(f"{r:.3f}x" for r in ratio["rounds"]))
+    if ratios:
+        print("ratio = median over rounds of (side / trl) median s/step in the same round")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition(":")
+    if not name or not overrides or name in ("plait", "trl"):
+        raise SystemExit(f"--plait-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name, overrides.split(",")
 
 
 def orchestrate(args) -> dict:
+    """``--rounds`` rounds of: plait, each plait variant, TRL, one after the other; the
+    first round's models are evaluated. Each round's ratios compare runs a minute apart,
+    so a machine whose speed drifts (a shared VM) moves both sides of a ratio alike."""
     args.workdir.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     start = Path(args.start_model) if args.start_model else \
         prepare_start_model(args.workdir, args.threads)
     before = evaluate(start, args.workdir, args.threads, "before")
+    variants = dict(parse_variant(v) for v in args.plait_variant)
     results = {"benchmark": "rl_step_vs_trl", "steps": args.steps, "seed": args.seed,
                "attention": args.attention,
                "machine": machine(args.threads), "versions": versions(),
                "start_model": str(start), "accuracy_before": before["accuracy"],
-               "eval_before": before}
+               "eval_before": before, "variants": variants, "rounds": []}
     sides = ["plait", "trl"] if args.which == "both" else [args.which]
-    for side in sides:
-        raw = run_worker(side, args, start)
-        after = evaluate(Path(raw["final_model"]), args.workdir, args.threads, f"after_{side}")
-        results[side] = side_result(raw, after)
-    if "plait" in results and "trl" in results:
-        p, t = results["plait"], results["trl"]
-        results["ratio_plait_over_trl"] = {
-            "mean": p["sec_per_step_mean"] / t["sec_per_step_mean"],
-            "median": p["sec_per_step_median"] / t["sec_per_step_median"],
-        }
-        results["accuracy_after_plait_minus_trl"] = p["accuracy_after"] - t["accuracy_after"]
+    if "plait" in sides:
+        sides[1:1] = list(variants)
+    for round_index in range(args.rounds):
+        medians, means = {}, {}
+        for side in sides:
+            which = "trl" if side == "trl" else "plait"
+            raw = run_worker(which, args, start, side, variants.get(side, []))
+            summary = summarize(raw["step_seconds"])
+            medians[side], means[side] = (summary["sec_per_step_median"],
+                                          summary["sec_per_step_mean"])
+            if round_index == 0:
+                after = evaluate(Path(raw["final_model"]), args.workdir, args.threads,
+                                 f"after_{side}")
+                results[side] = side_result(raw, after)
+        results["rounds"].append({"sec_per_step_median": medians, "sec_per_step_mean": means})
+    if "trl" in results and len(sides) > 1:
+        ratios = {}
+        for side in sides[:-1]:
+            per_round = [r["sec_per_step_median"][side] / r["sec_per_step_median"]["trl"]
+                         for r in results["rounds"]]
+            per_round_mean = [r["sec_per_step_mean"][side] / r["sec_per_step_mean"]["trl"]
+                              for r in results["rounds"]]
+            ratios[side] = {"median": statistics.median(per_round),
+                            "mean": statistics.median(per_round_mean), "rounds": per_round}
+            results[side]["accuracy_after_minus_trl"] = \
+                results[side]["accuracy_after"] - results["trl"]["accuracy_after"]
+        results["ratios_over_trl"] = ratios
+        if "plait" in ratios:
+            results["ratio_plait_over_trl"] = ratios["plait"]
+            results["accuracy_after_plait_minus_trl"] = \
+                results["plait"]["accuracy_after_minus_trl"]
     return results
 
 
@@ -505,6 +548,13 @@ def parse_args(argv=None):
                         help="extra plait config override for the plait RL run, e.g. "
                              "rollout.engine=hf (repeatable; changes the comparison, so the "
                              "overrides are recorded in the JSON)")
+    parser.add_argument("--plait-variant", action="append", default=[],
+                        metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+                        help="also run plait with these overrides as side NAME, in every "
+                             "round (e.g. compiled:rollout.compile=true)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of all sides, one after the other; ratios are the "
+                             "median over rounds of the in-round ratio")
     parser.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
                         help="attention kernels of the model on both sides (plait's "
                              "model.attn_implementation, the model TRL is given)")
