@@ -90,10 +90,10 @@ class SlotCache:
         rows = self.slots[:, None]
         k_cache[rows, :, self.positions] = key_states.transpose(1, 2).to(k_cache.dtype)
         v_cache[rows, :, self.positions] = value_states.transpose(1, 2).to(v_cache.dtype)
-        if self.contiguous:
+        if self.contiguous:  # narrow: sizes exactly n and kv_len, also as symbols
             n = self.slots.shape[0]
-            torch._check(n <= k_cache.shape[0])  # for compiled code: a row count fits
-            return k_cache[:n, :, : self.kv_len], v_cache[:n, :, : self.kv_len]
+            return (k_cache.narrow(0, 0, n).narrow(2, 0, self.kv_len),
+                    v_cache.narrow(0, 0, n).narrow(2, 0, self.kv_len))
         return k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
 
 
