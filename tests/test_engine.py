@@ -440,3 +440,16 @@ def test_compiled_decode_follows_other_families(arch, window):
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(torch.tensor(b[0].logprobs), torch.tensor(a[0].logprobs),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_decode_step_that_cannot_compile_names_the_setting(setup):
+    tokenizer, model, prompts = setup
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    engine = PlaitEngine(model, tokenizer, max_batch=4)
+    engine._compiled_decode = torch.compile(engine._decode, backend=no_compiler, dynamic=True)
+    with pytest.raises(RuntimeError, match=r"rollout.compile.*no C\+\+ compiler found.*"
+                                           r"set rollout.compile=false"):
+        engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))

@@ -510,8 +510,9 @@ class PlaitEngine:
             lines = str(err).strip().splitlines()
             raise RuntimeError(
                 f"rollout.compile: torch.compile could not compile the engine's decode step "
-                f"({type(err).__name__}: {lines[0] if lines else ''}); it needs a C++ "
-                f"compiler on the CPU and Triton on a GPU. Set rollout.compile=false") from err
+                f"({type(err).__name__}: {lines[0] if lines else ''}); set "
+                f"rollout.compile=false (compiling needs a C++ compiler on the CPU, Triton "
+                f"on a GPU)") from err
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
                 ) -> torch.Tensor:
