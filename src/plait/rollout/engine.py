@@ -507,10 +507,11 @@ class PlaitEngine:
         try:
             return self._compiled_decode(tokens, positions, kv_len=kv_len)
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
-            lines = str(err).strip().splitlines()
+            cause = getattr(err, "inner_exception", None) or err  # a backend's own error
+            lines = str(cause).strip().splitlines()
             raise RuntimeError(
                 f"rollout.compile: torch.compile could not compile the engine's decode step "
-                f"({type(err).__name__}: {lines[0] if lines else ''}); set "
+                f"({type(cause).__name__}: {lines[0] if lines else ''}); set "
                 f"rollout.compile=false (compiling needs a C++ compiler on the CPU, Triton "
                 f"on a GPU)") from err
 
