@@ -235,10 +235,12 @@ def main() -> None:
         start = time.perf_counter()
         run_plait(engine, prompts[:8], [4] * 8)
         warmup[name] = time.perf_counter() - start
+        engine.release()
     for repeat in range(args.repeats):
         runs["hf_generate"].append(run_hf(model, tokenizer, prompts, targets))
         for name, engine in engines.items():
             runs[name].append(run_plait(engine, prompts, targets))
+            engine.release()  # one KV cache resident at a time; each run allocates its own
         print(f"[bench] repeat {repeat + 1}: " + ", ".join(
             f"{name} {times[-1]:.2f} s" for name, times in runs.items()))
     rates = {name: counted / statistics.median(times) for name, times in runs.items()}

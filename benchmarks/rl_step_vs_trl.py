@@ -90,6 +90,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -450,7 +451,8 @@ def side_result(raw: dict, accuracy: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    rows = [("", "s/step mean", "s/step median", "acc before", "acc after", "ratio")]
+    rows = [("", "s/step mean (round 1)", "s/step median (round 1)", "acc before",
+             "acc after", "ratio")]
     ratios = results.get("ratios_over_trl", {})
     for side in ("plait", *results.get("variants", {}), "trl"):
         if side in results:
@@ -473,23 +475,41 @@ def print_table(results: dict) -> None:
         print("ratio = median over rounds of (side / trl) median s/step in the same round")
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, _, overrides = text.partition(":")
-    if not name or not overrides or name in ("plait", "trl"):
-        raise SystemExit(f"--plait-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-    return name, overrides.split(",")
+# names a variant may not take: the other sides and the result file's own keys
+RESERVED_NAMES = {"plait", "trl", "benchmark", "steps", "seed", "attention", "machine",
+                  "versions", "start_model", "accuracy_before", "eval_before", "variants",
+                  "rounds", "ratios_over_trl", "ratio_plait_over_trl",
+                  "accuracy_after_plait_minus_trl"}
+
+
+def parse_variants(texts: list[str]) -> dict[str, list[str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` arguments as ``{NAME: [KEY=VALUE, ...]}``."""
+    variants = {}
+    for text in texts:
+        name, _, overrides = text.partition(":")
+        settings = [o.strip() for o in overrides.split(",") if o.strip()]
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or not settings or \
+                any("=" not in o for o in settings):
+            raise SystemExit(f"--plait-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]"
+                             " (NAME: letters, digits, _ or -)")
+        if name in RESERVED_NAMES or name in variants:
+            raise SystemExit(f"--plait-variant {text!r}: the name {name!r} is taken")
+        variants[name] = settings
+    return variants
 
 
 def orchestrate(args) -> dict:
     """``--rounds`` rounds of: plait, each plait variant, TRL, one after the other; the
     first round's models are evaluated. Each round's ratios compare runs a minute apart,
     so a machine whose speed drifts (a shared VM) moves both sides of a ratio alike."""
+    variants = parse_variants(args.plait_variant)
+    if variants and args.which == "trl":
+        raise SystemExit("--plait-variant needs the plait side: --which both or plait")
     args.workdir.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     start = Path(args.start_model) if args.start_model else \
         prepare_start_model(args.workdir, args.threads)
     before = evaluate(start, args.workdir, args.threads, "before")
-    variants = dict(parse_variant(v) for v in args.plait_variant)
     results = {"benchmark": "rl_step_vs_trl", "steps": args.steps, "seed": args.seed,
                "attention": args.attention,
                "machine": machine(args.threads), "versions": versions(),
@@ -518,6 +538,8 @@ def orchestrate(args) -> dict:
                          for r in results["rounds"]]
             per_round_mean = [r["sec_per_step_mean"][side] / r["sec_per_step_mean"]["trl"]
                               for r in results["rounds"]]
+            # median: over rounds, of the in-round ratio of median s/step; mean: the same
+            # with each side's mean s/step
             ratios[side] = {"median": statistics.median(per_round),
                             "mean": statistics.median(per_round_mean), "rounds": per_round}
             results[side]["accuracy_after_minus_trl"] = \
@@ -528,6 +550,13 @@ def orchestrate(args) -> dict:
             results["accuracy_after_plait_minus_trl"] = \
                 results["plait"]["accuracy_after_minus_trl"]
     return results
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
 
 
 def parse_args(argv=None):
@@ -552,7 +581,7 @@ def parse_args(argv=None):
                         metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
                         help="also run plait with these overrides as side NAME, in every "
                              "round (e.g. compiled:rollout.compile=true)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=positive_int, default=3,
                         help="rounds of all sides, one after the other; ratios are the "
                              "median over rounds of the in-round ratio")
     parser.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",

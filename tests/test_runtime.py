@@ -239,6 +239,18 @@ def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_p
     assert all(m.get("rollout/staleness", 0) == 0 for m in metrics_of(apart))
 
 
+def test_compiled_workers_serve_sharded_trainers(tiny_job, reward_spec, tmp_path):
+    """rollout.compile with FSDP trainers apart: the worker generates through its compiled
+    decode step, the sharded trainers evaluate with an eager engine."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "train.steps=2",
+                                 "runtime.placement=disaggregated", "runtime.num_ranks=2",
+                                 "runtime.data_parallel=fsdp", "rollout.compile=true"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and "accuracy_after" in summary
+
+
 def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward_spec,
                                                                 tmp_path):
     run_dir = tmp_path / "run"
@@ -252,12 +264,14 @@ def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward
     assert any(abs(m["policy/is_weight_mean"] - 1) > 1e-4 for m in steps[1:])
     assert abs(steps[0]["policy/is_weight_mean"] - 1) < 1e-4
     # the worker's own stage times reach the trainer's log; a cycle (posting one batch to
-    # posting the next) holds the next batch's generation and weight wait
+    # posting the next) holds the previous post, the weight wait and the generation
     assert all(m["rollout/worker_generate_s"] > 0 and "rollout/worker_weights_wait_s" in m
                for m in steps)
-    assert "rollout/worker_cycle_s" not in steps[0]
+    assert "rollout/worker_cycle_s" not in steps[0] and "rollout/worker_send_s" not in steps[0]
+    assert all(m["rollout/worker_send_s"] > 0 for m in steps[1:])
     assert all(m["rollout/worker_cycle_s"] >= m["rollout/worker_generate_s"] +
-               m["rollout/worker_weights_wait_s"] for m in steps[1:])
+               m["rollout/worker_weights_wait_s"] + m["rollout/worker_send_s"]
+               for m in steps[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5
 

@@ -131,7 +131,8 @@ class RolloutConfig:
         False, "plait engine: run the decode step through torch.compile (symbolic shapes: one "
         "compilation for every batch size and length, paid by the first decode, ~10-30 s on "
         "a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill and sampling stay "
-        "eager.")
+        "eager, and so does the engine of FSDP-sharded trainers (rollout workers apart "
+        "compile theirs).")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")
@@ -700,11 +701,12 @@ def _validate_runtime(config: Config) -> None:
         (config.rollout.compile and config.rollout.engine != "plait",
          "rollout.compile compiles the plait engine's decode step: set rollout.engine=plait "
          "or rollout.compile=false"),
-        (config.rollout.compile and runtime.data_parallel == "fsdp" and
+        (config.rollout.compile and runtime.data_parallel == "fsdp" and ranks > 1 and
          runtime.placement == "colocated",
-         "rollout.compile does not run on FSDP-sharded trainers (their engine runs on "
-         "parameters gathered anew for each generation, which would recompile): use "
-         "runtime.placement=disaggregated (rollout workers hold whole models) or "
+         "rollout.compile does not run on FSDP-sharded trainers (their engine generates "
+         "through the sharded layers gathered for each generation, which torch.compile "
+         "does not trace): use runtime.placement=disaggregated or partial (rollout workers "
+         "hold whole models and compile; the trainers evaluate eagerly) or "
          "rollout.compile=false"),
         (off_policy_mode(config) != "none" and algo.use_engine_logprobs,
          "algo.off_policy corrects engine log-probs against a recompute: turn off "

@@ -593,8 +593,9 @@ class RLTrainer(Session):
                  "reward_all_mean": float(batch.rewards.mean()),
                  "train/accuracy": float(correct.float().mean()),
                  "rollout/staleness": float(self.global_step - version)}
-        # the slowest worker's stage times (generate, weights_wait, reward_wait, cycle...)
-        for name in {name for part in parts for name in part["times"]}:
+        # each of the workers' stage times (generate, weights_wait, send, cycle, ...): its
+        # largest value over the workers that sent this trainer a part
+        for name in sorted({name for part in parts for name in part["times"]}):
             stats[f"rollout/worker_{name}_s"] = max(p["times"].get(name, 0.0) for p in parts)
         return batch, stats
 

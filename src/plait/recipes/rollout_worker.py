@@ -46,7 +46,7 @@ class RolloutWorker(RLTrainer):
             # (neither) the starting model this worker loaded, before any weights arrive
             self.build_reference(start["reference_dir"])
         version = self._receive(remote)
-        sent, send_s = None, 0.0  # when the previous batch was posted, and how long it took
+        posted, send_s = None, 0.0  # when posting the previous batch began, how long it took
         for step in range(start["step"], cfg.train.steps):
             timer = StageTimer()
             with timer.stage("weights_wait"):
@@ -65,14 +65,13 @@ class RolloutWorker(RLTrainer):
                     batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                         self.reference, m))
             now = time.perf_counter()
-            if sent is not None:  # from posting one batch to posting the next, and the
-                # previous batch's posting (this one's is not over when it is sent)
-                timer.times["cycle"] = now - sent
+            if posted is not None:  # from posting the previous batch to posting this one,
+                # and how long posting the previous one took (this one's is not over yet)
+                timer.times["cycle"] = now - posted
                 timer.times["send"] = send_s
             self.send_parts(batch, remote.layout, worker, lo, len(rows), remote.channel,
                             version, timer)
-            sent = time.perf_counter()
-            send_s = sent - now
+            posted, send_s = now, time.perf_counter() - now
         remote.channel.wait()
         report("done serving")
 

@@ -127,7 +127,10 @@ class Session:
             fallback_reward=config.reward.fallback_reward)
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-reward")
         try:
-            self.engine = build_engine(config.rollout, self.policy, self.tokenizer)
+            # sharded trainers (evaluating under a placement with rollout workers apart)
+            # generate through FSDP's gathered layers, which torch.compile does not trace
+            self.engine = build_engine(config.rollout, self.policy, self.tokenizer,
+                                       compile=config.rollout.compile and not self.sharded)
         except ValueError as err:
             self.close()
             raise ConfigError(f"model {str(self.model_dir)!r}: {err}") from None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 
-def build_engine(rollout_cfg, model, tokenizer):
-    """The engine ``rollout.engine`` names, sharing ``model`` with the trainer."""
+def build_engine(rollout_cfg, model, tokenizer, compile: bool | None = None):
+    """The engine ``rollout.engine`` names, sharing ``model`` with the trainer;
+    ``compile``: whether the plait engine compiles its decode step (default
+    ``rollout.compile``)."""
     if rollout_cfg.engine == "hf":
         from plait.rollout.hf_engine import HFGenerateEngine
 
@@ -12,4 +14,5 @@ def build_engine(rollout_cfg, model, tokenizer):
     from plait.rollout.engine import PlaitEngine
 
     return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size,
-                       sync_every=rollout_cfg.sync_every, compile=rollout_cfg.compile)
+                       sync_every=rollout_cfg.sync_every,
+                       compile=rollout_cfg.compile if compile is None else compile)

@@ -38,7 +38,7 @@ the run ends and a freed slot is refilled at the next sync.
 
 ``compile=True`` (``rollout.compile``) runs the decode step (embedding, decoder layers,
 cache writes, final norm and head) through ``torch.compile`` with symbolic batch and
-cache lengths: one compilation serves every batch size and length (the first decode
+cache lengths: one compilation per engine serves every batch size and length (the first decode
 pays it), element-wise work is fused and the per-operator overhead of small batches
 drops. Prefill and sampling stay eager. No CUDA graphs are captured (their static
 buffers would pin the KV cache that the hybrid engine releases between generations).
@@ -538,9 +538,14 @@ class PlaitEngine:
         query = positions.unsqueeze(1).unsqueeze(-1)
         full = self._additive(keys <= query, hidden.dtype)
         sliding = full
-        if self._window is not None and kv_len > self._window:
-            sliding = self._additive((keys <= query) & (keys > query - self._window),
-                                     hidden.dtype)
+        # (compiled: always, and with the window as a tensor, as a branch or a bound on the
+        # symbolic kv_len would compile a second graph; the sliding mask equals the full
+        # one while kv_len <= window)
+        compiling = torch.compiler.is_compiling()
+        if self._window is not None and (compiling or kv_len > self._window):
+            window = torch.tensor(self._window, device=hidden.device) if compiling \
+                else self._window
+            sliding = self._additive((keys <= query) & (keys > query - window), hidden.dtype)
         for layer, slides in zip(self.base.layers, self._sliding, strict=True):
             out = layer(hidden, attention_mask=sliding if slides else full,
                         position_embeddings=position_embeddings,
