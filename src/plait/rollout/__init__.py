@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 
-def build_engine(rollout_cfg, model, tokenizer, compile: bool | None = None):
+def build_engine(rollout_cfg, model, tokenizer, *, compile: bool):
     """The engine ``rollout.engine`` names, sharing ``model`` with the trainer;
-    ``compile``: whether the plait engine compiles its decode step (default
-    ``rollout.compile``)."""
+    ``compile``: whether the plait engine compiles its decode step."""
     if rollout_cfg.engine == "hf":
         from plait.rollout.hf_engine import HFGenerateEngine
 
@@ -15,4 +14,4 @@ def build_engine(rollout_cfg, model, tokenizer, compile: bool | None = None):
 
     return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size,
                        sync_every=rollout_cfg.sync_every,
-                       compile=rollout_cfg.compile if compile is None else compile)
+                       compile=compile)

@@ -72,6 +72,11 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     version: int | None = None  # policy version of the first token sampled
 
+    @property
+    def length(self) -> int:
+        """Tokens of the context so far (prompt and generated): the next token's position."""
+        return len(self.prompt) + len(self.tokens)
+
 
 class SlotCache:
     """The KV cache object handed to HF decoder layers for one forward pass."""
@@ -415,7 +420,7 @@ class PlaitEngine:
         self._compact(keep)
         if self._running:
             last = tokens[keep.to(tokens.device)]
-            where = [len(r.prompt) + len(r.tokens) - 1 for r in self._running]
+            where = [r.length - 1 for r in self._running]
             self._pending_logits = self._decode_step(
                 last, torch.tensor(where, device=last.device), kv_len=max(where) + 1)
         else:
@@ -463,8 +468,7 @@ class PlaitEngine:
             device = self._keys[0].device
             dst = torch.tensor([new for new, _ in moves], device=device)
             src = torch.tensor([old for _, old in moves], device=device)
-            width = max(len(self._running[old].prompt) + len(self._running[old].tokens)
-                        for _, old in moves)
+            width = max(self._running[old].length for _, old in moves)
             for cache in (*self._keys, *self._values):
                 cache[dst, :, :width] = cache[src, :, :width]
         self._running = [self._running[i] for i in survivors]
@@ -569,7 +573,7 @@ class PlaitEngine:
         device = self._pending_logits.device
         params = [r.params for r in running]
         is_greedy = [p.greedy for p in params]
-        where = [len(r.prompt) + len(r.tokens) for r in running]
+        where = [r.length for r in running]
         plan = _SamplingPlan(
             greedy=torch.tensor(is_greedy, device=device),
             all_greedy=all(is_greedy),

@@ -173,9 +173,7 @@ class MetricsLogger:
 
     def _log_tensorboard(self, step: int, walltime: float, values: dict[str, float | int]) -> None:
         writer = self._tensorboard_writer()
-        if writer is None:
-            return
-        if not values:
+        if writer is None or not values:
             return
         # one event holding every scalar of the step (one add_scalar per key writes one
         # event each: ~2 ms a step for 35 keys)
