@@ -8,6 +8,9 @@ All variants start from one SFT warm start of the default job (made once, then
 - ``disagg-k0``: 1 trainer rank + 1 rollout worker, synchronous (max_staleness=0);
 - ``disagg-k1``: 1 trainer rank + 1 rollout worker, the next batch generates while
   this one trains (max_staleness=1, decoupled PPO correction);
+- ``disagg-k1-partial``: as ``disagg-k1`` with ``runtime.partial_rollout`` (the worker's
+  engine is never drained: the next batch joins this one's long tail as soon as its
+  weights allow, and new weights are taken mid-generation);
 - ``colocated-1``: 1 process with 2 threads, for reference;
 - ``dynamic-2``: 2 processes whose split (0 or 1 generating) is revised from the
   measured stage times (``placement.jsonl`` lists the changes).
@@ -39,6 +42,8 @@ VARIANTS = {
                   "train.threads=1"],
     "disagg-k1": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
                   "train.threads=1"],
+    "disagg-k1-partial": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
+                          "runtime.partial_rollout=true", "train.threads=1"],
     "colocated-1": ["train.threads=2"],
     "dynamic-2": ["runtime.placement=dynamic", "runtime.num_ranks=2", "train.threads=1"],
 }

@@ -97,3 +97,16 @@ def test_compiled_decode_is_refused_where_it_cannot_run(overrides, message):
     # sharded trainers with whole-model rollout workers apart may compile
     load_config(None, ["rollout.compile=true", "runtime.num_ranks=2",
                        "runtime.data_parallel=fsdp", "runtime.placement=disaggregated"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["runtime.partial_rollout=true"],  # colocated: nothing generates across batches
+    ["runtime.partial_rollout=true", "runtime.placement=disaggregated"],  # max_staleness=0
+    ["runtime.partial_rollout=true", "runtime.placement=dynamic", "runtime.num_ranks=2"],
+])
+def test_partial_rollout_needs_workers_apart_and_staleness(overrides):
+    with pytest.raises(ConfigError, match="runtime.partial_rollout keeps rollout workers apart"):
+        load_config(None, overrides)
+    for placement in ("disaggregated", "partial"):
+        load_config(None, ["runtime.partial_rollout=true", f"runtime.placement={placement}",
+                           "runtime.max_staleness=1"])

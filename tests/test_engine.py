@@ -149,6 +149,81 @@ def test_weight_update_in_place_and_release(setup):
     assert all(g[0].policy_version == 3 for g in after)
 
 
+def test_paused_stream_continues_without_recomputing(setup):
+    """stream(pause): the running rows stay in their slots across the pause (no prefill
+    again), a batch submitted meanwhile under its own indices joins them, and every
+    seeded completion equals the one of an uninterrupted engine."""
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=20, temperature=1.0)
+    straight = early_stopping(PlaitEngine(model, tokenizer, max_batch=6), tokenizer)
+    straight.submit(prompts[:4], params, n=2, seeds=[1, 2, 3, 4])
+    straight.submit(prompts[4:], params, n=2, seeds=[5, 6, 7, 8], first_index=4)
+    expected = dict(straight.stream())
+    engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=6), tokenizer)
+    prefilled = []
+    original = engine._prefill
+    engine._prefill = lambda contexts, slots: prefilled.extend(contexts) or \
+        original(contexts, slots)
+    engine.submit(prompts[:4], params, n=2, seeds=[1, 2, 3, 4])
+    runs = []
+    got = dict(engine.stream(lambda: runs.append(1) or len(runs) > 3))
+    assert engine.busy and len(got) < 4  # paused with rows running
+    engine.submit(prompts[4:], params, n=2, seeds=[5, 6, 7, 8], first_index=4)
+    got.update(engine.stream())
+    assert sorted(got) == list(range(len(prompts)))
+    for index, group in expected.items():
+        assert sorted(c.token_ids for c in got[index]) == sorted(c.token_ids for c in group)
+    # only prompts were prefilled: no row re-prefilled its generated tokens after the pause
+    assert {tuple(c) for c in prefilled} <= {tuple(p) for p in prompts}
+
+
+def test_new_weights_mid_generation_reprefill_the_running_rows(setup):
+    """update_weights while rows are running (a paused stream): they keep their tokens,
+    are re-prefilled, and every later token is sampled from the new weights: the
+    log-probs of the tokens before the switch match a teacher-forced pass of the old
+    weights, those after it one of the new weights; greedy rows continue as the new
+    weights' greedy continuation of what they had."""
+    tokenizer, model, prompts = setup
+    spec = TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    old = build_tiny_model(spec, tokenizer, seed=11).eval()
+    new = build_tiny_model(spec, tokenizer, seed=12).eval()
+    model = build_tiny_model(spec, tokenizer, seed=11).eval()
+    engine = PlaitEngine(model, tokenizer, max_batch=8)
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9)
+    engine.submit(prompts[:4], sampled, seeds=[1, 2, 3, 4])
+    engine.submit(prompts[4:], SamplingParams(max_new_tokens=16, temperature=0.0),
+                  first_index=4)
+    runs = []
+    done = dict(engine.stream(lambda: runs.append(1) or len(runs) > 5))
+    cut = {r.prompt_index: len(r.tokens) for r in engine._running}
+    assert cut and all(0 < t < 16 for t in cut.values())
+    engine.update_weights(new.state_dict(), version=1)
+    done.update(engine.stream())
+    for index in cut:
+        completion = done[index][0]
+        assert completion.policy_version == 0  # the version its first token came from
+        batch = experience_from_completions([prompts[index]], [[completion]], [0],
+                                            tokenizer.pad_token_id)
+        temperature = 0.9 if index < 4 else 1.0
+        with torch.no_grad():
+            per_model = [torch.log_softmax(_forward_logits(m, batch, temperature), -1)
+                         .gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)[0]
+                         for m in (old, new)]
+        reported = torch.tensor(completion.logprobs)
+        t = cut[index]
+        n = len(completion.token_ids)
+        torch.testing.assert_close(reported[:t], per_model[0][:t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reported[t:], per_model[1][t:n], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(per_model[0][t:n], per_model[1][t:n], atol=1e-3)
+    for index in (i for i in cut if i >= 4):  # greedy: the new weights' continuation
+        head = done[index][0].token_ids[:cut[index]]
+        rest = HFGenerateEngine(new, tokenizer).generate(
+            [prompts[index] + head],
+            SamplingParams(max_new_tokens=16 - cut[index], temperature=0.0))[0][0]
+        assert done[index][0].token_ids[cut[index]:] == rest.token_ids
+
+
 def test_groups_are_not_lost_when_the_consumer_stops_early(setup):
     tokenizer, model, prompts = setup
     params = SamplingParams(max_new_tokens=10, temperature=0.0)

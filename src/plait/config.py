@@ -316,6 +316,15 @@ class RuntimeConfig:
     max_staleness: int = opt(
         0, "Disaggregated: how many updates behind the trainer a batch's weights may be "
         "(0 = synchronous; 1 = the next batch generates while this one trains).", low=0)
+    partial_rollout: bool = opt(
+        False, "Rollout workers apart with max_staleness >= 1: the engine is never drained "
+        "between batches. A pushed weight version is taken between decode steps (unfinished "
+        "rows keep their tokens, are re-prefilled and go on under the new weights; each "
+        "token's behaviour log-prob is the one it was sampled with, which the off-policy "
+        "correction uses), and the next batch's prompts join the long tail of this one as "
+        "soon as max_staleness allows (a batch still starts on weights at most that many "
+        "versions old). Which tokens come from which version depends on timing, so runs "
+        "are not bit-reproducible.")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(
@@ -687,6 +696,10 @@ def _validate_runtime(config: Config) -> None:
         (runtime.max_staleness > 0 and runtime.placement in ("colocated", "dynamic"),
          "runtime.max_staleness applies to rollout workers apart: set runtime.placement to "
          "disaggregated or partial (dynamic placement runs at most one version behind)"),
+        (runtime.partial_rollout and (runtime.placement not in ("disaggregated", "partial")
+                                      or runtime.max_staleness < 1),
+         "runtime.partial_rollout keeps rollout workers apart generating across batches: "
+         "it needs runtime.placement=disaggregated or partial and runtime.max_staleness >= 1"),
         (runtime.placement == "dynamic" and ranks < 2,
          "runtime.placement=dynamic splits processes between generating and training: set "
          "runtime.num_ranks >= 2"),

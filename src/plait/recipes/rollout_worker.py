@@ -10,17 +10,43 @@ and posts each trainer its part without waiting for the trainer to take it.
 Under the partial placement it also holds the reference model and sends the
 reference log-probs with the batch (computed on finished groups while the rest
 still generate).
+
+With ``runtime.partial_rollout`` the engine is never drained between batches: a
+pushed version is taken between decode steps (the unfinished rows are re-prefilled
+and go on under it), and batch ``s + 1`` is submitted as soon as the weights reach
+version ``s + 1 - max_staleness``, so its rows fill the slots that batch ``s``'s
+finished rows free while its long tail still runs. Batches are posted in order, each
+the moment its last group is done. Its stage times then mean: ``generate``, from the
+batch's submission to its last group (other batches' rows ran alongside);
+``weights_wait``, blocked on a version with nothing to generate; ``weights_load``,
+taking versions mid-generation; both since the previous post.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from plait.recipes.rl import RLTrainer
+from plait.recipes.session import PendingBatch
 from plait.runtime.heartbeat import report
 from plait.telemetry.timing import StageTimer
+
+
+@dataclass
+class _Submitted:
+    """A batch of the partial rollout loop: submitted to the engine, not yet posted."""
+
+    step: int
+    pending: PendingBatch
+    first: int  # its global prompt range starts here (this worker's share)
+    total: int  # prompts in the global batch
+    version: int  # the weights it was submitted under (its rows start no older)
+    timer: StageTimer
+    submitted: float
 
 
 class RolloutWorker(RLTrainer):
@@ -46,6 +72,11 @@ class RolloutWorker(RLTrainer):
             # (neither) the starting model this worker loaded, before any weights arrive
             self.build_reference(start["reference_dir"])
         version = self._receive(remote)
+        if cfg.runtime.partial_rollout:
+            self._serve_partial(remote, worker, start["step"], version)
+            remote.channel.wait()
+            report("done serving")
+            return
         posted, send_s = None, 0.0  # when posting the previous batch began, how long it took
         for step in range(start["step"], cfg.train.steps):
             timer = StageTimer()
@@ -74,6 +105,77 @@ class RolloutWorker(RLTrainer):
             posted, send_s = now, time.perf_counter() - now
         remote.channel.wait()
         report("done serving")
+
+    def _serve_partial(self, remote, worker: int, first_step: int, version: int) -> None:
+        """The ``runtime.partial_rollout`` loop (see the module doc)."""
+        cfg = self.config
+        k, last, n = cfg.runtime.max_staleness, cfg.train.steps, cfg.algo.group_size
+        params, weights = self.sampling_params(), remote.weights
+        queue: deque[_Submitted] = deque()
+        owner: dict[int, tuple[_Submitted, int]] = {}  # engine prompt index -> batch, row
+        next_step, next_index = first_step, 0
+        posted, send_s, waited, loaded = None, 0.0, 0.0, 0.0
+
+        def due() -> bool:  # the trainer pushes version v only while some batch needs it
+            return version + 1 + k <= last - 1
+
+        def submit(step: int) -> None:
+            nonlocal next_index
+            self.global_step = step  # the seeds are those of this step
+            rows = self.draw_rows()
+            lo, hi = remote.layout.worker_range(worker, len(rows))
+            pending = self.pending_batch(rows[lo:hi], fuse=self.fuse_forwards)
+            batch = _Submitted(step, pending, lo, len(rows), version, StageTimer(),
+                               time.perf_counter())
+            self.engine.submit(pending.prompts, params, n, seeds=self.sample_seeds(lo, hi - lo, 1),
+                               first_index=next_index)
+            for row in range(hi - lo):
+                owner[next_index + row] = batch, row
+            next_index += hi - lo
+            queue.append(batch)
+            report(f"step {step + 1}: generate (weights v{version})")
+
+        def post(batch: _Submitted) -> None:
+            nonlocal posted, send_s, waited, loaded
+            timer = batch.timer
+            timer.times["generate"] = time.perf_counter() - batch.submitted
+            timer.times["weights_wait"], timer.times["weights_load"] = waited, loaded
+            waited = loaded = 0.0
+            self.global_step = batch.step
+            experience = self.finish_batch(batch.pending, timer, first_index=batch.first,
+                                           total=batch.total)
+            if self.reference is not None and experience.ref_logprobs is None:
+                with timer.stage("reference"):
+                    experience.ref_logprobs = self._per_token(
+                        experience, lambda m: self._logprobs(self.reference, m))
+            now = time.perf_counter()
+            if posted is not None:
+                timer.times["cycle"] = now - posted
+                timer.times["send"] = send_s
+            self.send_parts(experience, remote.layout, worker, batch.first, batch.total,
+                            remote.channel, batch.version, timer)
+            posted, send_s = now, time.perf_counter() - now
+
+        with self._diverged_generation(), self.autocast():
+            while queue or next_step < last:
+                while next_step < last and version >= next_step - k:
+                    submit(next_step)
+                    next_step += 1
+                if not self.engine.busy:  # every submitted batch is posted: wait for weights
+                    report(f"step {next_step + 1}: waiting for weights v{next_step - k}")
+                    began = time.perf_counter()
+                    version = self._receive(remote)
+                    waited += time.perf_counter() - began
+                    continue
+                for index, group in self.engine.stream(lambda: due() and weights.poll()):
+                    batch, row = owner.pop(index)
+                    self.take_group(batch.pending, row, group, batch.timer)
+                    while queue and queue[0].pending.complete:
+                        post(queue.popleft())
+                if due() and weights.poll():  # paused for a new version: take it now
+                    began = time.perf_counter()
+                    version = self._receive(remote)
+                    loaded += time.perf_counter() - began
 
     def _receive(self, remote) -> int:
         version = remote.weights.receive()

@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,29 @@ from plait.train.checkpoint import (
 )
 from plait.train.experience import Experience, experience_from_completions
 from plait.train.optim import build_optimizer
+
+
+@dataclass
+class PendingBatch:
+    """A batch being generated: its rows and encoded prompts, the groups finished so far,
+    their reward futures, and the fused forward outputs of finished groups."""
+
+    rows: list[dict]
+    prompts: list[list[int]]
+    score: bool = True
+    fuse: bool = False
+    groups: list = field(default_factory=list)
+    futures: dict = field(default_factory=dict)
+    fused: dict = field(default_factory=dict)
+    unfused: list[int] = field(default_factory=list)  # finished, fused passes not yet run
+    done: int = 0
+
+    def __post_init__(self):
+        self.groups = [None] * len(self.rows)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.rows)
 
 
 class TrainingDiverged(RuntimeError):
@@ -376,46 +400,68 @@ class Session:
         forward passes of :meth:`fused_forwards` (reference log-probs, critic values) also
         run on finished groups between decode steps, a micro-batch at a time."""
         timer = timer or StageTimer()
-        prompts = [self.encode_prompt(row["prompt"]) for row in rows]
-        groups: list[list[Completion] | None] = [None] * len(rows)
-        futures, fused, pending = {}, {}, []
-        chunk_rows = self.config.algo.micro_batch_size
+        pending = self.pending_batch(rows, score=score, fuse=fuse)
         with timer.stage("generate"), self._diverged_generation(), self.gathered(self.policy):
-            for index, group in self._generated_groups(prompts, params, n, seeds):
-                groups[index] = group
-                if score:
-                    futures[index] = self._reward_pool.submit(self._score_group, rows[index],
-                                                              group)
-                pending.append(index)
-                if fuse and len(pending) * n >= chunk_rows and getattr(self.engine, "busy", False):
-                    with timer.stage("fused_forwards"):
-                        self._fuse(prompts, groups, pending, fused)
-                    pending = []
-        first_id = self._next_group_id + first_index
-        group_ids = list(range(first_id, first_id + len(rows)))
-        self._next_group_id += len(rows) if total is None else total
-        batch = experience_from_completions(prompts, groups, group_ids,
-                                            self.tokenizer.pad_token_id)
-        batch.texts = [c.text for group in groups for c in group]
-        if score:
-            with timer.stage("reward_wait"):
-                timed = [futures[i].result() for i in range(len(rows))]
-            results = [result for result, _, _ in timed]
-            timer.times["reward_compute"] = sum(r.seconds for r in results)
-            timer.spans.extend(("reward", start, end) for _, start, end in timed)
-            batch.rewards = torch.cat([r.total for r in results])
-            batch.reward_failures = sum(r.num_failures for r in results)
-        if fused:
-            with timer.stage("fused_forwards"):
-                self._fuse(prompts, groups, [i for i in range(len(rows)) if i not in fused],
-                           fused)
-            self._attach_fused(batch, fused, len(rows))
+            for index, group in self._generated_groups(pending.prompts, params, n, seeds):
+                self.take_group(pending, index, group, timer)
+        batch = self.finish_batch(pending, timer, first_index=first_index, total=total)
         release = self.config.rollout.release_kv_cache
         if release is None:
             release = self.device.type == "cuda"
         if release and hasattr(self.engine, "release"):
             self.engine.release()  # hybrid engine: the KV cache makes room for training
         return batch.to(self.device)
+
+    def pending_batch(self, rows: list[dict], *, score: bool = True, fuse: bool = False
+                      ) -> PendingBatch:
+        """A batch of ``rows`` whose groups are about to be generated."""
+        return PendingBatch(rows, [self.encode_prompt(row["prompt"]) for row in rows],
+                            score=score, fuse=fuse)
+
+    def take_group(self, pending: PendingBatch, index: int, group: list[Completion],
+                   timer: StageTimer) -> None:
+        """Group ``index`` of ``pending`` has finished generating: start its rewards (in a
+        helper thread) and, with ``fuse``, the fused forward passes of a micro-batch of
+        finished groups while the engine still has work."""
+        pending.groups[index] = group
+        pending.done += 1
+        if pending.score:
+            pending.futures[index] = self._reward_pool.submit(self._score_group,
+                                                              pending.rows[index], group)
+        pending.unfused.append(index)
+        if pending.fuse and len(pending.unfused) * len(group) >= \
+                self.config.algo.micro_batch_size and getattr(self.engine, "busy", False):
+            with timer.stage("fused_forwards"):
+                self._fuse(pending.prompts, pending.groups, pending.unfused, pending.fused)
+            pending.unfused = []
+
+    def finish_batch(self, pending: PendingBatch, timer: StageTimer, *, first_index: int = 0,
+                     total: int | None = None) -> Experience:
+        """The experience of a completely generated ``pending`` batch: group ids (global
+        when it is one rank's shard of ``total`` rows starting at ``first_index``), texts,
+        rewards (waiting for the last ones) and fused tensors."""
+        rows, groups = pending.rows, pending.groups
+        first_id = self._next_group_id + first_index
+        group_ids = list(range(first_id, first_id + len(rows)))
+        self._next_group_id += len(rows) if total is None else total
+        batch = experience_from_completions(pending.prompts, groups, group_ids,
+                                            self.tokenizer.pad_token_id)
+        batch.texts = [c.text for group in groups for c in group]
+        if pending.score:
+            with timer.stage("reward_wait"):
+                timed = [pending.futures[i].result() for i in range(len(rows))]
+            results = [result for result, _, _ in timed]
+            timer.times["reward_compute"] = sum(r.seconds for r in results)
+            timer.spans.extend(("reward", start, end) for _, start, end in timed)
+            batch.rewards = torch.cat([r.total for r in results])
+            batch.reward_failures = sum(r.num_failures for r in results)
+        if pending.fused:
+            with timer.stage("fused_forwards"):
+                self._fuse(pending.prompts, groups,
+                           [i for i in range(len(rows)) if i not in pending.fused],
+                           pending.fused)
+            self._attach_fused(batch, pending.fused, len(rows))
+        return batch
 
     def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
         """Per-token tensors ``[rows, R]`` computed on finished groups during generation;

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -190,7 +190,11 @@ class PlaitEngine:
     # ------------------------------------------------------------------ public API
 
     def update_weights(self, state_dict, version: int) -> None:
-        """Load new weights in place (``None``: shared with the trainer) and set the version."""
+        """Load new weights in place (``None``: already in the shared model) and set the
+        version. Requests still running (generation paused mid-way) keep their tokens and
+        are re-prefilled at the next step, so every later token is sampled from the new
+        weights alone (their cached keys and values were those of the old ones)."""
+        self._suspend_running()
         if state_dict is not None:
             result = self.model.load_state_dict(state_dict, strict=False)
             tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
@@ -227,23 +231,31 @@ class PlaitEngine:
         self._abort = True
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-               seeds: list[int] | None = None) -> None:
-        """Queue ``n`` samples of each prompt (prompt indices are positions in ``prompts``)."""
+               seeds: list[int] | None = None, first_index: int = 0) -> None:
+        """Queue ``n`` samples of each prompt; prompt ``i`` of ``prompts`` is streamed as
+        index ``first_index + i`` (distinct ranges keep batches submitted while others
+        still run apart)."""
         self._abort = False
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, not {params.max_new_tokens}")
-        for index, prompt in enumerate(prompts):
+        for position, prompt in enumerate(prompts):
+            index = first_index + position
             if not prompt:
                 raise ValueError(f"prompt {index} is empty")
             self._group_size[index] = self._group_size.get(index, 0) + n
             for sample in range(n):
-                seed = seeds[index] * 1_000_003 + sample if seeds is not None else None
+                seed = seeds[position] * 1_000_003 + sample if seeds is not None else None
                 self._waiting.append(self._request(index, prompt, params, seed))
 
-    def stream(self) -> Iterator[tuple[int, list[Completion]]]:
+    def stream(self, pause: Callable[[], bool] | None = None
+               ) -> Iterator[tuple[int, list[Completion]]]:
         """Run until every queued request is done (or :meth:`abort`), yielding
         ``(prompt_index, completions)`` as each group completes. A group is removed from
-        the engine only once yielded; if the consumer stops early, the rest stay queued."""
+        the engine only once yielded; if the consumer stops early, the rest stay queued.
+
+        ``pause`` is asked between decode runs; when it returns true the stream ends with
+        the running requests left in their slots, and the next :meth:`stream` continues
+        them where they were (nothing recomputed unless the weights changed meanwhile)."""
         finished = False
         try:
             while True:
@@ -252,7 +264,9 @@ class PlaitEngine:
                     self._ready.popleft()
                 if self._abort or not (self._waiting or self._running):
                     break
-                self._steps()
+                self._steps(pause)
+                if not self._ready and not self._abort and (self._waiting or self._running):
+                    break  # paused
             finished = not self._abort
         finally:
             if not finished:  # abort, exception or early close: keep requests resumable
@@ -263,18 +277,18 @@ class PlaitEngine:
         self._abort = False
         return self.stream()
 
-    def _steps(self) -> None:
+    def _steps(self, pause: Callable[[], bool] | None = None) -> None:
         """Admit waiting requests and sample one token for every running one, until a
-        group completes (the consumer gets it at once) or nothing is left. The model is
-        put in eval mode once for the run of steps, not per step (a recursive walk of
-        every module)."""
+        group completes (the consumer gets it at once), nothing is left or ``pause``
+        says so. The model is put in eval mode once for the run of steps, not per step
+        (a recursive walk of every module)."""
         was_training = self.model.training
         if was_training:
             self.model.eval()
         try:
             with torch.no_grad():
                 while (self._waiting or self._running) and not self._ready \
-                        and not self._abort:
+                        and not self._abort and not (pause is not None and pause()):
                     self._admit()
                     self._ready.extend(self._decode_run())
         finally:

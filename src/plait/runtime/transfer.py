@@ -8,8 +8,8 @@
   worker by broadcast in flat buckets (``runtime.weight_bucket_mb``), preceded
   by a header with the policy version. The sender snapshots the weights into
   its bucket buffers and broadcasts asynchronously, so training continues while
-  the bytes travel; receivers block until a version arrives, then copy it into
-  their model in place.
+  the bytes travel; receivers block until a version arrives (or poll for it
+  between decode steps), then copy it into their model in place.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class WeightBroadcast:
         self.flats = [torch.empty(sum(params[i].numel() for i in b), dtype=params[b[0]].dtype,
                                   device=params[0].device) for b in self.layout]
         self._pending: list = []
+        self._header: tuple[torch.Tensor, object] | None = None  # posted by poll()
         self.group_size = tdist.get_world_size(group)
 
     @property
@@ -119,10 +120,24 @@ class WeightBroadcast:
                 work.wait()
             self._pending = []
 
+    def poll(self) -> bool:
+        """Receiver side, without blocking: whether the next version has started to arrive
+        (:meth:`receive` then takes it). Call it only while a next version is due."""
+        if self._header is None:
+            header = torch.zeros(2, dtype=torch.long)
+            self._header = header, tdist.broadcast(header, self.src, group=self.group,
+                                                   async_op=True)
+        return self._header[1].is_completed()
+
     def receive(self) -> int:
         """Block until the next version arrives, copy it into the model, return it."""
-        header = torch.zeros(2, dtype=torch.long)
-        tdist.broadcast(header, self.src, group=self.group)
+        if self._header is not None:  # announced to poll()
+            header, work = self._header
+            self._header = None
+            work.wait()
+        else:
+            header = torch.zeros(2, dtype=torch.long)
+            tdist.broadcast(header, self.src, group=self.group)
         if int(header[1]) != len(self.flats):
             raise RuntimeError(f"weight broadcast: {int(header[1])} buckets sent, "
                                f"{len(self.flats)} expected (different model structures)")
