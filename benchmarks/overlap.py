@@ -17,10 +17,14 @@ All variants start from one SFT warm start of the default job (made once, then
 
 Reports the median seconds per step (the first 5 steps excluded), the mean
 training reward over the last 20 steps, and the held-out greedy accuracy at the
-end, and the ratio of each variant's step time to ``colocated-2``'s.
+end, and the ratio of each variant's step time to ``colocated-2``'s. With
+``--rounds N`` every variant runs N times, one after the other in each round, and
+the ratio reported is the median of the in-round ratios (``variants`` in the JSON
+is the first round, ``rounds`` holds them all).
 
     python benchmarks/overlap.py --steps 200 --out benchmarks/results/overlap_cpu.json
     python benchmarks/overlap.py --job repeat --steps 100 --out benchmarks/results/overlap_repeat_cpu.json
+    python benchmarks/overlap.py --job repeat --variants colocated-2 disagg-k1 --rounds 3 --steps 150 --set rollout.compile=true
 """
 
 from __future__ import annotations
@@ -65,72 +69,88 @@ def plait(*args: str) -> None:
         raise SystemExit(f"job failed ({' '.join(args)}):\n{proc.stderr[-3000:]}")
 
 
+def run_variant(name: str, run_dir: Path, common: list[str], sft: Path, steps: int) -> dict:
+    """One variant's job from the shared SFT checkpoint, and its figures."""
+    start = time.time()
+    plait(*common, f"run.dir={run_dir}", f"model.path={sft / 'sft_model'}", "sft.steps=0",
+          f"train.steps={steps}", *VARIANTS[name])
+    wall = time.time() - start
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in records if "time/step" in r]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    changes = run_dir / "placement.jsonl"
+    return {
+        "placement_changes": [json.loads(line) for line in changes.read_text().splitlines()]
+        if changes.is_file() else [],
+        "step_s_median": statistics.median(r["time/step"] for r in steps_[5:]),
+        "reward_last20": statistics.fmean(r["reward/mean"] for r in steps_[-20:]),
+        "accuracy_before": summary["accuracy_before"],
+        "accuracy_after": summary["accuracy_after"],
+        "samples": sum(r["samples"] for r in steps_),
+        "wall_s": round(wall, 1),
+        "rollout_wait_s_median": statistics.median(
+            r.get("time/rollout_wait", 0.0) for r in steps_[5:]),
+        # stage medians (on a trainer: generate is 0 when workers generate)
+        **{f"{stage}_s_median": statistics.median(r.get(f"time/{stage}", 0.0)
+                                                  for r in steps_[5:])
+           for stage in ("generate", "update", "old_logprobs")},
+        # the rollout worker's stages (generate, weights_wait, cycle, send, ...)
+        **{f"{key.removeprefix('rollout/')}_median": statistics.median(
+            r.get(key, 0.0) for r in steps_[5:])
+           for key in sorted({k for r in steps_ for k in r if k.startswith("rollout/worker_")})},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--job", choices=list(JOBS), default="addition",
                         help="'addition': the default job (short answers: training-bound); "
                         "'repeat': long-tailed answers up to 120 tokens, 32 samples a step (generation-bound)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (e.g. algo.epochs=2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, one after the other in each "
+                        "round; ratios are taken within a round and their median reported (this "
+                        "machine's speed drifts over minutes)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     common = ["examples/grpo_addition.yaml", "run.overwrite=true", "run.tensorboard=false",
               "run.progress=false", "train.save_every=0", "train.eval_every=0",
               *JOBS[args.job], *args.set]
-    rows = {}
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="plait-overlap-") as tmp:
         sft = Path(tmp) / "sft"
         plait(*common, f"run.dir={sft}", "train.steps=0")
-        for name in args.variants:
-            run_dir = Path(tmp) / name
-            start = time.time()
-            plait(*common, f"run.dir={run_dir}", f"model.path={sft / 'sft_model'}",
-                  "sft.steps=0", f"train.steps={args.steps}", *VARIANTS[name])
-            wall = time.time() - start
-            records = [json.loads(line)
-                       for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            steps = [r for r in records if "time/step" in r]
-            summary = json.loads((run_dir / "summary.json").read_text())
-            changes = run_dir / "placement.jsonl"
-            rows[name] = {
-                "placement_changes": [json.loads(line) for line in
-                                      changes.read_text().splitlines()]
-                if changes.is_file() else [],
-                "step_s_median": statistics.median(r["time/step"] for r in steps[5:]),
-                "reward_last20": statistics.fmean(r["reward/mean"] for r in steps[-20:]),
-                "accuracy_before": summary["accuracy_before"],
-                "accuracy_after": summary["accuracy_after"],
-                "samples": sum(r["samples"] for r in steps),
-                "wall_s": round(wall, 1),
-                "rollout_wait_s_median": statistics.median(
-                    r.get("time/rollout_wait", 0.0) for r in steps[5:]),
-                # stage medians (on a trainer: generate is 0 when workers generate)
-                **{f"{stage}_s_median": statistics.median(
-                    r.get(f"time/{stage}", 0.0) for r in steps[5:])
-                   for stage in ("generate", "update", "old_logprobs")},
-                # the rollout worker's stages (generate, weights_wait, cycle, send, ...)
-                **{f"{key.removeprefix('rollout/')}_median": statistics.median(
-                    r.get(key, 0.0) for r in steps[5:])
-                   for key in sorted({k for r in steps for k in r
-                                      if k.startswith("rollout/worker_")})},
-            }
-            print(f"{name:12s} step={rows[name]['step_s_median']:.3f} s  "
-                  f"reward(last 20)={rows[name]['reward_last20']:.3f}  "
-                  f"acc {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}  "
-                  f"wall={wall:.0f} s", flush=True)
-    base = rows.get("colocated-2")
-    if base:
-        for row in rows.values():
-            row["step_ratio_vs_colocated_2"] = row["step_s_median"] / base["step_s_median"]
-        for name, row in rows.items():
-            print(f"{name:12s} {row['step_ratio_vs_colocated_2']:.2f}x colocated-2's step time")
+        for index in range(args.rounds):
+            rows = {}
+            for name in args.variants:
+                rows[name] = row = run_variant(name, Path(tmp) / name, common, sft, args.steps)
+                print(f"round {index + 1} {name:17s} step={row['step_s_median']:.3f} s  "
+                      f"reward(last 20)={row['reward_last20']:.3f}  "
+                      f"acc {row['accuracy_before']:.3f} -> {row['accuracy_after']:.3f}  "
+                      f"wall={row['wall_s']:.0f} s", flush=True)
+            base = rows.get("colocated-2")
+            if base:
+                for row in rows.values():
+                    row["step_ratio_vs_colocated_2"] = row["step_s_median"] / base["step_s_median"]
+            rounds.append(rows)
     result = {"benchmark": "overlap", "job": args.job, "overrides": args.set,
-              "steps": args.steps, "variants": rows,
+              "steps": args.steps, "variants": rounds[0], "rounds": rounds,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "command": "python benchmarks/overlap.py " + " ".join(sys.argv[1:])}
+    if "colocated-2" in args.variants:
+        result["step_ratio_vs_colocated_2_median"] = {
+            name: statistics.median(r[name]["step_ratio_vs_colocated_2"] for r in rounds)
+            for name in args.variants}
+        for name, ratio in result["step_ratio_vs_colocated_2_median"].items():
+            per_round = ", ".join(f"{r[name]['step_ratio_vs_colocated_2']:.2f}" for r in rounds)
+            print(f"{name:17s} {ratio:.2f}x colocated-2's step time (median of rounds: "
+                  f"{per_round})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
