@@ -224,6 +224,32 @@ def test_new_weights_mid_generation_reprefill_the_running_rows(setup):
         assert done[index][0].token_ids[cut[index]:] == rest.token_ids
 
 
+def test_prefill_token_budget_admits_over_several_steps(setup):
+    """prefill_tokens bounds (distinct contexts x longest) per prefill, re-prefills after a
+    weight update included; the completions are those of an unbounded engine."""
+    tokenizer, model, prompts = setup
+    params = SamplingParams(max_new_tokens=20, temperature=1.0)
+
+    def run(budget):
+        engine = PlaitEngine(model, tokenizer, max_batch=8, prefill_tokens=budget)
+        sizes = []
+        original = engine._prefill
+        engine._prefill = lambda contexts, slots: sizes.append(
+            len(contexts) * max(len(c) for c in contexts)) or original(contexts, slots)
+        engine.submit(prompts, params, seeds=list(range(len(prompts))))
+        runs = []
+        out = dict(engine.stream(lambda: runs.append(1) or len(runs) > 6))
+        engine.update_weights(None, version=1)  # the running rows re-prefill their tails
+        out.update(engine.stream())
+        return out, sizes
+
+    free, free_sizes = run(1 << 20)
+    bounded, sizes = run(24)
+    assert max(free_sizes) > 24 and max(sizes) <= 24 and len(sizes) > len(free_sizes)
+    assert {i: g[0].token_ids for i, g in bounded.items()} == \
+        {i: g[0].token_ids for i, g in free.items()}
+
+
 def test_groups_are_not_lost_when_the_consumer_stops_early(setup):
     tokenizer, model, prompts = setup
     params = SamplingParams(max_new_tokens=10, temperature=0.0)

@@ -276,30 +276,47 @@ def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward
     assert summary["steps"] == 5
 
 
-@pytest.mark.parametrize("placement, extra", [
-    ("disaggregated", ()),
-    ("partial", ("algo.kl_coef=0.1",)),  # reference log-probs from the worker, fused
-], ids=["disaggregated", "partial-kl"])
+@pytest.mark.parametrize("placement, k, extra", [
+    ("disaggregated", 1, ()),
+    # two workers, two trainers, batches two versions behind
+    ("disaggregated", 2, ("runtime.rollout_workers=2", "runtime.num_ranks=2")),
+    ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the worker, fused
+], ids=["disaggregated", "disaggregated-k2-2x2", "partial-kl"])
 def test_partial_rollout_generates_the_next_batch_in_the_tail(tiny_job, reward_spec, tmp_path,
-                                                              placement, extra):
-    """runtime.partial_rollout: batch s + 1 starts on weights v(s) (never older: the
-    staleness stays 1) while batch s still generates, so batch 1, submitted with batch 0
-    at the start, is done sooner after batch 0's post than its own generation took."""
+                                                              placement, k, extra):
+    """runtime.partial_rollout: batch s + k starts on weights v(s) (never older: the
+    staleness stays k) while earlier batches still generate, so batch 1, submitted with
+    batch 0 at the start, is done sooner after batch 0's post than its own generation
+    took; versions pushed while rows run are taken between decode steps."""
     run_dir = tmp_path / "run"
     proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "train.steps=6",
-                                 "rollout.max_new_tokens=24", f"runtime.placement={placement}",
-                                 "runtime.max_staleness=1", "runtime.partial_rollout=true",
+                                 "rollout.max_new_tokens=64", f"runtime.placement={placement}",
+                                 f"runtime.max_staleness={k}", "runtime.partial_rollout=true",
                                  *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [m for m in metrics_of(run_dir) if "rollout/staleness" in m]
-    assert [m["rollout/staleness"] for m in steps] == [0, 1, 1, 1, 1, 1]
-    assert all("rollout/worker_weights_load_s" in m for m in steps)
+    assert [m["rollout/staleness"] for m in steps] == [min(s, k) for s in range(6)]
     assert steps[1]["rollout/worker_generate_s"] > steps[1]["rollout/worker_cycle_s"]
     assert any(abs(m["policy/is_weight_mean"] - 1) > 1e-4 for m in steps[1:])
-    if extra:
+    if placement == "disaggregated" and k == 1:  # 64-token rows outlast a batch's update
+        assert sum(m["rollout/worker_weights_load_s"] for m in steps) > 0
+    if placement == "partial":
         assert all(m["kl_ref"] > 0 for m in steps[1:])  # the worker's reference log-probs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and "accuracy_after" in summary
+
+
+def test_workers_far_ahead_do_not_deadlock_the_trainer(tiny_job, reward_spec, tmp_path):
+    """max_staleness=3: a worker that runs batches ahead keeps posting while trainer 0 is
+    blocked pushing a version the worker will take only later (their sends do not wait
+    for the receiver)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "train.steps=8",
+                                 "runtime.placement=disaggregated", "runtime.max_staleness=3",
+                                 "runtime.progress_timeout_s=30"), timeout=200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [m for m in metrics_of(run_dir) if "rollout/staleness" in m]
+    assert [m["rollout/staleness"] for m in steps] == [0, 1, 2, 3, 3, 3, 3, 3]
 
 
 def test_layout_routes_every_prompt_once():

@@ -19,7 +19,9 @@ finished rows free while its long tail still runs. Batches are posted in order, 
 the moment its last group is done. Its stage times then mean: ``generate``, from the
 batch's submission to its last group (other batches' rows ran alongside);
 ``weights_wait``, blocked on a version with nothing to generate; ``weights_load``,
-taking versions mid-generation; both since the previous post.
+taking versions mid-generation; both since the previous post. Rewards are scored in
+the order groups finish, so a batch's last rewards may wait behind groups of the next
+batch that finished before them.
 """
 
 from __future__ import annotations
@@ -141,9 +143,8 @@ class RolloutWorker(RLTrainer):
             timer.times["generate"] = time.perf_counter() - batch.submitted
             timer.times["weights_wait"], timer.times["weights_load"] = waited, loaded
             waited = loaded = 0.0
-            self.global_step = batch.step
             experience = self.finish_batch(batch.pending, timer, first_index=batch.first,
-                                           total=batch.total)
+                                           total=batch.total).to(self.device)
             if self.reference is not None and experience.ref_logprobs is None:
                 with timer.stage("reference"):
                     experience.ref_logprobs = self._per_token(

@@ -155,13 +155,18 @@ class PlaitEngine:
     """Continuous-batching generation on the trainer's (shared) model."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None,
-                 sync_every: int | None = None, compile: bool = False):
+                 sync_every: int | None = None, compile: bool = False,
+                 prefill_tokens: int = 16384):
         self.model = model
         self.tokenizer = tokenizer
         self.base, self.lm_head = _decoder_parts(model)
         self.config = model.config
         self.max_batch = max_batch
         self.max_len = max_len
+        # most (distinct contexts x longest context) one prefill runs: requests re-prefilled
+        # with long generated tails (after new weights, a resume) are admitted over several
+        # steps instead of in one pass whose attention mask grows with rows x length^2
+        self.prefill_tokens = prefill_tokens
         self.end_ids = end_token_ids(model, tokenizer)
         self.policy_version = 0
         self._keys: list[torch.Tensor] = []
@@ -351,7 +356,17 @@ class PlaitEngine:
         free = self.max_batch - len(self._running)
         if free <= 0 or not self._waiting:
             return
-        batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        batch, distinct, width = [], set(), 0
+        while self._waiting and len(batch) < free:
+            request = self._waiting[0]
+            context = (*request.prompt, *request.tokens)
+            wider = max(width, len(context))
+            if batch and (len(distinct) + (context not in distinct)) * wider > \
+                    self.prefill_tokens:
+                break
+            distinct.add(context)
+            width = wider
+            batch.append(self._waiting.popleft())
         longest = max(len(r.prompt) + r.params.max_new_tokens for r in batch)
         self._ensure_cache(longest)
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill

@@ -2,8 +2,8 @@
 
 - :class:`ObjectChannel`: point-to-point sends of pickled objects (a batch of
   experience) that do not block the sender: each send is posted asynchronously
-  and only waited for before the next send to the same peer, so a rollout
-  worker goes on generating while its last batch is in flight.
+  and waited for only at the end, so a rollout worker goes on generating while
+  its batches are in flight.
 - :class:`WeightBroadcast`: the trainer's parameters pushed to every rollout
   worker by broadcast in flat buckets (``runtime.weight_bucket_mb``), preceded
   by a header with the policy version. The sender snapshots the weights into
@@ -27,21 +27,25 @@ class ObjectChannel:
 
     def __init__(self, dist: Dist):
         self.dist = dist
-        self._in_flight: dict[int, list] = {}
+        self._in_flight: dict[int, list] = {}  # peer -> [works, tensors kept alive] each
         self._to_self: list = []  # sends to this very rank (a worker that trains next step)
 
     def send(self, obj, dst: int, *, kind: str = "rollouts") -> None:
-        """Post ``obj`` to global rank ``dst``; returns once the previous send to ``dst``
-        has completed (at most one in flight per peer)."""
+        """Post ``obj`` to global rank ``dst`` and return without waiting for the receiver
+        (gloo completes a send only once the peer receives it): a rollout worker running
+        batches ahead keeps posting while the trainer is blocked elsewhere, e.g. pushing
+        a version the worker takes later. Messages to one peer arrive in order; sends
+        already completed are released here."""
         if dst == self.dist.global_rank:
             self._to_self.append(obj)
             return
-        self.wait(dst)
+        self._in_flight[dst] = [entry for entry in self._in_flight.get(dst, [])
+                                if not all(work.is_completed() for work in entry[0])]
         data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
                                 dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.long)
         works = [tdist.isend(size, dst), tdist.isend(data, dst)]
-        self._in_flight[dst] = [works, size, data]  # tensors kept alive until sent
+        self._in_flight[dst].append([works, size, data])  # tensors kept alive until sent
         self.dist.traffic.add(kind, sent=data.numel() + 8)
 
     def recv(self, src: int, *, kind: str = "rollouts"):
@@ -58,8 +62,7 @@ class ObjectChannel:
         """Block until the sends to ``dst`` (every peer when None) have completed."""
         peers = [dst] if dst is not None else list(self._in_flight)
         for peer in peers:
-            entry = self._in_flight.pop(peer, None)
-            if entry is not None:
+            for entry in self._in_flight.pop(peer, []):
                 for work in entry[0]:
                     work.wait()
 
