@@ -108,3 +108,19 @@ def test_kv_cache_is_released_after_generation_when_asked(tiny_job, reward_spec)
             trainer.close()
     for a, b in zip(batches["true"], batches["false"], strict=True):
         assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_rollout_workers_keep_their_kv_cache(tiny_job, reward_spec):
+    """Nothing trains in a rollout worker's process: rollout.release_kv_cache does not
+    free its cache between batches."""
+    from plait.config import load_config
+    from plait.recipes.rollout_worker import RolloutWorker
+
+    worker = RolloutWorker(load_config(None, [
+        *tiny_job, f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
+        "rollout.release_kv_cache=true"]))
+    try:
+        worker.rollout(worker.draw_rows(), worker.sampling_params(), 2)
+        assert worker.engine._keys
+    finally:
+        worker.close()

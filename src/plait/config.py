@@ -122,7 +122,7 @@ class RolloutConfig:
     release_kv_cache: bool | None = opt(
         None, "Free the plait engine's KV cache after each generation, so training can use "
         "that memory (the hybrid engine); null = on CUDA only. It is reallocated at the "
-        "next generation.")
+        "next generation. Rollout workers apart never free it (nothing trains there).")
     sync_every: int | None = opt(
         None, "plait engine: decode steps between device-to-host transfers of the sampled "
         "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "

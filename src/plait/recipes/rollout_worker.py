@@ -60,6 +60,11 @@ class RolloutWorker(RLTrainer):
         """A worker holds whole models to generate with, whatever the trainers do."""
         return False
 
+    @property
+    def releases_kv_cache(self) -> bool:
+        """Nothing trains in a worker's process: its KV cache stays allocated."""
+        return False
+
     def serve(self, remote) -> None:
         """``remote``: the job's :class:`~plait.runtime.job.Remote` (layout, channel,
         weight broadcast)."""

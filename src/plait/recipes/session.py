@@ -405,12 +405,16 @@ class Session:
             for index, group in self._generated_groups(pending.prompts, params, n, seeds):
                 self.take_group(pending, index, group, timer)
         batch = self.finish_batch(pending, timer, first_index=first_index, total=total)
-        release = self.config.rollout.release_kv_cache
-        if release is None:
-            release = self.device.type == "cuda"
-        if release and hasattr(self.engine, "release"):
+        if self.releases_kv_cache and hasattr(self.engine, "release"):
             self.engine.release()  # hybrid engine: the KV cache makes room for training
         return batch.to(self.device)
+
+    @property
+    def releases_kv_cache(self) -> bool:
+        """Whether the engine's KV cache is freed after each generation (rollout.
+        release_kv_cache; null = on CUDA) so that training in this process can use it."""
+        release = self.config.rollout.release_kv_cache
+        return self.device.type == "cuda" if release is None else release
 
     def pending_batch(self, rows: list[dict], *, score: bool = True, fuse: bool = False
                       ) -> PendingBatch:
