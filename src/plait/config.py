@@ -123,6 +123,11 @@ class RolloutConfig:
         None, "Free the plait engine's KV cache after each generation, so training can use "
         "that memory (the hybrid engine); null = on CUDA only. It is reallocated at the "
         "next generation. Rollout workers apart never free it (nothing trains there).")
+    prefill_tokens: int = opt(
+        16384, "plait engine: the most (distinct contexts x longest context) one prefill "
+        "pass takes; more waiting requests are admitted at the next decode steps. Bounds "
+        "the memory of admitting many long prompts, or re-prefilling long unfinished rows "
+        "(after new weights mid-generation, a resume) at once.", low=1)
     sync_every: int | None = opt(
         None, "plait engine: decode steps between device-to-host transfers of the sampled "
         "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "
