@@ -326,10 +326,10 @@ class RuntimeConfig:
         "between batches. A pushed weight version is taken between decode steps (unfinished "
         "rows keep their tokens, are re-prefilled and go on under the new weights; each "
         "token's behaviour log-prob is the one it was sampled with, which the off-policy "
-        "correction, algo.off_policy, uses), and the next batch's prompts join the long tail of this one as "
-        "soon as max_staleness allows (a batch still starts on weights at most that many "
-        "versions old). Which tokens come from which version depends on timing, so runs "
-        "are not bit-reproducible.")
+        "correction, algo.off_policy, uses), and the next batch's prompts join the long "
+        "tail of this one as soon as max_staleness allows (a batch still starts on weights "
+        "at most that many versions old). Which tokens come from which version depends on "
+        "timing, so runs are not bit-reproducible.")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(

@@ -69,7 +69,6 @@ class RolloutWorker(RLTrainer):
         """``remote``: the job's :class:`~plait.runtime.job.Remote` (layout, channel,
         weight broadcast)."""
         cfg = self.config
-        algo, k = cfg.algo, cfg.runtime.max_staleness
         worker = remote.layout.worker_ranks.index(self.dist.global_rank)
         start = remote.channel.recv(0, kind="control")
         self.train_iter.load_state_dict(start["data"])
@@ -79,13 +78,17 @@ class RolloutWorker(RLTrainer):
             # (neither) the starting model this worker loaded, before any weights arrive
             self.build_reference(start["reference_dir"])
         version = self._receive(remote)
-        if cfg.runtime.partial_rollout:
-            self._serve_partial(remote, worker, start["step"], version)
-            remote.channel.wait()
-            report("done serving")
-            return
+        serve = self._serve_partial if cfg.runtime.partial_rollout else self._serve_in_turn
+        serve(remote, worker, start["step"], version)
+        remote.channel.wait()
+        report("done serving")
+
+    def _serve_in_turn(self, remote, worker: int, first_step: int, version: int) -> None:
+        """One batch after the other, each generated from start to end (see module doc)."""
+        cfg = self.config
+        algo, k = cfg.algo, cfg.runtime.max_staleness
         posted, send_s = None, 0.0  # when posting the previous batch began, how long it took
-        for step in range(start["step"], cfg.train.steps):
+        for step in range(first_step, cfg.train.steps):
             timer = StageTimer()
             with timer.stage("weights_wait"):
                 while version < step - k:
@@ -98,20 +101,8 @@ class RolloutWorker(RLTrainer):
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
                                  fuse=self.fuse_forwards, first_index=lo, total=len(rows),
                                  seeds=self.sample_seeds(lo, hi - lo, 1))
-            if self.reference is not None and batch.ref_logprobs is None:
-                with timer.stage("reference"):
-                    batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
-                        self.reference, m))
-            now = time.perf_counter()
-            if posted is not None:  # from posting the previous batch to posting this one,
-                # and how long posting the previous one took (this one's is not over yet)
-                timer.times["cycle"] = now - posted
-                timer.times["send"] = send_s
-            self.send_parts(batch, remote.layout, worker, lo, len(rows), remote.channel,
-                            version, timer)
-            posted, send_s = now, time.perf_counter() - now
-        remote.channel.wait()
-        report("done serving")
+            posted, send_s = self._post(batch, remote, worker, lo, len(rows), version, timer,
+                                        posted, send_s)
 
     def _serve_partial(self, remote, worker: int, first_step: int, version: int) -> None:
         """The ``runtime.partial_rollout`` loop (see the module doc)."""
@@ -150,17 +141,8 @@ class RolloutWorker(RLTrainer):
             waited = loaded = 0.0
             experience = self.finish_batch(batch.pending, timer, first_index=batch.first,
                                            total=batch.total).to(self.device)
-            if self.reference is not None and experience.ref_logprobs is None:
-                with timer.stage("reference"):
-                    experience.ref_logprobs = self._per_token(
-                        experience, lambda m: self._logprobs(self.reference, m))
-            now = time.perf_counter()
-            if posted is not None:
-                timer.times["cycle"] = now - posted
-                timer.times["send"] = send_s
-            self.send_parts(experience, remote.layout, worker, batch.first, batch.total,
-                            remote.channel, batch.version, timer)
-            posted, send_s = now, time.perf_counter() - now
+            posted, send_s = self._post(experience, remote, worker, batch.first, batch.total,
+                                        batch.version, timer, posted, send_s)
 
         with self._diverged_generation(), self.autocast():
             while queue or next_step < last:
@@ -182,6 +164,23 @@ class RolloutWorker(RLTrainer):
                     began = time.perf_counter()
                     version = self._receive(remote)
                     loaded += time.perf_counter() - began
+
+    def _post(self, batch, remote, worker: int, first: int, total: int, version: int,
+              timer: StageTimer, posted: float | None, send_s: float) -> tuple[float, float]:
+        """Add the reference log-probs the generation did not fuse, and send each trainer
+        its part. ``posted``/``send_s``: when posting the previous batch began and how long
+        it took (this batch's cycle runs post to post); returns this post's pair."""
+        if self.reference is not None and batch.ref_logprobs is None:
+            with timer.stage("reference"):
+                batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
+                    self.reference, m))
+        now = time.perf_counter()
+        if posted is not None:
+            timer.times["cycle"] = now - posted
+            timer.times["send"] = send_s
+        self.send_parts(batch, remote.layout, worker, first, total, remote.channel, version,
+                        timer)
+        return now, time.perf_counter() - now
 
     def _receive(self, remote) -> int:
         version = remote.weights.receive()
