@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import save
 
 KEYS = ("controller/traffic_bytes", "controller/gradient_bytes", "controller/batch_bytes",
         "controller/peak_rss_mb", "time/step")
@@ -82,13 +83,7 @@ def main() -> None:
                           f"held={row['controller/batch_bytes'] / 1024:8.1f} KiB  "
                           f"rss={row['controller/peak_rss_mb']:6.1f} MB  "
                           f"step={row['time/step']:.3f} s", flush=True)
-    result = {"benchmark": "controller_scaling", "rows": rows,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()},
-              "command": "python benchmarks/controller_scaling.py " + " ".join(sys.argv[1:])}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    save({"benchmark": "controller_scaling", "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ times with ``ignore_eos`` so every row runs exactly ``--tokens`` tokens, eager a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _report import save
 
 
 def main() -> None:
@@ -63,13 +60,8 @@ def main() -> None:
                                    "tokens_per_s": rows * args.tokens / best}
             print(f"{name:8s} rows={rows:4d}: {best * 1000 / args.tokens:6.2f} ms per decode "
                   f"step, {rows * args.tokens / best:8.0f} tokens/s", flush=True)
-    out = {"benchmark": "decode_rows", "tokens": args.tokens, "threads": args.threads,
-           "device": args.device, "results": results,
-           "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-           "command": "python benchmarks/decode_rows.py " + " ".join(sys.argv[1:])}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+    save({"benchmark": "decode_rows", "tokens": args.tokens, "threads": args.threads,
+          "device": args.device, "results": results}, args.out)
 
 
 if __name__ == "__main__":

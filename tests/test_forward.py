@@ -39,7 +39,10 @@ def _logprob_sum(logits, batch):
 
 @pytest.mark.parametrize("arch", list(TINY_ARCHS))
 @pytest.mark.parametrize("width", [1, 5])
-def test_shared_prompts_equal_the_full_forward(arch, width):
+@pytest.mark.parametrize("pack", [0, 2048, 9])
+def test_shared_prompts_equal_the_full_forward(arch, width, pack):
+    """Cached prompt (pack 0), packed groups, and packed with a cap that splits groups
+    over several sequences (9 tokens: a prompt and one or two responses)."""
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(TinyModelSpec(arch=arch, hidden_size=32, intermediate_size=64,
                                            num_layers=2, num_heads=4, num_kv_heads=2),
@@ -48,7 +51,7 @@ def test_shared_prompts_equal_the_full_forward(arch, width):
     params = list(model.parameters())
     full = response_logits(model, batch, 0.7)
     full_grads = torch.autograd.grad(_logprob_sum(full, batch), params)
-    shared = response_logits(model, batch, 0.7, share_prompts=True)
+    shared = response_logits(model, batch, 0.7, share_prompts=True, pack_tokens=pack)
     shared_grads = torch.autograd.grad(_logprob_sum(shared, batch), params)
     mask = batch.response_mask.bool()
     assert shared.shape == full.shape
@@ -123,14 +126,17 @@ def test_attention_implementation_is_a_setting(tmp_path):
     assert default.config._attn_implementation == "sdpa"
     batch = _batch(eager.config.vocab_size)
     mask = batch.response_mask.bool()
-    for share in (False, True):
-        torch.testing.assert_close(response_logits(eager, batch, share_prompts=share)[mask],
-                                   response_logits(default, batch, share_prompts=share)[mask],
-                                   rtol=1e-5, atol=1e-5)
+    full = response_logits(default, batch)[mask]
+    for share, pack in ((False, 0), (True, 0), (True, 2048)):
+        for model in (eager, default):
+            torch.testing.assert_close(
+                response_logits(model, batch, share_prompts=share, pack_tokens=pack)[mask],
+                full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
-def test_shared_prompts_under_sliding_window_attention(arch):
+@pytest.mark.parametrize("pack", [0, 2048])
+def test_shared_prompts_under_sliding_window_attention(arch, pack):
     """A window shorter than prompt + response: the shared path still equals the full one
     (the cache's sliding layers keep what the mask would show)."""
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
@@ -145,5 +151,68 @@ def test_shared_prompts_under_sliding_window_attention(arch):
     batch = _batch(50, width=5)
     mask = batch.response_mask.bool()
     full = response_logits(model, batch)
-    shared = response_logits(model, batch, share_prompts=True)
+    shared = response_logits(model, batch, share_prompts=True, pack_tokens=pack)
     torch.testing.assert_close(shared[mask], full[mask], rtol=1e-5, atol=1e-5)
+
+
+def _spy_forward(monkeypatch, model):
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k) or forward(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("cap", [2048, 9])
+def test_packed_groups_run_as_few_sequences(monkeypatch, cap):
+    """The packed path is the one taken: no model.forward call (the model's own modules
+    run the packed sequences), one sequence per prompt under a large cap, more under a
+    cap a prompt and one or two responses fill, none longer than needed."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=1,
+                                           num_heads=2, num_kv_heads=1), tokenizer)
+    batch = _batch(len(tokenizer), groups=3, group_size=4, width=5)
+    calls = _spy_forward(monkeypatch, model)
+    shapes = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: shapes.append(a[0].shape))
+    response_logits(model, batch, share_prompts=True, pack_tokens=cap)
+    assert calls == [] and len(shapes) == 1
+    sequences, span = shapes[0]
+    prompt_len = batch.prompt_mask.sum(-1)
+    fed = (batch.response_mask.sum(-1) - 1).clamp(min=0)
+    if cap == 2048:
+        assert sequences == 3  # one per prompt
+        _, inverse = batch.prompt_index()
+        longest = max(int(prompt_len[inverse == g][0] + fed[inverse == g].sum())
+                      for g in range(3))
+        assert span == longest  # prompt + every response but its last token, no padding
+    else:
+        assert sequences > 3 and span <= max(cap, int((prompt_len + fed).max()))
+
+
+def test_packed_path_falls_back_where_it_cannot_run(monkeypatch):
+    """A response mask with a hole, or a model whose layers plait does not drive: the
+    cached-prompt path (two model calls) runs instead, with the same result."""
+    import plait.train.forward as forward_module
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=1,
+                                           num_heads=2, num_kv_heads=1), tokenizer)
+    batch = _batch(len(tokenizer), width=5)
+    full = response_logits(model, batch)
+    mask = batch.response_mask.bool()
+    holed = _batch(len(tokenizer), width=5)
+    row = int(holed.response_mask.sum(-1).argmax())
+    holed.response_mask[row, 1] = 0  # a masked token inside the response
+    calls = _spy_forward(monkeypatch, model)
+    out = response_logits(model, holed, share_prompts=True, pack_tokens=2048)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, response_logits(model, holed, share_prompts=True))
+
+    def refuse(*args, **kwargs):
+        raise ValueError("not a supported decoder")
+
+    monkeypatch.setattr(forward_module, "decoder_parts", refuse)
+    calls.clear()
+    out = response_logits(model, batch, share_prompts=True, pack_tokens=2048)
+    assert len(calls) == 2
+    torch.testing.assert_close(out[mask], full[mask], rtol=1e-5, atol=1e-5)

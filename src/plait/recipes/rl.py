@@ -69,7 +69,7 @@ class RLTrainer(Session):
         # the modules the update runs through: DDP wrappers when there are several ranks
         # (sharded forwards must be the same on every rank: one model call per micro-batch)
         share = self.config.algo.share_prompt_forward and not self.sharded
-        self.train_policy = ResponseLogits(self.policy, share)
+        self.train_policy = ResponseLogits(self.policy, share, self.config.algo.pack_group_tokens)
         self.train_critic = self.critic
         if self.dist.active and not self.sharded:
             # buffers (rotary tables) never change: no broadcast before each forward, so
@@ -216,9 +216,10 @@ class RLTrainer(Session):
         return out
 
     def _logprobs(self, model, micro: Experience) -> torch.Tensor:
-        return token_logprobs(response_logits(model, micro, self.train_temperature,
-                                              self.config.algo.share_prompt_forward),
-                              micro.response_ids)
+        algo = self.config.algo
+        return token_logprobs(response_logits(
+            model, micro, self.train_temperature, algo.share_prompt_forward,
+            0 if self.sharded else algo.pack_group_tokens), micro.response_ids)
 
     def _per_token(self, batch: Experience, fn) -> torch.Tensor:
         """``fn`` over micro-batches, reassembled into a ``[B, R]`` tensor in row order."""

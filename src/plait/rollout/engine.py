@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from plait.models.decoder import attention_mask, decoder_parts, sliding_layers
 from plait.rollout.base import Completion, SamplingParams
 from plait.rollout.hf_engine import end_token_ids
 from plait.rollout.sampling import counter_uniform, sample_inverse_cdf, split_seed
@@ -102,55 +103,6 @@ class SlotCache:
         return k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
 
 
-# Model families whose forward is exactly: embed -> decoder layers -> norm -> lm_head.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
-                         "mixtral")
-# Config settings that change the forward beyond what the engine runs (scaled embeddings or
-# logits, soft-capping): such models must use the reference engine.
-_UNSUPPORTED_SETTINGS = ("logit_scale", "logits_scaling", "embedding_multiplier",
-                         "final_logit_softcapping", "attn_logit_softcapping")
-
-
-def _decoder_parts(model):
-    config = model.config
-    hint = "; use rollout.engine=hf"
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"plait's engine supports the {', '.join(SUPPORTED_MODEL_TYPES)} "
-                         f"families, not {config.model_type!r}{hint}")
-    for name in _UNSUPPORTED_SETTINGS:
-        if getattr(config, name, None) not in (None, 1.0):
-            raise ValueError(f"the model's config sets {name}, which plait's engine does not "
-                             f"apply{hint}")
-    if config._attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"plait's engine drives 'sdpa' or 'eager' attention, the model uses "
-                         f"{config._attn_implementation!r}{hint}")
-    base = getattr(model, "model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if base is None or not all(hasattr(base, name) for name in needed):
-        raise ValueError(f"{type(model).__name__} is not a Llama-style decoder (needs "
-                         f"model.embed_tokens, layers, norm, rotary_emb){hint}")
-    return base, model.get_output_embeddings()
-
-
-_ONE_MASK_FAMILIES = ("mistral", "mixtral", "qwen3_moe")
-
-
-def _sliding_layers(config) -> tuple[int | None, list[bool]]:
-    """The attention window and which decoder layers slide, by HF's rules: families with
-    one mask for all layers (Mistral, Mixtral, Qwen3-MoE) slide everywhere when
-    ``sliding_window`` is set; the others follow ``layer_types``."""
-    window = getattr(config, "sliding_window", None)
-    layers = config.num_hidden_layers
-    if not window or not getattr(config, "use_sliding_window", True):
-        return None, [False] * layers
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and config.model_type not in _ONE_MASK_FAMILIES:
-        slides = [kind == "sliding_attention" for kind in layer_types]
-    else:
-        slides = [True] * layers
-    return (window, slides) if any(slides) else (None, slides)
-
-
 class PlaitEngine:
     """Continuous-batching generation on the trainer's (shared) model."""
 
@@ -159,7 +111,7 @@ class PlaitEngine:
                  prefill_tokens: int = 16384):
         self.model = model
         self.tokenizer = tokenizer
-        self.base, self.lm_head = _decoder_parts(model)
+        self.base, self.lm_head = decoder_parts(model)
         self.config = model.config
         self.max_batch = max_batch
         self.max_len = max_len
@@ -180,7 +132,7 @@ class PlaitEngine:
         self._pending_logits: torch.Tensor | None = None
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
-        self._window, self._sliding = _sliding_layers(self.config)
+        self._window, self._sliding = sliding_layers(self.config)
         if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
             sync_every = 8 if self._device().type == "cuda" else 1
         if sync_every < 1:
@@ -569,7 +521,7 @@ class PlaitEngine:
         # and on sliding layers iff also j > p - window
         keys = torch.arange(kv_len, device=hidden.device).view(1, 1, 1, kv_len)
         query = positions.unsqueeze(1).unsqueeze(-1)
-        full = self._additive(keys <= query, hidden.dtype)
+        full = attention_mask(keys <= query, self.config, hidden.dtype)
         sliding = full
         # (compiled: always, and with the window as a tensor, as a branch or a bound on the
         # symbolic kv_len would compile a second graph; the sliding mask equals the full
@@ -578,20 +530,14 @@ class PlaitEngine:
         if self._window is not None and (compiling or kv_len > self._window):
             window = torch.tensor(self._window, device=hidden.device) if compiling \
                 else self._window
-            sliding = self._additive((keys <= query) & (keys > query - window), hidden.dtype)
+            sliding = attention_mask((keys <= query) & (keys > query - window), self.config,
+                                     hidden.dtype)
         for layer, slides in zip(self.base.layers, self._sliding, strict=True):
             out = layer(hidden, attention_mask=sliding if slides else full,
                         position_embeddings=position_embeddings,
                         past_key_values=cache, position_ids=positions, use_cache=True)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
-
-    def _additive(self, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """sdpa takes the boolean mask; eager attention adds it (0 or the dtype's min)."""
-        if self.config._attn_implementation == "sdpa":
-            return visible
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device
-                           ).masked_fill_(~visible, torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------ sampling
 

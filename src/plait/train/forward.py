@@ -4,7 +4,9 @@ entropies and critic values, aligned with the response tokens."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
+from plait.models.decoder import attention_mask, decoder_parts, sliding_layers
 from plait.train.experience import Experience
 
 
@@ -14,15 +16,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model, batch: Experience, temperature: float = 1.0,
-                    share_prompts: bool = False) -> torch.Tensor:
+                    share_prompts: bool = False, pack_tokens: int = 0) -> torch.Tensor:
     """Logits that predict each response token: ``[B, R, V]``, divided by ``temperature``.
 
-    ``share_prompts``: rows with the same prompt (a GRPO group) run that prompt once and
-    their responses against its cached keys and values; the result equals the full
-    forward of every ``[prompt | response]`` row (gradients flow through the shared
-    prompt into every response that attends to it)."""
+    ``share_prompts``: rows with the same prompt (a GRPO group) compute that prompt once;
+    the result equals the full forward of every ``[prompt | response]`` row (gradients
+    flow through the shared prompt into every response that attends to it). With
+    ``pack_tokens`` > 0 a prompt and its responses are packed into sequences of at most
+    that many tokens (see :func:`_packed_group_logits`); otherwise, or for a model whose
+    layers plait does not drive, the responses run as padded rows against the prompt's
+    cached keys and values."""
     width = batch.response_ids.shape[1]
-    logits = _shared_prompt_logits(model, batch, width) if share_prompts else None
+    logits = None
+    if share_prompts and batch.batch_size > 1:
+        first, inverse = batch.prompt_index()
+        if first.numel() < batch.batch_size:  # some rows share a prompt
+            if pack_tokens > 0:
+                logits = _packed_group_logits(model, batch, width, first, inverse, pack_tokens)
+            if logits is None:
+                logits = _shared_prompt_logits(model, batch, width, first, inverse)
     if logits is None:
         input_ids = batch.input_ids()
         attention_mask = batch.attention_mask()
@@ -40,14 +52,12 @@ def response_logits(model, batch: Experience, temperature: float = 1.0,
     return logits
 
 
-def _shared_prompt_logits(model, batch: Experience, width: int) -> torch.Tensor | None:
-    """Response logits with each distinct prompt computed once; ``None`` when no two rows
-    share a prompt or the model keeps no selectable cache (the caller runs rows in full)."""
-    if batch.batch_size < 2:
-        return None
-    first, inverse = batch.prompt_index()
-    if first.numel() == batch.batch_size:
-        return None
+def _shared_prompt_logits(model, batch: Experience, width: int, first: torch.Tensor,
+                          inverse: torch.Tensor) -> torch.Tensor | None:
+    """Response logits with each distinct prompt (``first``, ``inverse``: see
+    :meth:`Experience.prompt_index`) computed once and every response run against its
+    cached keys and values; ``None`` when the model keeps no selectable cache (the caller
+    runs rows in full)."""
     prompt_ids, prompt_mask = batch.prompt_ids[first], batch.prompt_mask[first]
     keep = int(prompt_mask.any(0).nonzero().min())  # columns padded in every distinct prompt
     prompt_ids, prompt_mask = prompt_ids[:, keep:], prompt_mask[:, keep:]
@@ -70,18 +80,109 @@ def _shared_prompt_logits(model, batch: Experience, width: int) -> torch.Tensor 
     return torch.cat([head, tail], dim=1)
 
 
+def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tensor,
+                         inverse: torch.Tensor, max_tokens: int) -> torch.Tensor | None:
+    """Response logits from packed sequences: a prompt, then as many of its rows'
+    responses as fit in ``max_tokens`` (further rows start another sequence with the
+    prompt again), each response attending to the prompt and to its own earlier tokens
+    at the positions it has in its own row. Equal to the full forward of every row; no
+    row is padded to the longest response, and the many small per-row attention problems
+    become one per sequence. The model's own embedding, layers (with these masks), norm
+    and head compute it. ``None`` when plait does not drive the model's layers (other
+    families or attention kernels, sharded modules) or a response mask has holes: the
+    caller takes another path."""
+    try:
+        base, head = decoder_parts(model, hint="")
+    except ValueError:
+        return None
+    if isinstance(model, FSDPModule):  # its parameters are gathered by its own forward
+        return None
+    device = batch.response_ids.device
+    rows, response_width = batch.response_ids.shape
+    lengths = batch.response_mask.sum(-1).long()
+    steps = torch.arange(response_width, device=device)
+    if not torch.equal(batch.response_mask.bool(), steps < lengths.unsqueeze(1)):
+        return None  # not right-padded prefixes: the cached path masks keys as given
+    prompt_mask = batch.prompt_mask[first].bool()
+    prompt_len = prompt_mask.sum(-1)
+    # the plan (host): the sequence of each row and where its fed tokens start. A row
+    # feeds its response but the last token (whose logits predict nothing scored).
+    plen, fed, group = prompt_len.tolist(), (lengths - 1).clamp(min=0).tolist(), \
+        inverse.tolist()
+    unit_group, unit_len, filling = [], [], {}
+    unit_of, start_of = [0] * rows, [0] * rows
+    for row in range(rows):
+        g = group[row]
+        u = filling.get(g)
+        if u is None or (unit_len[u] + fed[row] > max_tokens and unit_len[u] > plen[g]):
+            u = filling[g] = len(unit_len)
+            unit_group.append(g)
+            unit_len.append(plen[g])
+        unit_of[row], start_of[row] = u, unit_len[u]
+        unit_len[u] += fed[row]
+    units, span = len(unit_len), max(unit_len)
+    unit_of = torch.tensor(unit_of, device=device)
+    start_of = torch.tensor(start_of, device=device)
+    unit_group = torch.tensor(unit_group, device=device)
+    flat = units * span
+    ids = torch.zeros(flat, dtype=torch.long, device=device)
+    positions = torch.zeros(flat, dtype=torch.long, device=device)
+    segment = torch.full((flat,), -1, dtype=torch.long, device=device)  # -1: padding
+    # each sequence's prompt (its real tokens, in order) at positions 0..P-1: segment 0
+    pmask = prompt_mask[unit_group]
+    ppos = pmask.long().cumsum(-1) - 1
+    at = (torch.arange(units, device=device) * span).unsqueeze(1) + ppos
+    ids[at[pmask]] = batch.prompt_ids[first][unit_group][pmask]
+    positions[at[pmask]] = ppos[pmask]
+    segment[at[pmask]] = 0
+    # each row's fed response tokens after the prompt: segment row + 1
+    fmask = steps < (lengths - 1).unsqueeze(1)
+    at = (unit_of * span + start_of).unsqueeze(1) + steps
+    row_len = prompt_len[inverse].unsqueeze(1)
+    ids[at[fmask]] = batch.response_ids[fmask]
+    positions[at[fmask]] = (row_len + steps).expand(rows, response_width)[fmask]
+    segment[at[fmask]] = (torch.arange(rows, device=device) + 1).unsqueeze(1).expand(
+        rows, response_width)[fmask]
+    ids, positions, segment = (t.view(units, span) for t in (ids, positions, segment))
+    # a token sees its sequence's prompt and its own segment, at positions not after its
+    # own; padding sees only itself (no query row is left empty)
+    query_seg, key_seg = segment.unsqueeze(2), segment.unsqueeze(1)
+    query_pos, key_pos = positions.unsqueeze(2), positions.unsqueeze(1)
+    visible = ((key_seg == 0) | (key_seg == query_seg)) & (key_seg >= 0) & (key_pos <= query_pos)
+    visible |= torch.eye(span, dtype=torch.bool, device=device)
+    hidden = base.embed_tokens(ids)
+    full = attention_mask(visible.unsqueeze(1), model.config, hidden.dtype)
+    window, slides = sliding_layers(model.config)
+    sliding = full if window is None else attention_mask(
+        (visible & (key_pos > query_pos - window)).unsqueeze(1), model.config, hidden.dtype)
+    position_embeddings = base.rotary_emb(hidden, positions)
+    for layer, slide in zip(base.layers, slides, strict=True):
+        out = layer(hidden, attention_mask=sliding if slide else full,
+                    position_embeddings=position_embeddings, position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    # the hidden state that predicts response token t of a row: its prompt's last token
+    # for t = 0, its own token t - 1 after that (positions past its length: any, unscored)
+    where = (unit_of * span + start_of).unsqueeze(1) + steps[:width] - 1
+    where[:, 0] = unit_of * span + prompt_len[inverse] - 1
+    where = torch.where(steps[:width] < lengths.unsqueeze(1), where, where[:, :1])
+    picked = hidden.reshape(flat, hidden.shape[-1])[where]
+    return head(base.norm(picked))
+
+
 class ResponseLogits(torch.nn.Module):
     """A causal LM whose one call computes an Experience's response logits: the module a
     data-parallel wrapper wraps, so the shared-prompt path (two model calls) is still one
     forward to it."""
 
-    def __init__(self, model, share_prompts: bool = False):
+    def __init__(self, model, share_prompts: bool = False, pack_tokens: int = 0):
         super().__init__()
         self.model = model
         self.share_prompts = share_prompts
+        self.pack_tokens = pack_tokens
 
     def forward(self, batch: Experience, temperature: float = 1.0) -> torch.Tensor:
-        return response_logits(self.model, batch, temperature, self.share_prompts)
+        return response_logits(self.model, batch, temperature, self.share_prompts,
+                               self.pack_tokens)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,9 +193,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, batch: Experience, temperature: float = 1.0,
-                      share_prompts: bool = False) -> torch.Tensor:
-    return token_logprobs(response_logits(model, batch, temperature, share_prompts),
-                          batch.response_ids)
+                      share_prompts: bool = False, pack_tokens: int = 0) -> torch.Tensor:
+    return token_logprobs(response_logits(model, batch, temperature, share_prompts,
+                                          pack_tokens), batch.response_ids)
 
 
 def response_values(critic, batch: Experience) -> torch.Tensor:
