@@ -219,7 +219,7 @@ class RLTrainer(Session):
         algo = self.config.algo
         return token_logprobs(response_logits(
             model, micro, self.train_temperature, algo.share_prompt_forward,
-            0 if self.sharded else algo.pack_group_tokens), micro.response_ids)
+            algo.pack_group_tokens), micro.response_ids)
 
     def _per_token(self, batch: Experience, fn) -> torch.Tensor:
         """``fn`` over micro-batches, reassembled into a ``[B, R]`` tensor in row order."""

@@ -32,7 +32,7 @@ def response_logits(model, batch: Experience, temperature: float = 1.0,
         first, inverse = batch.prompt_index()
         if first.numel() < batch.batch_size:  # some rows share a prompt
             if pack_tokens > 0:
-                logits = _packed_group_logits(model, batch, width, first, inverse, pack_tokens)
+                logits = _packed_group_logits(model, batch, first, inverse, pack_tokens)
             if logits is None:
                 logits = _shared_prompt_logits(model, batch, width, first, inverse)
     if logits is None:
@@ -80,8 +80,8 @@ def _shared_prompt_logits(model, batch: Experience, width: int, first: torch.Ten
     return torch.cat([head, tail], dim=1)
 
 
-def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tensor,
-                         inverse: torch.Tensor, max_tokens: int) -> torch.Tensor | None:
+def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse: torch.Tensor,
+                         max_tokens: int) -> torch.Tensor | None:
     """Response logits from packed sequences: a prompt, then as many of its rows'
     responses as fit in ``max_tokens`` (further rows start another sequence with the
     prompt again), each response attending to the prompt and to its own earlier tokens
@@ -91,11 +91,11 @@ def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tens
     and head compute it. ``None`` when plait does not drive the model's layers (other
     families or attention kernels, sharded modules) or a response mask has holes: the
     caller takes another path."""
+    if isinstance(model, FSDPModule):  # its parameters are gathered by its own forward
+        return None
     try:
         base, head = decoder_parts(model, hint="")
     except ValueError:
-        return None
-    if isinstance(model, FSDPModule):  # its parameters are gathered by its own forward
         return None
     device = batch.response_ids.device
     rows, response_width = batch.response_ids.shape
@@ -105,10 +105,10 @@ def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tens
         return None  # not right-padded prefixes: the cached path masks keys as given
     prompt_mask = batch.prompt_mask[first].bool()
     prompt_len = prompt_mask.sum(-1)
-    # the plan (host): the sequence of each row and where its fed tokens start. A row
-    # feeds its response but the last token (whose logits predict nothing scored).
-    plen, fed, group = prompt_len.tolist(), (lengths - 1).clamp(min=0).tolist(), \
-        inverse.tolist()
+    # a row feeds its response but the last token (whose logits predict nothing scored)
+    fed_len = (lengths - 1).clamp(min=0)
+    # the plan (host): the sequence of each row and where its fed tokens start
+    plen, fed, group = prompt_len.tolist(), fed_len.tolist(), inverse.tolist()
     unit_group, unit_len, filling = [], [], {}
     unit_of, start_of = [0] * rows, [0] * rows
     for row in range(rows):
@@ -122,7 +122,7 @@ def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tens
         unit_len[u] += fed[row]
     units, span = len(unit_len), max(unit_len)
     unit_of = torch.tensor(unit_of, device=device)
-    start_of = torch.tensor(start_of, device=device)
+    row_start = unit_of * span + torch.tensor(start_of, device=device)  # flat index
     unit_group = torch.tensor(unit_group, device=device)
     flat = units * span
     ids = torch.zeros(flat, dtype=torch.long, device=device)
@@ -132,12 +132,12 @@ def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tens
     pmask = prompt_mask[unit_group]
     ppos = pmask.long().cumsum(-1) - 1
     at = (torch.arange(units, device=device) * span).unsqueeze(1) + ppos
-    ids[at[pmask]] = batch.prompt_ids[first][unit_group][pmask]
+    ids[at[pmask]] = batch.prompt_ids[first[unit_group]][pmask]
     positions[at[pmask]] = ppos[pmask]
     segment[at[pmask]] = 0
     # each row's fed response tokens after the prompt: segment row + 1
-    fmask = steps < (lengths - 1).unsqueeze(1)
-    at = (unit_of * span + start_of).unsqueeze(1) + steps
+    fmask = steps < fed_len.unsqueeze(1)
+    at = row_start.unsqueeze(1) + steps
     row_len = prompt_len[inverse].unsqueeze(1)
     ids[at[fmask]] = batch.response_ids[fmask]
     positions[at[fmask]] = (row_len + steps).expand(rows, response_width)[fmask]
@@ -162,9 +162,9 @@ def _packed_group_logits(model, batch: Experience, width: int, first: torch.Tens
         hidden = out[0] if isinstance(out, tuple) else out
     # the hidden state that predicts response token t of a row: its prompt's last token
     # for t = 0, its own token t - 1 after that (positions past its length: any, unscored)
-    where = (unit_of * span + start_of).unsqueeze(1) + steps[:width] - 1
+    where = row_start.unsqueeze(1) + steps - 1
     where[:, 0] = unit_of * span + prompt_len[inverse] - 1
-    where = torch.where(steps[:width] < lengths.unsqueeze(1), where, where[:, :1])
+    where = torch.where(steps < lengths.unsqueeze(1), where, where[:, :1])
     picked = hidden.reshape(flat, hidden.shape[-1])[where]
     return head(base.norm(picked))
 
