@@ -1,9 +1,10 @@
-"""Teacher-forced forward + backward of a GRPO batch three ways: every [prompt | response]
-row in full, each group's prompt once with its responses as padded rows against the cached
-prompt (``algo.pack_group_tokens=0``), and each group packed into one unpadded sequence
-(``algo.pack_group_tokens``, the default; at each cap given). All three give the same logits and gradients
-(tests/test_forward.py); this measures their time on the tiny default architecture,
-for short and long, long-tailed responses.
+"""Teacher-forced forward + backward of a GRPO batch: every [prompt | response] row in
+full, each group's prompt once with its responses as padded rows against the cached prompt
+(``algo.pack_group_tokens=0``), and each group packed into unpadded sequences
+(``algo.pack_group_tokens``, the default; at each cap given) two ways: split by plait's cost
+model (``packed_<cap>``, what training runs) and filled up to the cap (``fill_<cap>``, fewest
+sequences). All give the same logits and gradients (tests/test_forward.py); this measures
+their time on the tiny default architecture, for short and long, long-tailed responses.
 
     python benchmarks/packed_forward.py --out benchmarks/results/packed_forward_cpu.json
 """
@@ -48,12 +49,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=12, help="timed passes per path and shape "
                         "(interleaved; median reported, the first 2 of each left out)")
-    parser.add_argument("--pack-tokens", type=int, nargs="+", default=[512, 2048],
+    parser.add_argument("--pack-tokens", type=int, nargs="+", default=[512, 1024],
                         help="caps of a packed sequence to time (algo.pack_group_tokens)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    import plait.train.forward as forward
     from plait.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_model
     from plait.train.forward import response_logits
+
+    cost_model = forward.attention_crossover
+
+    def run(batch, fill=False, **kwargs):
+        # fill: no crossover, so the plan fills each sequence up to the cap
+        forward.attention_crossover = (lambda config, base: None) if fill else cost_model
+        try:
+            return response_logits(model, batch, **kwargs)
+        finally:
+            forward.attention_crossover = cost_model
 
     torch.set_num_threads(args.threads)
     tokenizer = build_char_tokenizer()
@@ -61,6 +73,8 @@ def main() -> None:
                              seed=1).train()
     paths = {"full": dict(share_prompts=False), "cached": dict(share_prompts=True),
              **{f"packed_{cap}": dict(share_prompts=True, pack_tokens=cap)
+                for cap in args.pack_tokens},
+             **{f"fill_{cap}": dict(share_prompts=True, pack_tokens=cap, fill=True)
                 for cap in args.pack_tokens}}
     rows = []
     for groups, samples, prompt, longest in SHAPES:
@@ -69,7 +83,7 @@ def main() -> None:
         for _ in range(args.repeats + 2):
             for name, kwargs in paths.items():
                 start = time.perf_counter()
-                logits = response_logits(model, batch, **kwargs)
+                logits = run(batch, **kwargs)
                 picked = torch.log_softmax(logits, -1).gather(
                     -1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
                 (picked * batch.response_mask).sum().backward()
@@ -81,7 +95,7 @@ def main() -> None:
         print(f"{groups:2d} x {samples:2d} rows, prompt {prompt:3d}, responses <= {longest:4d}: "
               + "  ".join(f"{name} {value:7.1f} ms" for name, value in ms.items())
               + "  (vs cached: " + ", ".join(f"{name} {ms[name] / ms['cached']:.2f}x"
-                                             for name in paths if name.startswith("packed"))
+                                             for name in paths if name not in ("full", "cached"))
               + ")", flush=True)
     save({"benchmark": "packed_forward", "threads": args.threads,
           "pack_tokens": args.pack_tokens, "repeats": args.repeats, "rows": rows}, args.out)

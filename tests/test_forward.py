@@ -216,3 +216,125 @@ def test_packed_path_falls_back_where_it_cannot_run(monkeypatch):
     out = response_logits(model, batch, share_prompts=True, pack_tokens=2048)
     assert len(calls) == 2
     torch.testing.assert_close(out[mask], full[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_crossover_counts_the_layers_flops():
+    """N / (2 x attention width x layers), N the weights a token multiplies by: the tiny
+    default model by hand, and a mixture of experts counting only the routed share."""
+    from types import SimpleNamespace
+
+    from plait.models.decoder import decoder_parts
+    from plait.train.forward import attention_crossover
+
+    model = build_tiny_model(TinyModelSpec(), build_char_tokenizer())
+    base, _ = decoder_parts(model)
+    # per layer: q 128x128 + 128, k and v 128x64 + 64 each, o 128x128, MLP 3 x 128x384,
+    # two norms of 128; width 4 heads x 32 = 128; 4 layers
+    per_layer = 128 * 128 + 128 + 2 * (128 * 64 + 64) + 128 * 128 + 3 * 128 * 384 + 2 * 128
+    assert attention_crossover(model.config, base) == 4 * per_layer / (2 * 128 * 4)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.Linear(8, 8, bias=False)  # 64 weights
+            self.mlp = torch.nn.Module()
+            self.mlp.experts = torch.nn.ModuleList(
+                torch.nn.Linear(8, 16, bias=False) for _ in range(4))  # 4 x 128
+
+    moe = SimpleNamespace(layers=torch.nn.ModuleList([Layer(), Layer()]))
+    config = SimpleNamespace(num_experts=4, num_experts_per_tok=1, num_attention_heads=2,
+                             hidden_size=8, head_dim=None)
+    # 2 layers x (64 + 128 routed to) over 2 x (2 heads x 4) x 2 layers
+    assert attention_crossover(config, moe) == 2 * (64 + 128) / (2 * 8 * 2)
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    for rest in _partitions(items[1:]):
+        for i in range(len(rest)):
+            yield rest[:i] + [[items[0]] + rest[i]] + rest[i + 1:]
+        yield [[items[0]]] + rest
+
+
+def test_pack_plan_is_valid_and_close_to_the_cheapest_partition():
+    """Every plan places each row once, in a sequence of its own prompt, the responses
+    tiling the sequence after the prompt, within the cap unless alone; its cost is within
+    15% of the cheapest of all partitions (brute force), 1% on average."""
+    import itertools
+    import random
+
+    from plait.train.forward import pack_plan
+
+    ratios = []
+    for seed in range(120):
+        rng = random.Random(seed)
+        groups, per_group = rng.randint(1, 2), rng.randint(1, 5)
+        group = [g for g in range(groups) for _ in range(per_group)]
+        rng.shuffle(group)
+        plen = [rng.randint(1, 12) for _ in range(groups)]
+        fed = [int(rng.random() ** 2 * 60) for _ in group]
+        cap, crossover = rng.choice([20, 40, 80, 1000]), rng.choice([10.0, 30.0, 100.0, 1e9])
+        unit_of, start_of, unit_group, unit_len = pack_plan(plen, fed, group, cap, crossover)
+        for u, length in enumerate(unit_len):
+            rows = sorted((start_of[r], fed[r], r) for r in range(len(group)) if unit_of[r] == u)
+            assert rows and all(group[r] == unit_group[u] for _, _, r in rows)
+            at = plen[unit_group[u]]
+            for start, size, _ in rows:
+                assert start == at
+                at += size
+            assert at == length and (len(rows) == 1 or length <= cap)
+
+        def cost(lengths, crossover=crossover):
+            span = max(lengths)
+            return len(lengths) * span * (1 + span / crossover)
+
+        options = []
+        for g in range(groups):
+            rows = [r for r in range(len(group)) if group[r] == g]
+            options.append([lengths for p in _partitions(rows)
+                            if all(len(u) == 1 or plen[g] + sum(fed[r] for r in u) <= cap
+                                   for u in p)
+                            for lengths in [[plen[g] + sum(fed[r] for r in u) for u in p]]])
+        cheapest = min(cost([x for part in combo for x in part])
+                       for combo in itertools.product(*options))
+        ratios.append(cost(unit_len) / cheapest)
+    assert min(ratios) >= 1 - 1e-9
+    assert max(ratios) <= 1.15 and sum(ratios) / len(ratios) <= 1.01
+
+
+def test_pack_plan_splits_groups_whose_attention_outweighs_the_prompt():
+    """Eight 100-token responses to a 4-token prompt: one 804-token sequence when attention
+    is cheap (or no cost model: filled to the cap), several when a 100-token sequence's
+    attention already costs as much as its other layers."""
+    from plait.train.forward import pack_plan
+
+    fed, group = [100] * 8, [0] * 8
+    assert len(pack_plan([4], fed, group, 2048)[3]) == 1
+    assert len(pack_plan([4], fed, group, 2048, crossover=1e6)[3]) == 1
+    # 8 x 104 x (1 + 1.04) = 1697 against 4 x 204 x 3.04 for pairs, 804 x 9.04 for one
+    assert len(pack_plan([4], fed, group, 2048, crossover=100.0)[3]) == 8
+    assert len(pack_plan([4], fed, group, 300)[3]) == 4  # the cap: 4 + 3 x 100 > 300
+
+
+def test_packed_groups_split_by_the_cost_model_equal_the_full_forward(monkeypatch):
+    """Long responses on a small model (crossover ~146 tokens): the groups run as more
+    sequences than prompts, with the full forward's logits and gradients."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=1,
+                                           num_heads=2, num_kv_heads=1), tokenizer)
+    batch = _batch(len(tokenizer), groups=3, group_size=4, width=40)
+    batch.response_mask[:] = 1.0  # every response 40 tokens: each group ~163 long
+    shapes = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: shapes.append(a[0].shape))
+    packed = response_logits(model, batch, share_prompts=True, pack_tokens=2048)
+    assert shapes[0][0] > 3
+    full = response_logits(model, batch)
+    torch.testing.assert_close(packed, full, rtol=1e-5, atol=1e-5)
+    _logprob_sum(packed, batch).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _logprob_sum(response_logits(model, batch), batch).backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

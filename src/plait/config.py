@@ -173,14 +173,17 @@ class AlgoConfig:
         "distinct prompt of a micro-batch once and its responses against the cached keys "
         "and values, instead of every [prompt | response] row in full; same result.")
     pack_group_tokens: int = opt(
-        512, "With share_prompt_forward: a prompt and its responses are packed into one "
-        "sequence of at most this many tokens (more responses start another with the prompt "
-        "again; a sequence holds at least one), each response attending to the prompt and to "
-        "itself; no response is padded to the longest and a group's attention is one problem "
-        "instead of one per row (a sequence's attention grows with the square of its length: "
-        "see benchmarks/packed_forward.py). 0: responses run as padded rows against the "
-        "prompt's cached keys and values. Same result either way; models whose layers plait "
-        "does not drive take the cached path.", low=0)
+        1024, "With share_prompt_forward: a prompt and its responses are packed into "
+        "sequences of at most this many tokens (a sequence holds at least one response, "
+        "with the prompt again in each), each response attending to the prompt and to itself; "
+        "no response is padded to the longest and a group's attention is one problem instead "
+        "of one per row. How each group is split is chosen by a cost model (tokens through "
+        "the layers, padding included, plus attention, which grows with the square of a "
+        "sequence's length and outweighs the rest past ~N/(2 x attention width x layers) "
+        "tokens for N layer weights: ~770 for the tiny default model); this cap bounds a "
+        "sequence's mask memory. See benchmarks/packed_forward.py. 0: responses run as padded "
+        "rows against the prompt's cached keys and values. Same result either way; models "
+        "whose layers plait does not drive take the cached path.", low=0)
     use_engine_logprobs: bool = opt(
         False, "Use the rollout engine's sampled-token log-probs as the old log-probs "
         "instead of a recompute pass (when a batch gets several updates).")
