@@ -1,5 +1,6 @@
 """Batches and weights between processes (gloo, 2 processes): sends never wait for the
-receiver, arrive in order, and a weight version can be polled for without blocking."""
+receiver, arrive in order, a weight version can be polled for without blocking, and its
+receive posted before it is pushed."""
 
 import os
 import time
@@ -29,6 +30,10 @@ def _exchange(rank: int, store: str, failures) -> None:
             tdist.barrier()  # 1: all three posted without the receiver receiving
             tdist.barrier()  # 2: the receiver polled before any push
             weights.push(5)
+            tdist.barrier()  # 3: the receiver took 5 and posted the receive of the next
+            with torch.no_grad():
+                model.weight.fill_(2.0)
+            weights.push(6)
             channel.wait()
             weights.wait()
         else:
@@ -41,6 +46,10 @@ def _exchange(rank: int, store: str, failures) -> None:
                 time.sleep(0.01)
             assert weights.receive() == 5
             assert bool((model.weight == 0).all())
+            weights.prefetch()  # posted before the push: arrives in the background
+            tdist.barrier()  # 3
+            assert weights.receive() == 6
+            assert bool((model.weight == 2).all())
             got = [channel.recv(0) for _ in range(3)]
             assert [g["i"] for g in got] == [0, 1, 2]
             assert all(bool((g["payload"] == g["i"]).all()) for g in got)

@@ -114,8 +114,8 @@ class RolloutWorker(RLTrainer):
         next_step, next_index = first_step, 0
         posted, send_s, waited, loaded = None, 0.0, 0.0, 0.0
 
-        def due() -> bool:  # the trainer pushes version v only while some batch needs it
-            return version + 1 + k <= last - 1
+        def due() -> bool:  # the next version will be pushed
+            return remote.pushed(version + 1)
 
         def submit(step: int) -> None:
             nonlocal next_index
@@ -183,8 +183,13 @@ class RolloutWorker(RLTrainer):
         return now, time.perf_counter() - now
 
     def _receive(self, remote) -> int:
+        """Take the next pushed version, and post the receive of the one after it (if the
+        trainer will push it: the version a batch still needs) so that it arrives while
+        this worker generates."""
         version = remote.weights.receive()
         self.engine.update_weights(None, version)
+        if remote.pushed(version + 1):
+            remote.weights.prefetch()
         return version
 
     @torch.no_grad()

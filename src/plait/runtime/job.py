@@ -40,10 +40,15 @@ class Remote:
                 self.channel.send(state, worker, kind="control")
         self._push(trainer, trainer.global_step)
 
+    def pushed(self, version: int) -> bool:
+        """Whether ``version`` is pushed after the update that makes it: only while some
+        worker will still need it (batch ``s`` needs weights ``>= s - max_staleness``, and
+        the last batch is ``steps - 1``)."""
+        return version + self.max_staleness <= self.steps - 1
+
     def after_update(self, trainer, version: int) -> None:
-        """Trainer 0 pushes ``version`` if some worker will still need it: batch ``s``
-        needs weights ``>= s - max_staleness``, and the last batch is ``steps - 1``."""
-        if version + self.max_staleness <= self.steps - 1:
+        """Trainer 0 pushes ``version`` if :meth:`pushed` says so."""
+        if self.pushed(version):
             self._push(trainer, version)
 
     def _push(self, trainer, version: int) -> None:

@@ -96,7 +96,7 @@ class WeightBroadcast:
         self.flats = [torch.empty(sum(params[i].numel() for i in b), dtype=params[b[0]].dtype,
                                   device=params[0].device) for b in self.layout]
         self._pending: list = []
-        self._header: tuple[torch.Tensor, object] | None = None  # posted by poll()
+        self._incoming: tuple[torch.Tensor, list] | None = None  # by prefetch() / poll()
         self.group_size = tdist.get_world_size(group)
 
     @property
@@ -117,37 +117,52 @@ class WeightBroadcast:
         self._pending = [works, header]
         self.dist.traffic.add("weights", sent=(self.num_bytes + 16) * (self.group_size - 1))
 
+    def _check(self, header: torch.Tensor) -> None:
+        if int(header[1]) != len(self.flats):
+            raise RuntimeError(f"weight broadcast: {int(header[1])} buckets sent, "
+                               f"{len(self.flats)} expected (different model structures)")
+
     def wait(self) -> None:
         if self._pending:
             for work in self._pending[0]:
                 work.wait()
             self._pending = []
 
+    def prefetch(self) -> None:
+        """Receiver side: post the next version's receive (its header and every bucket)
+        so that it arrives in the background while this process works; :meth:`receive`
+        then waits for what is left and copies it in. Call it only when a next version
+        will be pushed."""
+        if self._incoming is None:
+            header = torch.zeros(2, dtype=torch.long)
+            works = [tdist.broadcast(header, self.src, group=self.group, async_op=True)]
+            works += [tdist.broadcast(flat, self.src, group=self.group, async_op=True)
+                      for flat in self.flats]
+            self._incoming = header, works
+
     def poll(self) -> bool:
         """Receiver side, without blocking: whether the next version has started to arrive
         (:meth:`receive` then takes it). Call it only while a next version is due."""
-        if self._header is None:
-            header = torch.zeros(2, dtype=torch.long)
-            self._header = header, tdist.broadcast(header, self.src, group=self.group,
-                                                   async_op=True)
-        return self._header[1].is_completed()
+        self.prefetch()
+        return self._incoming[1][0].is_completed()
 
     def receive(self) -> int:
         """Block until the next version arrives, copy it into the model, return it."""
-        if self._header is not None:  # announced to poll()
-            header, work = self._header
-            self._header = None
-            work.wait()
-        else:
+        if self._incoming is not None:  # posted by prefetch() or poll()
+            header, works = self._incoming
+            self._incoming = None
+            for work in works:
+                work.wait()
+            self._check(header)
+        else:  # the header first, so that other model structures fail clearly
             header = torch.zeros(2, dtype=torch.long)
             tdist.broadcast(header, self.src, group=self.group)
-        if int(header[1]) != len(self.flats):
-            raise RuntimeError(f"weight broadcast: {int(header[1])} buckets sent, "
-                               f"{len(self.flats)} expected (different model structures)")
+            self._check(header)
+            for flat in self.flats:
+                tdist.broadcast(flat, self.src, group=self.group)
         params = list(self.model.parameters())
         with torch.no_grad():
             for flat, bucket in zip(self.flats, self.layout, strict=True):
-                tdist.broadcast(flat, self.src, group=self.group)
                 offset = 0
                 for p in (params[i] for i in bucket):
                     p.copy_(flat[offset: offset + p.numel()].view_as(p))
