@@ -85,12 +85,12 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     """Response logits from packed sequences: a prompt, then some of its rows' responses,
     in sequences of at most ``max_tokens`` (a sequence holds at least one response; how a
     group is split is :func:`pack_plan`'s choice), each response attending to the prompt
-    and to its own earlier tokens at the positions it has in its own row. Equal to the full forward of every row; no
-    row is padded to the longest response, and the many small per-row attention problems
-    become one per sequence. The model's own embedding, layers (with these masks), norm
-    and head compute it. ``None`` when plait does not drive the model's layers (other
-    families or attention kernels, sharded modules) or a response mask has holes: the
-    caller takes another path."""
+    and to its own earlier tokens at the positions it has in its own row. Equal to the
+    full forward of every row; no row is padded to the longest response, and the many
+    small per-row attention problems become one per sequence. The model's own embedding,
+    layers (with these masks), norm and head compute it. ``None`` when plait does not
+    drive the model's layers (other families or attention kernels, sharded modules) or a
+    response mask has holes: the caller takes another path."""
     if isinstance(model, FSDPModule):  # its parameters are gathered by its own forward
         return None
     try:
