@@ -108,9 +108,9 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     # a row feeds its response but the last token (whose logits predict nothing scored)
     fed_len = (lengths - 1).clamp(min=0)
     # the plan (host): the sequence of each row and where its fed tokens start
-    plan = pack_plan(prompt_len.tolist(), fed_len.tolist(), inverse.tolist(), max_tokens,
-                     attention_crossover(model.config, base))
-    unit_of, start_of, unit_group, unit_len = plan
+    unit_of, start_of, unit_group, unit_len = pack_plan(
+        prompt_len.tolist(), fed_len.tolist(), inverse.tolist(), max_tokens,
+        attention_crossover(model.config, base))
     units, span = len(unit_len), max(unit_len)
     unit_of = torch.tensor(unit_of, device=device)
     row_start = unit_of * span + torch.tensor(start_of, device=device)  # flat index
