@@ -561,3 +561,86 @@ def test_a_decode_step_that_cannot_compile_names_the_setting(setup):
     with pytest.raises(RuntimeError, match=r"rollout.compile.*no C\+\+ compiler found.*"
                                            r"set rollout.compile=false"):
         engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_decode_attention_equals_sdpa(heads, kv_heads):
+    """The compiled CPU decode step's attention: one query per row over that row's
+    visible keys equals sdpa with repeat_kv's head grouping (keys hidden per row)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from plait.models.decoder import decode_attention
+
+    torch.manual_seed(0)
+    rows, length, dim = 5, 11, 8
+    query = torch.randn(rows, heads, 1, dim, dtype=torch.float64)
+    key = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64)
+    value = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64)
+    visible = torch.rand(rows, 1, 1, length) < 0.6
+    visible[:, :, :, 0] = True  # every row sees at least one key
+
+    class Module:  # what HF's sdpa function reads from the attention layer
+        num_key_value_groups = heads // kv_heads
+        is_causal = False
+        training = False
+
+    got, _ = decode_attention(Module(), query, key, value, visible, scaling=0.3)
+    want, _ = sdpa_attention_forward(Module(), query, key, value, visible, scaling=0.3)
+    assert got.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    # by hand for one row and head: softmax over the visible keys of its kv head
+    row, head = 3, heads - 1
+    kv = head // (heads // kv_heads)
+    keys = visible[row, 0, 0].nonzero().squeeze(-1)
+    scores = 0.3 * key[row, kv, keys] @ query[row, head, 0]
+    torch.testing.assert_close(got[row, 0, head], torch.softmax(scores, 0) @ value[row, kv, keys])
+    # more than one query per row goes to sdpa
+    wide = torch.randn(rows, heads, 3, dim, dtype=torch.float64)
+    mask = visible.expand(rows, 1, 3, length)
+    torch.testing.assert_close(decode_attention(Module(), wide, key, value, mask)[0],
+                               sdpa_attention_forward(Module(), wide, key, value, mask)[0])
+
+
+def test_attention_implementation_is_restored(setup):
+    from plait.models.decoder import DECODE_ATTENTION, attention_implementation
+
+    _, model, _ = setup
+    before = model.config._attn_implementation
+    with pytest.raises(KeyError):
+        with attention_implementation(model.config, DECODE_ATTENTION):
+            assert model.config._attn_implementation == DECODE_ATTENTION
+            raise KeyError("inside")
+    assert model.config._attn_implementation == before
+
+
+@needs_cxx
+def test_compiled_decode_keeps_tensor_guards(setup):
+    """The compiled step skips guards on module structure but not on tensors: after the
+    model moves to float64 (caches released), it traces a second graph (float32 kernels
+    on float64 weights would give garbage) and matches the eager float64 engine."""
+    from torch._dynamo.utils import counters
+
+    tokenizer, _, prompts = setup
+    spec = TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    model = build_tiny_model(spec, tokenizer, seed=3).eval()
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    engine = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
+    engine.submit(prompts[:2], params, n=2, seeds=[1, 2])
+    list(engine.stream())
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    engine.release()
+    model.double()
+    eager = PlaitEngine(model, tokenizer, max_batch=4)
+    results = []
+    for e in (engine, eager):
+        e.submit(prompts[:2], params, n=2, seeds=[1, 2])
+        results.append(sorted((c.prompt_index, c.token_ids, c.logprobs)
+                              for _, group in e.stream() for c in group))
+    compiled, reference = results
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert [c[:2] for c in compiled] == [c[:2] for c in reference]
+    for a, b in zip(compiled, reference, strict=True):  # log-probs come out in float32
+        torch.testing.assert_close(torch.tensor(a[2]), torch.tensor(b[2]), atol=1e-5, rtol=0)

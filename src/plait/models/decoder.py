@@ -9,6 +9,9 @@ kernels that take no explicit mask) are refused with a ``ValueError``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 # Model families whose forward is exactly: embed -> decoder layers -> norm -> lm_head.
@@ -62,8 +65,80 @@ def sliding_layers(config) -> tuple[int | None, list[bool]]:
 
 def attention_mask(visible: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
     """The mask a decoder layer takes for a boolean ``visible`` (True = may attend):
-    sdpa takes it as is; eager attention adds it (0 or the dtype's min)."""
-    if config._attn_implementation == "sdpa":
+    sdpa and the decode attention take it as is; eager attention adds it (0 or the
+    dtype's min)."""
+    if config._attn_implementation in ("sdpa", DECODE_ATTENTION):
         return visible
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device
                        ).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------- decode attention
+
+DECODE_ATTENTION = "plait_decode"
+
+
+def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor, scaling: float | None = None, **kwargs
+                     ) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row over that row's keys, written as products and
+    sums: compiled, each layer's attention becomes two fused loops over (row, head, key)
+    instead of one fused-attention kernel call per (row, head) problem, which dominates
+    on the CPU when every problem is a single query over a few hundred keys.
+
+    Args:
+        query: [rows, heads, 1, head_dim]; key, value: [rows, kv_heads, keys, head_dim]
+            (query head ``h`` reads key/value head ``h // (heads // kv_heads)``, as HF's
+            ``repeat_kv``).
+        attention_mask: boolean [rows, 1, 1, keys], True = may attend.
+    Returns:
+        ``([rows, 1, heads, head_dim], None)``, the layout HF's attention functions return.
+    Any other query length goes to HF's sdpa attention with the same mask.
+    """
+    rows, heads, length, dim = query.shape
+    if length != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, **kwargs)
+    kv_heads = key.shape[1]
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.view(rows, kv_heads, heads // kv_heads, 1, dim)
+    scores = (q * key.unsqueeze(2)).sum(-1) * scale                 # [rows, kv, group, keys]
+    scores = scores.masked_fill(~attention_mask.unsqueeze(1)[:, :, :, 0], -torch.inf)
+    # the softmax in at least float32 (as HF's eager attention)
+    weights = torch.softmax(scores, dim=-1,
+                            dtype=torch.promote_types(scores.dtype, torch.float32))
+    weights = weights.to(value.dtype)
+    out = (weights.unsqueeze(-1) * value.unsqueeze(2)).sum(-2)      # [rows, kv, group, dim]
+    return out.view(rows, 1, heads, dim), None
+
+
+def _register_decode_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+_register_decode_attention()
+
+
+@contextmanager
+def attention_implementation(config, name: str) -> Iterator[None]:
+    """Run the model's attention layers through ``name`` (a key of HF's attention
+    functions) inside the block. The config is shared by every layer (and by training
+    forwards of the same model), so no other thread may run this model meanwhile."""
+    # the property's setter walks sub-configs (~13 us); a decoder has none, so the value
+    # behind it is set directly when transformers keeps one
+    field = "_attn_implementation_internal"
+    direct = field in vars(config) and not getattr(config, "sub_configs", None)
+    before = config._attn_implementation
+    if direct:
+        setattr(config, field, name)
+    else:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        if direct:
+            setattr(config, field, before)
+        else:
+            config._attn_implementation = before
