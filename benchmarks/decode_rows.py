@@ -4,9 +4,16 @@ Continuous batching and partial rollout pay off when adding rows to a decode ste
 little (a memory-bound GPU step); on a CPU thread the step becomes compute-bound. This
 measures it: the tiny default architecture (random weights), one prompt sampled ``rows``
 times with ``ignore_eos`` so every row runs exactly ``--tokens`` tokens, eager and (with
-``--compile``) through the compiled decode step; best of ``--repeats`` runs.
+``--compile``) through the compiled decode step; best of ``--repeats`` runs, the variants
+taking turns within each repeat.
+
+``--plain`` adds ``compiled_plain``: the decode step as ``torch.compile`` gives it with no
+engine-specific tuning (HF's sdpa attention, kernels called from Python, every guard
+checked, float constants as graph inputs), to show what the tuning of the compiled CPU
+step buys (section 5f of RESULTS.md).
 
     python benchmarks/decode_rows.py --threads 1 --compile --out benchmarks/results/decode_rows_cpu.json
+    python benchmarks/decode_rows.py --threads 1 --compile --plain --rows 1 8 16 32 64 --out benchmarks/results/decode_rows_plain_cpu.json
 """
 
 from __future__ import annotations
@@ -27,11 +34,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also the compiled decode step")
+    parser.add_argument("--plain", action="store_true",
+                        help="also the compiled step without the engine's tuning")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if min(args.rows) < 1 or args.tokens < 1 or args.repeats < 1:
         parser.error("--rows, --tokens and --repeats must be >= 1")
+    if args.plain and not args.compile:
+        parser.error("--plain compares with the compiled step: add --compile")
+    if args.plain and args.device != "cpu":
+        parser.error("--plain compares the CPU's tuned compiled step: use --device cpu")
     from plait.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_model
     from plait.rollout.base import SamplingParams
     from plait.rollout.engine import PlaitEngine
@@ -42,24 +55,38 @@ def main() -> None:
     model = build_tiny_model(spec, tokenizer, seed=0).eval().to(args.device)
     prompt = tokenizer("repeat x 57 times:")["input_ids"]
     params = SamplingParams(max_new_tokens=args.tokens, temperature=1.0, ignore_eos=True)
-    results = {}
-    for compiled in (False, True) if args.compile else (False,):
-        engine = PlaitEngine(model, tokenizer, max_batch=max(args.rows), compile=compiled)
+    engines = {"eager": PlaitEngine(model, tokenizer, max_batch=max(args.rows))}
+    if args.compile:
+        engines["compiled"] = PlaitEngine(model, tokenizer, max_batch=max(args.rows),
+                                          compile=True)
+    if args.plain:
+        plain = PlaitEngine(model, tokenizer, max_batch=max(args.rows))
+        plain._compiled_decode = torch.compile(plain._decode, dynamic=True, fullgraph=True)
+        plain._decode_attention, plain._traced = False, True
+        engines["compiled_plain"] = plain
+    for engine in engines.values():
         engine.generate([prompt], params, n=min(args.rows))  # warm-up (and compilation)
-        name = "compiled" if compiled else "eager"
-        results[name] = {}
-        for rows in args.rows:
-            best = float("inf")
-            for _ in range(args.repeats):
+    results = {name: {} for name in engines}
+    for rows in args.rows:
+        best = dict.fromkeys(engines, float("inf"))
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 engine.generate([prompt], params, n=rows)
-                best = min(best, time.perf_counter() - start)
-            results[name][rows] = {"ms_per_step": best * 1000 / args.tokens,
-                                   "tokens_per_s": rows * args.tokens / best}
-            print(f"{name:8s} rows={rows:4d}: {best * 1000 / args.tokens:6.2f} ms per decode "
-                  f"step, {rows * args.tokens / best:8.0f} tokens/s", flush=True)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name in engines:
+            results[name][rows] = {"ms_per_step": best[name] * 1000 / args.tokens,
+                                   "tokens_per_s": rows * args.tokens / best[name]}
+            print(f"{name:14s} rows={rows:4d}: {best[name] * 1000 / args.tokens:6.2f} ms per "
+                  f"decode step, {rows * args.tokens / best[name]:8.0f} tokens/s", flush=True)
+        if "compiled_plain" in results:
+            results.setdefault("compiled_vs_plain", {})[rows] = (
+                results["compiled"][rows]["ms_per_step"]
+                / results["compiled_plain"][rows]["ms_per_step"])
     save({"benchmark": "decode_rows", "tokens": args.tokens, "threads": args.threads,
           "device": args.device, "results": results}, args.out)
 

@@ -629,7 +629,17 @@ def test_compiled_decode_keeps_tensor_guards(setup):
     graphs = counters["stats"]["unique_graphs"]
     engine = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
     engine.submit(prompts[:2], params, n=2, seeds=[1, 2])
-    list(engine.stream())
+    # the step runs with deterministic algorithms off (its cache writes have no duplicate
+    # index) and leaves the flag as it found it
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        list(engine.stream())
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     assert counters["stats"]["unique_graphs"] - graphs == 1
     engine.release()
     model.double()

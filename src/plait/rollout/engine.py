@@ -515,6 +515,8 @@ class PlaitEngine:
         torch._dynamo.decorators.mark_unbacked(positions, 0)
         try:
             with contextlib.ExitStack() as scope:
+                if torch.are_deterministic_algorithms_enabled():
+                    scope.enter_context(_deterministic_algorithms_off())
                 if self._decode_attention:
                     scope.enter_context(attention_implementation(self.config, DECODE_ATTENTION))
                 if not self._traced:
@@ -662,6 +664,23 @@ class PlaitEngine:
 _UNGUARDED = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
                         "TYPE_MATCH", "DICT_NOT_CONTAINS", "CLOSURE_MATCH", "BUILTIN_MATCH",
                         "MODULE_MATCH", "CLASS_MATCH"})
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms_off() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` off inside the block, then as it was.
+
+    For the compiled decode step: its only scatter is the cache write, one (row, position)
+    per row, with no duplicate index, so its result does not depend on the flag. Traced
+    under the flag, inductor routes those writes through aten's deterministic index_put,
+    which from the generated C++ copies each whole cache tensor at every step (8x slower
+    generation measured on the CPU)."""
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def _decode_guards(entries) -> list[bool]:
