@@ -134,7 +134,7 @@ class RolloutConfig:
         "values keep a GPU busy; finished rows compute until the next check.", low=1)
     compile: bool = opt(
         False, "plait engine: run the decode step through torch.compile (symbolic shapes: one "
-        "compilation for every batch size and length, paid by the first decode, ~10-30 s on "
+        "compilation for every batch size and length, paid by the first decode, ~15-40 s on "
         "a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill and sampling stay "
         "eager, and so does the engine of FSDP-sharded trainers (rollout workers apart "
         "compile theirs).")
