@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers.modeling_utils import AttentionInterface
 
 # Model families whose forward is exactly: embed -> decoder layers -> norm -> lm_head.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
@@ -113,12 +114,7 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.view(rows, 1, heads, dim), None
 
 
-def _register_decode_attention() -> None:
-    from transformers.modeling_utils import AttentionInterface
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-
-
-_register_decode_attention()
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
 @contextmanager
@@ -128,17 +124,12 @@ def attention_implementation(config, name: str) -> Iterator[None]:
     forwards of the same model), so no other thread may run this model meanwhile."""
     # the property's setter walks sub-configs (~13 us); a decoder has none, so the value
     # behind it is set directly when transformers keeps one
-    field = "_attn_implementation_internal"
-    direct = field in vars(config) and not getattr(config, "sub_configs", None)
+    attribute = "_attn_implementation_internal"
+    if attribute not in vars(config) or getattr(config, "sub_configs", None):
+        attribute = "_attn_implementation"
     before = config._attn_implementation
-    if direct:
-        setattr(config, field, name)
-    else:
-        config._attn_implementation = name
+    setattr(config, attribute, name)
     try:
         yield
     finally:
-        if direct:
-            setattr(config, field, before)
-        else:
-            config._attn_implementation = before
+        setattr(config, attribute, before)

@@ -290,5 +290,3 @@ def response_values(critic, batch: Experience) -> torch.Tensor:
     values = critic(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask))
     return values[:, -width - 1:-1].float()
-
-
