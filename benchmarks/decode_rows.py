@@ -3,14 +3,15 @@
 Continuous batching and partial rollout pay off when adding rows to a decode step costs
 little (a memory-bound GPU step); on a CPU thread the step becomes compute-bound. This
 measures it: the tiny default architecture (random weights), one prompt sampled ``rows``
-times with ``ignore_eos`` so every row runs exactly ``--tokens`` tokens, eager and (with
-``--compile``) through the compiled decode step; best of ``--repeats`` runs, the variants
-taking turns within each repeat.
+times (seeded, as plait's jobs sample) with ``ignore_eos`` so every row runs exactly
+``--tokens`` tokens, eager and (with ``--compile``) through the compiled decode step;
+best of ``--repeats`` runs, the variants taking turns within each repeat.
 
-``--plain`` adds ``compiled_plain``: the decode step as ``torch.compile`` gives it with no
-engine-specific tuning (HF's sdpa attention, kernels called from Python, every guard
-checked, float constants as graph inputs), to show what the tuning of the compiled CPU
-step buys (section 5f of RESULTS.md).
+``--plain`` adds ``compiled_plain``: the engine's compiled step (decode, then draw the
+next tokens) as ``torch.compile`` gives it with no engine-specific tuning (HF's sdpa
+attention, kernels called from Python, inductor's default choice of what to store and
+what to recompute, every guard checked, float constants as graph inputs), to show what
+the tuning of the compiled CPU step buys (sections 5f and 5g of RESULTS.md).
 
     python benchmarks/decode_rows.py --threads 1 --compile --out benchmarks/results/decode_rows_cpu.json
     python benchmarks/decode_rows.py --threads 1 --compile --plain --rows 1 8 16 32 64 --out benchmarks/results/decode_rows_plain_cpu.json
@@ -24,6 +25,13 @@ from pathlib import Path
 
 import torch
 from _report import save
+
+
+def generate(engine, prompt: list[int], params, rows: int) -> None:
+    """``rows`` seeded samples of ``prompt`` (plait's jobs sample with per-prompt seeds)."""
+    engine.submit([prompt], params, n=rows, seeds=[rows])
+    for _ in engine.stream():
+        pass
 
 
 def main() -> None:
@@ -61,11 +69,12 @@ def main() -> None:
                                           compile=True)
     if args.plain:
         plain = PlaitEngine(model, tokenizer, max_batch=max(args.rows))
-        plain._compiled_decode = torch.compile(plain._decode, dynamic=True, fullgraph=True)
+        plain._compiled_decode = torch.compile(plain._decode_draw, dynamic=True,
+                                               fullgraph=True)
         plain._decode_attention, plain._traced = False, True
         engines["compiled_plain"] = plain
     for engine in engines.values():
-        engine.generate([prompt], params, n=min(args.rows))  # warm-up (and compilation)
+        generate(engine, prompt, params, min(args.rows))  # warm-up (and compilation)
     results = {name: {} for name in engines}
     for rows in args.rows:
         best = dict.fromkeys(engines, float("inf"))
@@ -74,7 +83,7 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                engine.generate([prompt], params, n=rows)
+                generate(engine, prompt, params, rows)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 best[name] = min(best[name], time.perf_counter() - start)

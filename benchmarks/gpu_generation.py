@@ -149,13 +149,15 @@ def decode_rate(model, tokenizer, args, steps: int, compile: bool = False) -> di
     with torch.no_grad():
         engine._admit()  # prefill every row into its slot
         tokens = engine._pending_logits.argmax(-1)
+        plan = engine._sampling_plan()  # greedy rows (the compiled step draws them)
         positions = torch.full((len(prompts),), context, device=device)
         for k in range(3):  # warm-up
-            engine._decode_step(tokens, positions + k, kv_len=context + k + 1)
+            engine._decode_step(tokens, positions + k, kv_len=context + k + 1, plan=plan)
         synchronize(device)
         start = time.perf_counter()
         for k in range(steps):
-            logits = engine._decode_step(tokens, positions + 3 + k, kv_len=context + 4 + k)
+            logits, _ = engine._decode_step(tokens, positions + 3 + k,
+                                            kv_len=context + 4 + k, plan=plan)
             tokens = logits.argmax(-1)
         synchronize(device)
     step = (time.perf_counter() - start) / steps

@@ -557,7 +557,8 @@ def test_a_decode_step_that_cannot_compile_names_the_setting(setup):
         raise RuntimeError("no C++ compiler found")
 
     engine = PlaitEngine(model, tokenizer, max_batch=4)
-    engine._compiled_decode = torch.compile(engine._decode, backend=no_compiler, dynamic=True)
+    engine._compiled_decode = torch.compile(engine._decode_draw, backend=no_compiler,
+                                            dynamic=True)
     with pytest.raises(RuntimeError, match=r"rollout.compile.*no C\+\+ compiler found.*"
                                            r"set rollout.compile=false"):
         engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
@@ -601,16 +602,70 @@ def test_decode_attention_equals_sdpa(heads, kv_heads):
                                sdpa_attention_forward(Module(), wide, key, value, mask)[0])
 
 
-def test_attention_implementation_is_restored(setup):
-    from plait.models.decoder import DECODE_ATTENTION, attention_implementation
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.05])
+def test_compiled_draw_equals_the_eager_sampler(setup, temperature):
+    """The draw inside the compiled step (greedy and seeded rows) gives the eager
+    sampler's tokens and log-probs for the same logits, rows and token offsets; plans
+    with unseeded or top-k/top-p rows are left to the eager sampler."""
+    from plait.rollout.engine import _draw
 
-    _, model, _ = setup
+    tokenizer, model, prompts = setup
+    engine = PlaitEngine(model, tokenizer, max_batch=12, compile=True)  # compiles lazily
+    engine.submit(prompts[:2], SamplingParams(max_new_tokens=8, temperature=0.0))
+    engine.submit(prompts[2:5], SamplingParams(max_new_tokens=8, temperature=temperature),
+                  n=3, seeds=[11, 12, 13])
+    with torch.no_grad():
+        engine._admit()
+    plan = engine._sampling_plan()
+    assert plan.drawable and plan.settings.shape == (11, 5)
+    torch.manual_seed(0)
+    tokens_seen = set()
+    for offset in range(40):
+        logits = engine._pending_logits + 3 * torch.randn_like(engine._pending_logits)
+        want_tokens, want_logprobs = engine._sample(logits, plan, offset=offset)
+        tokens, draw = _draw(logits, plan.settings, torch.tensor(offset))
+        assert torch.equal(tokens, want_tokens) and torch.equal(draw[0].long(), want_tokens)
+        torch.testing.assert_close(draw[1], want_logprobs.double(), atol=1e-6, rtol=0)
+        tokens_seen.update(want_tokens[2:].tolist())
+    assert len(tokens_seen) > 5  # the seeded rows really sample
+    for params, seeds in ((SamplingParams(max_new_tokens=8, temperature=1.0), None),
+                          (SamplingParams(max_new_tokens=8, top_k=5), [3])):
+        other = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
+        other.submit(prompts[:1], params, seeds=seeds)
+        with torch.no_grad():
+            other._admit()
+        assert not other._sampling_plan().drawable
+
+
+def test_compiled_step_restores_attention_and_deterministic_settings(setup):
+    """Around the compiled step the model's attention goes through decode_attention (on
+    the CPU) and deterministic algorithms are off; both come back as they were, also when
+    the step raises."""
+    from plait.models.decoder import DECODE_ATTENTION
+
+    tokenizer, model, prompts = setup
+    engine = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
+    seen = []
+
+    def failing_step(*args, **kwargs):
+        seen.append((model.config._attn_implementation,
+                     torch.are_deterministic_algorithms_enabled()))
+        raise ValueError("inside the step")
+
+    engine._compiled_decode = failing_step
     before = model.config._attn_implementation
-    with pytest.raises(KeyError):
-        with attention_implementation(model.config, DECODE_ATTENTION):
-            assert model.config._attn_implementation == DECODE_ATTENTION
-            raise KeyError("inside")
-    assert model.config._attn_implementation == before
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.raises(ValueError, match="inside the step"):
+            engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0.0))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    assert seen == [(DECODE_ATTENTION, False)]
+    assert model.config._attn_implementation == before != DECODE_ATTENTION
 
 
 @needs_cxx

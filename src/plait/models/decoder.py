@@ -9,9 +9,6 @@ kernels that take no explicit mask) are refused with a ``ValueError``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from transformers.modeling_utils import AttentionInterface
 
@@ -117,11 +114,9 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
-@contextmanager
-def attention_implementation(config, name: str) -> Iterator[None]:
-    """Run the model's attention layers through ``name`` (a key of HF's attention
-    functions) inside the block. The config is shared by every layer (and by training
-    forwards of the same model), so no other thread may run this model meanwhile."""
+def swap_attention_implementation(config, name: str) -> tuple[str, str]:
+    """Set the model's attention implementation to ``name``; returns what
+    :func:`restore_attention_implementation` needs to undo it."""
     # the property's setter walks sub-configs (~13 us); a decoder has none, so the value
     # behind it is set directly when transformers keeps one
     attribute = "_attn_implementation_internal"
@@ -129,7 +124,9 @@ def attention_implementation(config, name: str) -> Iterator[None]:
         attribute = "_attn_implementation"
     before = config._attn_implementation
     setattr(config, attribute, name)
-    try:
-        yield
-    finally:
-        setattr(config, attribute, before)
+    return attribute, before
+
+
+def restore_attention_implementation(config, swapped: tuple[str, str]) -> None:
+    attribute, before = swapped
+    setattr(config, attribute, before)

@@ -40,15 +40,20 @@ the run ends and a freed slot is refilled at the next sync.
 cache writes, final norm and head) through ``torch.compile`` with symbolic batch and
 cache lengths: one compilation per engine serves every batch size and length (the first decode
 pays it), element-wise work is fused and the per-operator overhead of small batches
-drops. Prefill and sampling stay eager. No CUDA graphs are captured (their static
+drops. The compiled step also draws the next token of greedy and seeded rows from the
+logits it computes (:func:`_draw`, the same arithmetic as the eager sampler): a run of
+such rows without top-k/top-p samples no operator outside the graph. Prefill, and
+sampling for unseeded or filtered rows, stay eager. No CUDA graphs are captured (their static
 buffers would pin the KV cache that the hybrid engine releases between generations).
 The per-call cost around the graph is trimmed: guards on the model's module structure
 are not checked at each step (see ``_UNGUARDED``) and the layers' float constants are
 baked in. On the CPU the compiled step also calls its kernels from generated C++
 (inductor's ``cpp_wrapper``) and computes attention with
 :func:`plait.models.decoder.decode_attention` (two fused loops per layer instead of one
-flash-attention problem per row and head); together ~20% less generation time on the
-default tiny model's long-tailed batches (``benchmarks/RESULTS.md``, section 5f).
+flash-attention problem per row and head), storing element-wise results of more than a
+few operations (the rotated query) instead of recomputing them per key; together ~0.55x
+the generation time of the untuned compiled step on the default tiny model's long-tailed
+batches (``benchmarks/RESULTS.md``, sections 5f and 5g).
 """
 
 from __future__ import annotations
@@ -63,10 +68,11 @@ import torch
 
 from plait.models.decoder import (
     DECODE_ATTENTION,
-    attention_implementation,
     attention_mask,
     decoder_parts,
+    restore_attention_implementation,
     sliding_layers,
+    swap_attention_implementation,
 )
 from plait.rollout.base import Completion, SamplingParams
 from plait.rollout.hf_engine import end_token_ids
@@ -144,6 +150,9 @@ class PlaitEngine:
         self._next_id = 0
         self._abort = False
         self._pending_logits: torch.Tensor | None = None
+        # what the compiled step drew from _pending_logits under _plan's settings: the
+        # tokens, and [2, n] tokens and log-probs as float64 (None: sample eagerly)
+        self._pending_draw: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
         self._window, self._sliding = sliding_layers(self.config)
@@ -163,9 +172,17 @@ class PlaitEngine:
         self._decode_attention = bool(compile) and on_cpu
         options = {"guard_filter_fn": _decode_guards}
         if on_cpu:
+            # Inductor inlines an unrealised element-wise producer into its consumer's
+            # loop; for the rotated query that loop is decode_attention's sum over keys,
+            # so the query's rotary embedding (sin, cos, products) was recomputed once per
+            # key and layer: ~75% of the attention kernel's time. Realising element-wise
+            # results of more than a few operations stores such a query once per step
+            # (measured: 0.78-0.87x step time at 8-64 rows; same logits, bit for bit).
             options["cpp_wrapper"] = True
-        self._compiled_decode = torch.compile(self._decode, dynamic=True, fullgraph=True,
-                                              options=options) if compile else None
+            options["realize_opcount_threshold"] = _REALIZE_OPCOUNT
+        self._compiled_decode = torch.compile(self._decode_draw, dynamic=True,
+                                              fullgraph=True, options=options) \
+            if compile else None
         self._traced = False  # the compiled step has been traced (see _decode_step)
 
     # ------------------------------------------------------------------ public API
@@ -373,6 +390,7 @@ class PlaitEngine:
 
     def _stage_logits(self, first_slot: int, logits: torch.Tensor) -> None:
         """Keep the next-token logits of every running slot for the next sampling step."""
+        self._pending_draw = None  # drawn for the rows before these only
         if first_slot == 0 or self._pending_logits is None:
             self._pending_logits = logits
         else:
@@ -390,46 +408,59 @@ class PlaitEngine:
         if self._plan is None:  # kept while the running set stays the same
             self._plan = self._sampling_plan()
         plan = self._plan
-        logits = self._pending_logits
+        logits, pending = self._pending_logits, self._pending_draw
         drawn = []
         for k in range(steps):
             at = plan.drawn + k  # tokens since the plan was made
-            tokens, logprobs = self._sample(logits, plan, offset=at)
-            drawn.append(torch.stack([tokens.double(), logprobs.double()]))
+            if pending is None:
+                tokens, logprobs = self._sample(logits, plan, offset=at)
+                draw = torch.stack([tokens.double(), logprobs.double()])
+            else:  # drawn by the compiled step
+                tokens, draw = pending
+            drawn.append(draw)
             if k < steps - 1:  # every row runs; positions advance on the device
-                logits = self._decode_step(tokens, plan.positions + at,
-                                           kv_len=plan.longest + at + 1)
+                logits, pending = self._decode_step(tokens, plan.positions + at,
+                                                    kv_len=plan.longest + at + 1, plan=plan,
+                                                    offset=at + 1)
         plan.drawn += steps
         # the run's one device-to-host transfer: [2, rows, steps]
-        host = torch.stack(drawn, -1).cpu()
-        token_rows, logprob_rows = host[0].long().tolist(), host[1].tolist()
+        token_rows, logprob_rows = (drawn[0].unsqueeze(-1) if steps == 1
+                                    else torch.stack(drawn, -1)).tolist()
         finished = []
         for slot, request in enumerate(running):
             if request.version is None:
                 request.version = self.policy_version
             for token, logprob in zip(token_rows[slot], logprob_rows[slot], strict=True):
+                token = int(token)
                 request.tokens.append(token)
                 request.logprobs.append(logprob)
                 reason = self._finish_reason(request, token)
                 if reason is not None:
                     finished.append((slot, reason))
                     break
-        keep = torch.ones(len(running), dtype=torch.bool)
-        for slot, _ in finished:
-            keep[slot] = False
         done_groups = []
         for slot, reason in finished:
             done = self._complete(running[slot], reason)
             if done is not None:
                 done_groups.append(done)
-        self._compact(keep)
-        if self._running:
-            last = tokens[keep.to(tokens.device)]
+        if finished:
+            gone = {slot for slot, _ in finished}
+            survivors = [slot for slot in range(len(running)) if slot not in gone]
+            self._compact(survivors)
+        if not self._running:
+            self._pending_logits, self._pending_draw = None, None
+            return done_groups
+        if finished:  # the survivors' last tokens, where they sit
+            tokens = tokens[torch.tensor(survivors, device=tokens.device)]
             where = [r.length - 1 for r in self._running]
-            self._pending_logits = self._decode_step(
-                last, torch.tensor(where, device=last.device), kv_len=max(where) + 1)
-        else:
-            self._pending_logits = None
+            positions, kv_len = torch.tensor(where, device=tokens.device), max(where) + 1
+            if self._compiled_decode is not None:
+                self._plan = self._sampling_plan()  # the survivors' (the step draws)
+        else:  # the same rows as the plan's, each plan.drawn tokens further
+            positions, kv_len = plan.positions + (plan.drawn - 1), plan.longest + plan.drawn
+        self._pending_logits, self._pending_draw = self._decode_step(
+            tokens, positions, kv_len=kv_len, plan=self._plan,
+            offset=0 if self._plan is None else self._plan.drawn)
         return done_groups
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
@@ -462,9 +493,9 @@ class PlaitEngine:
             return request.prompt_index, group
         return None
 
-    def _compact(self, keep: torch.Tensor) -> None:
-        """Move surviving requests into slots ``0..n-1`` (copying their caches)."""
-        survivors = keep.nonzero().squeeze(-1).tolist()
+    def _compact(self, survivors: list[int]) -> None:
+        """Move the requests in slots ``survivors`` (ascending) into slots ``0..n-1``
+        (copying their caches)."""
         if len(survivors) == len(self._running):
             return
         moves = [(new, old) for new, old in enumerate(survivors) if new != old]
@@ -484,7 +515,7 @@ class PlaitEngine:
         for request in reversed(self._running):
             self._waiting.appendleft(request)
         self._running = []
-        self._pending_logits = None
+        self._pending_logits, self._pending_draw = None, None
         self._plan = None
 
     # ------------------------------------------------------------------ model passes
@@ -504,30 +535,44 @@ class PlaitEngine:
         last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
         return self.lm_head(self.base.norm(last)).float()
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
-                     ) -> torch.Tensor:
-        """:meth:`_decode`, compiled when the engine was built with ``compile``."""
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int,
+                     plan: _SamplingPlan | None = None, offset: int = 0
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Next-token logits of the running rows and, compiled, what :func:`_draw` drew
+        from them ``offset`` tokens into ``plan`` (None where the plan has rows the
+        compiled draw does not cover: unseeded sampling, top-k/top-p)."""
         if self._compiled_decode is None:
-            return self._decode(tokens, positions, kv_len=kv_len)
+            return self._decode(tokens, positions, kv_len=kv_len), None
+        settings = plan.settings
         # the row count as an unbacked size: no specialisation to 1 row, nor to the slot
         # count when every slot runs
-        torch._dynamo.decorators.mark_unbacked(tokens, 0)
-        torch._dynamo.decorators.mark_unbacked(positions, 0)
+        for tensor in (tokens, positions, settings):
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        # (set and restored by hand: context managers cost ~10 us each, against a step of
+        # 0.2-2 ms on the CPU)
+        # Deterministic algorithms off for the step: its only scatter is the cache write,
+        # one (row, position) per row, with no duplicate index, so its result does not
+        # depend on the flag. Traced under the flag, inductor routes those writes through
+        # aten's deterministic index_put, which from the generated C++ copies each whole
+        # cache tensor at every step (8x slower generation measured on the CPU).
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if deterministic:
+            warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+            torch.use_deterministic_algorithms(False)
+        attention = swap_attention_implementation(self.config, DECODE_ATTENTION) \
+            if self._decode_attention else None
         try:
-            with contextlib.ExitStack() as scope:
-                if torch.are_deterministic_algorithms_enabled():
-                    scope.enter_context(_deterministic_algorithms_off())
-                if self._decode_attention:
-                    scope.enter_context(attention_implementation(self.config, DECODE_ATTENTION))
-                if not self._traced:
-                    # the first call traces: the layers' float constants (norm epsilons,
-                    # attention scales) are baked into the graph instead of becoming inputs
-                    # converted to tensors at every call; a later retrace (never expected)
-                    # would only take them as inputs again
-                    scope.enter_context(torch._dynamo.config.patch(specialize_float=True))
-                logits = self._compiled_decode(tokens, positions, kv_len=kv_len)
+            # the first call traces: the layers' float constants (norm epsilons, attention
+            # scales) are baked into the graph instead of becoming inputs converted to
+            # tensors at every call; a later retrace (never expected) would only take them
+            # as inputs again
+            with torch._dynamo.config.patch(specialize_float=True) if not self._traced \
+                    else contextlib.nullcontext():
+                logits, tokens, draw = self._compiled_decode(
+                    tokens, positions, settings, torch.tensor(offset, device=tokens.device),
+                    kv_len=kv_len)
             self._traced = True
-            return logits
+            return logits, (tokens, draw) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
             cause = getattr(err, "inner_exception", None) or err  # a backend's own error
             lines = str(cause).strip().splitlines()
@@ -536,6 +581,11 @@ class PlaitEngine:
                 f"({type(cause).__name__}: {lines[0] if lines else ''}); set "
                 f"rollout.compile=false (compiling needs a C++ compiler on the CPU, Triton "
                 f"on a GPU)") from err
+        finally:
+            if attention is not None:
+                restore_attention_implementation(self.config, attention)
+            if deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int
                 ) -> torch.Tensor:
@@ -546,6 +596,13 @@ class PlaitEngine:
         hidden = self._run(tokens.view(n, 1), positions.view(n, 1),
                            torch.arange(n, device=device), kv_len=kv_len, contiguous=True)
         return self.lm_head(self.base.norm(hidden[:, -1])).float()
+
+    def _decode_draw(self, tokens: torch.Tensor, positions: torch.Tensor,
+                     settings: torch.Tensor, offset: torch.Tensor, *, kv_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled step: :meth:`_decode`, then :func:`_draw` from its logits."""
+        logits = self._decode(tokens, positions, kv_len=kv_len)
+        return logits, *_draw(logits, settings.view(tokens.shape[0], 5), offset)
 
     def _run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
         """The decoder layers over new tokens at ``positions`` of the given slots."""
@@ -582,7 +639,7 @@ class PlaitEngine:
         """The running rows' sampling settings as device tensors, built once per decode
         run (host lists turned into device tensors would otherwise copy every step)."""
         running = self._running
-        device = self._pending_logits.device
+        device = self._device()
         params = [r.params for r in running]
         is_greedy = [p.greedy for p in params]
         where = [r.length for r in running]
@@ -599,7 +656,7 @@ class PlaitEngine:
         top_p = [p.top_p for p in params]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             plan.top_k, plan.top_p = _filter_settings(top_k, top_p,
-                                                      self._pending_logits.shape[-1], device)
+                                                      self.lm_head.weight.shape[0], device)
         sampled = [i for i, g in enumerate(is_greedy) if not g]
         seeded = [i for i in sampled if running[i].seed_words is not None]
         shared = [i for i in sampled if running[i].seed_words is None]
@@ -611,6 +668,12 @@ class PlaitEngine:
             plan.seed_words = torch.tensor(
                 [(*running[i].seed_words, len(running[i].tokens)) for i in seeded],
                 device=device)
+        if self._compiled_decode is not None:  # what the compiled step draws with
+            plan.drawable = not shared and plan.top_k is None
+            plan.settings = torch.tensor(
+                [(1.0, 1.0, 0, 0, 0) if r.params.greedy or r.seed_words is None else
+                 (r.params.temperature, 0.0, *r.seed_words, len(r.tokens)) for r in running],
+                dtype=torch.float64, device=device)
         return plan
 
     @staticmethod
@@ -653,6 +716,11 @@ class PlaitEngine:
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+# Element-wise results of more operations than this are stored by the compiled CPU
+# decode step instead of recomputed inside their consumers' loops (see __init__).
+_REALIZE_OPCOUNT = 10
+
+
 # Guards torch.compile would check on every decode step that protect what the engine
 # never changes once built: the model's module structure (types, attributes absent from
 # a module's dict, empty hook dicts; ~650 of ~870 guards on a 4-layer model), and the
@@ -664,23 +732,6 @@ class PlaitEngine:
 _UNGUARDED = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
                         "TYPE_MATCH", "DICT_NOT_CONTAINS", "CLOSURE_MATCH", "BUILTIN_MATCH",
                         "MODULE_MATCH", "CLASS_MATCH"})
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms_off() -> Iterator[None]:
-    """``torch.use_deterministic_algorithms`` off inside the block, then as it was.
-
-    For the compiled decode step: its only scatter is the cache write, one (row, position)
-    per row, with no duplicate index, so its result does not depend on the flag. Traced
-    under the flag, inductor routes those writes through aten's deterministic index_put,
-    which from the generated C++ copies each whole cache tensor at every step (8x slower
-    generation measured on the CPU)."""
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def _decode_guards(entries) -> list[bool]:
@@ -707,6 +758,28 @@ class _SamplingPlan:
     drawn: int = 0                             # tokens sampled since the plan was made
     uniforms: torch.Tensor | None = None       # [m, chunk] seeded draws ahead
     uniforms_from: int = 0                     # the token offset of uniforms[:, 0]
+    # compiled engines: each row's (temperature, greedy, seed low, seed high, tokens so
+    # far) for _draw, float64 [n, 5] (unseeded rows as greedy); whether the draw is the
+    # plan's own (no unseeded sampled rows, no top-k/top-p)
+    settings: torch.Tensor | None = None
+    drawable: bool = False
+
+
+def _draw(logits: torch.Tensor, settings: torch.Tensor, offset: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row, and ``[2, n]`` float64 of the tokens and their
+    log-probabilities, for greedy and seeded rows without top-k/top-p: the arithmetic of
+    :meth:`PlaitEngine._sample`, written to run inside the compiled decode step.
+    ``settings``: float64 ``[n, 5]``, each row's (temperature, greedy, seed low word, seed
+    high word, tokens so far); the draw is that of token ``tokens so far + offset``."""
+    temperature = settings[:, 0:1].to(logits.dtype)
+    words = settings[:, 2:].long()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    uniform = counter_uniform(words[:, 0], words[:, 2] + offset, words[:, 1])
+    tokens = torch.where(settings[:, 1] > 0, logits.argmax(-1),
+                         sample_inverse_cdf(logp.exp(), uniform))
+    return tokens, torch.stack([tokens.double(),
+                                logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()])
 
 
 def _filter_settings(top_k: list[int], top_p: list[float], vocab: int, device
