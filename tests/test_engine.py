@@ -478,11 +478,23 @@ needs_cxx = pytest.mark.skipif(
     reason="torch.compile on the CPU needs a C++ compiler")
 
 
+def _draw_modes(engine) -> set[bool]:
+    """Record which graphs of the compiled step (``sample`` on or off) the engine calls."""
+    modes, compiled = set(), engine._compiled_decode
+
+    def step(*args, sample, **kwargs):
+        modes.add(sample)
+        return compiled(*args, sample=sample, **kwargs)
+
+    engine._compiled_decode = step
+    return modes
+
+
 @needs_cxx
 def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
     """rollout.compile: greedy and seeded completions (tokens, finish reasons, log-probs)
     equal the eager engine's across batch sizes, refills, decode runs, a cache that grows
-    and a weight update in place, from one compilation."""
+    and a weight update in place, from one compilation per draw mode (sampling or not)."""
     from torch._dynamo.utils import counters
 
     tokenizer, _, prompts = setup
@@ -503,6 +515,8 @@ def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
     for compile_ in (False, True):
         engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=5, sync_every=1,
                                             compile=compile_), tokenizer)
+        if compile_:
+            modes = _draw_modes(engine)
         first = completions(engine)
         engine.sync_every = 4
         long = engine.generate(prompts[:2], SamplingParams(max_new_tokens=90, temperature=0.0))
@@ -511,7 +525,7 @@ def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
         updated = completions(engine)
         model.load_state_dict(saved)
         runs.append((first, [g[0].token_ids for g in long], updated))
-    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert counters["stats"]["unique_graphs"] - graphs == len(modes) == 2
     (first, long, updated), (c_first, c_long, c_updated) = runs
     assert first != updated  # the new weights change the completions
     assert c_long == long and max(len(t) for t in long) > 64  # the cache grew past 64
@@ -617,24 +631,31 @@ def test_compiled_draw_equals_the_eager_sampler(setup, temperature):
     with torch.no_grad():
         engine._admit()
     plan = engine._sampling_plan()
-    assert plan.drawable and plan.settings.shape == (11, 5)
+    assert plan.drawable and plan.sample and plan.settings.shape == (11, 4)
     torch.manual_seed(0)
     tokens_seen = set()
     for offset in range(40):
         logits = engine._pending_logits + 3 * torch.randn_like(engine._pending_logits)
         want_tokens, want_logprobs = engine._sample(logits, plan, offset=offset)
-        tokens, draw = _draw(logits, plan.settings, torch.tensor(offset))
+        tokens, draw = _draw(logits, plan.settings, plan.counters + offset)
         assert torch.equal(tokens, want_tokens) and torch.equal(draw[0].long(), want_tokens)
         torch.testing.assert_close(draw[1], want_logprobs.double(), atol=1e-6, rtol=0)
         tokens_seen.update(want_tokens[2:].tolist())
+        # without sampling (the graph for greedy plans) every row is greedy
+        greedy_tokens, greedy_draw = _draw(logits, plan.settings, plan.counters, sample=False)
+        assert torch.equal(greedy_tokens, logits.argmax(-1))
+        assert torch.equal(greedy_draw[:, :2], draw[:, :2])  # the two greedy rows
     assert len(tokens_seen) > 5  # the seeded rows really sample
-    for params, seeds in ((SamplingParams(max_new_tokens=8, temperature=1.0), None),
-                          (SamplingParams(max_new_tokens=8, top_k=5), [3])):
+    for params, seeds, drawable in (
+            (SamplingParams(max_new_tokens=8, temperature=0.0), None, True),
+            (SamplingParams(max_new_tokens=8, temperature=1.0), None, False),
+            (SamplingParams(max_new_tokens=8, top_k=5), [3], False)):
         other = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
         other.submit(prompts[:1], params, seeds=seeds)
         with torch.no_grad():
             other._admit()
-        assert not other._sampling_plan().drawable
+        other_plan = other._sampling_plan()
+        assert (other_plan.drawable, other_plan.sample) == (drawable, False)
 
 
 def test_compiled_step_restores_attention_and_deterministic_settings(setup):

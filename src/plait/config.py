@@ -133,11 +133,12 @@ class RolloutConfig:
         "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "
         "values keep a GPU busy; finished rows compute until the next check.", low=1)
     compile: bool = opt(
-        False, "plait engine: run the decode step through torch.compile (symbolic shapes: one "
-        "compilation for every batch size and length, paid by the first decode, ~15-40 s on "
-        "a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill and sampling stay "
-        "eager, and so does the engine of FSDP-sharded trainers (rollout workers apart "
-        "compile theirs).")
+        False, "plait engine: run the decode step, and the draw of greedy and seeded tokens, "
+        "through torch.compile (symbolic shapes: one compilation for every batch size and "
+        "length, one more for greedy-only decoding, each paid by its first decode, ~15-40 s "
+        "on a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill, and sampling "
+        "of unseeded or top-k/top-p rows, stay eager, and so does the engine of FSDP-sharded "
+        "trainers (rollout workers apart compile theirs).")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")

@@ -38,13 +38,17 @@ the run ends and a freed slot is refilled at the next sync.
 
 ``compile=True`` (``rollout.compile``) runs the decode step (embedding, decoder layers,
 cache writes, final norm and head) through ``torch.compile`` with symbolic batch and
-cache lengths: one compilation per engine serves every batch size and length (the first decode
-pays it), element-wise work is fused and the per-operator overhead of small batches
-drops. The compiled step also draws the next token of greedy and seeded rows from the
-logits it computes (:func:`_draw`, the same arithmetic as the eager sampler): a run of
-such rows without top-k/top-p samples no operator outside the graph. Prefill, and
-sampling for unseeded or filtered rows, stay eager. No CUDA graphs are captured (their static
-buffers would pin the KV cache that the hybrid engine releases between generations).
+cache lengths: every batch size and length runs through the same compiled graph (the
+first decode pays the compilation), element-wise work is fused and the per-operator
+overhead of small batches drops. The compiled step also draws the next token of greedy
+and seeded rows from the logits it computes (:func:`_draw`, the eager sampler's
+arithmetic; its kernels round differently, so log-probs agree to float rounding): a run
+of such rows without top-k/top-p samples no operator outside the graph. There are two
+graphs, compiled when first needed: one that samples (a seeded row at temperature > 0
+runs) and one that only takes the greedy tokens. Prefill, and sampling for unseeded or
+filtered rows, stay eager (from the logits the greedy graph returns). No CUDA graphs
+are captured (their static buffers would pin the KV cache that the hybrid engine
+releases between generations).
 The per-call cost around the graph is trimmed: guards on the model's module structure
 are not checked at each step (see ``_UNGUARDED``) and the layers' float constants are
 baked in. On the CPU the compiled step also calls its kernels from generated C++
@@ -543,10 +547,11 @@ class PlaitEngine:
         compiled draw does not cover: unseeded sampling, top-k/top-p)."""
         if self._compiled_decode is None:
             return self._decode(tokens, positions, kv_len=kv_len), None
-        settings = plan.settings
+        # each row's token counter (its draw's index): advanced on the device, no host copy
+        settings, counters = plan.settings, plan.counters + offset if offset else plan.counters
         # the row count as an unbacked size: no specialisation to 1 row, nor to the slot
         # count when every slot runs
-        for tensor in (tokens, positions, settings):
+        for tensor in (tokens, positions, settings, counters):
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
         # (set and restored by hand: context managers cost ~10 us each, against a step of
         # 0.2-2 ms on the CPU)
@@ -569,8 +574,7 @@ class PlaitEngine:
             with torch._dynamo.config.patch(specialize_float=True) if not self._traced \
                     else contextlib.nullcontext():
                 logits, tokens, draw = self._compiled_decode(
-                    tokens, positions, settings, torch.tensor(offset, device=tokens.device),
-                    kv_len=kv_len)
+                    tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample)
             self._traced = True
             return logits, (tokens, draw) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
@@ -598,11 +602,13 @@ class PlaitEngine:
         return self.lm_head(self.base.norm(hidden[:, -1])).float()
 
     def _decode_draw(self, tokens: torch.Tensor, positions: torch.Tensor,
-                     settings: torch.Tensor, offset: torch.Tensor, *, kv_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The compiled step: :meth:`_decode`, then :func:`_draw` from its logits."""
+                     settings: torch.Tensor, counters: torch.Tensor, *, kv_len: int,
+                     sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled step: :meth:`_decode`, then :func:`_draw` from its logits (one
+        graph with ``sample``, one without)."""
+        n = tokens.shape[0]
         logits = self._decode(tokens, positions, kv_len=kv_len)
-        return logits, *_draw(logits, settings.view(tokens.shape[0], 5), offset)
+        return logits, *_draw(logits, settings.view(n, 4), counters.view(n), sample)
 
     def _run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
         """The decoder layers over new tokens at ``positions`` of the given slots."""
@@ -670,10 +676,12 @@ class PlaitEngine:
                 device=device)
         if self._compiled_decode is not None:  # what the compiled step draws with
             plan.drawable = not shared and plan.top_k is None
+            plan.sample = plan.drawable and bool(seeded)
             plan.settings = torch.tensor(
-                [(1.0, 1.0, 0, 0, 0) if r.params.greedy or r.seed_words is None else
-                 (r.params.temperature, 0.0, *r.seed_words, len(r.tokens)) for r in running],
+                [(1.0, 1.0, 0, 0) if r.params.greedy or r.seed_words is None else
+                 (r.params.temperature, 0.0, *r.seed_words) for r in running],
                 dtype=torch.float64, device=device)
+            plan.counters = torch.tensor([len(r.tokens) for r in running], device=device)
         return plan
 
     @staticmethod
@@ -758,26 +766,33 @@ class _SamplingPlan:
     drawn: int = 0                             # tokens sampled since the plan was made
     uniforms: torch.Tensor | None = None       # [m, chunk] seeded draws ahead
     uniforms_from: int = 0                     # the token offset of uniforms[:, 0]
-    # compiled engines: each row's (temperature, greedy, seed low, seed high, tokens so
-    # far) for _draw, float64 [n, 5] (unseeded rows as greedy); whether the draw is the
-    # plan's own (no unseeded sampled rows, no top-k/top-p)
+    # compiled engines: each row's (temperature, greedy, seed low, seed high) for _draw,
+    # float64 [n, 4] (unseeded rows as greedy), and its tokens so far, int64 [n]; whether
+    # the draw is the plan's own (no unseeded sampled rows, no top-k/top-p) and whether it
+    # samples (a seeded row that is not greedy)
     settings: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
     drawable: bool = False
+    sample: bool = False
 
 
-def _draw(logits: torch.Tensor, settings: torch.Tensor, offset: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(logits: torch.Tensor, settings: torch.Tensor, counters: torch.Tensor,
+          sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row, and ``[2, n]`` float64 of the tokens and their
     log-probabilities, for greedy and seeded rows without top-k/top-p: the arithmetic of
-    :meth:`PlaitEngine._sample`, written to run inside the compiled decode step.
-    ``settings``: float64 ``[n, 5]``, each row's (temperature, greedy, seed low word, seed
-    high word, tokens so far); the draw is that of token ``tokens so far + offset``."""
+    :meth:`PlaitEngine._sample`, written to run inside the compiled decode step (compiled,
+    its kernels round differently: log-probs agree to float rounding, and a token differs
+    only where a row's uniform falls within rounding of a boundary of its CDF).
+    ``settings``: float64 ``[n, 4]``, each row's (temperature, greedy, seed low word, seed
+    high word); ``counters``: int64 ``[n]``, the index of each row's token to draw.
+    ``sample=False``: every row as greedy (no inverse-CDF pass over the vocabulary)."""
     temperature = settings[:, 0:1].to(logits.dtype)
-    words = settings[:, 2:].long()
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    uniform = counter_uniform(words[:, 0], words[:, 2] + offset, words[:, 1])
-    tokens = torch.where(settings[:, 1] > 0, logits.argmax(-1),
-                         sample_inverse_cdf(logp.exp(), uniform))
+    tokens = logits.argmax(-1)
+    if sample:
+        words = settings[:, 2:].long()
+        uniform = counter_uniform(words[:, 0], counters, words[:, 1])
+        tokens = torch.where(settings[:, 1] > 0, tokens, sample_inverse_cdf(logp.exp(), uniform))
     return tokens, torch.stack([tokens.double(),
                                 logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()])
 
