@@ -135,8 +135,8 @@ class RolloutConfig:
     compile: bool = opt(
         False, "plait engine: run the decode step, and the draw of greedy and seeded tokens, "
         "through torch.compile (symbolic shapes: one compilation for every batch size and "
-        "length, one more for greedy-only decoding, each paid by its first decode, ~15-40 s "
-        "on a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill, and sampling "
+        "length, one more for runs that draw no seeded sample (greedy decoding, unseeded or "
+        "top-k/top-p rows), each paid by its first decode, ~15-40 s on a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill, and sampling "
         "of unseeded or top-k/top-p rows, stay eager, and so does the engine of FSDP-sharded "
         "trainers (rollout workers apart compile theirs).")
     fuse_forwards: bool = opt(

@@ -49,6 +49,7 @@ runs) and one that only takes the greedy tokens. Prefill, and sampling for unsee
 filtered rows, stay eager (from the logits the greedy graph returns). No CUDA graphs
 are captured (their static buffers would pin the KV cache that the hybrid engine
 releases between generations).
+
 The per-call cost around the graph is trimmed: guards on the model's module structure
 are not checked at each step (see ``_UNGUARDED``) and the layers' float constants are
 baked in. On the CPU the compiled step also calls its kernels from generated C++
