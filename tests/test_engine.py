@@ -537,6 +537,52 @@ def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
 
 
 @needs_cxx
+def test_compiled_cpu_runs_decode_several_steps_in_one_call(setup):
+    """A compiled CPU engine runs a decode run of rows it draws for (greedy and seeded) as
+    one compiled call of sync_every steps, each step on the token drawn before it.
+    Completions (tokens, finish reasons, log-probs) equal the eager engine's one step at
+    a time through refills, top-k/top-p rows entering and leaving the running set (their
+    runs step by step), rows stopping or reaching their token limit inside a call, and
+    runs near the end of the cache (which fall back to single steps)."""
+    tokenizer, model, prompts = setup
+    longest = max(len(p) for p in prompts)
+
+    def completions(engine):
+        _mixed_batch(engine, prompts)
+        engine.submit(prompts[:2], SamplingParams(max_new_tokens=11, temperature=1.0), n=2,
+                      seeds=[3, 4])
+        # the longest prompt, to the end of the cache: no room for a whole call there
+        engine.submit([max(prompts, key=len)], SamplingParams(max_new_tokens=23,
+                                                              temperature=0.0,
+                                                              ignore_eos=True))
+        return sorted(((c.prompt_index, c.token_ids, c.finish_reason, c.logprobs)
+                       for _, group in engine.stream() for c in group),
+                      key=lambda x: (x[0], x[1]))
+
+    eager = completions(early_stopping(
+        PlaitEngine(model, tokenizer, max_batch=5, sync_every=1, max_len=longest + 23),
+        tokenizer))
+    engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=5, sync_every=3,
+                                        max_len=longest + 23, compile=True), tokenizer)
+    calls, original = [], engine._decode_step
+
+    def step(*args, plan, steps=1, **kwargs):
+        calls.append((plan.drawable, steps))
+        return original(*args, plan=plan, steps=steps, **kwargs)
+
+    engine._decode_step = step
+    compiled = completions(engine)
+    assert [c[:3] for c in compiled] == [c[:3] for c in eager]
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(torch.tensor(b[3]), torch.tensor(a[3]), atol=1e-4, rtol=1e-4)
+    assert any(c[2] == "length" for c in eager) and any(c[2] == "stop" for c in eager)
+    # one call per run of drawable rows; step by step for the top-k/top-p rows' runs and
+    # at the end of the cache
+    assert {(True, 3), (False, 1), (True, 1)} == set(calls)
+    assert engine._keys[0].shape[2] == longest + 23
+
+
+@needs_cxx
 @pytest.mark.parametrize("arch, window", [("qwen3", None), ("mistral", 8)])
 def test_compiled_decode_follows_other_families(arch, window):
     """Qwen3's query/key norms and Mistral's sliding window through the compiled step:
@@ -703,7 +749,7 @@ def test_compiled_decode_keeps_tensor_guards(setup):
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    engine = PlaitEngine(model, tokenizer, max_batch=4, compile=True)
+    engine = PlaitEngine(model, tokenizer, max_batch=4, sync_every=1, compile=True)
     engine.submit(prompts[:2], params, n=2, seeds=[1, 2])
     # the step runs with deterministic algorithms off (its cache writes have no duplicate
     # index) and leaves the flag as it found it

@@ -130,15 +130,20 @@ class RolloutConfig:
         "(after new weights mid-generation, a resume) at once.", low=1)
     sync_every: int | None = opt(
         None, "plait engine: decode steps between device-to-host transfers of the sampled "
-        "tokens (stop checks, refilling freed slots); null = 1 on CPU, 8 on CUDA. Larger "
-        "values keep a GPU busy; finished rows compute until the next check.", low=1)
+        "tokens (stop checks, refilling freed slots); null = 1 on CPU, 4 on CPU with "
+        "rollout.compile, 8 on CUDA. Larger values keep a GPU busy; finished rows compute "
+        "until the next check. With rollout.compile on the CPU, a run of greedy and seeded "
+        "rows is one compiled call of this many steps (less overhead per token, about this "
+        "many times the compile time).", low=1)
     compile: bool = opt(
         False, "plait engine: run the decode step, and the draw of greedy and seeded tokens, "
         "through torch.compile (symbolic shapes: one compilation for every batch size and "
-        "length, one more for runs that draw no seeded sample (greedy decoding, unseeded or "
-        "top-k/top-p rows), each paid by its first decode, ~15-40 s on a CPU; needs a C++ compiler on the CPU, Triton on a GPU). Prefill, and sampling "
-        "of unseeded or top-k/top-p rows, stay eager, and so does the engine of FSDP-sharded "
-        "trainers (rollout workers apart compile theirs).")
+        "length). Graphs are compiled when first needed: runs that sample seeded rows, runs "
+        "that draw greedy tokens only (evaluation), and one-step graphs for unseeded or "
+        "top-k/top-p rows (sampled eagerly from the logits) and for runs at the end of the "
+        "KV cache; on the CPU a graph of sync_every steps compiles in ~15-40 s per step, "
+        "and needs a C++ compiler (Triton on a GPU). Prefill stays eager, and so does the "
+        "engine of FSDP-sharded trainers (rollout workers apart compile theirs).")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")

@@ -26,7 +26,8 @@ Sliding-window attention (Mistral, Qwen2/Qwen3 with ``use_sliding_window``, mixe
 whole context (it is not a ring buffer), so its memory is not bounded by the window.
 
 Host syncs: the sampled tokens come to the host only every ``sync_every`` decode
-steps (default 1 on the CPU, where a sync is free, and 8 on CUDA), in one transfer of
+steps (default 1 on the CPU, where a sync is free, 4 on the CPU with ``compile=True``,
+and 8 on CUDA), in one transfer of
 tokens and log-probs. Between those points positions advance on the device and the
 sampling settings (temperatures, greedy and seeded rows, seeds and token counters) are
 device tensors built once per run, so no step copies host data to the device or waits
@@ -45,7 +46,13 @@ and seeded rows from the logits it computes (:func:`_draw`, the eager sampler's
 arithmetic; its kernels round differently, so log-probs agree to float rounding): a run
 of such rows without top-k/top-p samples no operator outside the graph. There are two
 graphs, compiled when first needed: one that samples (a seeded row at temperature > 0
-runs) and one that only takes the greedy tokens. Prefill, and sampling for unseeded or
+runs) and one that only takes the greedy tokens. On the CPU such a graph runs a whole
+decode run, ``sync_every`` steps each fed the token drawn before it, in one call (the
+~110 us a call costs around the kernels, in torch.compile's wrappers and the engine's
+loop, are paid once per run; the graph takes about ``sync_every`` times as long to
+compile, and a row that finishes inside a run computes to its end); runs of rows it does
+not draw for, and runs with no room left in the cache for a whole call, take one call per
+step of a one-step graph. Prefill, and sampling for unseeded or
 filtered rows, stay eager (from the logits the greedy graph returns). No CUDA graphs
 are captured (their static buffers would pin the KV cache that the hybrid engine
 releases between generations).
@@ -161,11 +168,18 @@ class PlaitEngine:
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
         self._window, self._sliding = sliding_layers(self.config)
+        on_cpu = self._device().type == "cpu"
         if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
-            sync_every = 8 if self._device().type == "cuda" else 1
+            sync_every = 8 if self._device().type == "cuda" else \
+                _CPU_COMPILED_RUN if compile and on_cpu else 1
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, not {sync_every}")
         self.sync_every = sync_every
+        # On the CPU a compiled engine runs a whole decode run (sync_every steps, each
+        # drawing its row's next token inside the graph) as one compiled call: the
+        # ~110 us a call spends in torch.compile's wrappers and the engine's loop are
+        # paid once per run instead of once per token (see _decode_run)
+        self._run_steps = sync_every if compile and on_cpu else 1
         # the decode step compiled once with symbolic batch and cache lengths: no recompile
         # as rows finish, lengths grow or the cache is reallocated; weights updated in
         # place (trainer steps, weight pushes) are read by the compiled code as they are
@@ -173,7 +187,6 @@ class PlaitEngine:
         # of Python (inductor's cpp_wrapper: ~60-90 us less per step) and runs attention
         # as fused products and sums (decode_attention) instead of one flash-attention
         # problem per (row, head); on a GPU it keeps sdpa and the Python wrapper.
-        on_cpu = self._device().type == "cpu"
         self._decode_attention = bool(compile) and on_cpu
         options = {"guard_filter_fn": _decode_guards}
         if on_cpu:
@@ -318,16 +331,18 @@ class PlaitEngine:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _ensure_cache(self, needed_len: int) -> None:
-        """Allocate (or grow) the slot cache to hold ``needed_len`` positions."""
+    def _ensure_cache(self, needed_len: int, spare: int = 0) -> None:
+        """Allocate (or grow) the slot cache to hold ``needed_len`` positions, and up to
+        ``spare`` more where the model allows (room for steps past a row's token limit)."""
         limit = self.max_len or self.config.max_position_embeddings
         if needed_len > limit:
             raise ValueError(f"a request needs {needed_len} positions but the model supports "
                              f"{limit}; shorten prompts or rollout.max_new_tokens")
         have = self._keys[0].shape[2] if self._keys else 0
-        if needed_len <= have:
+        wanted = min(limit, needed_len + spare)
+        if wanted <= have:
             return
-        length = min(limit, max(needed_len, 2 * have, 64))
+        length = min(limit, max(wanted, 2 * have, 64))
         heads = self.config.num_key_value_heads
         head_dim = getattr(self.config, "head_dim", None) or \
             self.config.hidden_size // self.config.num_attention_heads
@@ -366,7 +381,7 @@ class PlaitEngine:
             width = wider
             batch.append(self._waiting.popleft())
         longest = max(len(r.prompt) + r.params.max_new_tokens for r in batch)
-        self._ensure_cache(longest)
+        self._ensure_cache(longest, spare=self._run_steps - 1)
         contexts = [r.prompt + r.tokens for r in batch]  # resumed requests re-prefill
         first_slot = len(self._running)
         self._running.extend(batch)
@@ -406,43 +421,21 @@ class PlaitEngine:
         device-to-host transfer in between, then bring them to the host at once: each row
         takes its tokens up to its first stop, finished rows leave, and the model runs on
         the survivors' last tokens. A row that stops inside the run computes on until its
-        end (its extra tokens are dropped); the run never passes a row's token limit."""
+        end (its extra tokens are dropped); the run never passes a row's token limit.
+
+        A compiled CPU engine whose rows it can draw for (:attr:`_SamplingPlan.drawable`)
+        runs the whole run as one compiled call of ``sync_every`` steps, which also
+        computes the step after the run (the survivors' next token is drawn with it); a
+        row may then run past its token limit inside the call (those tokens are dropped
+        too), and the cache keeps room for it."""
         running = self._running
-        steps = min(self.sync_every,
-                    min(r.params.max_new_tokens - len(r.tokens) for r in running))
         if self._plan is None:  # kept while the running set stays the same
             self._plan = self._sampling_plan()
         plan = self._plan
-        logits, pending = self._pending_logits, self._pending_draw
-        drawn = []
-        for k in range(steps):
-            at = plan.drawn + k  # tokens since the plan was made
-            if pending is None:
-                tokens, logprobs = self._sample(logits, plan, offset=at)
-                draw = torch.stack([tokens.double(), logprobs.double()])
-            else:  # drawn by the compiled step
-                tokens, draw = pending
-            drawn.append(draw)
-            if k < steps - 1:  # every row runs; positions advance on the device
-                logits, pending = self._decode_step(tokens, plan.positions + at,
-                                                    kv_len=plan.longest + at + 1, plan=plan,
-                                                    offset=at + 1)
-        plan.drawn += steps
-        # the run's one device-to-host transfer: [2, rows, steps]
-        token_rows, logprob_rows = (drawn[0].unsqueeze(-1) if steps == 1
-                                    else torch.stack(drawn, -1)).tolist()
-        finished = []
-        for slot, request in enumerate(running):
-            if request.version is None:
-                request.version = self.policy_version
-            for token, logprob in zip(token_rows[slot], logprob_rows[slot], strict=True):
-                token = int(token)
-                request.tokens.append(token)
-                request.logprobs.append(logprob)
-                reason = self._finish_reason(request, token)
-                if reason is not None:
-                    finished.append((slot, reason))
-                    break
+        in_one_call = self._run_steps > 1 and plan.drawable and \
+            plan.longest + plan.drawn + self._run_steps <= self._keys[0].shape[2]
+        run, tokens, logits, pending = self._sample_run(plan, in_one_call)
+        finished = self._take_tokens(run)
         done_groups = []
         for slot, reason in finished:
             done = self._complete(running[slot], reason)
@@ -454,6 +447,12 @@ class PlaitEngine:
             self._compact(survivors)
         if not self._running:
             self._pending_logits, self._pending_draw = None, None
+            return done_groups
+        if in_one_call:  # the step after the run is done: keep the survivors' rows of it
+            if finished:
+                keep = torch.tensor(survivors, device=tokens.device)
+                logits, pending = logits[keep], (pending[0][keep], pending[1][:, keep])
+            self._pending_logits, self._pending_draw = logits, pending
             return done_groups
         if finished:  # the survivors' last tokens, where they sit
             tokens = tokens[torch.tensor(survivors, device=tokens.device)]
@@ -467,6 +466,55 @@ class PlaitEngine:
             tokens, positions, kv_len=kv_len, plan=self._plan,
             offset=0 if self._plan is None else self._plan.drawn)
         return done_groups
+
+    def _sample_run(self, plan: _SamplingPlan, in_one_call: bool):
+        """The run's tokens, ``[2, rows, steps]`` (tokens and log-probs, float64), the
+        last tokens and logits, and (in one call) the draw of the step after the run."""
+        logits, pending = self._pending_logits, self._pending_draw
+        at = plan.drawn  # tokens since the plan was made
+        steps = self._run_steps if in_one_call else \
+            min(self.sync_every, min(r.params.max_new_tokens - len(r.tokens)
+                                     for r in self._running))
+        drawn = []
+        for k in range(steps):
+            if pending is None:
+                tokens, logprobs = self._sample(logits, plan, offset=at + k)
+                draw = torch.stack([tokens.double(), logprobs.double()])
+            else:  # drawn by the compiled step
+                tokens, draw = pending
+            drawn.append(draw.unsqueeze(-1))
+            if in_one_call:  # steps at + 1 .. at + steps, drawn inside the call
+                logits, (tokens, draws) = self._decode_step(
+                    tokens, plan.positions + at, kv_len=plan.longest + at + 1, plan=plan,
+                    offset=at + 1, steps=steps)
+                drawn.append(draws[..., :-1])
+                pending = tokens, draws[..., -1]
+                break
+            if k < steps - 1:  # every row runs; positions advance on the device
+                logits, pending = self._decode_step(tokens, plan.positions + at + k,
+                                                    kv_len=plan.longest + at + k + 1,
+                                                    plan=plan, offset=at + k + 1)
+        plan.drawn += steps
+        return drawn[0] if len(drawn) == 1 else torch.cat(drawn, -1), tokens, logits, pending
+
+    def _take_tokens(self, run: torch.Tensor) -> list[tuple[int, str]]:
+        """Append each running row's tokens of the run ``[2, rows, steps]`` (the run's one
+        device-to-host transfer) up to its first stop; returns ``(slot, reason)`` of the
+        rows that finished."""
+        token_rows, logprob_rows = run.tolist()
+        finished = []
+        for slot, request in enumerate(self._running):
+            if request.version is None:
+                request.version = self.policy_version
+            for token, logprob in zip(token_rows[slot], logprob_rows[slot], strict=True):
+                token = int(token)
+                request.tokens.append(token)
+                request.logprobs.append(logprob)
+                reason = self._finish_reason(request, token)
+                if reason is not None:
+                    finished.append((slot, reason))
+                    break
+        return finished
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         if token in self.end_ids and not request.params.ignore_eos:
@@ -541,11 +589,14 @@ class PlaitEngine:
         return self.lm_head(self.base.norm(last)).float()
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int,
-                     plan: _SamplingPlan | None = None, offset: int = 0
+                     plan: _SamplingPlan | None = None, offset: int = 0, steps: int = 1
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Next-token logits of the running rows and, compiled, what :func:`_draw` drew
         from them ``offset`` tokens into ``plan`` (None where the plan has rows the
-        compiled draw does not cover: unseeded sampling, top-k/top-p)."""
+        compiled draw does not cover: unseeded sampling, top-k/top-p). ``steps`` > 1
+        (compiled, drawable plans only): that many steps in one call, each on the token
+        drawn before it; the logits and tokens are the last step's, the draws
+        ``[2, n, steps]``."""
         if self._compiled_decode is None:
             return self._decode(tokens, positions, kv_len=kv_len), None
         # each row's token counter (its draw's index): advanced on the device, no host copy
@@ -575,7 +626,8 @@ class PlaitEngine:
             with torch._dynamo.config.patch(specialize_float=True) if not self._traced \
                     else contextlib.nullcontext():
                 logits, tokens, draw = self._compiled_decode(
-                    tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample)
+                    tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample,
+                    steps=steps)
             self._traced = True
             return logits, (tokens, draw) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
@@ -604,12 +656,22 @@ class PlaitEngine:
 
     def _decode_draw(self, tokens: torch.Tensor, positions: torch.Tensor,
                      settings: torch.Tensor, counters: torch.Tensor, *, kv_len: int,
-                     sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The compiled step: :meth:`_decode`, then :func:`_draw` from its logits (one
-        graph with ``sample``, one without)."""
+                     sample: bool, steps: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled step: :meth:`_decode`, then :func:`_draw` from its logits, ``steps``
+        times, each drawn token the input of the next step (one graph per ``sample`` and
+        ``steps``). Returns the last step's logits and tokens, and the draws: ``[2, n]``
+        for one step, ``[2, n, steps]`` for more."""
         n = tokens.shape[0]
-        logits = self._decode(tokens, positions, kv_len=kv_len)
-        return logits, *_draw(logits, settings.view(n, 4), counters.view(n), sample)
+        settings, counters = settings.view(n, 4), counters.view(n)
+        draws = []
+        for step in range(steps):
+            logits = self._decode(tokens, positions + step if step else positions,
+                                  kv_len=kv_len + step)
+            tokens, draw = _draw(logits, settings, counters + step if step else counters,
+                                 sample)
+            draws.append(draw)
+        return logits, tokens, draws[0] if steps == 1 else torch.stack(draws, -1)
 
     def _run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
         """The decoder layers over new tokens at ``positions`` of the given slots."""
@@ -724,6 +786,11 @@ class PlaitEngine:
                     tokens[rows] = sample_inverse_cdf(logp[rows].exp(), uniform)
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
+
+# Decode steps per compiled call (and host sync) of a compiled CPU engine by default:
+# fewer calls against more compilation (a graph of N steps takes ~N times as long to
+# compile) and more compute spent on rows that finished inside a run.
+_CPU_COMPILED_RUN = 4
 
 # Element-wise results of more operations than this are stored by the compiled CPU
 # decode step instead of recomputed inside their consumers' loops (see __init__).
