@@ -201,7 +201,7 @@ class PlaitEngine:
         self._compiled_decode = torch.compile(self._decode_draw, dynamic=True,
                                               fullgraph=True, options=options) \
             if compile else None
-        self._traced = False  # the compiled step has been traced (see _decode_step)
+        self._traced: set[tuple[bool, int]] = set()  # graphs traced: (sample, steps)
 
     # ------------------------------------------------------------------ public API
 
@@ -619,16 +619,12 @@ class PlaitEngine:
         attention = swap_attention_implementation(self.config, DECODE_ATTENTION) \
             if self._decode_attention else None
         try:
-            # the first call traces: the layers' float constants (norm epsilons, attention
-            # scales) are baked into the graph instead of becoming inputs converted to
-            # tensors at every call; a later retrace (never expected) would only take them
-            # as inputs again
-            with torch._dynamo.config.patch(specialize_float=True) if not self._traced \
-                    else contextlib.nullcontext():
+            graph = plan.sample, steps
+            with _tracing_config() if graph not in self._traced else contextlib.nullcontext():
                 logits, tokens, draw = self._compiled_decode(
                     tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample,
                     steps=steps)
-            self._traced = True
+            self._traced.add(graph)
             return logits, (tokens, draw) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
             cause = getattr(err, "inner_exception", None) or err  # a backend's own error
@@ -808,6 +804,19 @@ _REALIZE_OPCOUNT = 10
 _UNGUARDED = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
                         "TYPE_MATCH", "DICT_NOT_CONTAINS", "CLOSURE_MATCH", "BUILTIN_MATCH",
                         "MODULE_MATCH", "CLASS_MATCH"})
+
+
+@contextlib.contextmanager
+def _tracing_config():
+    """Settings for the first call of each decode graph (the call that traces it; a config
+    patch costs ~30 us, so later calls go without): the layers' float constants (norm
+    epsilons, attention scales) are baked in instead of becoming inputs converted to
+    tensors at every call, and sizes that happen to be equal when traced are not assumed
+    equal (duck sizing: a KV cache as long as the engine has slots would otherwise tie
+    the two, and recompile once the cache grows)."""
+    with torch._dynamo.config.patch(specialize_float=True), \
+            torch.fx.experimental._config.patch(use_duck_shape=False):
+        yield
 
 
 def _decode_guards(entries) -> list[bool]:
