@@ -537,26 +537,6 @@ def test_compiled_decode_equals_eager_decode_without_recompiling(setup):
 
 
 @needs_cxx
-def test_compiled_decode_does_not_tie_the_cache_length_to_the_slot_count(setup):
-    """Traced while the KV cache is as long as the engine has slots (64), the compiled step
-    does not assume the two equal: the cache grows to 128 with no second graph."""
-    from torch._dynamo.utils import counters
-
-    tokenizer, model, prompts = setup
-    torch._dynamo.reset()
-    graphs = counters["stats"]["unique_graphs"]
-    engine = PlaitEngine(model, tokenizer, max_batch=64, sync_every=1, compile=True)
-    for new_tokens in (4, 90):
-        engine.submit(prompts[:2], SamplingParams(max_new_tokens=new_tokens, temperature=1.0,
-                                                  ignore_eos=True), seeds=[1, 2])
-        list(engine.stream())
-        if new_tokens == 4:
-            assert engine._keys[0].shape[2] == 64
-    assert engine._keys[0].shape[2] == 128
-    assert counters["stats"]["unique_graphs"] - graphs == 1
-
-
-@needs_cxx
 def test_compiled_cpu_runs_decode_several_steps_in_one_call(setup):
     """A compiled CPU engine runs a decode run of rows it draws for (greedy and seeded) as
     one compiled call of sync_every steps, each step on the token drawn before it.

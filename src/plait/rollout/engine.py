@@ -811,11 +811,8 @@ def _tracing_config():
     """Settings for the first call of each decode graph (the call that traces it; a config
     patch costs ~30 us, so later calls go without): the layers' float constants (norm
     epsilons, attention scales) are baked in instead of becoming inputs converted to
-    tensors at every call, and sizes that happen to be equal when traced are not assumed
-    equal (duck sizing: a KV cache as long as the engine has slots would otherwise tie
-    the two, and recompile once the cache grows)."""
-    with torch._dynamo.config.patch(specialize_float=True), \
-            torch.fx.experimental._config.patch(use_duck_shape=False):
+    tensors at every call."""
+    with torch._dynamo.config.patch(specialize_float=True):
         yield
 
 
