@@ -168,9 +168,10 @@ class PlaitEngine:
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
         self._window, self._sliding = sliding_layers(self.config)
-        on_cpu = self._device().type == "cpu"
+        device_type = self._device().type
+        on_cpu = device_type == "cpu"
         if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
-            sync_every = 8 if self._device().type == "cuda" else \
+            sync_every = 8 if device_type == "cuda" else \
                 _CPU_COMPILED_RUN if compile and on_cpu else 1
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, not {sync_every}")
@@ -421,7 +422,8 @@ class PlaitEngine:
         device-to-host transfer in between, then bring them to the host at once: each row
         takes its tokens up to its first stop, finished rows leave, and the model runs on
         the survivors' last tokens. A row that stops inside the run computes on until its
-        end (its extra tokens are dropped); the run never passes a row's token limit.
+        end (its extra tokens are dropped); step by step, the run never passes a row's
+        token limit.
 
         A compiled CPU engine whose rows it can draw for (:attr:`_SamplingPlan.drawable`)
         runs the whole run as one compiled call of ``sync_every`` steps, which also
@@ -476,7 +478,7 @@ class PlaitEngine:
             min(self.sync_every, min(r.params.max_new_tokens - len(r.tokens)
                                      for r in self._running))
         drawn = []
-        for k in range(steps):
+        for k in range(1 if in_one_call else steps):
             if pending is None:
                 tokens, logprobs = self._sample(logits, plan, offset=at + k)
                 draw = torch.stack([tokens.double(), logprobs.double()])
@@ -489,8 +491,7 @@ class PlaitEngine:
                     offset=at + 1, steps=steps)
                 drawn.append(draws[..., :-1])
                 pending = tokens, draws[..., -1]
-                break
-            if k < steps - 1:  # every row runs; positions advance on the device
+            elif k < steps - 1:  # every row runs; positions advance on the device
                 logits, pending = self._decode_step(tokens, plan.positions + at + k,
                                                     kv_len=plan.longest + at + k + 1,
                                                     plan=plan, offset=at + k + 1)
@@ -619,8 +620,12 @@ class PlaitEngine:
         attention = swap_attention_implementation(self.config, DECODE_ATTENTION) \
             if self._decode_attention else None
         try:
+            # a graph's first call traces it: the layers' float constants (norm epsilons,
+            # attention scales) are baked in instead of becoming inputs converted to tensors
+            # at every call (the config patch costs ~30 us, so later calls go without)
             graph = plan.sample, steps
-            with _tracing_config() if graph not in self._traced else contextlib.nullcontext():
+            with torch._dynamo.config.patch(specialize_float=True) \
+                    if graph not in self._traced else contextlib.nullcontext():
                 logits, tokens, draw = self._compiled_decode(
                     tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample,
                     steps=steps)
@@ -804,16 +809,6 @@ _REALIZE_OPCOUNT = 10
 _UNGUARDED = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
                         "TYPE_MATCH", "DICT_NOT_CONTAINS", "CLOSURE_MATCH", "BUILTIN_MATCH",
                         "MODULE_MATCH", "CLASS_MATCH"})
-
-
-@contextlib.contextmanager
-def _tracing_config():
-    """Settings for the first call of each decode graph (the call that traces it; a config
-    patch costs ~30 us, so later calls go without): the layers' float constants (norm
-    epsilons, attention scales) are baked in instead of becoming inputs converted to
-    tensors at every call."""
-    with torch._dynamo.config.patch(specialize_float=True):
-        yield
 
 
 def _decode_guards(entries) -> list[bool]:
