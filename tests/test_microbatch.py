@@ -4,33 +4,46 @@ import pytest
 import torch
 
 from plait.config import load_config
-from plait.recipes.rl import RLTrainer
+from plait.recipes.rl import GroupwiseUpdate, RLTrainer
 from plait.telemetry.timing import StageTimer
 
 
-def one_update(overrides):
+def one_update(overrides, *, by_group=False, with_stats=False):
     """The accumulated gradients of one optimizer step (compared before AdamW, which
-    amplifies float rounding in near-zero gradients), and the batch they came from."""
+    amplifies float rounding in near-zero gradients), and the batch they came from.
+    ``by_group``: the step of rollout workers' groups trained as they arrive
+    (:class:`GroupwiseUpdate`, groups in reverse order, each scored and given advantages
+    alone)."""
     trainer = RLTrainer(load_config(None, overrides))
-    grads = {}
+    grads, stats = {}, {}
     apply_gradients = trainer.apply_gradients
 
-    def record_then_apply(stats):
+    def record_then_apply(step_stats):
         for prefix, model in trainer.named_trainable_models():
             for name, p in model.named_parameters():
                 if p.grad is not None:
                     grads[f"{prefix}.{name}"] = p.grad.detach().clone()
-        return apply_gradients(stats)
+        stats.update(step_stats)
+        return apply_gradients(step_stats)
 
     trainer.apply_gradients = record_then_apply
     try:
         trainer.warm_start()
         timer = StageTimer()
         batch, _ = trainer.collect(timer)
-        trainer.score_forwards(batch, timer)
-        trainer.compute_advantages(batch)
-        trainer.update(batch, step=0)
-        return grads, batch
+        if by_group:
+            update = GroupwiseUpdate(trainer)
+            for group in batch.group_ids.unique().flip(0):
+                part = batch.select((batch.group_ids == group).nonzero().squeeze(-1))
+                trainer.score_forwards(part, timer)
+                trainer.compute_advantages(part, across_ranks=False)
+                update.add(part)
+            update.finish()
+        else:
+            trainer.score_forwards(batch, timer)
+            trainer.compute_advantages(batch)
+            trainer.update(batch, step=0)
+        return (grads, batch, stats) if with_stats else (grads, batch)
     finally:
         trainer.close()
 
@@ -50,6 +63,38 @@ def test_micro_batches_equal_one_batch(tiny_job, reward_spec, tmp_path, agg, spl
     assert max(float(g.abs().max()) for g in whole.values()) > 1e-3  # a real gradient
     for name, value in whole.items():
         torch.testing.assert_close(split[name], value, rtol=1e-4, atol=1e-7)
+
+
+IN_LOSS = ("algo.kl_coef=0.05", "algo.kl_mode=loss", "algo.entropy_coef=0.01")
+
+
+@pytest.mark.parametrize("agg, extra", [
+    ("token-mean", IN_LOSS), ("seq-mean-token-mean", IN_LOSS), ("seq-mean-token-sum", IN_LOSS),
+    ("seq-mean-token-sum-norm", IN_LOSS),
+    ("token-mean", ()), ("seq-mean-token-mean", ()),  # zero-advantage groups skipped
+])
+def test_groups_trained_as_they_arrive_equal_one_batch(tiny_job, reward_spec, tmp_path, agg,
+                                                       extra):
+    """runtime.stream_groups: forward/backward passes run group by group, each part's loss
+    normalised by 1 and the summed gradients by the batch's count at the end, give the
+    whole batch's gradients and logged statistics (KL and entropy in the loss; or, without
+    them, groups whose rewards tie skipped by both)."""
+    base = [*tiny_job[:-1], f"reward.functions=[{{fn: '{reward_spec('digits_on_even_prompts')}'}}]",
+            "algo.reward_range=[0, 1]", "optim.lr=1e-2", f"algo.loss_agg={agg}", *extra,
+            "optim.max_grad_norm=null", "algo.prompts_per_step=6", "algo.micro_batch_size=5"]
+    whole, batch, stats = one_update([*base, f"run.dir={tmp_path / 'a'}"], with_stats=True)
+    parts, batch2, stats2 = one_update([*base, f"run.dir={tmp_path / 'b'}"], by_group=True,
+                                       with_stats=True)
+    assert torch.equal(batch.response_ids, batch2.response_ids)  # same rollout
+    assert whole.keys() == parts.keys() and len(whole) > 0
+    assert max(float(g.abs().max()) for g in whole.values()) > 1e-3  # a real gradient
+    for name, value in whole.items():
+        torch.testing.assert_close(parts[name], value, rtol=1e-4, atol=1e-7)
+    assert stats.keys() == stats2.keys()
+    if not extra:
+        assert 0 < stats["update/rows_skipped_frac"] < 1  # some groups skipped, some trained
+    for key in stats:
+        assert stats2[key] == pytest.approx(stats[key], rel=1e-4, abs=1e-7), key
 
 
 def test_ppo_critic_micro_batches(tiny_job, reward_spec, tmp_path):

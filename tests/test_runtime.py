@@ -223,11 +223,16 @@ def metrics_of(run_dir):
     ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the rollout worker
     # sharded trainers gather the policy together for each push to the worker
     ("disaggregated", 2, ("runtime.data_parallel=fsdp",)),
-], ids=["disaggregated-1", "disaggregated-2", "partial-kl", "disaggregated-2-fsdp"])
+    # groups stop at different lengths: each trainer takes its groups one by one
+    ("disaggregated", 2, ("rollout.max_new_tokens=24", 'rollout.stop=["1", "2", "3"]')),
+], ids=["disaggregated-1", "disaggregated-2", "partial-kl", "disaggregated-2-fsdp",
+        "disaggregated-2-streamed"])
 def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, placement,
                                                     trainers, extra):
     """Rollout workers apart, max_staleness=0: the same samples (per-prompt seeds) and
-    the same weights (pushed before each batch) give the colocated job's update."""
+    the same weights (pushed before each batch) give the colocated job's update, also
+    when the trainers train on groups as they arrive (runtime.stream_groups: not with
+    sharded trainers)."""
     one, apart = tmp_path / "one", tmp_path / "apart"
     alone = [e for e in extra if not e.startswith("runtime.")]
     proc = run_cli("train", *job(tiny_job, reward_spec, one, *alone))
@@ -236,7 +241,12 @@ def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_p
                                  f"runtime.num_ranks={trainers}", *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(one, apart)
-    assert all(m.get("rollout/staleness", 0) == 0 for m in metrics_of(apart))
+    steps = [m for m in metrics_of(apart) if "rollout/staleness" in m]
+    assert all(m["rollout/staleness"] == 0 for m in steps)
+    streamed = "runtime.data_parallel=fsdp" not in extra
+    assert all(("rollout/parts" in m) == streamed for m in steps)
+    if any(e.startswith("rollout.stop") for e in extra):
+        assert any(m["rollout/parts"] > 1 for m in steps)
 
 
 def test_compiled_workers_serve_sharded_trainers(tiny_job, reward_spec, tmp_path):

@@ -348,6 +348,16 @@ class RuntimeConfig:
         "tail of this one as soon as max_staleness allows (a batch still starts on weights "
         "at most that many versions old). Which tokens come from which version depends on "
         "timing, so runs are not bit-reproducible.")
+    stream_groups: bool = opt(
+        True, "Rollout workers apart: send each group to its trainer as soon as it is "
+        "generated and scored, and let the trainer run the group's forward and backward "
+        "passes while the rest of the batch still generates (the optimizer steps once the "
+        "batch is complete; the update equals the whole-batch one up to float rounding, "
+        "the loss normaliser applied to the summed gradients at the end). Used when a batch "
+        "makes one update (algo.epochs=1, algo.mini_batches=1) with a group-wise advantage "
+        "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; otherwise batches travel "
+        "whole. With runtime.partial_rollout batches are sent whole and trained as they "
+        "arrive.")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(

@@ -30,6 +30,7 @@ import resource
 import time
 
 import torch
+import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from plait import algos
@@ -38,6 +39,7 @@ from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
 from plait.runtime import fsdp
 from plait.runtime.dist import shard_bounds
+from plait.runtime.heartbeat import waiting_in
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
 from plait.train.forward import ResponseLogits, response_logits, response_values, token_logprobs
@@ -532,8 +534,11 @@ class RLTrainer(Session):
 
     def step(self, step: int) -> dict[str, float]:
         timer, start, traffic_before = self.begin_step()
+        streamed = self.remote is not None and self.streams_groups
         if self.config.runtime.controller == "single" and self.dist.active:
             batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
+        elif streamed:
+            batch, metrics = self.collect_streamed(timer)         # 1-6, group by group
         elif self.remote is not None:
             batch, metrics = self.collect_remote(timer)                 # 1-3 on the workers
             metrics.update(self.rollout_metrics(batch))
@@ -549,8 +554,9 @@ class RLTrainer(Session):
             metrics.update(self.score_forwards(batch, timer))          # 4
             metrics.update(self.compute_advantages(batch))             # 5
         self._held_bytes = max(self._held_bytes, batch.nbytes)
-        with timer.stage("update"):
-            metrics.update(self.update(batch, step))                   # 6
+        if not streamed:
+            with timer.stage("update"):
+                metrics.update(self.update(batch, step))               # 6
         with timer.stage("weight_sync"):
             self.engine.update_weights(None, step + 1)
             if self.remote is not None:
@@ -578,39 +584,119 @@ class RLTrainer(Session):
                       ) -> tuple[Experience, dict]:
         """This trainer's part of a batch of ``total`` prompts made by ``layout``'s rollout
         workers (the wait is the time the trainer idles), with its step statistics."""
-        sources = layout.trainer_sources(self.dist.rank, total)
-        with timer.stage("rollout_wait"):
-            parts = [channel.recv(src) for src, _, _ in sources]
-        batches = [part["batch"] for part in parts]
-        batch = Experience.cat(batches, self.tokenizer.pad_token_id) if len(batches) > 1 \
-            else batches[0]
-        batch = batch.to(self.device)
-        version = min(part["version"] for part in parts)
-        correct = batch.rewards >= self.reward_high - 1e-6
-        batch.rewards = self.shape_rewards(batch.rewards, batch)
-        groups = float(sum(hi - lo for _, lo, hi in sources))
+        messages, chunks, correct = [], [], []
+        for message in self._messages(layout, total, channel, timer):
+            messages.append(message)
+            if message["batch"] is not None:
+                chunks.append(self._arrived(message["batch"], correct))
+        return self._assembled(layout, total, messages, chunks, correct)
+
+    def _messages(self, layout, total: int, channel, timer: StageTimer):
+        """The messages of this trainer's part of a batch of ``total`` prompts, each
+        worker's until its final one (a worker sends its part whole, or group by group
+        with ``runtime.stream_groups``); blocked time is ``rollout_wait``."""
+        for src, _, _ in layout.trainer_sources(self.dist.rank, total):
+            while True:
+                with timer.stage("rollout_wait"):
+                    message = channel.recv(src)
+                yield message
+                if message["final"]:
+                    break
+
+    def _arrived(self, chunk: Experience, correct: list) -> Experience:
+        """An arrived part on this trainer's device, its rewards shaped (whether each
+        sample was correct, before shaping, appended to ``correct``)."""
+        chunk = chunk.to(self.device)
+        correct.append(chunk.rewards >= self.reward_high - 1e-6)
+        chunk.rewards = self.shape_rewards(chunk.rewards, chunk)
+        return chunk
+
+    def _assembled(self, layout, total: int, messages: list[dict], chunks: list[Experience],
+                   correct: list) -> tuple[Experience, dict]:
+        """The batch of the arrived ``chunks`` and its step statistics."""
+        batch = Experience.cat(chunks, self.tokenizer.pad_token_id) if len(chunks) > 1 \
+            else chunks[0]
+        batch.reward_failures = sum(chunk.reward_failures for chunk in chunks)
+        version = min(message["version"] for message in messages)
+        groups = float(sum(hi - lo for _, lo, hi in layout.trainer_sources(self.dist.rank,
+                                                                           total)))
         stats = {"draws": 1.0, "groups_drawn": groups, "groups_kept": groups,
                  "reward_failures": float(batch.reward_failures),
                  "reward_all_mean": float(batch.rewards.mean()),
-                 "train/accuracy": float(correct.float().mean()),
+                 "train/accuracy": float(torch.cat(correct).float().mean()),
                  "rollout/staleness": float(self.global_step - version)}
-        # each of the workers' stage times (generate, weights_wait, send, cycle, ...): its
-        # largest value over the workers that sent this trainer a part
-        for name in sorted({name for part in parts for name in part["times"]}):
-            stats[f"rollout/worker_{name}_s"] = max(p["times"].get(name, 0.0) for p in parts)
+        # each of the workers' stage times (generate, weights_wait, send, cycle, ...), as
+        # of its final message: the largest value over the workers that sent this trainer
+        finals = [message for message in messages if message["final"]]
+        for name in sorted({name for message in finals for name in message["times"]}):
+            stats[f"rollout/worker_{name}_s"] = max(m["times"].get(name, 0.0) for m in finals)
         return batch, stats
 
-    def send_parts(self, batch: Experience, layout, worker: int, first: int, total: int,
-                   channel, version: int, timer: StageTimer) -> None:
-        """As rollout worker ``worker`` of ``layout``, whose ``batch`` holds prompts
-        ``first..`` of a global batch of ``total``: send each trainer the rows of the
-        prompts in its range."""
-        batch = batch.to("cpu")
-        prompt = batch.group_ids - int(batch.group_ids.min()) + first  # global index
+    @property
+    def streams_groups(self) -> bool:
+        """Whether batches of rollout workers apart travel group by group and trainers
+        train on each group as it arrives (``runtime.stream_groups``; the same answer on
+        workers and trainers: it depends on the config alone)."""
+        cfg = self.config
+        return (cfg.runtime.stream_groups and cfg.runtime.placement in ("disaggregated",
+                                                                        "partial")
+                and cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
+                and self.advantage_estimator in ("grpo", "drgrpo", "rloo")
+                and cfg.runtime.data_parallel == "ddp")
+
+    def collect_streamed(self, timer: StageTimer) -> tuple[Experience, dict]:
+        """Steps 1-6 under ``runtime.stream_groups``: each part the rollout workers send
+        (finished groups, scored) gets its forward passes, advantages (group-wise) and
+        the forward and backward passes of the update as it arrives, while the workers
+        still generate the rest; the optimizer steps once the batch is complete."""
+        layout, channel = self.remote.layout, self.remote.channel
+        total = len(self.draw_rows())  # keeps the data position in step with the workers
+        update = GroupwiseUpdate(self)
+        messages, chunks, correct = [], [], []
+        for message in self._messages(layout, total, channel, timer):
+            messages.append(message)
+            if message["batch"] is None:
+                continue
+            chunk = self._arrived(message["batch"], correct)
+            self.score_forwards(chunk, timer)
+            self.compute_advantages(chunk, across_ranks=False)
+            with timer.stage("update"):
+                update.add(chunk)
+            chunks.append(chunk)
+        batch, metrics = self._assembled(layout, total, messages, chunks, correct)
+        metrics["rollout/parts"] = float(len(chunks))  # parts trained on as they arrived
+        metrics.update(self.rollout_metrics(batch))
+        if self.needs_old_logprobs() and batch.sampled_logprobs is not None and \
+                not self.config.algo.use_engine_logprobs:
+            metrics["rollout/logprob_gap_mean"] = _mean_gap(
+                batch.sampled_logprobs, batch.old_logprobs, batch.response_mask)
+        # the statistics (the advantages are the same: each group's alone)
+        metrics.update(self.compute_advantages(batch))
+        with timer.stage("update"):
+            metrics.update(update.finish())
+        return batch, metrics
+
+    def send_parts(self, batch: Experience | None, layout, worker: int, first: int,
+                   total: int, channel, version: int, timer: StageTimer, *,
+                   final: bool = True, first_id: int | None = None) -> None:
+        """As rollout worker ``worker`` of ``layout``, whose ``batch`` holds prompts of the
+        range ``first..`` of a global batch of ``total``: send each trainer the rows of the
+        prompts in its range. ``first_id``: the group id of prompt ``first`` (default: the
+        batch's smallest, when it holds the whole range). A ``final`` message ends this
+        worker's part of the batch for every trainer (rows or not); others go only to
+        trainers with rows in them."""
+        batch = batch.to("cpu") if batch is not None else None
+        if batch is not None:
+            base = int(batch.group_ids.min()) if first_id is None else first_id
+            prompt = batch.group_ids - base + first  # global index
         for trainer, lo, hi in layout.worker_targets(worker, total):
-            rows = ((prompt >= lo) & (prompt < hi)).nonzero().squeeze(-1)
-            channel.send({"batch": batch.select(rows), "version": version,
-                          "times": dict(timer.times)}, trainer)
+            rows = ((prompt >= lo) & (prompt < hi)).nonzero().squeeze(-1) \
+                if batch is not None else torch.zeros(0, dtype=torch.long)
+            if not final and rows.numel() == 0:
+                continue
+            channel.send({"batch": batch.select(rows) if rows.numel() else None,
+                          "version": version, "times": dict(timer.times), "final": final},
+                         trainer)
 
     def collect_single(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-5 the single-controller way: rank 0 draws the prompts and scatters
@@ -709,6 +795,96 @@ class RLTrainer(Session):
             metrics["throughput/samples_per_s"] = metrics["samples"] / metrics["time/step"]
         metrics["_spans"] = timer.spans
         return metrics
+
+
+class GroupwiseUpdate:
+    """One optimizer step whose forward and backward passes run part by part as a batch
+    arrives (:meth:`RLTrainer.collect_streamed`).
+
+    The loss of every mode of ``algo.loss_agg`` is a sum over tokens or sequences divided
+    by a batch-wide count (tokens, or sequences) not known until the last part: each
+    part's loss is taken with a normaliser of 1, and the summed gradients are divided by
+    the count at the end. Rows that add nothing (``algo.skip_zero_advantage``) are left
+    out but counted, as in :meth:`RLTrainer.optimizer_step`. With several trainer ranks
+    the backward passes skip DDP's all-reduce (ranks hold different numbers of parts)
+    and the gradients are all-reduced once, in one flat buffer, before the division."""
+
+    def __init__(self, trainer: RLTrainer):
+        self.trainer = trainer
+        # tokens and rows of the parts, then of the rows trained (skipped rows aside)
+        self.counts = torch.zeros(4, dtype=torch.float64)
+        self.summed: dict[str, float] = {}  # SUMMED_STATS, before normalising
+        self.by_row: dict[str, float] = {}  # per-token means x rows, to average by rows
+        self.rows_trained = 0
+        device = trainer.device
+        self.unit = dict(num_tokens=torch.tensor(1.0, device=device), num_seqs=1,
+                         norm_constant=trainer.loss_norm_constant)
+        for opt in trainer.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def add(self, part: Experience) -> None:
+        """Forward and backward passes over ``part`` (whole groups with advantages)."""
+        trainer, algo = self.trainer, self.trainer.config.algo
+        trained = trainer._rows_with_gradient(part)
+        self.counts += torch.tensor([part.response_mask.sum().item(), part.num_real_rows,
+                                     trained.response_mask.sum().item(),
+                                     trained.num_real_rows], dtype=torch.float64)
+        if trained.ghost:
+            return
+        for micro in trained.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
+                                           algo.share_prompt_forward):
+            with trainer._no_sync(False):  # all-reduced once, in finish()
+                with trainer.autocast():
+                    loss, stats = trainer.micro_loss(micro, self.unit, self.unit)
+                (loss * trainer.dist.world_size).backward()
+            self.rows_trained += micro.batch_size
+            for key, value in stats.items():
+                if key in SUMMED_STATS:
+                    self.summed[key] = self.summed.get(key, 0.0) + value
+                else:
+                    self.by_row[key] = self.by_row.get(key, 0.0) + value * micro.batch_size
+
+    def finish(self) -> dict[str, float]:
+        """Reduce and normalise the gradients, then clip and step; the update's stats."""
+        trainer, algo = self.trainer, self.trainer.config.algo
+        rows_here, trained_here = float(self.counts[1]), float(self.counts[3])
+        trainer.dist.all_reduce(self.counts, kind="control")
+        tokens, rows, trained_tokens, trained_rows = self.counts.tolist()
+
+        def scale(num_tokens: float, num_rows: float) -> float:
+            return 1.0 / max(num_tokens if algo.loss_agg == "token-mean" else num_rows, 1.0)
+
+        grad_scale, stat_scale = scale(tokens, rows), scale(trained_tokens, trained_rows)
+        params = [p for model in trainer.trainable_models() for p in model.parameters()
+                  if p.requires_grad]
+        if trainer.dist.active or not self.rows_trained:
+            for p in params:  # every rank reduces the same tensors; a step with no rows
+                if p.grad is None:  # trained still steps (as a zero-weight row would)
+                    p.grad = torch.zeros_like(p)
+        if trainer.dist.active:
+            grads = [p.grad for p in params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            with waiting_in("all_reduce (gradients)"):
+                tdist.all_reduce(flat, group=trainer.dist.group)
+            flat /= trainer.dist.world_size
+            for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                                     strict=True):
+                grad.copy_(reduced)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+        stats: dict[str, float] = {}
+        for key, value in self.summed.items():
+            logged_only = key == "policy/entropy" and algo.entropy_coef <= 0
+            stats[key] = value if key == "nonfinite" else \
+                value * (stat_scale if logged_only else grad_scale)
+        for key, value in self.by_row.items():
+            stats[key] = value / self.rows_trained
+        if algo.skip_zero_advantage:
+            stats["update/rows_skipped_frac"] = 1.0 - trained_here / max(rows_here, 1.0)
+        if not self.rows_trained:
+            stats["loss/policy"] = 0.0
+        return trainer.apply_gradients(stats)
 
 
 def train(config: Config, callbacks=(), dist=None) -> dict:

@@ -6,7 +6,11 @@ least version ``s - max_staleness`` (receiving pushed versions in order, and
 blocking only when it would otherwise be too far ahead), draws the same global
 prompt batch every process draws for step ``s``, generates and scores its
 contiguous range of it with the same per-prompt seeds a colocated job uses,
-and posts each trainer its part without waiting for the trainer to take it.
+and posts each trainer its part without waiting for the trainer to take it. With
+``runtime.stream_groups`` (on by default where it applies, see
+:attr:`~plait.recipes.rl.RLTrainer.streams_groups`) each group is posted as soon as it
+is generated and scored, and the trainer runs its forward and backward passes while the
+rest of the batch generates; the batch's last message carries the worker's stage times.
 Under the partial placement it also holds the reference model and sends the
 reference log-probs with the batch (computed on finished groups while the rest
 still generate).
@@ -98,6 +102,10 @@ class RolloutWorker(RLTrainer):
             self.global_step = step  # the seeds are those of this step
             rows = self.draw_rows()
             lo, hi = remote.layout.worker_range(worker, len(rows))
+            if self.streams_groups and hasattr(self.engine, "stream"):
+                posted, send_s = self._stream_batch(rows[lo:hi], lo, len(rows), remote, worker,
+                                                    version, timer, posted, send_s)
+                continue
             batch = self.rollout(rows[lo:hi], self.sampling_params(), algo.group_size, timer,
                                  fuse=self.fuse_forwards, first_index=lo, total=len(rows),
                                  seeds=self.sample_seeds(lo, hi - lo, 1))
@@ -165,21 +173,79 @@ class RolloutWorker(RLTrainer):
                     version = self._receive(remote)
                     loaded += time.perf_counter() - began
 
-    def _post(self, batch, remote, worker: int, first: int, total: int, version: int,
-              timer: StageTimer, posted: float | None, send_s: float) -> tuple[float, float]:
-        """Add the reference log-probs the generation did not fuse, and send each trainer
-        its part. ``posted``/``send_s``: when posting the previous batch began and how long
-        it took (this batch's cycle runs post to post); returns this post's pair."""
-        if self.reference is not None and batch.ref_logprobs is None:
+    def _stream_batch(self, rows: list[dict], first: int, total: int, remote, worker: int,
+                      version: int, timer: StageTimer, posted: float | None, send_s: float
+                      ) -> tuple[float, float]:
+        """Generate ``rows`` (prompts ``first..`` of a global batch of ``total``) and send
+        each finished group to its trainer once its rewards are in (``runtime.
+        stream_groups``): the engine pauses between decode runs when a reward has come in,
+        the groups scored so far go out, and generation goes on. The final message to each
+        trainer carries the rest and the batch's stage times. Returns as :meth:`_post`."""
+        cfg = self.config
+        pending = self.pending_batch(rows, fuse=self.fuse_forwards)
+        first_id = self._next_group_id + first
+        self._next_group_id += total
+        unsent: list[int] = []
+        sending = 0.0  # time spent sending parts, out of the generation time
+
+        def scored() -> bool:
+            return any(pending.futures[i].done() for i in unsent)
+
+        def send_scored() -> None:
+            nonlocal sending
+            ready = [i for i in unsent if pending.futures[i].done()]
+            if not ready:
+                return
+            began = time.perf_counter()
+            for i in ready:
+                unsent.remove(i)
+            part = self._with_reference(self.finish_groups(pending, ready, timer, first_id),
+                                        timer)
+            self.send_parts(part, remote.layout, worker, first, total, remote.channel, version,
+                            timer, final=False, first_id=first_id)
+            sending += time.perf_counter() - began
+
+        began = time.perf_counter()
+        with self._diverged_generation(), self.gathered(self.policy), self.autocast():
+            self.engine.reset()
+            self.engine.submit(pending.prompts, self.sampling_params(), cfg.algo.group_size,
+                               seeds=self.sample_seeds(first, len(rows), 1))
+            while True:
+                for index, group in self.engine.stream(scored):
+                    self.take_group(pending, index, group, timer)
+                    unsent.append(index)
+                    send_scored()
+                if not self.engine.busy:
+                    break
+                send_scored()
+        timer.times["generate"] = time.perf_counter() - began - sending
+        rest = self.finish_groups(pending, unsent, timer, first_id) if unsent else None
+        return self._post(rest, remote, worker, first, total, version, timer, posted, send_s,
+                          first_id=first_id)
+
+    def _with_reference(self, batch, timer: StageTimer):
+        """``batch`` with the reference log-probs the generation did not fuse."""
+        if batch is not None and self.reference is not None and batch.ref_logprobs is None:
             with timer.stage("reference"):
                 batch.ref_logprobs = self._per_token(batch, lambda m: self._logprobs(
                     self.reference, m))
+        return batch
+
+    def _post(self, batch, remote, worker: int, first: int, total: int, version: int,
+              timer: StageTimer, posted: float | None, send_s: float, *,
+              first_id: int | None = None) -> tuple[float, float]:
+        """Add the reference log-probs the generation did not fuse, and send each trainer
+        its part (the final message of the batch; ``batch`` None when the rest was sent
+        group by group; ``first_id`` as for :meth:`send_parts`). ``posted``/``send_s``: when
+        posting the previous batch began and how long it took (this batch's cycle runs post
+        to post); returns this post's pair."""
+        batch = self._with_reference(batch, timer)
         now = time.perf_counter()
         if posted is not None:
             timer.times["cycle"] = now - posted
             timer.times["send"] = send_s
         self.send_parts(batch, remote.layout, worker, first, total, remote.channel, version,
-                        timer)
+                        timer, first_id=first_id)
         return now, time.perf_counter() - now
 
     def _receive(self, remote) -> int:

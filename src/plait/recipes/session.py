@@ -444,27 +444,36 @@ class Session:
         """The experience of a completely generated ``pending`` batch: group ids (global
         when it is one rank's shard of ``total`` rows starting at ``first_index``), texts,
         rewards (waiting for the last ones) and fused tensors."""
-        rows, groups = pending.rows, pending.groups
         first_id = self._next_group_id + first_index
-        group_ids = list(range(first_id, first_id + len(rows)))
-        self._next_group_id += len(rows) if total is None else total
-        batch = experience_from_completions(pending.prompts, groups, group_ids,
+        self._next_group_id += len(pending.rows) if total is None else total
+        return self.finish_groups(pending, list(range(len(pending.rows))), timer, first_id)
+
+    def finish_groups(self, pending: PendingBatch, indices: list[int], timer: StageTimer,
+                      first_id: int) -> Experience:
+        """The experience of finished groups ``indices`` of ``pending`` (group ``i`` gets id
+        ``first_id + i``): texts, rewards (waiting for them) and fused tensors (running the
+        passes not yet run on them)."""
+        groups = [pending.groups[i] for i in indices]
+        prompts = [pending.prompts[i] for i in indices]
+        batch = experience_from_completions(prompts, groups, [first_id + i for i in indices],
                                             self.tokenizer.pad_token_id)
         batch.texts = [c.text for group in groups for c in group]
         if pending.score:
             with timer.stage("reward_wait"):
-                timed = [pending.futures[i].result() for i in range(len(rows))]
+                timed = [pending.futures[i].result() for i in indices]
             results = [result for result, _, _ in timed]
-            timer.times["reward_compute"] = sum(r.seconds for r in results)
+            timer.times["reward_compute"] = timer.times.get("reward_compute", 0.0) + sum(
+                r.seconds for r in results)
             timer.spans.extend(("reward", start, end) for _, start, end in timed)
             batch.rewards = torch.cat([r.total for r in results])
             batch.reward_failures = sum(r.num_failures for r in results)
-        if pending.fused:
-            with timer.stage("fused_forwards"):
-                self._fuse(pending.prompts, groups,
-                           [i for i in range(len(rows)) if i not in pending.fused],
-                           pending.fused)
-            self._attach_fused(batch, pending.fused, len(rows))
+        if pending.fused:  # some groups' passes ran during generation: run the rest's
+            missing = [i for i in indices if i not in pending.fused]
+            if missing:
+                with timer.stage("fused_forwards"):
+                    self._fuse(pending.prompts, pending.groups, missing, pending.fused)
+            pending.unfused = [i for i in pending.unfused if i not in pending.fused]
+            self._attach_fused(batch, [pending.fused[i] for i in indices])
         return batch
 
     def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
@@ -486,13 +495,14 @@ class Session:
             row += size
 
     @staticmethod
-    def _attach_fused(batch: Experience, fused: dict, num_groups: int) -> None:
-        """Place each group's fused tensors into ``[B, R]`` fields of ``batch``."""
+    def _attach_fused(batch: Experience, fused: list[dict]) -> None:
+        """Place each group's fused tensors (``fused``, in the batch's group order) into
+        ``[B, R]`` fields of ``batch``."""
         for name in fused[0]:
             out = torch.zeros(batch.response_ids.shape)
             row = 0
-            for index in range(num_groups):
-                part = fused[index][name].cpu()
+            for outputs in fused:
+                part = outputs[name].cpu()
                 out[row:row + part.shape[0], : part.shape[1]] = part
                 row += part.shape[0]
             setattr(batch, name, out)
