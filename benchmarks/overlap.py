@@ -7,11 +7,9 @@ All variants start from one SFT warm start of the default job (made once, then
 - ``colocated-2``: 2 ranks, each generating and training its half (synchronous);
 - ``disagg-k0``: 1 trainer rank + 1 rollout worker, synchronous (max_staleness=0);
 - ``disagg-k1``: 1 trainer rank + 1 rollout worker, the next batch generates while
-  this one trains (max_staleness=1, decoupled PPO correction); groups travel to the
-  trainer as they finish and it trains on them while the rest generates
-  (``runtime.stream_groups``, the default);
-- ``disagg-k1-whole``: as ``disagg-k1`` with batches sent whole
-  (``runtime.stream_groups=false``);
+  this one trains (max_staleness=1, decoupled PPO correction);
+- ``disagg-k1-stream``: as ``disagg-k1`` with groups sent to the trainer as they
+  finish, and trained on while the rest generates (``runtime.stream_groups=true``);
 - ``disagg-k1-partial``: as ``disagg-k1`` with ``runtime.partial_rollout`` (the worker's
   engine is never drained: the next batch joins this one's long tail as soon as its
   weights allow, and new weights are taken mid-generation);
@@ -50,8 +48,8 @@ VARIANTS = {
                   "train.threads=1"],
     "disagg-k1": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
                   "train.threads=1"],
-    "disagg-k1-whole": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
-                        "runtime.stream_groups=false", "train.threads=1"],
+    "disagg-k1-stream": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
+                         "runtime.stream_groups=true", "train.threads=1"],
     "disagg-k1-partial": ["runtime.placement=disaggregated", "runtime.max_staleness=1",
                           "runtime.partial_rollout=true", "train.threads=1"],
     "colocated-1": ["train.threads=2"],

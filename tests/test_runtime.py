@@ -220,19 +220,20 @@ def metrics_of(run_dir):
 @pytest.mark.parametrize("placement, trainers, extra", [
     ("disaggregated", 1, ()),
     ("disaggregated", 2, ()),
-    ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the rollout worker
+    # reference log-probs from the rollout worker, groups sent as they finish
+    ("partial", 1, ("algo.kl_coef=0.1", "runtime.stream_groups=true")),
     # sharded trainers gather the policy together for each push to the worker
     ("disaggregated", 2, ("runtime.data_parallel=fsdp",)),
     # groups stop at different lengths: each trainer takes its groups one by one
-    ("disaggregated", 2, ("rollout.max_new_tokens=24", 'rollout.stop=["1", "2", "3"]')),
+    ("disaggregated", 2, ("runtime.stream_groups=true", "rollout.max_new_tokens=24",
+                          'rollout.stop=["1", "2", "3"]')),
 ], ids=["disaggregated-1", "disaggregated-2", "partial-kl", "disaggregated-2-fsdp",
         "disaggregated-2-streamed"])
 def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, placement,
                                                     trainers, extra):
     """Rollout workers apart, max_staleness=0: the same samples (per-prompt seeds) and
     the same weights (pushed before each batch) give the colocated job's update, also
-    when the trainers train on groups as they arrive (runtime.stream_groups: not with
-    sharded trainers)."""
+    when the trainers train on groups as they arrive (runtime.stream_groups)."""
     one, apart = tmp_path / "one", tmp_path / "apart"
     alone = [e for e in extra if not e.startswith("runtime.")]
     proc = run_cli("train", *job(tiny_job, reward_spec, one, *alone))
@@ -243,7 +244,7 @@ def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_p
     assert_same_weights(one, apart)
     steps = [m for m in metrics_of(apart) if "rollout/staleness" in m]
     assert all(m["rollout/staleness"] == 0 for m in steps)
-    streamed = "runtime.data_parallel=fsdp" not in extra
+    streamed = "runtime.stream_groups=true" in extra
     assert all(("rollout/parts" in m) == streamed for m in steps)
     if any(e.startswith("rollout.stop") for e in extra):
         assert any(m["rollout/parts"] > 1 for m in steps)
@@ -317,16 +318,19 @@ def test_partial_rollout_generates_the_next_batch_in_the_tail(tiny_job, reward_s
 
 
 def test_workers_far_ahead_do_not_deadlock_the_trainer(tiny_job, reward_spec, tmp_path):
-    """max_staleness=3: a worker that runs batches ahead keeps posting while trainer 0 is
-    blocked pushing a version the worker will take only later (their sends do not wait
-    for the receiver)."""
+    """max_staleness=3: a worker that runs batches ahead keeps posting (here group by
+    group) while trainer 0 is blocked pushing a version the worker will take only later
+    (their sends do not wait for the receiver)."""
     run_dir = tmp_path / "run"
     proc = run_cli("train", *job(tiny_job, reward_spec, run_dir, "train.steps=8",
                                  "runtime.placement=disaggregated", "runtime.max_staleness=3",
+                                 "runtime.stream_groups=true", "rollout.max_new_tokens=24",
+                                 'rollout.stop=["1", "2", "3"]',
                                  "runtime.progress_timeout_s=30"), timeout=200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [m for m in metrics_of(run_dir) if "rollout/staleness" in m]
     assert [m["rollout/staleness"] for m in steps] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert any(m["rollout/parts"] > 1 for m in steps)
 
 
 def test_layout_routes_every_prompt_once():

@@ -349,7 +349,7 @@ class RuntimeConfig:
         "at most that many versions old). Which tokens come from which version depends on "
         "timing, so runs are not bit-reproducible.")
     stream_groups: bool = opt(
-        True, "Rollout workers apart: send each group to its trainer as soon as it is "
+        False, "Rollout workers apart: send each group to its trainer as soon as it is "
         "generated and scored, and let the trainer run the group's forward and backward "
         "passes while the rest of the batch still generates (the optimizer steps once the "
         "batch is complete; the update equals the whole-batch one up to float rounding, "
@@ -357,7 +357,9 @@ class RuntimeConfig:
         "makes one update (algo.epochs=1, algo.mini_batches=1) with a group-wise advantage "
         "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; otherwise batches travel "
         "whole. With runtime.partial_rollout batches are sent whole and trained as they "
-        "arrive.")
+        "arrive. It shortens a step where the trainer's update, not generation, holds the "
+        "workers back on long-tailed batches; each group then costs the trainer its own "
+        "forward/backward (benchmarks/RESULTS.md, section 5i).")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(

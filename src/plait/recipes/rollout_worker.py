@@ -7,7 +7,7 @@ blocking only when it would otherwise be too far ahead), draws the same global
 prompt batch every process draws for step ``s``, generates and scores its
 contiguous range of it with the same per-prompt seeds a colocated job uses,
 and posts each trainer its part without waiting for the trainer to take it. With
-``runtime.stream_groups`` (on by default where it applies, see
+``runtime.stream_groups`` (where it applies, see
 :attr:`~plait.recipes.rl.RLTrainer.streams_groups`) each group is posted as soon as it
 is generated and scored, and the trainer runs its forward and backward passes while the
 rest of the batch generates; the batch's last message carries the worker's stage times.
