@@ -538,7 +538,7 @@ class RLTrainer(Session):
         if self.config.runtime.controller == "single" and self.dist.active:
             batch, metrics = self.collect_single(timer)                 # 1-5 via rank 0
         elif streamed:
-            batch, metrics = self.collect_streamed(timer)         # 1-6, group by group
+            batch, metrics = self.collect_streamed(timer)               # 1-6, group by group
         elif self.remote is not None:
             batch, metrics = self.collect_remote(timer)                 # 1-3 on the workers
             metrics.update(self.rollout_metrics(batch))
@@ -574,22 +574,30 @@ class RLTrainer(Session):
                 "controller/batch_bytes": float(self._held_bytes),
                 "controller/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
-    def collect_remote(self, timer: StageTimer) -> tuple[Experience, dict]:
+    def collect_remote(self, timer: StageTimer, on_part=None) -> tuple[Experience, dict]:
         """Steps 1-3 under the disaggregated placement: this rank's part of the batch the
-        rollout workers generated and scored (the wait is the time the trainer idles)."""
+        rollout workers generated and scored (the wait is the time the trainer idles;
+        ``on_part`` as for :meth:`receive_parts`)."""
         rows = self.draw_rows()  # keeps the data position in step with the workers
-        return self.receive_parts(self.remote.layout, len(rows), self.remote.channel, timer)
+        return self.receive_parts(self.remote.layout, len(rows), self.remote.channel, timer,
+                                  on_part)
 
-    def receive_parts(self, layout, total: int, channel, timer: StageTimer
+    def receive_parts(self, layout, total: int, channel, timer: StageTimer, on_part=None
                       ) -> tuple[Experience, dict]:
         """This trainer's part of a batch of ``total`` prompts made by ``layout``'s rollout
-        workers (the wait is the time the trainer idles), with its step statistics."""
+        workers (the wait is the time the trainer idles), with its step statistics.
+        ``on_part`` is called on each part as it arrives (rewards shaped)."""
         messages, chunks, correct = [], [], []
         for message in self._messages(layout, total, channel, timer):
             messages.append(message)
             if message["batch"] is not None:
                 chunks.append(self._arrived(message["batch"], correct))
-        return self._assembled(layout, total, messages, chunks, correct)
+                if on_part is not None:
+                    on_part(chunks[-1])
+        batch, stats = self._assembled(layout, total, messages, chunks, correct)
+        if on_part is not None:  # parts taken as they arrived
+            stats["rollout/parts"] = float(len(chunks))
+        return batch, stats
 
     def _messages(self, layout, total: int, channel, timer: StageTimer):
         """The messages of this trainer's part of a batch of ``total`` prompts, each
@@ -649,22 +657,15 @@ class RLTrainer(Session):
         (finished groups, scored) gets its forward passes, advantages (group-wise) and
         the forward and backward passes of the update as it arrives, while the workers
         still generate the rest; the optimizer steps once the batch is complete."""
-        layout, channel = self.remote.layout, self.remote.channel
-        total = len(self.draw_rows())  # keeps the data position in step with the workers
         update = GroupwiseUpdate(self)
-        messages, chunks, correct = [], [], []
-        for message in self._messages(layout, total, channel, timer):
-            messages.append(message)
-            if message["batch"] is None:
-                continue
-            chunk = self._arrived(message["batch"], correct)
-            self.score_forwards(chunk, timer)
-            self.compute_advantages(chunk, across_ranks=False)
+
+        def train_on(part: Experience) -> None:
+            self.score_forwards(part, timer)
+            self.compute_advantages(part, across_ranks=False)
             with timer.stage("update"):
-                update.add(chunk)
-            chunks.append(chunk)
-        batch, metrics = self._assembled(layout, total, messages, chunks, correct)
-        metrics["rollout/parts"] = float(len(chunks))  # parts trained on as they arrived
+                update.add(part)
+
+        batch, metrics = self.collect_remote(timer, on_part=train_on)
         metrics.update(self.rollout_metrics(batch))
         if self.needs_old_logprobs() and batch.sampled_logprobs is not None and \
                 not self.config.algo.use_engine_logprobs:
