@@ -3,7 +3,8 @@
 Layout of one checkpoint, ``<root>/step_000123/`` (``root`` is usually
 ``run_dir / "checkpoints"``)::
 
-    COMPLETE                 JSON manifest, written last: step, model kinds, file sizes
+    COMPLETE                 JSON manifest, written last: step, model kinds, and the
+                             size and sha256 of every other file
     trainer_state.json       the caller's JSON state (step, data position, counters...)
     rng.json                 python, numpy, torch CPU and CUDA RNG states
     policy/                  one directory per model:
@@ -22,6 +23,16 @@ crash can leave ``.tmp-*`` debris, which :func:`latest_checkpoint` ignores and
 the next :func:`save_checkpoint` removes, but never a ``step_*`` directory that
 looks complete and is not.
 
+Never loads bad bytes: every load checks the files it reads against the sizes
+and sha256 checksums of the manifest (manifests written before checksums were
+recorded are checked by size only) and raises :class:`CorruptCheckpointError`
+on a mismatch. A file's checksum is computed once per process while its stat
+(size, times, inode) is unchanged, so verifying a checkpoint and then loading
+it part by part reads each file once for hashing. To resume, use
+:func:`latest_intact_checkpoint`: the newest checkpoint that verifies, with the
+newer corrupt ones reported and (by the writer) renamed ``corrupt-step_*``,
+kept for inspection but out of the way of resuming and rotation.
+
 Never unpickles arbitrary objects: weights are safetensors, RNG and trainer
 state are JSON, and optimizer/scheduler states are read with
 ``torch.load(weights_only=True)``.
@@ -32,6 +43,7 @@ gathering full state dicts); each rank may load.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,7 +55,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +71,19 @@ from plait.telemetry.summary import fsync_dir, write_json_atomic
 __all__ = [
     "COMPLETE_MARKER",
     "CheckpointError",
+    "CorruptCheckpointError",
     "capture_rng_state",
     "checkpoint_name",
     "checkpoint_step",
     "latest_checkpoint",
+    "latest_intact_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "read_trainer_state",
     "remove_partial_checkpoints",
     "restore_rng_state",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 FORMAT = "plait-checkpoint"
@@ -80,16 +96,38 @@ SCHEDULERS_DIR = "schedulers"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = "corrupt-"  # corrupt checkpoints renamed aside, kept for inspection
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RESERVED_NAMES = frozenset({OPTIMIZERS_DIR, SCHEDULERS_DIR})
 _KIND_HF = "hf"  # transformers PreTrainedModel, saved with save_pretrained
 _KIND_STATE_DICT = "state_dict"  # any nn.Module, state dict in model.safetensors
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit what it is loaded into."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose contents do not match its manifest, or that has no valid manifest.
+
+    ``path`` is the checkpoint directory and ``reason`` a short phrase
+    (``"policy/model.safetensors checksum mismatch"``). Nothing of it is loaded.
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason or message
+
+
+def _corrupt(path: Path, reason: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"checkpoint {path} is corrupt: {reason}; nothing was loaded from it. Use an earlier "
+        "checkpoint (latest_intact_checkpoint finds the newest intact one)",
+        path=path, reason=reason)
 
 
 # --------------------------------------------------------------------------- names
@@ -129,9 +167,112 @@ def latest_checkpoint(root: Path | str) -> Path | None:
     Unfinished saves (``.tmp-*`` directories, ``step_*`` without ``COMPLETE``)
     are ignored, never deleted here: a concurrent reader must not break a save
     in progress. :func:`save_checkpoint` removes the debris of crashed saves.
+    The files are not checked against the manifest here (that reads them all):
+    to pick a checkpoint to load, use :func:`latest_intact_checkpoint`.
     """
     complete = list_checkpoints(root)
     return complete[-1] if complete else None
+
+
+def latest_intact_checkpoint(
+    root: Path | str,
+    *,
+    fallback: bool = True,
+    set_aside: bool = False,
+    models: Collection[str] | None = None,
+    action: str = "resuming from",
+) -> Path | None:
+    """The newest ``step_*`` checkpoint under ``root`` that passes :func:`verify_checkpoint`.
+
+    Newer ``step_*`` directories that fail it (no ``COMPLETE`` manifest, a file
+    missing, a size or checksum mismatch) are skipped, each with one line on
+    stderr naming it, why, and the checkpoint taken instead (``action``, e.g.
+    ``"resuming from"``). ``set_aside`` (only for the one process that writes
+    checkpoints to ``root``) renames each skipped one ``corrupt-step_*``: kept for
+    inspection, it no longer counts as the latest, is not rotated away and is not
+    overwritten when that step is saved again. ``models``: verify only these
+    models' files (and the manifest), e.g. ``["policy"]`` to evaluate.
+
+    Returns ``None`` when ``root`` holds no ``step_*`` directory at all.
+
+    Raises:
+        CheckpointError: none is intact (naming each and why); or, with
+            ``fallback=False``, the newest one is not intact (naming it and the
+            newest intact one, and how to resume from that); or a checkpoint that
+            cannot be read at all (permissions, a newer format).
+    """
+    root = Path(root)
+    skipped: list[CorruptCheckpointError] = []
+    for path in reversed(_step_directories(root)):
+        try:
+            verify_checkpoint(path, models=models)
+        except CheckpointError as error:
+            if not path.exists():
+                continue  # renamed aside meanwhile by the process that writes checkpoints
+            if not isinstance(error, CorruptCheckpointError):
+                raise
+            skipped.append(error)
+            continue
+        _report_skipped(root, skipped, path, fallback=fallback, set_aside=set_aside,
+                        action=action)
+        return path
+    if skipped:
+        found = "; ".join(f"{error.path.name} ({error.reason})" for error in skipped)
+        raise CheckpointError(
+            f"no intact checkpoint in {root}: every one is corrupt: {found}. They are kept "
+            f"for inspection; restore them from a copy, or move them out of {root} to start "
+            "without them")
+    return None
+
+
+def _step_directories(root: Path) -> list[Path]:
+    """Every ``step_*`` directory under ``root``, complete or not, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if _STEP_DIR.fullmatch(path.name) and path.is_dir()]
+    return sorted(found, key=checkpoint_step)
+
+
+def _report_skipped(
+    root: Path,
+    skipped: list[CorruptCheckpointError],
+    chosen: Path,
+    *,
+    fallback: bool,
+    set_aside: bool,
+    action: str,
+) -> None:
+    """Print one line per skipped checkpoint (renaming it aside if asked); or refuse."""
+    if skipped and not fallback:
+        newest = skipped[0]
+        names = " and ".join(str(error.path) for error in skipped)
+        raise CheckpointError(
+            f"the latest checkpoint {newest.path} is corrupt ({newest.reason}) and run.resume "
+            f"is 'must', which resumes only from the latest; the newest intact one is {chosen}. "
+            f"To resume from it, rename {names} aside (e.g. {CORRUPT_PREFIX}{newest.path.name}, "
+            "kept for inspection), or set run.resume=auto, which does that")
+    for error in skipped:
+        where = ""
+        if set_aside:
+            where = f", {_set_aside(error.path)}"
+        print(f"plait: checkpoint {error.path} is corrupt ({error.reason}){where}; "
+              f"{action} {chosen}", file=sys.stderr, flush=True)
+
+
+def _set_aside(path: Path) -> str:
+    """Rename a corrupt checkpoint ``corrupt-step_*`` (numbered if taken); say where it went."""
+    for number in range(1000):
+        suffix = f"-{number}" if number else ""
+        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}{suffix}")
+        if target.exists():
+            continue
+        try:
+            path.rename(target)
+        except OSError as error:
+            return f"left in place ({error})"
+        fsync_dir(path.parent)
+        return f"renamed {target.name} (kept for inspection)"
+    return "left in place (too many corrupt copies of it)"
 
 
 def remove_partial_checkpoints(root: Path | str) -> list[Path]:
@@ -254,6 +395,7 @@ def _write_contents(
     }
     for name, optimizer in optimizers.items():
         _save_torch_state(optimizer.state_dict(), staging / OPTIMIZERS_DIR / f"{name}.pt")
+    sizes = _file_sizes(staging)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -262,7 +404,9 @@ def _write_contents(
         "models": kinds,
         "optimizers": sorted(optimizers),
         "schedulers": sorted(schedulers),
-        "files": _file_sizes(staging),
+        "files": sizes,
+        # a key of its own, so that readers predating checksums read the manifest as before
+        "sha256": _digests(staging, list(sizes)),
     }
 
 
@@ -392,16 +536,26 @@ def load_checkpoint(
     Build the optimizers over the model parameters before loading, the same
     way as when saving, so parameter order matches.
 
+    Every file it reads is checked against the manifest first (size and
+    sha256); nothing is loaded from a checkpoint that fails the check.
+
     Raises:
-        CheckpointError: the checkpoint is incomplete or corrupt, lacks a
-            requested name, or does not fit the given modules; the message
-            names the checkpoint and the offending keys.
+        CorruptCheckpointError: the checkpoint is incomplete or corrupt.
+        CheckpointError: it lacks a requested name, or does not fit the given
+            modules; the message names the checkpoint and the offending keys.
     """
     path = Path(path)
     optimizers, schedulers = optimizers or {}, schedulers or {}
     manifest = _read_manifest(path)
     _check_requested(path, manifest, models, optimizers, schedulers)
-    _check_files(path, manifest)
+    read = (
+        *(f"{name}/" for name in models),
+        *(f"{OPTIMIZERS_DIR}/{name}.pt" for name in optimizers),
+        *(f"{SCHEDULERS_DIR}/{name}.pt" for name in schedulers),
+        TRAINER_STATE_FILE,
+        *((RNG_FILE,) if restore_rng else ()),
+    )
+    _verify_files(path, manifest, read)
     for name, model in models.items():
         _load_model(path, name, _unwrap(model), manifest["models"][name])
     for name, optimizer in optimizers.items():
@@ -414,7 +568,7 @@ def load_checkpoint(
     if restore_rng:
         try:
             restore_rng_state(_read_json(path / RNG_FILE))
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise CheckpointError(f"{path}: {RNG_FILE} is malformed: {error}") from error
     return trainer_state
 
@@ -426,39 +580,110 @@ def read_trainer_state(path: Path | str) -> dict[str, Any]:
     :func:`load_checkpoint`. Raises :class:`CheckpointError` like it.
     """
     path = Path(path)
-    _read_manifest(path)
+    _verify_files(path, _read_manifest(path), (TRAINER_STATE_FILE,))
     return _read_json(path / TRAINER_STATE_FILE)
+
+
+def verify_checkpoint(path: Path | str, *, models: Collection[str] | None = None) -> dict:
+    """Check a checkpoint against its manifest and return the manifest.
+
+    Every file the manifest lists must exist with its recorded size, and (for
+    manifests with checksums) every file, or with ``models`` only those of these
+    models, must match its sha256. Checksums computed here are remembered for the
+    load that follows (see the module docstring).
+
+    Raises:
+        CorruptCheckpointError: no ``COMPLETE`` manifest, an invalid one, or a
+            file missing or not matching it (``reason`` says which).
+        CheckpointError: a missing directory, a model not in the checkpoint, an
+            unreadable file, or a format newer than this plait reads.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if models is not None:
+        _check_requested(path, manifest, models, {}, {})
+    _verify_files(path, manifest, None if models is None else tuple(f"{m}/" for m in models))
+    return manifest
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     if not (path / COMPLETE_MARKER).is_file():
+        raise CorruptCheckpointError(
+            f"checkpoint {path} has no {COMPLETE_MARKER} marker: it was never finished or was "
+            "copied in part. Use latest_intact_checkpoint(root) to find the newest intact one.",
+            path=path, reason=f"no {COMPLETE_MARKER} manifest: never finished or copied in part")
+    manifest = _read_json(path / COMPLETE_MARKER, checkpoint=path)
+    if manifest.get("format") != FORMAT:
+        raise _corrupt(path, f"{COMPLETE_MARKER} is not a {FORMAT} manifest")
+    version = manifest.get("version")
+    if not _is_count(version) or version < 1:
+        raise _corrupt(path, f"{COMPLETE_MARKER} has no valid format version ({version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has no {COMPLETE_MARKER} marker: it was never finished "
-            "(a crash while saving?). Use latest_checkpoint(root) to find the newest complete one."
-        )
-    manifest = _read_json(path / COMPLETE_MARKER)
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("models"), dict):
-        raise CheckpointError(f"{path}/{COMPLETE_MARKER} is not a {FORMAT} manifest")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {manifest['version']}, newer than this "
+            f"checkpoint {path} has format version {version}, newer than this "
             f"plait reads ({FORMAT_VERSION}); upgrade plait"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise _corrupt(path, f"{COMPLETE_MARKER} manifest {problem}")
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _manifest_problem(manifest: dict[str, Any]) -> str:
+    """What is wrong with the manifest's entries ('' when nothing): wrong types, unsafe paths."""
+    models = manifest.get("models")
+    if not isinstance(models, dict) or not all(
+        isinstance(name, str) and kind in (_KIND_HF, _KIND_STATE_DICT)
+        for name, kind in models.items()
+    ):
+        return f"has no valid 'models' (name -> {_KIND_HF!r} or {_KIND_STATE_DICT!r})"
+    for key in ("optimizers", "schedulers"):
+        names = manifest.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return f"has no valid {key!r} (a list of names)"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(
+        _is_safe_relative(name) and _is_count(size) for name, size in files.items()
+    ):
+        return "has no valid 'files' (relative path -> size in bytes)"
+    digests = manifest.get("sha256")
+    if digests is not None and (
+        not isinstance(digests, dict)
+        or digests.keys() != files.keys()
+        or not all(isinstance(d, str) and _SHA256_HEX.fullmatch(d) for d in digests.values())
+    ):
+        return "has no valid 'sha256' (a checksum for each of its 'files')"
+    return ""
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_safe_relative(name: Any) -> bool:
+    """A relative path inside the checkpoint: no absolute path, no '..', no empty parts."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _read_json(path: Path, *, checkpoint: Path | None = None) -> dict[str, Any]:
+    """A JSON object from a checkpoint file; bad content is corruption of ``checkpoint``."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"checkpoint file {path} is unreadable or corrupt: {error}"
-        ) from error
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        if checkpoint is not None:
+            raise _corrupt(checkpoint, f"{path.name} is not valid JSON ({error})") from error
+        raise CheckpointError(f"checkpoint file {path} is corrupt: {error}") from error
     if not isinstance(value, dict):
+        if checkpoint is not None:
+            raise _corrupt(checkpoint, f"{path.name} does not hold a JSON object")
         raise CheckpointError(f"checkpoint file {path} should hold a JSON object")
     return value
 
@@ -481,17 +706,65 @@ def _check_requested(
             )
 
 
-def _check_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists must exist with its recorded size."""
-    for relative, size in manifest.get("files", {}).items():
+def _verify_files(path: Path, manifest: dict[str, Any], read: tuple[str, ...] | None) -> None:
+    """Every file the manifest lists must exist with its recorded size, and those whose
+    relative path starts with one of ``read`` (all when ``None``) must match their sha256
+    (manifests without checksums: sizes only)."""
+    for relative, size in manifest["files"].items():
         file = path / relative
         if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {relative} is missing")
+            raise _corrupt(path, f"{relative} is missing")
         if file.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {relative} has {file.stat().st_size} bytes, "
-                f"the manifest says {size}"
-            )
+            raise _corrupt(path, f"{relative} has {file.stat().st_size} bytes, the manifest "
+                                 f"says {size}")
+    expected = manifest.get("sha256")
+    if expected is None:
+        return
+    wanted = [name for name in expected if read is None or name.startswith(read)]
+    try:
+        actual = _digests(path, wanted)
+    except FileNotFoundError as error:
+        raise _corrupt(path, f"{Path(str(error.filename)).name} vanished while checked") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    bad = [name for name in wanted if actual[name] != expected[name]]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise _corrupt(path, f"{bad[0]} checksum mismatch{more}")
+
+
+_digest_cache: dict[tuple, str] = {}
+
+
+def _digests(directory: Path, relatives: list[str]) -> dict[str, str]:
+    """The sha256 of each file (relative to ``directory``), hashed in parallel threads."""
+    files = [directory / relative for relative in relatives]
+    if len(files) < 2:
+        return {relative: _sha256(file) for relative, file in zip(relatives, files, strict=True)}
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(files)), "plait-sha256") as pool:
+        return dict(zip(relatives, pool.map(_sha256, files), strict=True))
+
+
+def _sha256(file: Path) -> str:
+    """The file's sha256, remembered while its size, times and inode stay the same."""
+    before = file.stat()
+    key = (str(file.absolute()), before.st_dev, before.st_ino, before.st_size,
+           before.st_mtime_ns, before.st_ctime_ns)
+    cached = _digest_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(file, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])  # releases the GIL: files hash in parallel
+    after = file.stat()
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == key[3:]:
+        if len(_digest_cache) > 10_000:
+            _digest_cache.clear()
+        _digest_cache[key] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _load_torch_state(file: Path) -> Any:
@@ -527,7 +800,7 @@ def _keep_kernel(optimizer: Any, state: Any) -> Any:
 def _apply_state(target: Any, state: Any, what: str) -> None:
     try:
         target.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as error:
         raise CheckpointError(
             f"{what} does not fit: {error}. Build it the same way (same parameter groups, "
             "same parameters in the same order) as in the run that saved it."
@@ -555,9 +828,13 @@ def _stored_weights(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """Map every tensor name in a model directory to (its safetensors file, its shape)."""
     index = directory / WEIGHTS_INDEX_FILE
     if index.is_file():
-        files = sorted(
-            {directory / file for file in _read_json(index).get("weight_map", {}).values()}
-        )
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) and file and Path(file).name == file
+            for file in weight_map.values()
+        ):
+            raise CheckpointError(f"{index} has no valid weight_map (tensor name -> file name)")
+        files = sorted({directory / file for file in weight_map.values()})
     elif (directory / WEIGHTS_FILE).is_file():
         files = [directory / WEIGHTS_FILE]
     else:
