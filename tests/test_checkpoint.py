@@ -1,7 +1,9 @@
-"""Checkpoints: exact round trips, HF loadability, rotation, and crash safety."""
+"""Checkpoints: exact round trips, HF loadability, rotation, crash safety, and checksums:
+nothing is loaded from a checkpoint whose files do not match its manifest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,6 +15,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import plait.train.checkpoint as checkpoint_module
 from plait.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -384,3 +387,230 @@ def test_resumed_optimizer_keeps_its_own_kernel_choice(tmp_path: Path) -> None:
     for p in model.parameters():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(resumed.state[p][key], saved_with.state[p][key])
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def flip_last_byte(file: Path) -> None:
+    """A same-size corruption: the size check cannot see it."""
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def rewrite_manifest(path: Path, **changes: object) -> None:
+    """Rewrite the COMPLETE manifest: sizes and checksums of the files as they are now,
+    then ``changes`` (a value of None removes the key)."""
+    manifest = json.loads((path / COMPLETE_MARKER).read_text())
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != COMPLETE_MARKER)
+    manifest["files"] = {f.relative_to(path).as_posix(): f.stat().st_size for f in files}
+    manifest["sha256"] = {f.relative_to(path).as_posix(): sha256(f) for f in files}
+    manifest.update(changes)
+    manifest = {key: value for key, value in manifest.items() if value is not None}
+    (path / COMPLETE_MARKER).write_text(json.dumps(manifest))
+
+
+def policy_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Linear(2, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_manifest_records_the_sha256_of_every_file(tmp_path: Path) -> None:
+    model, optimizer = policy_and_optimizer()
+    path = save(tmp_path, 1, models={"policy": model}, optimizers={"policy": optimizer})
+    manifest = json.loads((path / COMPLETE_MARKER).read_text())
+    assert manifest["version"] == 1  # the sha256 key is new; older readers ignore it
+    assert manifest["sha256"].keys() == manifest["files"].keys()
+    for relative, digest in manifest["sha256"].items():
+        assert digest == sha256(path / relative), relative
+
+
+@pytest.mark.parametrize("relative", ["policy/model.safetensors", "optimizers/policy.pt",
+                                      "trainer_state.json", "rng.json"])
+def test_same_size_corruption_is_never_loaded(tmp_path: Path, relative: str) -> None:
+    model, optimizer = policy_and_optimizer()
+    path = save(tmp_path, 1, models={"policy": model}, optimizers={"policy": optimizer})
+    flip_last_byte(path / relative)
+    fresh, fresh_optimizer = policy_and_optimizer()
+    before = {key: value.clone() for key, value in fresh.state_dict().items()}
+
+    with pytest.raises(CheckpointError, match=f"corrupt: {relative} checksum mismatch"):
+        load_checkpoint(path, models={"policy": fresh}, optimizers={"policy": fresh_optimizer})
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} was loaded from a corrupt checkpoint"
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint_module.verify_checkpoint(path)
+
+
+def test_read_trainer_state_checks_its_file(tmp_path: Path) -> None:
+    path = save(tmp_path, 1, trainer_state={"global_step": 1})
+    (path / "trainer_state.json").write_text(
+        (path / "trainer_state.json").read_text().replace("1", "7"))
+    with pytest.raises(CheckpointError, match="trainer_state.json checksum mismatch"):
+        read_trainer_state(path)
+
+
+def test_manifest_without_checksums_is_still_read_by_size(tmp_path: Path) -> None:
+    """Checkpoints written before checksums were recorded load as they always did."""
+    model = nn.Linear(2, 2)
+    path = save(tmp_path, 1, models={"policy": model})
+    rewrite_manifest(path, sha256=None)
+    fresh = nn.Linear(2, 2)
+    load_checkpoint(path, models={"policy": fresh})
+    assert_same_weights(model, fresh)
+    (path / "policy" / "model.safetensors").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match="policy/model.safetensors has 5 bytes"):
+        load_checkpoint(path, models={"policy": fresh})
+
+
+def test_each_file_is_hashed_once_while_it_is_unchanged(tmp_path: Path, monkeypatch) -> None:
+    """A resume verifies the checkpoint, then reads its parts in several loads: the files
+    are hashed once; a file changed since is hashed again (and caught)."""
+    model, optimizer = policy_and_optimizer()
+    path = save(tmp_path, 1, models={"policy": model}, optimizers={"policy": optimizer})
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(checkpoint_module.hashlib, "sha256", lambda: hashed.append(1) or real())
+    files = len(json.loads((path / COMPLETE_MARKER).read_text())["files"])
+
+    checkpoint_module.verify_checkpoint(path)
+    assert len(hashed) == files
+    read_trainer_state(path)
+    load_checkpoint(path, models={"policy": nn.Linear(2, 2)}, restore_rng=False)
+    load_checkpoint(path, models={}, optimizers={"policy": policy_and_optimizer()[1]})
+    assert len(hashed) == files
+
+    weights = path / "policy" / "model.safetensors"
+    data = weights.read_bytes()
+    flip_last_byte(weights)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path, models={"policy": nn.Linear(2, 2)})
+    weights.write_bytes(data)
+    load_checkpoint(path, models={"policy": nn.Linear(2, 2)})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"version": "1"}, "no valid format version"),
+    ({"format": "other"}, "not a plait-checkpoint manifest"),
+    ({"models": ["policy"]}, "no valid 'models'"),
+    ({"models": {"policy": "pickle"}}, "no valid 'models'"),
+    ({"optimizers": 5}, "no valid 'optimizers'"),
+    ({"files": ["policy/model.safetensors"]}, "no valid 'files'"),
+    ({"files": {"../elsewhere": 3}}, "no valid 'files'"),
+    ({"files": {"policy/model.safetensors": "84"}}, "no valid 'files'"),
+    ({"sha256": {"policy/model.safetensors": "abc"}}, "no valid 'sha256'"),
+])
+def test_malformed_manifest_is_one_checkpoint_error(tmp_path: Path, changes, message) -> None:
+    """Valid JSON with wrong types or unsafe paths: a one-line CheckpointError, no TypeError."""
+    path = save(tmp_path, 1)
+    rewrite_manifest(path, **changes)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_checkpoint(path, models={"policy": nn.Linear(2, 2)}, optimizers={})
+    assert "\n" not in str(caught.value)
+
+
+def test_newer_format_version_asks_for_an_upgrade(tmp_path: Path) -> None:
+    path = save(tmp_path, 1)
+    rewrite_manifest(path, version=99)
+    with pytest.raises(CheckpointError, match="newer than this plait reads"):
+        load_checkpoint(path, models={"policy": nn.Linear(2, 2)})
+    with pytest.raises(CheckpointError, match="newer"):  # not skipped as corrupt
+        checkpoint_module.latest_intact_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("rng", [{"torch": [1, 2, 3]}, {"torch": [300] * 5056},
+                                 {"python": {"version": 3}}])
+def test_malformed_rng_state_is_a_checkpoint_error(tmp_path: Path, rng: dict) -> None:
+    path = save(tmp_path, 1)
+    (path / "rng.json").write_text(json.dumps(rng))
+    rewrite_manifest(path)  # consistent files, wrong content
+    with pytest.raises(CheckpointError, match="rng.json is malformed"):
+        load_checkpoint(path, models={})
+
+
+def test_malformed_weight_index_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = save(tmp_path, 1)
+    (path / "policy" / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    rewrite_manifest(path)
+    with pytest.raises(CheckpointError, match="no valid weight_map"):
+        load_checkpoint(path, models={"policy": nn.Linear(2, 2)})
+
+
+def test_optimizer_state_of_another_type_is_a_checkpoint_error(tmp_path: Path) -> None:
+    model, optimizer = policy_and_optimizer()
+    path = save(tmp_path, 1, models={}, optimizers={"policy": optimizer})
+    torch.save(torch.zeros(3), path / "optimizers" / "policy.pt")
+    rewrite_manifest(path)
+    with pytest.raises(CheckpointError, match="optimizer 'policy' does not fit"):
+        load_checkpoint(path, models={}, optimizers={"policy": optimizer})
+
+
+# --------------------------------------------------------------------------- choosing one
+
+
+def test_latest_intact_checkpoint_skips_and_sets_aside_corrupt_ones(tmp_path: Path, capsys) -> None:
+    first = save(tmp_path, 1)
+    second = save(tmp_path, 2)
+    flip_last_byte(second / "policy" / "model.safetensors")
+
+    assert checkpoint_module.latest_intact_checkpoint(tmp_path) == first
+    assert f"checkpoint {second} is corrupt (policy/model.safetensors checksum mismatch); " \
+           f"resuming from {first}" in capsys.readouterr().err
+    assert second.is_dir()  # a reader moves nothing
+
+    assert checkpoint_module.latest_intact_checkpoint(tmp_path, set_aside=True) == first
+    assert "renamed corrupt-step_000002 (kept for inspection)" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path) == first
+    kept = tmp_path / "corrupt-step_000002"
+    assert (kept / "policy" / "model.safetensors").is_file()
+
+    # Saving that step again and rotating leaves the corrupt copy alone.
+    save(tmp_path, 2, keep_last=1)
+    save(tmp_path, 3, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt-step_000002", "step_000003"]
+
+
+def test_a_second_corrupt_copy_of_a_step_is_numbered(tmp_path: Path, capsys) -> None:
+    save(tmp_path, 1)
+    for _ in range(2):
+        flip_last_byte(save(tmp_path, 2, keep_last=None) / "rng.json")
+        checkpoint_module.latest_intact_checkpoint(tmp_path, set_aside=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["corrupt-step_000002", "corrupt-step_000002-1", "step_000001"]
+
+
+def test_unfinished_newer_directory_is_reported(tmp_path: Path, capsys) -> None:
+    first = save(tmp_path, 1)
+    second = save(tmp_path, 2)
+    (second / COMPLETE_MARKER).unlink()
+    assert checkpoint_module.latest_intact_checkpoint(tmp_path) == first
+    assert f"{second} is corrupt (no COMPLETE manifest" in capsys.readouterr().err
+
+
+def test_without_fallback_a_corrupt_latest_is_refused(tmp_path: Path) -> None:
+    first = save(tmp_path, 1)
+    second = save(tmp_path, 2)
+    flip_last_byte(second / "trainer_state.json")
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint_module.latest_intact_checkpoint(tmp_path, fallback=False, set_aside=True)
+    message = str(caught.value)
+    assert f"latest checkpoint {second} is corrupt (trainer_state.json checksum mismatch)" \
+        in message
+    assert f"the newest intact one is {first}" in message and "rename" in message
+    assert second.is_dir()
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tmp_path: Path) -> None:
+    for step in (1, 2):
+        flip_last_byte(save(tmp_path, step) / "policy" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as caught:
+        checkpoint_module.latest_intact_checkpoint(tmp_path, set_aside=True)
+    assert "step_000002 (policy/model.safetensors checksum mismatch); step_000001" \
+        in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000002"]
+    assert checkpoint_module.latest_intact_checkpoint(tmp_path / "none") is None
