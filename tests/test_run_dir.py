@@ -64,6 +64,19 @@ def test_overwrite_refuses_a_directory_that_is_not_a_plait_run(tmp_path):
     assert snapshot(own) == before
 
 
+def test_launched_job_refuses_before_the_launcher_deletes(tmp_path, capsys):
+    """Several ranks: the launcher settles run.overwrite, after the same check."""
+    from plait.cli import main
+
+    own = user_dir(tmp_path)
+    before = snapshot(own)
+    argv = ["train", *TINY_JOB, f"run.dir={own}", "train.steps=1", "data.num_eval=4",
+            "runtime.num_ranks=2", "run.overwrite=true"]
+    assert main(argv) == 2
+    assert "my_project" in capsys.readouterr().err
+    assert snapshot(own) == before
+
+
 @pytest.mark.parametrize("run_dir", [".", ".."], ids=["working-dir", "its-parent"])
 def test_overwrite_never_deletes_the_working_directory_or_its_ancestors(
         tmp_path, monkeypatch, run_dir):

@@ -183,8 +183,9 @@ def _protected_reason(path: Path) -> str | None:
     cwd = Path.cwd().resolve()
     if resolved == Path(resolved.anchor):
         return "the filesystem root"
-    if resolved == Path.home().resolve():
-        return "the home directory"
+    with contextlib.suppress(RuntimeError):  # no home directory to protect
+        if resolved == Path.home().resolve():
+            return "the home directory"
     if resolved == cwd:
         return "the working directory"
     if resolved in cwd.parents:
