@@ -102,6 +102,12 @@ def _model_type(name: str) -> Callable[[Path], None]:
     return fault
 
 
+def _wider_config(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_size=2 * SPEC.hidden_size, intermediate_size=2 * SPEC.intermediate_size)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
 NO_TOKENIZER = _remove("tokenizer.json", "tokenizer_config.json")
 NO_WEIGHTS = _remove("model.safetensors")
 
@@ -123,6 +129,7 @@ WEIGHT_FAULTS = [
     ("config-without-model-type", _config('{"hidden_size": 32}'), ("has no model_type",)),
     ("unknown-model-type", _model_type("qwen-2"),
      ("model_type 'qwen-2'", "does not know", "did you mean 'qwen2'")),
+    ("config-of-other-shape", _wider_config, ("shapes differ", "config.json")),
 ]
 
 
@@ -275,3 +282,14 @@ def test_train_with_broken_model_dir_prints_one_line(tiny_dir, tmp_path, capfd, 
     assert str(directory) in line
     for fragment in says:
         assert fragment in line, line
+
+
+def test_eval_without_tokenizer_fails_on_load(tiny_dir, tmp_path, capfd, monkeypatch):
+    """Not at the first prompt, where an empty tokenizer used to give empty prompts."""
+    monkeypatch.chdir(tmp_path)
+    directory = _copy(tiny_dir, tmp_path, NO_TOKENIZER)
+    job = [o for o in TINY_JOB if not o.startswith("model.tiny.")]
+    code, line = _cli_error(["eval", *job, f"run.dir={tmp_path / 'run'}", "data.num_eval=4",
+                             f"model.path={directory}"], capfd)
+    assert code == 2, line
+    assert "tokenizer is empty" in line and "tokenizer.json" in line

@@ -122,13 +122,14 @@ def _normalised(text: str) -> str:
 
 
 def _check_tokenizer(tokenizer, where: str, path: str | Path) -> None:
-    extra = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
-    vocabulary = sum(1 for token in tokenizer.get_vocab() if token not in extra)
+    """The probe must encode to tokens that decode back to its letters and digits."""
     ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    decoded = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
     if not ids:
+        extra = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        vocabulary = sum(1 for token in tokenizer.get_vocab() if token not in extra)
         raise ConfigError(f"{where}: the tokenizer is empty (vocabulary size {vocabulary}, "
                           f"{TOKENIZER_PROBE!r} encodes to no tokens): {_tokenizer_files(path)}")
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
     if _normalised(decoded) != _normalised(TOKENIZER_PROBE):
         raise ConfigError(f"{where}: the tokenizer does not round-trip {TOKENIZER_PROBE!r} "
                           f"(it decodes to {decoded!r}); {_tokenizer_files(path)}")
@@ -232,6 +233,12 @@ def _load(auto_class, path: str | Path, attn_implementation: str, key: str | Non
     except (OSError, ValueError) as err:
         raise ConfigError(f"{_where(path, key)}: cannot load the model "
                           f"({_first_line(err)})") from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):
+            raise
+        raise ConfigError(f"{_where(path, key)}: the weights' shapes differ from those "
+                          "config.json gives (sizes such as hidden_size or vocab_size); the "
+                          "config and the weight files must come from the same model") from None
 
 
 def freeze(model: nn.Module) -> nn.Module:
