@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
-        from plait.recipes.session import check_run_dir
+        from plait.recipes.run_dir import check_run_dir
         from plait.runtime.launch import launch
 
         check_run_dir(config)  # before the launcher applies run.overwrite

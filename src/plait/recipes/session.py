@@ -14,15 +14,14 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from plait import __version__
-from plait.config import Config, ConfigError, config_to_dict, describe, dump_yaml
+from plait.config import Config, ConfigError, config_to_dict, dump_yaml
 from plait.data.datasets import PromptIterator, load_prompt_rows
 from plait.data.tasks import make_task
 from plait.models.loading import (
@@ -34,6 +33,15 @@ from plait.models.loading import (
     load_tokenizer,
     quiet_transformers,
     resolve_model_dir,
+)
+from plait.recipes.run_dir import (
+    RESUME_SAFE_KEYS,
+    RUN_MARKER,
+    built_tiny_model,
+    check_run_dir,
+    config_changes,
+    describe_changes,
+    recorded_config,
 )
 from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
@@ -99,198 +107,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# ---------------------------------------------------------------------- the run directory
-
-RUN_MARKER = ".plait-run"
-# what plait writes at the top of a run directory (the launcher adds logs/, the dynamic
-# placement placement.jsonl; atomic writes leave ".tmp-*" files for an instant)
-RUN_ENTRIES = frozenset({
-    RUN_MARKER, "config.yaml", "metrics.jsonl", "metrics.png", "timeline.jsonl",
-    "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
-    "sft_model", "tiny_model", "logs"})
-
-# Settings a run may resume with after they changed: where and how fast the job runs,
-# how long, how often it evaluates, saves and logs, not what it trains or how it
-# updates. Every other key (model, data, rewards, algorithm, optimizer, sampling, seed,
-# SFT, eval generation) must match the checkpoint's config, or the resume is refused.
-RESUME_SAFE_KEYS = frozenset({
-    # outputs and how they are shown
-    "run.dir", "run.resume", "run.overwrite", "run.tensorboard", "run.progress",
-    # how long it runs; evaluation, checkpoint and failure cadence
-    "train.steps", "train.eval_every", "train.save_every", "train.keep_last",
-    "train.nan_policy", "train.max_nan_skips",
-    # devices, threads and kernels: the same computation (up to float rounding)
-    "train.device", "train.threads", "train.deterministic", "model.attn_implementation",
-    "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",
-    "rollout.prefill_tokens", "rollout.sync_every", "rollout.compile", "rollout.fuse_forwards",
-    "algo.micro_batch_size", "algo.micro_batch_tokens", "algo.share_prompt_forward",
-    "algo.pack_group_tokens", "algo.skip_zero_advantage", "reward.timeout_s",
-    # processes and placement: a checkpoint resumes on any rank count and layout
-    "runtime.num_ranks", "runtime.launcher", "runtime.controller", "runtime.placement",
-    "runtime.rollout_workers", "runtime.data_parallel", "runtime.stream_groups",
-    "runtime.weight_bucket_mb", "runtime.backend", "runtime.heartbeat_timeout_s",
-    "runtime.progress_timeout_s", "runtime.collective_timeout_s", "runtime.master_port",
-    "runtime.ray_address", "runtime.cpus_per_rank", "runtime.gpus_per_rank",
-})
-
-# tiny_model/config.json names of the model.tiny settings its shape is built from
-_TINY_SHAPE = {"arch": "model_type", "hidden_size": "hidden_size",
-               "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
-               "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-               "max_position_embeddings": "max_position_embeddings"}
-_ABSENT = object()
-
-
-def _read_yaml_mapping(path: Path) -> dict | None:
-    """The mapping in a YAML file, or None when it is missing, unreadable or not one."""
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
-def recorded_config(run_dir: Path) -> dict | None:
-    """The config a run directory's config.yaml records (a plain nested dict), or None
-    when it holds none that looks like a plait config (every top-level key a config
-    section, the run, model and algo sections among them)."""
-    tree = _read_yaml_mapping(Path(run_dir) / "config.yaml")
-    sections = {f.name for f in fields(Config)}
-    if tree is None or not set(tree) <= sections or not {"run", "model", "algo"} <= set(tree):
-        return None
-    return tree
-
-
-def is_plait_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a run directory plait made: it holds plait's marker file,
-    or (runs from before the marker) a plait config.yaml beside checkpoints/ or
-    metrics.jsonl."""
-    run_dir = Path(run_dir)
-    try:
-        marker = json.loads((run_dir / RUN_MARKER).read_text())
-    except (OSError, ValueError):
-        marker = None
-    if isinstance(marker, dict) and "plait_run" in marker:
-        return True
-    has_outputs = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
-    return has_outputs and recorded_config(run_dir) is not None
-
-
-def _protected_reason(path: Path) -> str | None:
-    """Why ``path`` must never be deleted (the filesystem root, the home directory, the
-    working directory or one holding it), or None."""
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == Path(resolved.anchor):
-        return "the filesystem root"
-    with contextlib.suppress(RuntimeError):  # no home directory to protect
-        if resolved == Path.home().resolve():
-            return "the home directory"
-    if resolved == cwd:
-        return "the working directory"
-    if resolved in cwd.parents:
-        return "a directory holding the working directory"
-    return None
-
-
-def _foreign_entries(run_dir: Path) -> list[str]:
-    """The names at the top of ``run_dir`` that plait does not write."""
-    return sorted(p.name for p in run_dir.iterdir()
-                  if p.name not in RUN_ENTRIES and not p.name.startswith(".tmp-"))
-
-
-def _check_removable(run_dir: Path) -> None:
-    """Refuse ``run.overwrite`` on a directory that is not plait's own run or that must
-    never be deleted."""
-    shown = repr(str(run_dir))
-    if run_dir.is_symlink():
-        raise ConfigError(f"run.overwrite=true: run.dir {shown} is a symbolic link; plait "
-                          "does not delete through links: point run.dir at the directory itself")
-    reason = _protected_reason(run_dir)
-    if reason is not None:
-        raise ConfigError(f"run.overwrite=true would delete run.dir {shown}, which is {reason}; "
-                          "plait never deletes it: choose another run.dir")
-    if any(run_dir.iterdir()) and not is_plait_run(run_dir):
-        raise ConfigError(f"run.overwrite=true deletes only plait run directories, and run.dir "
-                          f"{shown} is not one (no {RUN_MARKER} marker, nor a plait config.yaml "
-                          "beside checkpoints/ or metrics.jsonl): delete it yourself if you "
-                          "mean to, or choose another run.dir")
-
-
-def check_run_dir(config: Config) -> None:
-    """Refuse a ``run.dir`` plait must not use, before anything touches it: a file; with
-    ``run.overwrite``, a directory that is not a plait run (see :func:`is_plait_run`) or
-    that must never be deleted; without it, a directory that is not a plait run and
-    holds files plait does not write (plait's files would land among the user's).
-    Raises :class:`ConfigError`."""
-    run_dir = Path(config.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.dir {str(run_dir)!r} is a file, not a directory: choose a "
-                          "directory for the run's outputs")
-    if not run_dir.is_dir():
-        return
-    if config.run.overwrite:
-        _check_removable(run_dir)
-        return
-    foreign = _foreign_entries(run_dir)
-    if foreign and not is_plait_run(run_dir):
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ConfigError(f"run.dir {str(run_dir)!r} is not a plait run directory and already "
-                          f"holds other files ({shown}): choose a new or empty run.dir")
-
-
 def write_run_marker(run_dir: Path) -> None:
     """Mark ``run_dir`` as a plait run (what lets ``run.overwrite`` delete it later)."""
     write_json_atomic(Path(run_dir) / RUN_MARKER, {"plait_run": 1, "version": __version__})
-
-
-def _lookup(tree, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-def config_changes(recorded: dict, config: Config) -> list[tuple[str, object, object]]:
-    """``(key, recorded value, value now)`` for every config key whose value differs;
-    keys the record lacks (made before they existed) count as their defaults."""
-    now, defaults = config_to_dict(config), config_to_dict(Config())
-    changes = []
-    for key, *_ in describe():
-        before = _lookup(recorded, key)
-        if before is _ABSENT:
-            before = _lookup(defaults, key)
-        after = _lookup(now, key)
-        if before != after:
-            changes.append((key, before, after))
-    return changes
-
-
-def _show(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def describe_changes(changes) -> str:
-    """``key old -> new`` for each change, comma separated."""
-    return ", ".join(f"{key} {_show(before)} -> {_show(after)}" for key, before, after in changes)
-
-
-def built_tiny_model(run_dir: Path) -> dict | None:
-    """The ``model.tiny`` settings the tiny model under ``run_dir`` was built with: its
-    shape from its config.json, its seed from the run's config.yaml (when recorded);
-    None when no tiny model was built there."""
-    try:
-        built = json.loads((Path(run_dir) / "tiny_model" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    settings = {key: built.get(name) for key, name in _TINY_SHAPE.items()}
-    recorded = recorded_config(run_dir)
-    seed = _lookup(recorded, "model.tiny.seed") if recorded is not None else _ABSENT
-    if seed is not _ABSENT and _lookup(recorded, "model.path") == "tiny":
-        settings["seed"] = seed
-    return settings
 
 
 class Session:
