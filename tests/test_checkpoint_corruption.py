@@ -223,6 +223,22 @@ def test_resume_with_no_intact_checkpoint_says_so(run_dir, loads, capsys):
     assert names == ["step_000001", "step_000002"]
 
 
+def test_two_ranks_resume_from_the_same_intact_checkpoint(run_dir, capfd):
+    """Every rank verifies on its own; rank 0 alone renames the corrupt checkpoint, and a
+    rank that finds it gone meanwhile does not fail."""
+    bad = corrupt(run_dir, 2, "same-size weights")
+    good = run_dir / "checkpoints" / "step_000001"
+
+    assert main(["train", *job(run_dir, "runtime.num_ranks=2")]) == 0
+    captured = capfd.readouterr()
+    assert f"plait: checkpoint {bad} is corrupt (policy/model.safetensors checksum mismatch)" \
+        in captured.err, captured.err[-3000:]
+    assert f"resumed from {good} at step 1 on 2 ranks" in captured.out
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == \
+        ["corrupt-step_000002", "step_000001", "step_000002"]
+    assert json.loads((run_dir / "summary.json").read_text())["nan_skips"] == 0
+
+
 # --------------------------------------------------------------------------- eval
 
 
