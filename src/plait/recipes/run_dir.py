@@ -149,10 +149,14 @@ def check_run_dir(config: Config) -> None:
                           "directory for the run's outputs")
     if not run_dir.is_dir():
         return
-    if config.run.overwrite:
-        _check_removable(run_dir)
-        return
-    foreign = _foreign_entries(run_dir)
+    try:
+        if config.run.overwrite:
+            _check_removable(run_dir)
+            return
+        foreign = _foreign_entries(run_dir)
+    except PermissionError as err:
+        raise ConfigError(f"run.dir {str(run_dir)!r} cannot be read ({err.strerror}): fix its "
+                          "permissions or choose another run.dir") from None
     if foreign and not is_plait_run(run_dir):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ConfigError(f"run.dir {str(run_dir)!r} is not a plait run directory and already "
@@ -199,6 +203,8 @@ def built_tiny_model(run_dir: Path) -> dict | None:
     try:
         built = json.loads((Path(run_dir) / "tiny_model" / "config.json").read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(built, dict):
         return None
     settings = {key: built.get(name) for key, name in _TINY_SHAPE.items()}
     recorded = recorded_config(run_dir)
