@@ -40,7 +40,7 @@ def run_job(run_dir: Path, ranks: int, samples: int, controller: str, steps: int
             group: int) -> dict:
     args = [sys.executable, "-m", "plait.cli", "train", "examples/grpo_addition.yaml",
             f"run.dir={run_dir}", "run.overwrite=true", "run.tensorboard=false",
-            "run.progress=false", "sft.steps=0", "data.num_eval=64", f"train.steps={steps}",
+            "run.progress=false", "sft={steps: 0}", "data.num_eval=64", f"train.steps={steps}",
             "train.eval_every=0", "train.save_every=0", "train.threads=null",
             f"algo.prompts_per_step={samples // group}", f"algo.group_size={group}",
             f"runtime.num_ranks={ranks}", f"runtime.controller={controller}"]

@@ -76,7 +76,9 @@ def plait(*args: str) -> None:
 def run_variant(name: str, run_dir: Path, common: list[str], sft: Path, steps: int) -> dict:
     """One variant's job from the shared SFT checkpoint, and its figures."""
     start = time.time()
-    plait(*common, f"run.dir={run_dir}", f"model.path={sft / 'sft_model'}", "sft.steps=0",
+    shape = tuple(a for a in common if a.startswith("model.tiny."))  # of the SFT model
+    plait(*(a for a in common if a not in shape), f"run.dir={run_dir}",
+          f"model.path={sft / 'sft_model'}", "sft={steps: 0}",
           f"train.steps={steps}", *VARIANTS[name])
     wall = time.time() - start
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

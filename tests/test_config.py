@@ -110,3 +110,181 @@ def test_partial_rollout_needs_workers_apart_and_staleness(overrides):
     for placement in ("disaggregated", "partial"):
         load_config(None, ["runtime.partial_rollout=true", f"runtime.placement={placement}",
                            "runtime.max_staleness=1"])
+
+
+# ----------------------------------------------------------------- contradictions
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algo.name=ppo", "algo.advantage=grpo"], r"algo.name=ppo trains a critic .*'grpo' uses none"),
+    (["algo.name=ppo", "algo.group_size=1", "algo.advantage=reinforce++"],
+     r"algo.name=grpo for a critic-free job with algo.advantage=reinforce\+\+"),
+    (["rollout.temperature=0"], r"rollout.temperature=0 decodes greedily.*identical"),
+    (["data.eval_path=."], r"data.eval_path is read only with data.train_path"),
+    (["run.overwrite=true", "run.resume=must"], r"run.overwrite=true deletes the run directory"),
+    (["model.attn_implementation=flash_attention_2"],
+     r"flash_attention_2 runs only under rollout.engine=hf"),
+    (["model.attn_implementation=flash_attention_2", "rollout.engine=hf", "train.device=cpu"],
+     r"flash_attention_2 needs a GPU"),
+])
+def test_contradictory_settings_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_critic_free_reinforce_pp_runs_with_groups_of_one():
+    cfg = load_config(None, ["algo.advantage=reinforce++", "algo.group_size=1"])
+    assert cfg.algo.name == "grpo"
+    load_config(None, ["algo.name=ppo", "algo.group_size=1"])  # PPO: GAE with a critic
+
+
+# ----------------------------------------------------------------- settings with no effect
+
+# (a setting where the part it configures does not run, what makes it run: [] where the
+# setting's own row already turns the part off)
+INERT = [
+    (["algo.vf_coef=1.0"], ["algo.name=ppo", "algo.group_size=1"]),
+    (["algo.vf_clip=null"], ["algo.name=ppo", "algo.group_size=1"]),
+    (["algo.lam=0.9", "algo.advantage=reinforce++"],
+     ["algo.name=ppo", "algo.group_size=1", "algo.advantage=gae"]),
+    (["optim.critic_lr=1e-3"], ["algo.name=ppo", "algo.group_size=1"]),
+    (["model.critic_path=MODEL_DIR"], ["algo.name=ppo", "algo.group_size=1"]),
+    (["algo.gamma=0.9"], ["algo.advantage=reinforce++"]),
+    (["algo.kl_estimator=k1"], ["algo.kl_coef=0.1"]),
+    (["algo.kl_mode=reward"], ["algo.kl_coef=0.1"]),
+    (["model.ref_path=MODEL_DIR"], ["algo.kl_coef=0.1"]),
+    (["algo.grpovi_weights=reference"], ["algo.reward_adjust=grpovi"]),
+    (["algo.grpovi_split_ties=true"], ["algo.reward_adjust=grpovi"]),
+    (["algo.max_draws=2"], ["algo.dynamic_sampling=true"]),
+    (["algo.overlong_penalty=0.5"], ["algo.overlong_buffer=4"]),
+    (["algo.loss_norm_constant=10"], ["algo.loss_agg=seq-mean-token-sum-norm"]),
+    (["algo.off_policy_cap=3"], ["algo.off_policy=tis"]),
+    (["algo.pack_group_tokens=0", "algo.share_prompt_forward=false"], []),
+    (["algo.use_engine_logprobs=true"], ["algo.epochs=2"]),
+    (["rollout.top_k=5", "rollout.temperature=0", "algo.advantage=reinforce++"], []),
+    (["rollout.top_p=0.9", "rollout.temperature=0", "algo.advantage=reinforce++"], []),
+    (["rollout.sync_every=2", "rollout.engine=hf"], []),
+    (["rollout.prefill_tokens=64", "rollout.engine=hf"], []),
+    (["rollout.release_kv_cache=true", "rollout.engine=hf"], []),
+    (["runtime.ray_address=auto"], ["runtime.launcher=ray"]),
+    (["runtime.cpus_per_rank=2"], ["runtime.launcher=ray"]),
+    (["runtime.gpus_per_rank=1"], ["runtime.launcher=ray"]),
+    (["runtime.rollout_workers=2", "algo.prompts_per_step=8"], ["runtime.placement=disaggregated"]),
+    (["runtime.weight_bucket_mb=8"], ["runtime.placement=partial"]),
+    (["runtime.stream_groups=true"], ["runtime.placement=disaggregated"]),
+    (["runtime.stream_groups=true", "runtime.placement=disaggregated", "algo.epochs=2"], []),
+    (["runtime.controller=single"], ["runtime.num_ranks=2"]),
+    (["runtime.data_parallel=fsdp"], ["runtime.num_ranks=2"]),
+    (["runtime.backend=gloo"], ["runtime.num_ranks=2"]),
+    (["runtime.collective_timeout_s=60"], ["runtime.placement=disaggregated"]),
+    (["runtime.heartbeat_timeout_s=5"], ["runtime.num_ranks=2"]),
+    (["runtime.progress_timeout_s=5"], ["runtime.launcher=ray"]),
+    (["runtime.master_port=29500"], ["runtime.num_ranks=2"]),
+    (["runtime.master_port=29500", "runtime.num_ranks=2", "runtime.launcher=ray"], []),
+    (["sft.lr=0.01"], ["sft.steps=5"]),
+    (["sft.batch_size=8"], ["sft.steps=5"]),
+    (["sft.warmup_steps=2"], ["sft.steps=5"]),
+    (["model.tiny.num_layers=2", "model.path=MODEL_DIR"], ["model.path=tiny"]),
+    (["data.task_args={digits: 3}", "data.task=null", "data.train_path=DATA"],
+     ["data.task=addition"]),
+    (["data.split=test"], ["data.train_path=DATA"]),
+    (["data.fields={prompt: q}"], ["data.train_path=DATA"]),
+    (["data.num_train=10", "data.train_path=DATA"], ["data.train_path=null"]),
+    (["reward.fallback_reward=-1"], ["reward.on_error=fallback"]),
+    (["optim.min_lr_ratio=0.1"], ["optim.schedule=cosine"]),
+    (["train.max_nan_skips=3", "train.nan_policy=stop"], ["train.nan_policy=skip"]),
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    from plait.models.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("inputs")
+    model_dir = save_tiny_model(root / "model")
+    data = root / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 300)
+    return {"MODEL_DIR": str(model_dir), "DATA": str(data)}
+
+
+def _fill(overrides, paths):
+    out = []
+    for text in overrides:
+        for name, value in paths.items():
+            text = text.replace(f"={name}", f"={value}")
+        out.append(text)
+    return out
+
+
+@pytest.mark.parametrize("inert, active", INERT, ids=[i[0].split("=")[0] for i, _ in INERT])
+def test_a_setting_with_no_effect_is_refused_and_allowed_where_it_acts(inert, active,
+                                                                       model_and_data):
+    key = inert[0].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"settings with no effect in this job: .*{key}="):
+        load_config(None, _fill(inert, model_and_data))
+    if active:
+        load_config(None, _fill([*inert, *active], model_and_data))
+
+
+def test_every_setting_with_no_effect_is_named_in_one_message():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["algo.kl_mode=reward", "algo.vf_coef=1", "sft.lr=0.01"])
+    message = str(err.value)
+    assert message.count("\n") == 0
+    for part in ("algo.kl_mode=reward (algo.kl_coef=0", "algo.vf_coef=1.0 (no critic",
+                 "sft.lr=0.01 (sft.steps=0", "defaults (algo.vf_coef=0.5 algo.kl_mode=loss "
+                 "sft.lr=0.001)"):
+        assert part in message, message
+
+
+def test_the_no_effect_table_names_real_settings():
+    from plait.config import _inert_settings, _setting
+
+    for _, keys, _ in _inert_settings(Config()):
+        for key in keys:
+            _setting(Config(), key)  # raises for a misspelt key
+
+
+def test_default_values_pass_even_where_they_have_no_effect():
+    load_config(None, ["algo.kl_mode=loss", "algo.vf_coef=0.5", "sft.lr=1e-3",
+                       "runtime.controller=parallel"])
+
+
+def test_turning_off_a_result_preserving_speedup_is_allowed_anywhere():
+    load_config(None, ["algo.name=ppo", "algo.group_size=1", "algo.skip_zero_advantage=false"])
+    load_config(None, ["rollout.engine=hf", "rollout.fuse_forwards=false"])
+
+
+@pytest.mark.parametrize("path", ["examples/grpo_addition.yaml", "examples/ppo_addition.yaml"])
+def test_examples_load(path):
+    from pathlib import Path
+
+    load_config(Path(__file__).parent.parent / path)
+
+
+# ----------------------------------------------------------------- duplicate keys
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("train:\n  steps: 3\n  seed: 1\n  steps: 4\n", 4, "steps"),            # in a section
+    ("train:\n  steps: 3\nalgo:\n  name: grpo\ntrain:\n  seed: 1\n", 5, "train"),  # top level
+    ("reward:\n  functions:\n    - fn: task\n      weight: 1\n      fn: exact_match\n", 5, "fn"),
+    ("data:\n  task_args: {digits: 2, digits: 3}\n", 2, "digits"),            # flow mapping
+])
+def test_duplicate_yaml_keys_are_refused_with_file_and_line(tmp_path, text, line, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"cfg.yaml, line {line}: key '{key}' appears twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["reward.functions=[{fn: task, fn: exact_match}]",
+                                      "data.task_args={digits: 2, digits: 3}"])
+def test_duplicate_keys_in_an_override_are_refused(override):
+    with pytest.raises(ConfigError, match=r"command line: override .* twice in one mapping"):
+        load_config(None, [override])
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    """Explicit keys override those a merge key (<<) brings in: not a duplicate."""
+    path = write(tmp_path, "train:\n  <<: {steps: 3, seed: 1}\n  steps: 4\n")
+    assert load_config(path).train.steps == 4

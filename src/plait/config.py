@@ -312,7 +312,8 @@ class RuntimeConfig:
         "rollout engine and rewards; they meet only in collectives.", low=1)
     launcher: Literal["local", "ray"] = opt(
         "local", "'local' starts the rank processes on this machine (torch.distributed); "
-        "'ray' runs them as Ray actors in a placement group (pip install 'plait[ray]').")
+        "'ray' runs them as Ray actors in a placement group (needs Ray: pip install -c "
+        "constraints.txt -e \".[ray]\" from a clone, or pip install 'plait[ray]').")
     controller: Literal["parallel", "single"] = opt(
         "parallel", "'parallel': every rank drives its own shard of prompts; 'single': rank 0 "
         "gathers every rollout, scores and computes advantages, and scatters the batches "
@@ -353,11 +354,11 @@ class RuntimeConfig:
         "generated and scored, and let the trainer run the group's forward and backward "
         "passes while the rest of the batch still generates (the optimizer steps once the "
         "batch is complete; the update equals the whole-batch one up to float rounding, "
-        "the loss normaliser applied to the summed gradients at the end). Used when a batch "
-        "makes one update (algo.epochs=1, algo.mini_batches=1) with a group-wise advantage "
-        "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; otherwise batches travel "
-        "whole. With runtime.partial_rollout batches are sent whole and trained as they "
-        "arrive. It shortens a step where the trainer's update, not generation, holds the "
+        "the loss normaliser applied to the summed gradients at the end). Needs a batch that "
+        "makes one update (algo.epochs=1, algo.mini_batches=1), a group-wise advantage "
+        "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; refused otherwise. With "
+        "runtime.partial_rollout batches are sent whole and trained as they arrive. It "
+        "shortens a step where the trainer's update, not generation, holds the "
         "workers back on long-tailed batches; each group then costs the trainer its own "
         "forward/backward (benchmarks/RESULTS.md, section 5i).")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
@@ -588,6 +589,38 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> N
             raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])!r} is not a mapping")
 
 
+class _DuplicateKey(Exception):
+    """A mapping holds ``key`` twice, first on line ``first``, again on line ``line``."""
+
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(key, first, line)
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice, at any nesting level
+    (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: explicit keys override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as YAML (so 3, 1e-4, true, [1,2], null work)."""
     if "=" not in text:
@@ -598,9 +631,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"command line: override {text!r} has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except _DuplicateKey as dup:
+        raise ConfigError(f"command line: override {text!r} has the key {dup.key!r} twice in "
+                          "one mapping; keep one") from None
     return key, value
 
 
@@ -614,9 +650,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} does not exist")
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except _DuplicateKey as dup:
+            raise ConfigError(f"{path}, line {dup.line}: key {dup.key!r} appears twice in one "
+                              f"mapping (first on line {dup.first}); YAML would keep only the "
+                              "last: keep one") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -636,9 +676,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
-    _validate_algo(config)
-    _validate_runtime(config)
+    """Cross-field checks that a single field's type cannot express, in this order:
+
+    1. single values and paths (betas, data files, model directories);
+    2. contradictions: settings that together ask for a job plait cannot run, or would
+       run as something other than asked (algo.name=ppo without GAE trains no critic);
+       refused with the reason and the fix;
+    3. settings with no effect: a value other than the field's default where the part it
+       configures does not run in this job (a critic's settings without a critic, KL
+       settings at algo.kl_coef=0, plait-engine settings with rollout.engine=hf, Ray
+       settings with the local launcher, sft.* at sft.steps=0, ...; see
+       :func:`_inert_settings`). Such a value silently does nothing, which is a wrong
+       behaviour too (the user believed it mattered), so every one of them is refused in
+       one message: remove it, or enable the part it belongs to. A value equal to the
+       default cannot be told from an unset one and passes.
+
+    Allowed on purpose: settings of a part that runs even where this job's numbers happen
+    not to depend on them (clip ranges when each batch makes one update, so the ratio is
+    1), and turning off a speed-up that keeps results equal where it would not apply
+    anyway (algo.skip_zero_advantage=false beside a critic, rollout.fuse_forwards=false
+    with rollout.engine=hf): the job does what was asked. Explicit off-policy corrections
+    (algo.off_policy=decoupled or tis) are allowed without stale weights: they also
+    correct the engine-versus-trainer numeric gap.
+    """
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
     if config.data.task is None and config.data.train_path is None:
@@ -653,19 +713,71 @@ def validate(config: Config) -> None:
         value = getattr(config.model, key)
         if value is not None:
             check_local_model_path(value, f"model.{key}")
+    _validate_algo(config)
+    _validate_runtime(config)
+    _validate_job(config)
+    _refuse_inert_settings(config)
+
+
+def advantage_estimator(config: Config) -> str:
+    """The advantage estimator in force: algo.advantage with 'auto' resolved."""
+    algo = config.algo
+    if algo.advantage != "auto":
+        return algo.advantage
+    return "gae" if algo.name == "ppo" else "grpo"
+
+
+def uses_reference(config: Config) -> bool:
+    """Whether the job needs reference log-probs (KL, or GRPOVI's reference weights)."""
+    algo = config.algo
+    return algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and
+                                algo.grpovi_weights == "reference")
+
+
+def needs_old_logprobs(config: Config) -> bool:
+    """Whether a batch gets a separate old log-prob pass (several updates per batch, or
+    KL in the reward); with one update the old log-probs are the detached current ones."""
+    algo = config.algo
+    kl_in_reward = algo.kl_coef > 0 and algo.kl_mode == "reward"
+    return algo.epochs > 1 or algo.mini_batches > 1 or kl_in_reward
+
+
+def streams_groups(config: Config) -> bool:
+    """Whether batches travel group by group from rollout workers apart to the trainers
+    (runtime.stream_groups, where it applies)."""
+    cfg = config
+    return (cfg.runtime.stream_groups
+            and cfg.runtime.placement in ("disaggregated", "partial")
+            and cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
+            and advantage_estimator(cfg) in ("grpo", "drgrpo", "rloo")
+            and cfg.runtime.data_parallel == "ddp")
+
+
+def _raise_first(problems: list[tuple[bool, str]]) -> None:
+    for failed, message in problems:
+        if failed:
+            raise ConfigError(message)
 
 
 def _validate_algo(config: Config) -> None:
     algo = config.algo
-    estimator = algo.advantage if algo.advantage != "auto" else (
-        "gae" if algo.name == "ppo" else "grpo")
-    problems = [
-        (algo.name == "grpo" and algo.group_size < 2,
+    estimator = advantage_estimator(config)
+    group_wise = estimator in ("grpo", "drgrpo", "rloo")
+    _raise_first([
+        (algo.name == "grpo" and estimator == "grpo" and algo.group_size < 2,
          "algo.group_size must be at least 2 for GRPO (groups need a baseline)"),
         (algo.name == "grpo" and estimator == "gae",
          "algo.advantage 'gae' needs a critic: use algo.name=ppo"),
-        (estimator in ("grpo", "drgrpo", "rloo") and algo.group_size < 2,
+        (algo.name == "ppo" and estimator != "gae",
+         f"algo.name=ppo trains a critic for GAE advantages, but algo.advantage='{estimator}' "
+         f"uses none (the critic would not exist): set algo.advantage=gae (or auto), or "
+         f"algo.name=grpo for a critic-free job with algo.advantage={estimator}"),
+        (group_wise and algo.group_size < 2,
          f"algo.advantage '{estimator}' normalises within groups: set algo.group_size >= 2"),
+        (group_wise and config.rollout.temperature == 0,
+         f"rollout.temperature=0 decodes greedily, so the {algo.group_size} completions of a "
+         f"prompt are identical and algo.advantage '{estimator}' (relative to the group) is "
+         "0 for every one: nothing would be learned; set rollout.temperature > 0"),
         (algo.dynamic_sampling and algo.group_size < 2,
          "algo.dynamic_sampling keeps groups whose rewards differ: set algo.group_size >= 2"),
         (algo.reward_range is not None and (
@@ -687,10 +799,27 @@ def _validate_algo(config: Config) -> None:
          f"algo.mini_batches={algo.mini_batches} exceeds the "
          f"{algo.prompts_per_step * algo.group_size} sequences per step "
          "(prompts_per_step x group_size)"),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise ConfigError(message)
+    ])
+
+
+def _validate_job(config: Config) -> None:
+    """Contradictions between the model, data, run and device settings."""
+    model, data, run = config.model, config.data, config.run
+    flash = model.attn_implementation == "flash_attention_2"
+    _raise_first([
+        (data.eval_path is not None and data.train_path is None,
+         "data.eval_path is read only with data.train_path; a built-in task's held-out "
+         "prompts are its own test split: set data.train_path too, or remove data.eval_path"),
+        (run.overwrite and run.resume == "must",
+         "run.overwrite=true deletes the run directory, so run.resume=must would find no "
+         "checkpoint: drop one of them"),
+        (flash and config.rollout.engine != "hf",
+         "model.attn_implementation=flash_attention_2 runs only under rollout.engine=hf "
+         "(the plait engine drives attention itself): set rollout.engine=hf or another "
+         "attention kernel"),
+        (flash and config.train.device == "cpu",
+         "model.attn_implementation=flash_attention_2 needs a GPU, and train.device is 'cpu'"),
+    ])
 
 
 def off_policy_mode(config: Config) -> str:
@@ -767,6 +896,122 @@ def _validate_runtime(config: Config) -> None:
     for failed, message in problems:
         if failed:
             raise ConfigError(message)
+
+
+def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
+    """(the part is absent, its settings, why) for every part a job may leave out."""
+    algo, rollout, runtime, data = config.algo, config.rollout, config.runtime, config.data
+    estimator = advantage_estimator(config)
+    one_process = runtime.num_ranks == 1 and runtime.placement == "colocated"
+    return [
+        (estimator != "gae", ("algo.vf_coef", "algo.vf_clip", "algo.lam", "optim.critic_lr",
+                              "model.critic_path"),
+         f"no critic is trained, as algo.advantage is {estimator}, not gae"),
+        (estimator not in ("gae", "reinforce++"), ("algo.gamma",),
+         f"algo.advantage={estimator} does not discount (only gae and reinforce++ do)"),
+        (algo.kl_coef == 0, ("algo.kl_estimator", "algo.kl_mode"),
+         "algo.kl_coef=0: there is no KL term"),
+        (not uses_reference(config), ("model.ref_path",),
+         "no reference model is used (only with algo.kl_coef > 0 or "
+         "algo.grpovi_weights=reference)"),
+        (algo.reward_adjust != "grpovi", ("algo.grpovi_weights", "algo.grpovi_split_ties"),
+         "algo.reward_adjust is not 'grpovi'"),
+        (not algo.dynamic_sampling, ("algo.max_draws",), "algo.dynamic_sampling is off"),
+        (algo.overlong_buffer == 0, ("algo.overlong_penalty",),
+         "algo.overlong_buffer=0: no overlong penalty"),
+        (algo.loss_agg != "seq-mean-token-sum-norm", ("algo.loss_norm_constant",),
+         f"only algo.loss_agg=seq-mean-token-sum-norm uses it, not {algo.loss_agg}"),
+        (off_policy_mode(config) == "none", ("algo.off_policy_cap",),
+         "no off-policy correction runs (algo.off_policy resolves to 'none')"),
+        (not algo.share_prompt_forward, ("algo.pack_group_tokens",),
+         "algo.share_prompt_forward is off"),
+        (not needs_old_logprobs(config), ("algo.use_engine_logprobs",),
+         "each batch makes one update, so there is no old log-prob pass to replace"),
+        (rollout.temperature == 0, ("rollout.top_p", "rollout.top_k"),
+         "rollout.temperature=0 decodes greedily"),
+        (rollout.engine == "hf", ("rollout.sync_every", "rollout.prefill_tokens",
+                                  "rollout.release_kv_cache"),
+         "they configure the plait engine, and rollout.engine is 'hf'"),
+        (runtime.launcher == "local", ("runtime.ray_address", "runtime.cpus_per_rank",
+                                       "runtime.gpus_per_rank"),
+         "they configure Ray, and runtime.launcher is 'local'"),
+        (runtime.placement not in ("disaggregated", "partial"),
+         ("runtime.rollout_workers", "runtime.weight_bucket_mb"),
+         f"no rollout workers run apart (runtime.placement={runtime.placement})"),
+        (runtime.stream_groups and not streams_groups(config), ("runtime.stream_groups",),
+         "groups travel one by one only from rollout workers apart, runtime.placement="
+         "disaggregated or partial, to DDP trainers that make one update per batch with a "
+         "group-wise advantage: algo.epochs=1, algo.mini_batches=1, algo.advantage grpo, "
+         "drgrpo or rloo"),
+        (runtime.num_ranks == 1, ("runtime.controller", "runtime.data_parallel"),
+         "runtime.num_ranks=1: one trainer rank"),
+        (one_process, ("runtime.backend", "runtime.collective_timeout_s"),
+         "the job is one process, with no collectives"),
+        (one_process and runtime.launcher == "local",
+         ("runtime.heartbeat_timeout_s", "runtime.progress_timeout_s"),
+         "the job runs in the plait process itself, with no ranks to watch"),
+        (one_process or runtime.launcher == "ray", ("runtime.master_port",),
+         "only the local launcher of several processes uses a rendezvous port"),
+        (config.sft.steps == 0, ("sft.batch_size", "sft.lr", "sft.warmup_steps"),
+         "sft.steps=0: no SFT warm start"),
+        (config.model.path != "tiny", ("model.tiny",), "model.path is not 'tiny'"),
+        (data.task is None, ("data.task_args",), "data.task is null"),
+        (data.train_path is None, ("data.split", "data.fields"),
+         "they describe data.train_path's files, and it is unset"),
+        (data.train_path is not None, ("data.num_train",),
+         "training prompts come from data.train_path, not from the task's generator"),
+        (config.reward.on_error == "raise", ("reward.fallback_reward",),
+         "reward.on_error is 'raise'"),
+        (config.optim.schedule == "constant", ("optim.min_lr_ratio",),
+         "optim.schedule is 'constant'"),
+        (config.train.nan_policy == "stop", ("train.max_nan_skips",),
+         "train.nan_policy=stop stops at the first non-finite step"),
+    ]
+
+
+def _setting(config: Config, dotted: str) -> tuple[Any, Any]:
+    """(value, default) of the setting at ``dotted``."""
+    node: Any = config
+    cls: Any = Config
+    *sections, name = dotted.split(".")
+    for part in sections:
+        node, cls = getattr(node, part), typing.get_type_hints(cls)[part]
+    f = _fields(cls)[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return getattr(node, name), default
+
+
+def _changed(key: str, value: Any, default: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, default) of every leaf where ``value`` differs from ``default``."""
+    if value == default:
+        return []
+    if dataclasses.is_dataclass(value):
+        return [leaf for f in dataclasses.fields(value) for leaf in _changed(
+            f"{key}.{f.name}", getattr(value, f.name), getattr(default, f.name))]
+    return [(key, value, default)]
+
+
+def _show(value: Any) -> str:
+    text = yaml.safe_dump(_to_dict(value), default_flow_style=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def _refuse_inert_settings(config: Config) -> None:
+    """One ConfigError naming every setting that has no effect in this job, and why."""
+    found, defaults = [], []
+    for absent, keys, why in _inert_settings(config):
+        if not absent:
+            continue
+        changed = [leaf for key in keys for leaf in _changed(key, *_setting(config, key))]
+        if changed:
+            found.append(f"{', '.join(f'{k}={_show(v)}' for k, v, _ in changed)} ({why})")
+            defaults.extend(f"{k}={_show(d)}" for k, _, d in changed)
+    if found:
+        section = defaults[0].split(".")[0]
+        raise ConfigError(f"settings with no effect in this job: {'; '.join(found)}. Remove "
+                          f"them, set them back to their defaults ({' '.join(defaults)}), or "
+                          f"enable the part they configure (on the command line, "
+                          f"'{section}={{...}}' replaces a file's whole {section} section)")
 
 
 def check_local_model_path(value: str, key: str) -> None:
