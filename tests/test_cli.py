@@ -49,7 +49,8 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
 def test_malformed_dataset_row_is_named(tmp_path, tiny_job, content, message):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
-    proc = run_cli("train", *tiny_job, "data.task=null", f"data.train_path={data}",
+    from_file = [a for a in tiny_job if not a.startswith("data.num_train=")]  # no rows made
+    proc = run_cli("train", *from_file, "data.task=null", f"data.train_path={data}",
                    "data.fields={prompt: question}", cwd=tmp_path)
     assert proc.returncode == 1
     assert "data.jsonl" in proc.stderr and message in proc.stderr, proc.stderr
@@ -97,3 +98,79 @@ def test_nan_loss_stops_with_checkpoint_intact(tmp_path, tiny_job, reward_spec):
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and ckpt.name != "step_000030"
     AutoModelForCausalLM.from_pretrained(ckpt / "policy")
+
+
+def test_a_config_error_fails_before_torch_is_imported(tmp_path):
+    """A typo is reported without loading the training stack (which takes seconds)."""
+    code = ("import sys; from plait.cli import main; "
+            "rc = main(['train', 'train.stepz=3']); "
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert "did you mean 'train.steps'" in proc.stderr
+
+
+def test_errors_raised_later_are_still_one_line(monkeypatch, tmp_path, capsys):
+    """Past the config, the known errors (imported only then) still print one line."""
+    import plait.recipes.rl
+    from plait.data.datasets import DataError
+
+    def fails(config):
+        raise DataError("data.jsonl, line 3: not JSON")
+
+    monkeypatch.setattr(plait.recipes.rl, "train", fails)
+    assert main(["train", f"run.dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err == "plait: error: data.jsonl, line 3: not JSON\n"
+
+
+def test_duplicate_key_in_the_config_file_is_one_line(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("train:\n  steps: 3\nalgo:\n  group_size: 4\n  group_size: 8\n")
+    proc = run_cli("config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"plait: error: {config}, line 5: key 'group_size' appears twice in "
+                           "one mapping (first on line 4); YAML would keep only the last: "
+                           "keep one\n")
+
+
+def _interrupted(monkeypatch, module, name):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, interrupt)
+
+
+def test_ctrl_c_in_train_names_the_last_complete_checkpoint(monkeypatch, tmp_path, capsys):
+    import plait.recipes.rl
+    from plait.train.checkpoint import COMPLETE_MARKER
+
+    _interrupted(monkeypatch, plait.recipes.rl, "train")
+    run_dir = tmp_path / "run"
+    assert main(["train", f"run.dir={run_dir}"]) == 130
+    assert capsys.readouterr().err == f"plait: interrupted; no checkpoint yet in {run_dir}\n"
+    for step in (2, 4, 6):
+        (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    for step in (2, 4):  # step 6 was being written: incomplete
+        (run_dir / "checkpoints" / f"step_{step:06d}" / COMPLETE_MARKER).write_text("{}")
+    assert main(["train", f"run.dir={run_dir}"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("plait: interrupted; the last complete checkpoint is "
+                          f"{run_dir / 'checkpoints' / 'step_000004'} "), err
+
+
+def test_ctrl_c_in_eval_says_nothing_of_checkpoints(monkeypatch, tmp_path, capsys):
+    import plait.recipes.evaluate
+
+    _interrupted(monkeypatch, plait.recipes.evaluate, "evaluate_job")
+    assert main(["eval", f"run.dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "plait: interrupted\n"
+
+
+def test_missing_ray_says_how_to_install_it(monkeypatch):
+    from plait.config import ConfigError
+    from plait.runtime.ray_launcher import _import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(ConfigError, match=r'pip install -c constraints.txt -e "\.\[ray\]"'):
+        _import_ray()

@@ -21,7 +21,9 @@ EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one clear message, no traceback."""
+    """Errors that are the user's to fix: shown as one clear message, no traceback.
+    Importing them loads torch, so :func:`_is_known` asks only when an error is not a
+    ConfigError (a config mistake fails before anything heavy is imported)."""
     from plait.data.datasets import DataError
     from plait.recipes.session import TrainingDiverged
     from plait.rewards import RewardError, RewardLoadError
@@ -32,8 +34,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             TrainingDiverged, FileNotFoundError, RankFailure)
 
 
+def _is_known(err: BaseException) -> bool:
+    return isinstance(err, ConfigError) or isinstance(err, _known_errors())
+
+
 def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
+    args.run_dir = Path(config.run.dir)  # for the message on Ctrl-C
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
         from plait.recipes.run_dir import check_run_dir
@@ -120,11 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        print("plait: interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        print(f"plait: interrupted{_checkpoint_note(args)}", file=sys.stderr)
         return 130
-    except _known_errors() as err:
+    except Exception as err:
+        if not _is_known(err):
+            raise
         print(f"plait: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
+
+
+def _checkpoint_note(args) -> str:
+    """What an interrupted train job leaves to resume from (nothing to say for others)."""
+    run_dir = getattr(args, "run_dir", None)
+    if args.command != "train" or run_dir is None:
+        return ""
+    from plait.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return f"; no checkpoint yet in {run_dir}"
+    return (f"; the last complete checkpoint is {latest} (with run.resume=auto, the "
+            "default, the same command continues from it)")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from plait.runtime.launch import (
 
 
 def _import_ray():
-    message = "runtime.launcher=ray needs Ray, an optional extra: pip install 'plait[ray]'"
+    message = ("runtime.launcher=ray needs Ray, an optional extra: pip install -c "
+               "constraints.txt -e \".[ray]\" (from a clone of plait) or pip install 'plait[ray]'")
     try:
         import ray
         import ray.util.placement_group  # noqa: F401 - a directory named ray is not Ray
