@@ -126,7 +126,7 @@ class CorruptCheckpointError(CheckpointError):
 def _corrupt(path: Path, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"checkpoint {path} is corrupt: {reason}; nothing was loaded from it. Use an earlier "
-        "checkpoint (latest_intact_checkpoint finds the newest intact one)",
+        "checkpoint of that run",
         path=path, reason=reason)
 
 
@@ -213,8 +213,7 @@ def latest_intact_checkpoint(
                 raise
             skipped.append(error)
             continue
-        _report_skipped(root, skipped, path, fallback=fallback, set_aside=set_aside,
-                        action=action)
+        _report_skipped(skipped, path, fallback=fallback, set_aside=set_aside, action=action)
         return path
     if skipped:
         found = "; ".join(f"{error.path.name} ({error.reason})" for error in skipped)
@@ -234,7 +233,6 @@ def _step_directories(root: Path) -> list[Path]:
 
 
 def _report_skipped(
-    root: Path,
     skipped: list[CorruptCheckpointError],
     chosen: Path,
     *,
@@ -612,7 +610,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not (path / COMPLETE_MARKER).is_file():
         raise CorruptCheckpointError(
             f"checkpoint {path} has no {COMPLETE_MARKER} marker: it was never finished or was "
-            "copied in part. Use latest_intact_checkpoint(root) to find the newest intact one.",
+            "copied in part; nothing was loaded from it. Use an earlier checkpoint of that run",
             path=path, reason=f"no {COMPLETE_MARKER} manifest: never finished or copied in part")
     manifest = _read_json(path / COMPLETE_MARKER, checkpoint=path)
     if manifest.get("format") != FORMAT:
