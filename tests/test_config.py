@@ -132,6 +132,16 @@ def test_contradictory_settings_are_refused_with_the_fix(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.task=additon", r"data.task: unknown task 'additon'.*Did you mean 'addition'"),
+    ("data.task_args={digit: 2}", r"data.task_args: task 'addition' has no setting\(s\) \['digit'\]"),
+    ("data.task_args={digits: 0}", r"data.task_args: .*digits must be between 1 and 18"),
+])
+def test_built_in_task_and_its_settings_are_checked_with_the_config(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
 def test_critic_free_reinforce_pp_runs_with_groups_of_one():
     cfg = load_config(None, ["algo.advantage=reinforce++", "algo.group_size=1"])
     assert cfg.algo.name == "grpo"

@@ -703,6 +703,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
     if config.data.task is None and config.data.train_path is None:
         raise ConfigError("data: set either data.task (a built-in task) or data.train_path")
+    if config.data.task is not None:
+        _check_task(config.data.task, config.data.task_args)
     for key in ("train_path", "eval_path"):
         value = getattr(config.data, key)
         if value is not None and not Path(value).exists():
@@ -717,6 +719,17 @@ def validate(config: Config) -> None:
     _validate_runtime(config)
     _validate_job(config)
     _refuse_inert_settings(config)
+
+
+def _check_task(name: str, task_args: dict[str, Any]) -> None:
+    """The built-in task and its settings exist (plait.data.tasks imports no torch)."""
+    from plait.data.datasets import DataError
+    from plait.data.tasks import TASKS, make_task
+
+    try:
+        make_task(name, **task_args)
+    except DataError as err:
+        raise ConfigError(f"{'data.task_args' if name in TASKS else 'data.task'}: {err}") from None
 
 
 def advantage_estimator(config: Config) -> str:
