@@ -678,7 +678,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(config: Config) -> None:
     """Cross-field checks that a single field's type cannot express, in this order:
 
-    1. single values and paths (betas, data files, model directories);
+    1. single values and paths (betas, the built-in task and its settings, data files,
+       model directories);
     2. contradictions: settings that together ask for a job plait cannot run, or would
        run as something other than asked (algo.name=ppo without GAE trains no critic);
        refused with the reason and the fix;
