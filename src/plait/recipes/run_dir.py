@@ -44,7 +44,9 @@ RESUME_SAFE_KEYS = frozenset({
     "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",
     "rollout.prefill_tokens", "rollout.sync_every", "rollout.compile", "rollout.fuse_forwards",
     "algo.micro_batch_size", "algo.micro_batch_tokens", "algo.share_prompt_forward",
-    "algo.pack_group_tokens", "algo.skip_zero_advantage", "reward.timeout_s",
+    "algo.pack_group_tokens", "algo.skip_zero_advantage",
+    # time limits and when a stuck reward stops the job
+    "reward.timeout_s", "reward.import_timeout_s", "reward.max_consecutive_timeouts",
     # processes and placement: a checkpoint resumes on any rank count and layout
     "runtime.num_ranks", "runtime.launcher", "runtime.controller", "runtime.placement",
     "runtime.rollout_workers", "runtime.data_parallel", "runtime.stream_groups",
