@@ -71,3 +71,22 @@ def digits_on_even_prompts(prompts, completions, **kwargs):
 
 def zero_reward(prompts, completions, **kwargs):
     return [0.0] * len(completions)
+
+
+def enter_and_hang(prompts, completions, **kwargs):
+    """Append this process's pid to the file named by $PLAIT_TEST_MARKER, then never return."""
+    import os
+
+    marker = os.environ.get("PLAIT_TEST_MARKER")
+    if marker:
+        with open(marker, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+    time.sleep(10**6)
+    return [0.0 for _ in completions]
+
+
+def fail_on_odd_length(prompts, completions, **kwargs):
+    """digit_fraction, but raises on a completion of odd length (some samples of each step)."""
+    if any(len(text) % 2 for text in completions):
+        raise ValueError("odd length")
+    return digit_fraction(prompts, completions)

@@ -109,9 +109,10 @@ def test_raising_reward_names_function_and_sample(rewards_file, isolate):
     error = info.value
     assert (error.function_name, error.sample_index) == ("flaky", 2)
     message = str(error)
-    assert "reward function 'flaky' failed on sample 2 (of 4 in the batch)" in message
-    assert "ZeroDivisionError: float division by zero" in message
-    assert "prompt: '3+4='" in message and "completion: 'boom'" in message
+    assert message == (
+        "reward function 'flaky' failed on sample 2 (of 4 in the batch): ZeroDivisionError: "
+        "float division by zero (prompt: '3+4=', completion: 'boom')"
+    )
     assert "ZeroDivisionError" in str(error.__cause__) or isinstance(
         error.__cause__, ZeroDivisionError
     )
@@ -134,15 +135,18 @@ def test_fallback_scores_the_other_samples_and_counts_failures(rewards_file, cap
 
 
 def test_hanging_reward_times_out_and_its_worker_is_killed(rewards_file):
+    """Under on_error=raise a timeout stops at once: one time limit, no per-sample re-runs."""
     manager = RewardManager([(f"{rewards_file}:hangs_on_boom", 1.0)], timeout_s=1.0)
     pid = manager.worker_pid
     assert pid is not None and is_running(pid)
     started = time.monotonic()
     with pytest.raises(
-        RewardError, match=r"'hangs_on_boom' failed on sample 2.*exceeded time limit of 1s"
+        RewardError,
+        match=r"^reward function 'hangs_on_boom' exceeded time limit of 1s on a batch of 4 "
+        r"\(first prompt: '1\+1='\); [^\n]*reward.timeout_s[^\n]*$",
     ):
         manager.score(PROMPTS, COMPLETIONS)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 1.8
     assert not is_running(pid)
     assert manager.worker_pid is None
     # The manager stays usable: a fresh worker scores the next batch.
@@ -222,7 +226,12 @@ def test_wrong_length_is_an_error_even_with_fallback(rewards_file):
 
 def test_nan_names_the_sample(rewards_file):
     with RewardManager([(f"{rewards_file}:nan_on_boom", 1.0)]) as manager:
-        with pytest.raises(RewardError, match=r"'nan_on_boom' failed on sample 2.*returned nan"):
+        with pytest.raises(
+            RewardError,
+            match=r"^reward function 'nan_on_boom' failed on sample 2 \(of 4 in the batch\): "
+            r"returned NaN; rewards must be finite numbers \(prompt: '3\+4=', "
+            r"completion: 'boom'\)$",
+        ):
             manager.score(PROMPTS, COMPLETIONS)
 
 

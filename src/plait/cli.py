@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
         summary = train(config)
     print(json.dumps(summary, indent=2))
     print(f"plait: run directory {config.run.dir} (summary.json, metrics.jsonl, metrics.png, "
-          "tensorboard/, checkpoints/)")
+          "tensorboard/, checkpoints/)" + (f"; {summary['reward_failures']} reward failures got "
+          "reward.fallback_reward" if summary.get("reward_failures") else ""))
     return 0
 
 

@@ -248,6 +248,14 @@ class RewardConfig:
     on_error: Literal["raise", "fallback"] = opt("raise", "Stop on a failing reward, or use "
                                                  "fallback_reward and count the failure.")
     fallback_reward: float = opt(0.0, "Reward of a sample whose function failed (fallback).")
+    import_timeout_s: float | None = opt(
+        None, "Time limit for importing each user reward module (module-level code runs in "
+        "the reward worker, which is killed past it); null = timeout_s. An import taking "
+        "more than 2 s is announced.", low=0.0)
+    max_consecutive_timeouts: int | None = opt(
+        3, "Under on_error=fallback: stop the job once one function has timed out on this "
+        "many calls in a row (it looks stuck; otherwise every queued call would wait out "
+        "timeout_s). null = never. Under raise the first timeout stops the job.", low=1)
 
 
 @dataclass(frozen=True)

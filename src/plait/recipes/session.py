@@ -5,6 +5,7 @@ metrics and the summary. Recipes subclass :class:`Session` and define
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -166,7 +167,9 @@ class Session:
         self.rewards = RewardManager(
             [(f.fn, f.weight) for f in config.reward.functions], task=self.task,
             timeout_s=config.reward.timeout_s, on_error=config.reward.on_error,
-            fallback_reward=config.reward.fallback_reward)
+            fallback_reward=config.reward.fallback_reward,
+            import_timeout_s=config.reward.import_timeout_s,
+            max_consecutive_timeouts=config.reward.max_consecutive_timeouts)
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-reward")
         try:
             # sharded trainers (evaluating under a placement with rollout workers apart)
@@ -485,6 +488,7 @@ class Session:
         pending.groups[index] = group
         pending.done += 1
         if pending.score:
+            _raise_first_failure(pending.futures.values())  # a failed reward ends it now
             pending.futures[index] = self._reward_pool.submit(self._score_group,
                                                               pending.rows[index], group)
         pending.unfused.append(index)
@@ -514,8 +518,11 @@ class Session:
                                             self.tokenizer.pad_token_id)
         batch.texts = [c.text for group in groups for c in group]
         if pending.score:
-            with timer.stage("reward_wait"):
-                timed = [pending.futures[i].result() for i in indices]
+            with timer.stage("reward_wait"):  # the first failure ends the wait, whichever group
+                futures = [pending.futures[i] for i in indices]
+                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                _raise_first_failure(futures)
+                timed = [future.result() for future in futures]
             results = [result for result, _, _ in timed]
             timer.times["reward_compute"] = timer.times.get("reward_compute", 0.0) + sum(
                 r.seconds for r in results)
@@ -894,9 +901,12 @@ class Session:
             summary["controller_traffic_bytes"]
         if not self.dist.is_main:
             return summary
-        write_json_atomic(self.run_dir / "summary.json", summary)
         self.metrics.flush()
         records = read_metrics(self.run_dir / "metrics.jsonl")
+        # samples that got reward.fallback_reward in the RL steps, summed over ranks: the
+        # per-step metric of every step logged, which a resumed run keeps up to its checkpoint
+        summary["reward_failures"] = int(sum(r.get("reward_failures") or 0 for r in records))
+        write_json_atomic(self.run_dir / "summary.json", summary)
         plot_metrics(records, self.run_dir / "metrics.png",
                      title=f"{self.config.algo.name} on {self.config.data.task or 'data'}")
         timeline = self.run_dir / "timeline.jsonl"
@@ -907,6 +917,10 @@ class Session:
         return summary
 
     def close(self) -> None:
+        # Stopping (an error, Ctrl-C) never waits for rewards: queued groups are dropped and
+        # the call in flight ends at once with its worker, so the pool's thread ends too.
+        self._reward_pool.shutdown(wait=False, cancel_futures=True)
+        self.rewards.abort()
         self._reward_pool.shutdown(wait=True)
         self.rewards.close()
         if self.metrics is not None:
@@ -920,6 +934,13 @@ class Session:
 
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
+
+
+def _raise_first_failure(futures) -> None:
+    """Raise the exception of the first finished future that failed, if any."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            raise future.exception()
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

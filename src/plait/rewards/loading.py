@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,20 @@ from plait.data.tasks import Task
 from plait.rewards.builtin import BUILTIN_REWARDS
 
 __all__ = [
+    "IMPORT_NOTICE_AFTER_S",
     "RewardLoadError",
     "RewardSpec",
     "check_reward_signature",
     "required_fields",
     "load_reward_fn",
     "load_user_function",
+    "load_user_function_within",
     "parse_reward_spec",
+    "wait_for_import",
 ]
+
+#: An import still running after this many seconds is announced on stderr.
+IMPORT_NOTICE_AFTER_S = 2.0
 
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SPEC_FORMS = "a built-in name, 'package.module:function' or 'path/to/file.py:function'"
@@ -149,6 +156,68 @@ def load_user_function(parsed: RewardSpec) -> Callable[..., Any]:
             f"reward spec '{parsed}' names a {type(function).__name__}, not a callable"
         )
     return function
+
+
+def load_user_function_within(parsed: RewardSpec, limit_s: float | None) -> Callable[..., Any]:
+    """:func:`load_user_function` with a time limit, in this process.
+
+    The import runs in a daemon thread; past ``limit_s`` it is abandoned (a thread cannot be
+    stopped, so it keeps running) and :class:`RewardLoadError` is raised. The reward worker
+    imports under the same limit, where the import is ended by killing the worker.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["function"] = load_user_function(parsed)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="plait-reward-import", daemon=True)
+    thread.start()
+
+    def finished(wait_s: float | None) -> bool:
+        thread.join(wait_s)
+        return not thread.is_alive()
+
+    wait_for_import(parsed, limit_s, finished)
+    if "error" in box:
+        raise box["error"]
+    return box["function"]
+
+
+def wait_for_import(
+    parsed: RewardSpec, limit_s: float | None, finished: Callable[[float | None], bool]
+) -> None:
+    """Wait for the import of ``parsed``: ``finished(wait_s)`` waits up to ``wait_s`` seconds
+    (None: without limit) and says whether it is done.
+
+    An import still running after :data:`IMPORT_NOTICE_AFTER_S` is announced on stderr, so
+    that a slow or stuck module-level statement is never a silent hang.
+
+    Raises:
+        RewardLoadError: the import took longer than ``limit_s`` (None: no limit).
+    """
+    first = IMPORT_NOTICE_AFTER_S if limit_s is None else min(IMPORT_NOTICE_AFTER_S, limit_s)
+    if finished(first):
+        return
+    if limit_s is None or limit_s > first:
+        limit = "no time limit" if limit_s is None else f"time limit {limit_s:g}s"
+        print(f"plait: importing reward module {import_label(parsed)} ... ({limit})",
+              file=sys.stderr, flush=True)
+        if finished(None if limit_s is None else limit_s - first):
+            return
+    raise RewardLoadError(
+        f"reward spec '{parsed}': importing {import_label(parsed)} did not finish within "
+        f"{limit_s:g}s (reward.import_timeout_s, default reward.timeout_s); code at module "
+        f"level must not block: load models and data inside the function (once, lazily), or "
+        f"raise the limit"
+    )
+
+
+def import_label(parsed: RewardSpec) -> str:
+    """The name a user knows the module by: its file name, or its module name."""
+    return Path(parsed.target).name if parsed.kind == "file" else parsed.target
 
 
 def _import_module(parsed: RewardSpec) -> ModuleType:

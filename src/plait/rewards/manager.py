@@ -17,13 +17,24 @@ Where each function runs (``isolate``):
   the late call is abandoned in a daemon thread that keeps running (and
   holding whatever it holds) until it returns by itself.
 
-Built-ins are trusted: they run in-process without a time limit.
+Built-ins are trusted: they run in-process without a time limit. Functions
+given by spec are imported by the worker, not by this process, each within
+``import_timeout_s`` (see :mod:`plait.rewards.worker`).
 
-Cost of failures: localising re-runs the failed function once per sample, so
-a function that hangs on k samples of a batch costs about (k + 1) *
-``timeout_s`` under ``on_error="fallback"`` (under ``"raise"`` it stops at the
-first failing sample). A worker killed on a timeout is replaced on the next
-call (a fork: milliseconds; a spawn: an interpreter start).
+Cost of failures: localising re-runs the failed function once per sample, to
+name the failing samples. A timeout under ``on_error="raise"`` is not
+localised: it raises at once, one ``timeout_s`` after the call began. Under
+``"fallback"`` a function that hangs on k samples of a batch costs about
+(k + 1) * ``timeout_s``, and one that times out on ``max_consecutive_timeouts``
+calls in a row (batch or sample calls, none answering in time in between) is
+taken to be stuck: a :class:`RewardError` stops the job instead of letting
+every remaining call wait out its limit. A worker killed on a timeout is
+replaced on the next call (a fork: milliseconds plus the imports; a spawn: an
+interpreter start).
+
+:meth:`RewardManager.abort` (from any thread) kills the worker at once and
+fails the call in flight, so that a job that stops on an error or Ctrl-C never
+waits for a hung reward function.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from plait.rewards.loading import (
     RewardSpec,
     check_reward_signature,
     load_reward_fn,
+    load_user_function_within,
     parse_reward_spec,
     required_fields,
 )
@@ -53,6 +65,7 @@ from plait.rewards.worker import (
     CallFailure,
     CallOutcome,
     RewardWorker,
+    WorkerStopped,
     call_in_process,
     default_start_method,
 )
@@ -112,7 +125,7 @@ class RewardResult:
 class _Entry:
     name: str
     weight: float
-    function: Callable[..., Any]
+    function: Callable[..., Any] | None  # None: a spec only the worker imports
     spec: RewardSpec | None
     isolated: bool
     required_fields: frozenset[str]
@@ -141,6 +154,11 @@ class RewardManager:
         isolate: where functions run; see the module docstring.
         start_method: multiprocessing start method of the worker (default
             ``fork`` on Linux, ``spawn`` elsewhere).
+        import_timeout_s: time limit for importing each user module given by
+            spec; None: ``timeout_s``.
+        max_consecutive_timeouts: under ``"fallback"``, stop with a
+            :class:`RewardError` once one function has timed out on this many
+            calls in a row; None: never.
 
     Use as a context manager, or call :meth:`close`, to end the worker; it is
     also ended when the manager is garbage-collected and at interpreter exit.
@@ -157,23 +175,46 @@ class RewardManager:
         fallback_reward: float = 0.0,
         isolate: bool | None = None,
         start_method: str | None = None,
+        import_timeout_s: float | None = None,
+        max_consecutive_timeouts: int | None = 3,
     ):
         _check_options(reward_specs, timeout_s, on_error, fallback_reward, isolate)
+        _check_limits(import_timeout_s, max_consecutive_timeouts)
         self.timeout_s = timeout_s
         self.on_error = on_error
         self.fallback_reward = float(fallback_reward)
-        self._entries = _build_entries(reward_specs, task, isolate)
+        self.import_timeout_s = timeout_s if import_timeout_s is None else import_timeout_s
+        self.max_consecutive_timeouts = max_consecutive_timeouts
+        self._entries = _build_entries(reward_specs, task, isolate, self.import_timeout_s)
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._warned: set[str] = set()
+        self._timeouts_in_a_row: dict[str, int] = {}
         self._worker: RewardWorker | None = None
         self._worker_slots: dict[str, int] = {}
         isolated = [entry for entry in self._entries if entry.isolated]
         if isolated:
             method = start_method or default_start_method()
             functions = [_worker_function(entry, method) for entry in isolated]
-            self._worker = RewardWorker(functions, start_method=method)
+            self._worker = RewardWorker(
+                functions, start_method=method, import_timeout_s=self.import_timeout_s
+            )
             self._worker_slots = {entry.name: slot for slot, entry in enumerate(isolated)}
-            self._worker.start()
+            self._load_in_worker(isolated)
+
+    def _load_in_worker(self, isolated: list[_Entry]) -> None:
+        """Have the worker import the specs; take their required fields, or fail."""
+        assert self._worker is not None
+        try:
+            results = self._worker.load()
+            for slot, entry in enumerate(isolated):
+                if slot in results:
+                    if results[slot].error is not None:
+                        raise RewardLoadError(results[slot].error)
+                    entry.required_fields = results[slot].required_fields
+        except BaseException:
+            self._worker.close()
+            raise
 
     # ------------------------------------------------------------------ public API
 
@@ -207,7 +248,15 @@ class RewardManager:
         started = time.perf_counter()
         prompts, completions, batch_fields = _check_batch(prompts, completions, fields)
         with self._lock:
-            per_function, num_failures = self._score_all(prompts, completions, batch_fields)
+            try:
+                per_function, num_failures = self._score_all(prompts, completions, batch_fields)
+            except WorkerStopped:
+                self._stopped.set()
+            if self._stopped.is_set():
+                raise RewardError(
+                    "reward scoring was stopped (the job is stopping)",
+                    function_name="", sample_index=None, detail="stopped",
+                )
         total = torch.zeros(len(prompts), dtype=torch.float32)
         for entry in self._entries:
             total += entry.weight * per_function[entry.name]
@@ -215,10 +264,27 @@ class RewardManager:
         return RewardResult(total, per_function, num_failures, seconds)
 
     def close(self) -> None:
-        """End the worker subprocess (if any). The manager stays usable: a new one starts."""
+        """End the worker subprocess (if any). The manager stays usable: a new one starts
+        (unless :meth:`abort` was called). Waits for a call in flight."""
         if self._worker is not None:
             with self._lock:
                 self._worker.close()
+
+    def abort(self) -> None:
+        """Stop scoring for good, at once, from any thread (the job is stopping).
+
+        The worker is killed, a ``score`` call in flight fails within moments
+        instead of waiting out ``timeout_s``, and later calls fail.
+        """
+        self._stopped.set()
+        if self._worker is None:
+            return
+        if self._lock.acquire(blocking=False):  # idle: let it exit in order first
+            try:
+                self._worker.close()
+            finally:
+                self._lock.release()
+        self._worker.abort()
 
     def __enter__(self) -> RewardManager:
         return self
@@ -242,6 +308,8 @@ class RewardManager:
         for entry in self._entries:
             _check_required_fields(entry, fields)
         outcomes = self._call_batch(prompts, completions, fields)
+        if self._stopped.is_set():
+            return {}, 0
         per_function: dict[str, torch.Tensor] = {}
         num_failures = 0
         for entry in self._entries:
@@ -263,6 +331,8 @@ class RewardManager:
         for entry in self._entries:
             if not entry.isolated:
                 outcomes[entry.name] = self._call(entry, prompts, completions, fields)
+        for name, outcome in outcomes.items():
+            self._count_timeouts(name, outcome, len(prompts))
         return outcomes
 
     def _call(
@@ -271,9 +341,30 @@ class RewardManager:
         if entry.isolated:
             assert self._worker is not None
             slot = self._worker_slots[entry.name]
-            return self._worker.run([slot], prompts, completions, fields, self.timeout_s)[slot]
-        timeout_s = None if entry.trusted else self.timeout_s
-        return call_in_process(entry.function, prompts, completions, fields, timeout_s)
+            outcome = self._worker.run([slot], prompts, completions, fields, self.timeout_s)[slot]
+        else:
+            timeout_s = None if entry.trusted else self.timeout_s
+            outcome = call_in_process(
+                entry.function, prompts, completions, fields, timeout_s, self._stopped
+            )
+        return outcome
+
+    def _count_timeouts(self, name: str, outcome: CallOutcome, batch_size: int) -> None:
+        """Count ``name``'s timeouts in a row; past the limit, stop (it looks stuck)."""
+        if outcome.failure is None or outcome.failure.kind != "timeout":
+            self._timeouts_in_a_row[name] = 0
+            return
+        count = self._timeouts_in_a_row[name] = self._timeouts_in_a_row.get(name, 0) + 1
+        limit = self.max_consecutive_timeouts
+        if self.on_error == "fallback" and limit is not None and count >= limit:
+            detail = f"timed out on {count} calls in a row"
+            raise RewardError(
+                f"reward function {name!r} {detail} (time limit {self.timeout_s:g}s each, the "
+                f"last on a batch of {batch_size}): it looks stuck, so the job stops rather than "
+                f"wait out every remaining call (reward.max_consecutive_timeouts={limit}). Fix "
+                f"the function, or raise reward.timeout_s",
+                function_name=name, sample_index=None, detail=detail,
+            )
 
     def _values_for(
         self,
@@ -284,6 +375,9 @@ class RewardManager:
         fields: dict[str, list],
     ) -> tuple[list[float], int]:
         """Validated values of one function for the batch, and how many samples fell back."""
+        if outcome.failure is not None and outcome.failure.kind == "timeout" \
+                and self.on_error == "raise":  # stop at once; localising costs more timeouts
+            raise _batch_error(entry.name, prompts, outcome.failure)
         if outcome.failure is None:
             values = _as_floats(entry.name, outcome.value, len(prompts))
             failures = _non_finite(values)
@@ -318,6 +412,9 @@ class RewardManager:
         for index in range(len(prompts)):
             sample_fields = {key: [column[index]] for key, column in fields.items()}
             outcome = self._call(entry, [prompts[index]], [completions[index]], sample_fields)
+            self._count_timeouts(entry.name, outcome, 1)
+            if self._stopped.is_set():
+                return values, failures
             if outcome.failure is None:
                 [value] = _as_floats(entry.name, outcome.value, 1)
                 failure = _non_finite([value]).get(0)
@@ -387,17 +484,39 @@ def _check_options(
         raise RewardLoadError(f"isolate must be None, True or False, got {isolate!r}")
 
 
+def _check_limits(import_timeout_s: float | None, max_consecutive_timeouts: int | None) -> None:
+    if import_timeout_s is not None and not (
+        _is_real(import_timeout_s) and 0 < import_timeout_s < math.inf
+    ):
+        raise RewardLoadError(
+            f"import_timeout_s must be a positive number of seconds or None, "
+            f"got {import_timeout_s!r}"
+        )
+    if max_consecutive_timeouts is not None and not (
+        isinstance(max_consecutive_timeouts, int)
+        and not isinstance(max_consecutive_timeouts, bool)
+        and max_consecutive_timeouts >= 1
+    ):
+        raise RewardLoadError(
+            f"max_consecutive_timeouts must be an int >= 1 or None, "
+            f"got {max_consecutive_timeouts!r}"
+        )
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _build_entries(
-    reward_specs: Sequence[RewardItem], task: Task | None, isolate: bool | None
+    reward_specs: Sequence[RewardItem],
+    task: Task | None,
+    isolate: bool | None,
+    import_timeout_s: float | None,
 ) -> list[_Entry]:
     entries: list[_Entry] = []
     for position, item in enumerate(reward_specs):
         spec_or_callable, weight = _split_item(position, item)
-        entry = _make_entry(spec_or_callable, weight, task, isolate)
+        entry = _make_entry(spec_or_callable, weight, task, isolate, import_timeout_s)
         entry.name = _unique_name(entry.name, {e.name for e in entries})
         entries.append(entry)
     return entries
@@ -424,11 +543,17 @@ def _make_entry(
     weight: float,
     task: Task | None,
     isolate: bool | None,
+    import_timeout_s: float | None,
 ) -> _Entry:
     if isinstance(spec_or_callable, str):
         spec = parse_reward_spec(spec_or_callable)
-        name, function = load_reward_fn(spec_or_callable, task=task)
-        isolated = spec.kind != "builtin" and isolate is not False
+        if spec.kind != "builtin" and isolate is not False:  # the worker imports it
+            return _Entry(spec.name, weight, None, spec, True, frozenset())
+        if spec.kind == "builtin":
+            name, function = load_reward_fn(spec_or_callable, task=task)
+        else:  # in this process, where a hung import can only be abandoned
+            name, function = spec.name, load_user_function_within(spec, import_timeout_s)
+        isolated = False
     elif callable(spec_or_callable):
         spec, function = None, spec_or_callable
         name = getattr(function, "__name__", type(function).__name__)
@@ -451,11 +576,13 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 
 def _worker_function(entry: _Entry, start_method: str) -> Callable[..., Any] | RewardSpec:
-    """What the worker needs to run ``entry``: the callable (fork) or its spec / a pickle."""
-    if start_method == "fork":
-        return entry.function
+    """What the worker needs to run ``entry``: its spec (the worker imports it), else the
+    callable (inherited under fork, pickled otherwise)."""
     if entry.spec is not None:
         return entry.spec
+    assert entry.function is not None
+    if start_method == "fork":
+        return entry.function
     try:
         pickle.dumps(entry.function)
     except Exception as exc:
@@ -534,7 +661,10 @@ def _structure_error(name: str, detail: str, index: int | None = None) -> Reward
 
 def _non_finite(values: list[float]) -> dict[int, CallFailure]:
     return {
-        index: CallFailure("exception", f"returned {value!r}; rewards must be finite")
+        index: CallFailure(
+            "exception",
+            f"returned {'NaN' if math.isnan(value) else value}; rewards must be finite numbers",
+        )
         for index, value in enumerate(values)
         if not math.isfinite(value)
     }
@@ -552,8 +682,8 @@ def _sample_error(
 ) -> RewardError:
     message = (
         f"reward function {name!r} failed on sample {index} (of {len(prompts)} in the batch): "
-        f"{failure.detail}\n  prompt: {_excerpt(prompts[index])}\n"
-        f"  completion: {_excerpt(completions[index])}"
+        f"{_one_line(failure.detail)} (prompt: {_excerpt(prompts[index])}, "
+        f"completion: {_excerpt(completions[index])})"
     )
     error = RewardError(message, function_name=name, sample_index=index, detail=failure.detail)
     if failure.exception is not None:
@@ -561,3 +691,19 @@ def _sample_error(
     elif failure.traceback:
         error.__cause__ = _RemoteTraceback(failure.traceback)
     return error
+
+
+def _batch_error(name: str, prompts: list[str], failure: CallFailure) -> RewardError:
+    """A timeout on a whole batch under on_error="raise" (not localised: that would cost more
+    time limits)."""
+    message = (
+        f"reward function {name!r} {failure.detail} on a batch of {len(prompts)} "
+        f"(first prompt: {_excerpt(prompts[0])}); make it faster, raise reward.timeout_s, or "
+        f"set reward.on_error=fallback to give such samples reward.fallback_reward"
+    )
+    return RewardError(message, function_name=name, sample_index=None, detail=failure.detail)
+
+
+def _one_line(text: str) -> str:
+    """An exception message on one line (a multi-line one has its lines joined)."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())

@@ -7,9 +7,16 @@ the worker streams back one reply per function; the parent waits at most
 ``timeout_s`` for each reply and, on a timeout or a crash, kills the worker.
 A fresh worker is started on the next request.
 
-Start method: ``fork`` on Linux, so the worker inherits functions that were
-already imported or passed directly (closures included); ``spawn`` elsewhere,
-where the worker re-imports functions from their spec and callables passed
+Functions given by spec are imported by the worker, never by the parent, so
+that module-level code that blocks can be stopped: each import gets
+``import_timeout_s`` (the worker is killed past it, with a
+:class:`~plait.rewards.loading.RewardLoadError` naming the module), and one
+still running after a couple of seconds is announced on stderr. A replacement
+worker imports them again. :meth:`RewardWorker.abort` ends the worker from any
+thread at once, so that a job that stops never waits out a hung call.
+
+Start method: ``fork`` on Linux, so the worker inherits callables passed
+directly (closures included); ``spawn`` elsewhere, where callables passed
 directly must be picklable. The worker shares the parent's stdout/stderr,
 ignores SIGINT (the parent handles Ctrl-C and then ends the worker), and exits
 by itself if the parent process dies.
@@ -34,12 +41,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from plait.rewards.loading import RewardSpec, load_user_function
+from plait.rewards.loading import (
+    RewardLoadError,
+    RewardSpec,
+    check_reward_signature,
+    import_label,
+    load_user_function,
+    required_fields,
+    wait_for_import,
+)
 
 __all__ = [
     "CallFailure",
     "CallOutcome",
+    "LoadResult",
     "RewardWorker",
+    "WorkerStopped",
     "call_in_process",
     "default_start_method",
 ]
@@ -48,7 +65,25 @@ _ORPHAN_CHECK_INTERVAL_S = 1.0
 _SHUTDOWN_GRACE_S = 1.0
 # Start-up (imports, under spawn) does not count against a reward's time limit.
 _STARTUP_TIMEOUT_S = 120.0
-_READY = "ready"
+_STARTED = "started"
+_STOP_POLL_S = 0.1
+
+
+class WorkerStopped(RuntimeError):
+    """The worker was aborted (the job is stopping): no call runs any more."""
+
+
+@dataclass
+class LoadResult:
+    """What the worker found when it imported one function given by spec.
+
+    Attributes:
+        error: why it cannot be used (a :class:`RewardLoadError` message), or None.
+        required_fields: its required parameters besides prompts and completions.
+    """
+
+    error: str | None
+    required_fields: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -97,11 +132,13 @@ def call_in_process(
     completions: list[str],
     fields: dict[str, list],
     timeout_s: float | None,
+    stop: threading.Event | None = None,
 ) -> CallOutcome:
     """Call ``function`` in this process.
 
-    With a ``timeout_s`` the call runs in a daemon thread; if it is late, the
-    thread is abandoned (it cannot be stopped) and a timeout failure returned.
+    With a ``timeout_s`` the call runs in a daemon thread; if it is late, or
+    ``stop`` is set while it runs, the thread is abandoned (it cannot be
+    stopped) and a timeout or crash failure returned.
     """
     if timeout_s is None:
         return _invoke(function, prompts, completions, fields)
@@ -112,7 +149,11 @@ def call_in_process(
         daemon=True,
     )
     thread.start()
-    thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return CallOutcome(failure=CallFailure("crash", "scoring was stopped"))
+        thread.join(min(_STOP_POLL_S, max(0.0, deadline - time.monotonic())))
     if thread.is_alive():
         detail = f"exceeded time limit of {timeout_s:g}s (the call was abandoned, still running)"
         return CallOutcome(failure=CallFailure("timeout", detail))
@@ -131,8 +172,8 @@ def _worker_main(connection: Any, functions: list[WorkerFunction], parent_pid: i
     except AssertionError:
         pass
     _start_orphan_watchdog(parent_pid)
-    connection.send(_READY)
-    resolved: dict[int, Callable[..., Any]] = {}
+    connection.send(_STARTED)
+    resolved = _load_functions(connection, functions)
     while True:
         try:
             request = connection.recv()
@@ -142,8 +183,31 @@ def _worker_main(connection: Any, functions: list[WorkerFunction], parent_pid: i
             return
         indices, prompts, completions, fields = request
         for index in indices:
-            outcome = _run_in_worker(functions, resolved, index, prompts, completions, fields)
+            outcome = _run_in_worker(resolved, index, prompts, completions, fields)
             _send_outcome(connection, index, outcome)
+
+
+def _load_functions(connection: Any, functions: list[WorkerFunction]) -> dict[int, Any]:
+    """Import the functions given by spec, in order, and send a :class:`LoadResult` for each;
+    the parent times each import. Returns index -> callable, or the error message."""
+    resolved: dict[int, Any] = {}
+    for index, entry in enumerate(functions):
+        if not isinstance(entry, RewardSpec):
+            resolved[index] = entry
+            continue
+        try:
+            function = load_user_function(entry)
+            check_reward_signature(entry.name, function)
+            result = LoadResult(None, required_fields(function))
+            resolved[index] = function
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, RewardLoadError) else \
+                f"reward spec '{entry}': {type(exc).__name__}: {exc}"
+            result = resolved[index] = LoadResult(message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        connection.send(result)
+    return resolved
 
 
 def _start_orphan_watchdog(parent_pid: int) -> None:
@@ -157,20 +221,15 @@ def _start_orphan_watchdog(parent_pid: int) -> None:
 
 
 def _run_in_worker(
-    functions: list[WorkerFunction],
-    resolved: dict[int, Callable[..., Any]],
+    resolved: dict[int, Any],
     index: int,
     prompts: list[str],
     completions: list[str],
     fields: dict,
 ) -> CallOutcome:
-    if index not in resolved:
-        entry = functions[index]
-        try:
-            resolved[index] = load_user_function(entry) if isinstance(entry, RewardSpec) else entry
-        except Exception as exc:
-            detail = f"could not load in the worker: {type(exc).__name__}: {exc}"
-            return CallOutcome(failure=CallFailure("exception", detail, traceback.format_exc()))
+    if isinstance(resolved[index], LoadResult):
+        detail = f"could not load in the worker: {resolved[index].error}"
+        return CallOutcome(failure=CallFailure("exception", detail))
     outcome = _invoke(resolved[index], prompts, completions, fields)
     if outcome.failure is not None:
         outcome.failure.exception = None  # the traceback text travels; the object may not pickle
@@ -241,19 +300,30 @@ class RewardWorker:
             (spawn); :class:`RewardSpec` entries are imported in the worker.
         start_method: multiprocessing start method; default ``"fork"`` on
             Linux and ``"spawn"`` elsewhere.
+        import_timeout_s: time limit for importing each spec (None: none).
     """
 
-    def __init__(self, functions: Sequence[WorkerFunction], *, start_method: str | None = None):
+    def __init__(
+        self,
+        functions: Sequence[WorkerFunction],
+        *,
+        start_method: str | None = None,
+        import_timeout_s: float | None = None,
+    ):
         start_method = start_method or default_start_method()
         self._context = multiprocessing.get_context(start_method)
         self.start_method = start_method
+        self.import_timeout_s = import_timeout_s
         self._functions = list(functions)
         self._handle: dict[str, Any] = {
             "process": None,
             "connection": None,
             "owner_pid": os.getpid(),
             "ready": False,
+            "stopped": False,
         }
+        self._state_lock = threading.Lock()  # start() against abort() from another thread
+        self.load_results: dict[int, LoadResult] = {}
         self._finalizer = weakref.finalize(self, _shutdown, self._handle)
 
     @property
@@ -263,19 +333,37 @@ class RewardWorker:
         return process.pid if process is not None else None
 
     def start(self) -> None:
-        """Start the worker now if it is not running (otherwise it starts on first use)."""
-        if self._handle["process"] is not None:
-            return
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_worker_main,
-            args=(child_end, self._functions, os.getpid()),
-            name="plait-reward-worker",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        self._handle.update(process=process, connection=parent_end, ready=False)
+        """Start the worker now if it is not running (otherwise it starts on first use).
+
+        Raises:
+            WorkerStopped: :meth:`abort` was called.
+        """
+        with self._state_lock:
+            if self._handle["stopped"]:
+                raise WorkerStopped("the reward worker was stopped: the job is ending")
+            if self._handle["process"] is not None:
+                return
+            parent_end, child_end = self._context.Pipe(duplex=True)
+            process = self._context.Process(
+                target=_worker_main,
+                args=(child_end, self._functions, os.getpid()),
+                name="plait-reward-worker",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._handle.update(process=process, connection=parent_end, ready=False)
+
+    def load(self) -> dict[int, LoadResult]:
+        """Start the worker and wait until it has imported every spec (each within
+        ``import_timeout_s``); return a :class:`LoadResult` per spec's index.
+
+        Raises:
+            RewardLoadError: an import took too long, or the worker died during one.
+        """
+        self.start()
+        self._wait_until_ready()
+        return self.load_results
 
     def _wait_until_ready(self) -> None:
         connection, process = self._handle["connection"], self._handle["process"]
@@ -284,22 +372,50 @@ class RewardWorker:
         if not connection.poll(_STARTUP_TIMEOUT_S):
             _kill(self._handle)
             raise RuntimeError(f"the reward worker did not start within {_STARTUP_TIMEOUT_S:g}s")
-        try:
-            message = connection.recv()
-        except (EOFError, OSError):
+        message = self._receive_while_starting(connection, process, "starting", RuntimeError)
+        if message != _STARTED:
             _kill(self._handle)
-            raise RuntimeError(
-                f"the reward worker exited while starting (exit code {process.exitcode}); "
-                f"see its output above"
-            ) from None
-        if message != _READY:
-            _kill(self._handle)
-            raise RuntimeError(f"the reward worker sent {message!r} instead of {_READY!r}")
+            raise RuntimeError(f"the reward worker sent {message!r} instead of {_STARTED!r}")
+        for index, entry in enumerate(self._functions):
+            if isinstance(entry, RewardSpec):
+                try:
+                    wait_for_import(entry, self.import_timeout_s, connection.poll)
+                except RewardLoadError:
+                    _kill(self._handle)
+                    raise
+                doing = f"importing {import_label(entry)} (reward spec '{entry}')"
+                self.load_results[index] = self._receive_while_starting(
+                    connection, process, doing, RewardLoadError
+                )
         self._handle["ready"] = True
 
+    def _receive_while_starting(
+        self, connection: Any, process: Any, doing: str, error: type[Exception]
+    ) -> Any:
+        try:
+            return connection.recv()
+        except (EOFError, OSError):
+            _kill(self._handle)
+            raise error(
+                f"the reward worker exited while {doing} (exit code {process.exitcode}); "
+                f"see its output above"
+            ) from None
+
     def close(self) -> None:
-        """Stop the worker; a later call starts a new one."""
+        """Stop the worker; a later call starts a new one (unless it was aborted)."""
         _shutdown(self._handle)
+
+    def abort(self) -> None:
+        """Kill the worker at once and start no other; callable from any thread.
+
+        A call waiting on the worker in another thread sees it die and returns
+        at once (a crash outcome) instead of waiting out its time limit.
+        """
+        with self._state_lock:
+            self._handle["stopped"] = True
+            process = self._handle["process"]
+        if process is not None and os.getpid() == self._handle["owner_pid"]:
+            process.kill()  # the thread using it (or close) reaps it and closes the pipe
 
     def run(
         self,
