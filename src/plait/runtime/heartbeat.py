@@ -18,6 +18,15 @@ import threading
 import time
 from pathlib import Path
 
+# words of an error that is a symptom (a peer went away), not a rank's own failure
+PEER_WORDS = ("connection", "by peer", "timed out", "gloo", "nccl", "broken pipe")
+
+
+def is_peer_error(error: str) -> bool:
+    """Whether ``error`` (an exception's text) reads as a collective that failed because
+    another rank went away, rather than this rank's own failure."""
+    return any(word in error.lower() for word in PEER_WORDS)
+
 
 def heartbeat_path(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"rank{rank}.json"

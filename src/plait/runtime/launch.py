@@ -5,12 +5,16 @@ processes on this machine, watches them, and tears them all down.
   reward worker goes down with it), with ``PR_SET_PDEATHSIG`` so it dies with
   the launcher even when the launcher is SIGKILLed.
 - Rank 0 shares the terminal (progress bar, messages); the other ranks write to
-  ``<run.dir>/logs/rank<R>.log``.
+  ``<run.dir>/logs/rank<R>.log``, and so does rank 0 with a traceback that is only a
+  symptom (a collective that lost a peer), so the terminal leads with the cause.
 - The launcher polls exit codes and heartbeats. The first rank to exit with an
   error, or whose heartbeat is older than ``runtime.heartbeat_timeout_s``, ends
-  the job: every rank is stopped (SIGTERM, then SIGKILL), and
-  :class:`RankFailure` names the rank, why, and its last message. Checkpoints
-  are written atomically by rank 0, so the last one is intact.
+  the job: a hung rank is killed at once, the others are stopped (SIGTERM, then
+  SIGKILL), and :class:`RankFailure` names the rank, why, its last message and the
+  checkpoint a rerun resumes from (checkpoints are written atomically by rank 0).
+- The rank config and heartbeats live in ``<run.dir>/logs/.plait-job-<launcher pid>/``,
+  removed at the end; one left by a launcher that was killed is removed by the next
+  launch in that run directory.
 """
 
 from __future__ import annotations
@@ -23,17 +27,16 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from plait.config import Config, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch, read_heartbeat
+from plait.runtime.heartbeat import ProgressWatch, is_peer_error, read_heartbeat
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat
 STOP_GRACE_S = 5.0       # SIGTERM -> SIGKILL
-# words of an error that is a symptom (a peer went away), not a rank's own failure
-PEER_WORDS = ("connection", "closed by peer", "timed out", "gloo", "nccl", "broken pipe")
+POLL_S = 0.2             # how often the launcher looks at exit codes and heartbeats
+JOB_DIR_PREFIX = ".plait-job-"  # <run.dir>/logs/.plait-job-<pid>: rank config, heartbeats
 
 
 class RankFailure(RuntimeError):
@@ -53,9 +56,33 @@ def prepare_job(config: Config) -> tuple[Config, Path]:
     if config.run.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_job_dirs(run_dir)
     rank_config = dataclasses.replace(config, run=dataclasses.replace(config.run,
                                                                       overwrite=False))
     return rank_config, run_dir
+
+
+def remove_stale_job_dirs(run_dir: Path) -> list[Path]:
+    """Delete the job directories in ``run_dir/logs`` whose launcher is gone (one killed
+    by SIGKILL cannot remove its own); a running launcher's is kept. Returns those deleted."""
+    stale = []
+    for path in (run_dir / "logs").glob(JOB_DIR_PREFIX + "*"):
+        pid = path.name[len(JOB_DIR_PREFIX):]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def world_size(config: Config) -> int:
@@ -78,7 +105,8 @@ def launch(config: Config) -> dict:
 def launch_local(config: Config) -> dict:
     rank_config, run_dir = prepare_job(config)
     runtime = config.runtime
-    work = Path(tempfile.mkdtemp(prefix="plait-job-"))
+    work = run_dir / "logs" / f"{JOB_DIR_PREFIX}{os.getpid()}"
+    work.mkdir(parents=True)
     procs: list[subprocess.Popen] = []
     logs = []
     try:
@@ -86,7 +114,7 @@ def launch_local(config: Config) -> dict:
         config_path.write_text(dump_yaml(rank_config))
         heartbeats = work / "heartbeats"
         heartbeats.mkdir()
-        (run_dir / "logs").mkdir(exist_ok=True)
+        (run_dir / "logs" / "rank0.log").unlink(missing_ok=True)  # a previous run's
         port = runtime.master_port or free_port()
         world = world_size(config)
         for rank in range(world):
@@ -95,7 +123,9 @@ def launch_local(config: Config) -> dict:
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "PLAIT_HEARTBEAT_DIR": str(heartbeats), "PLAIT_RANK_PROCESS": "1"}
             out = None
-            if rank > 0:
+            if rank == 0:  # on the terminal; a traceback that is a symptom goes to its log
+                env["PLAIT_RANK_LOG"] = str(run_dir / "logs" / "rank0.log")
+            else:
                 out = open(run_dir / "logs" / f"rank{rank}.log", "w")  # noqa: SIM115
                 logs.append(out)
             procs.append(subprocess.Popen(
@@ -103,6 +133,7 @@ def launch_local(config: Config) -> dict:
                 stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
                 start_new_session=True))
         with _stop_on_signals(procs):
+            import_failure_reporting()
             _watch(procs, heartbeats, runtime.heartbeat_timeout_s, run_dir,
                    ProgressWatch(runtime.progress_timeout_s))
     finally:
@@ -112,6 +143,15 @@ def launch_local(config: Config) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+
+
+def import_failure_reporting() -> None:
+    """Import, while the ranks start, what reporting a failure needs (the checkpoint
+    module and the CLI's error types pull in torch and transformers): otherwise those
+    seconds would come between a rank failing and the job ending."""
+    from plait.cli import _known_errors
+
+    _known_errors()
 
 
 def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
@@ -147,19 +187,29 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
             rank, why = stuck
             raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir, rank,
                                                f"rank {rank} (pid {procs[rank].pid}) {why}"))
-        for rank, code in enumerate(codes):
-            if code is not None:
-                continue
-            beat = beats[rank]
-            age = now - beat["time"] if beat else now - started
-            limit = timeout_s if beat else timeout_s + STARTUP_GRACE_S
-            if age > limit:
-                reason = (f"rank {rank} (pid {procs[rank].pid}) stopped responding: no "
-                          f"heartbeat for {age:.0f} s (runtime.heartbeat_timeout_s="
-                          f"{timeout_s:g})")
-                raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir,
-                                                   rank, reason))
-        time.sleep(0.2)
+        hung = _hung(beats, now - started, now, timeout_s)
+        if hung:
+            rank, age = hung
+            # a stopped or wedged rank would not act on SIGTERM: waiting for it to would
+            # add the whole stop grace to the time it takes to end the job
+            _signal_group(procs[rank], signal.SIGKILL)
+            reason = (f"rank {rank} (pid {procs[rank].pid}) stopped responding: no "
+                      f"heartbeat for {age:.0f} s (runtime.heartbeat_timeout_s={timeout_s:g})")
+            raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir, rank,
+                                               reason))
+        time.sleep(POLL_S)
+
+
+def _hung(beats: dict, running_s: float, now: float, timeout_s: float
+          ) -> tuple[int, float] | None:
+    """``(rank, seconds since its last beat)`` of a live rank past the heartbeat timeout
+    (before its first beat: past the timeout plus the startup grace), or None."""
+    for rank, beat in beats.items():
+        age = now - beat["time"] if beat else running_s
+        limit = timeout_s if beat else timeout_s + STARTUP_GRACE_S
+        if age > limit:
+            return rank, age
+    return None
 
 
 def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
@@ -170,14 +220,15 @@ def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
             return rank
     for rank in failed:
         beat = read_heartbeat(heartbeats, rank) or {}
-        error = (beat.get("error") or "").lower()
-        if not any(word in error for word in PEER_WORDS):
+        if not is_peer_error(beat.get("error") or ""):
             return rank
     return failed[0]
 
 
 def _failure_message(procs, codes, heartbeats: Path, run_dir: Path, rank: int,
                      reason: str | None = None) -> str:
+    """The cause first (the rank, why, its last status and error), then the ranks that
+    failed because of it and where their output is, then the checkpoint to resume from."""
     beat = read_heartbeat(heartbeats, rank) or {}
     if reason is None:
         code = codes[rank]
@@ -192,17 +243,47 @@ def _failure_message(procs, codes, heartbeats: Path, run_dir: Path, rank: int,
         if tail:
             lines.append(f"  end of {log}:")
             lines.extend(f"    {line}" for line in tail)
-    checkpoints = run_dir / "checkpoints"
-    lines.append(f"  every rank was stopped; the last complete checkpoint in {checkpoints} is "
-                 "intact: rerun the same command to resume (runtime.num_ranks may differ)")
+    lines.extend(_consequences(codes, heartbeats, run_dir, rank))
+    lines.append(f"  {checkpoint_note(run_dir)}")
     return "\n".join(lines)
 
 
+def _consequences(codes, heartbeats: Path, run_dir: Path, cause: int) -> list[str]:
+    """A line for each other rank that had already failed, with where its output is."""
+    lines = []
+    for rank, code in enumerate(codes):
+        if rank == cause or code in (None, 0):
+            continue
+        error = (read_heartbeat(heartbeats, rank) or {}).get("error") or ""
+        why = "its collective lost a peer" if is_peer_error(error) else "exit code " + str(code)
+        log = run_dir / "logs" / f"rank{rank}.log"
+        where = f"; see {log}" if log.is_file() else ""
+        lines.append(f"  rank {rank} failed after it ({why}){where}")
+    return lines
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """Which checkpoint a rerun of a stopped job resumes from: the last complete one in
+    ``<run_dir>/checkpoints`` by name and step, or that there is none yet."""
+    from plait.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if latest is None:
+        return ("every rank was stopped; no checkpoint yet (train.save_every sets how often "
+                "one is written): rerunning the same command starts over")
+    return (f"every rank was stopped; the last complete checkpoint is {latest} (step "
+            f"{checkpoint_step(latest)}): rerun the same command to resume from it "
+            "(runtime.num_ranks may differ)")
+
+
 def stop_all(procs) -> None:
-    """SIGTERM every rank's process group, then SIGKILL what is left."""
+    """SIGTERM every rank's process group, then SIGKILL what is left. SIGCONT follows the
+    SIGTERM so a stopped process (SIGSTOP, a debugger) acts on it rather than waiting
+    out the grace."""
     for p in procs:
         if p.poll() is None:
             _signal_group(p, signal.SIGTERM)
+            _signal_group(p, signal.SIGCONT)
     deadline = time.time() + STOP_GRACE_S
     for p in procs:
         try:

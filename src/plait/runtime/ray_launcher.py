@@ -11,7 +11,8 @@
 - Heartbeats go to a small board actor, so the driver watches ranks on any
   node; a rank whose actor dies, whose task fails, or whose heartbeat is older
   than ``runtime.heartbeat_timeout_s`` ends the job: every actor is killed and
-  :class:`~plait.runtime.launch.RankFailure` names the rank and its last message.
+  :class:`~plait.runtime.launch.RankFailure` names the rank, its last message and the
+  checkpoint a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch
+from plait.runtime.heartbeat import ProgressWatch, is_peer_error
 from plait.runtime.launch import (
-    PEER_WORDS,
     STARTUP_GRACE_S,
     RankFailure,
+    checkpoint_note,
+    import_failure_reporting,
     prepare_job,
     world_size,
 )
@@ -123,6 +125,7 @@ def launch_ray(config: Config) -> dict:
         text = dump_yaml(rank_config)
         refs = [actor.run.remote(text, rank, len(actors), master, board, threads)
                 for rank, actor in enumerate(actors)]
+        import_failure_reporting()
         summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir,
                            ProgressWatch(runtime.progress_timeout_s))
     finally:
@@ -186,7 +189,7 @@ def _died(err: Exception) -> bool:
 
 
 def _is_peer_error(err: Exception) -> bool:
-    return not _died(err) and any(word in str(err).lower() for word in PEER_WORDS)
+    return not _died(err) and is_peer_error(str(err))
 
 
 def _first_cause(failed, beats):
@@ -215,7 +218,5 @@ def _message(rank: int, reason: str, beats: dict, run_dir: Path) -> str:
              f"  its last message: {beat.get('message', '(none: it never started)')!r}"]
     if beat.get("error"):
         lines.append(f"  its error: {beat['error']}")
-    lines.append(f"  every rank was stopped; the last complete checkpoint in "
-                 f"{run_dir / 'checkpoints'} is intact: rerun the same command to resume "
-                 "(runtime.num_ranks may differ)")
+    lines.append(f"  {checkpoint_note(run_dir)}")
     return "\n".join(lines)

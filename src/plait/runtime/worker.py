@@ -4,6 +4,9 @@ The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT`` and ``PLAIT_HEARTBEAT_DIR``. The rank beats
 its heartbeat from its first instant, joins the process group, runs the job,
 and on failure leaves its error in the heartbeat for the launcher to report.
+A rank on the terminal also gets ``PLAIT_RANK_LOG``: a traceback that is only a
+symptom (its collective lost a peer) goes there, so the terminal shows the
+launcher's account of the cause instead.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import sys
 import traceback
 
-from plait.runtime.heartbeat import Heartbeat, install
+from plait.runtime.heartbeat import Heartbeat, install, is_peer_error
 
 EXIT_FAILURE = 1
 
@@ -72,14 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as err:
-        from plait.cli import _known_errors
-
-        if isinstance(err, _known_errors()):
-            print(f"plait: rank {rank}: error: {err}", file=sys.stderr)
-        else:
-            traceback.print_exc()
+        report_failure(err, rank, os.environ.get("PLAIT_RANK_LOG"))
         return EXIT_FAILURE
     return 0
+
+
+def report_failure(err: BaseException, rank: str, log: str | None) -> None:
+    """One line for an error the user can fix; a traceback otherwise, written to ``log``
+    (when given) if it is a collective that failed because a peer went away: the
+    launcher leads with that peer, and this rank's traceback would bury it."""
+    from plait.cli import _known_errors
+
+    if isinstance(err, _known_errors()):
+        print(f"plait: rank {rank}: error: {err}", file=sys.stderr)
+    elif log and isinstance(err, RuntimeError) and is_peer_error(str(err)):
+        with open(log, "a") as handle:
+            traceback.print_exception(err, file=handle)
+    else:
+        traceback.print_exception(err)
 
 
 if __name__ == "__main__":
