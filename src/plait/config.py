@@ -374,7 +374,9 @@ class RuntimeConfig:
     backend: Literal["auto", "gloo", "nccl"] = opt(
         "auto", "torch.distributed backend; 'auto' = nccl on CUDA, gloo on CPU.")
     heartbeat_timeout_s: float = opt(
-        30.0, "A rank whose heartbeat is older than this is declared hung and the job ends.",
+        30.0, "A rank whose heartbeat is older than this is declared hung and the job ends. "
+        "Ranks beat every second and the launcher checks five times a second, so a rank that "
+        "freezes (SIGSTOP, a native deadlock) ends the job within this plus about 2 s.",
         low=1.0)
     progress_timeout_s: float = opt(
         120.0, "A rank that still beats but whose step has not advanced for longer than the "
