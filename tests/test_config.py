@@ -201,6 +201,10 @@ INERT = [
     (["data.fields={prompt: q}"], ["data.train_path=DATA"]),
     (["data.num_train=10", "data.train_path=DATA"], ["data.train_path=null"]),
     (["reward.fallback_reward=-1"], ["reward.on_error=fallback"]),
+    (["reward.max_consecutive_timeouts=5"], ["reward.on_error=fallback"]),
+    (["reward.max_consecutive_timeouts=5", "reward.on_error=fallback", "reward.timeout_s=null"],
+     []),
+    (["reward.import_timeout_s=5"], [f"reward.functions=[{{fn: '{__file__}:f'}}]"]),
     (["optim.min_lr_ratio=0.1"], ["optim.schedule=cosine"]),
     (["train.max_nan_skips=3", "train.nan_policy=stop"], ["train.nan_policy=skip"]),
 ]

@@ -986,6 +986,13 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
          "training prompts come from data.train_path, not from the task's generator"),
         (config.reward.on_error == "raise", ("reward.fallback_reward",),
          "reward.on_error is 'raise'"),
+        (config.reward.on_error == "raise" or config.reward.timeout_s is None,
+         ("reward.max_consecutive_timeouts",),
+         "it stops a function that keeps timing out under reward.on_error=fallback with a "
+         "reward.timeout_s; under raise the first timeout stops the job"),
+        (all(f.fn in ("task", "exact_match") for f in config.reward.functions),
+         ("reward.import_timeout_s",),
+         "every reward function is built in, so no reward module is imported"),
         (config.optim.schedule == "constant", ("optim.min_lr_ratio",),
          "optim.schedule is 'constant'"),
         (config.train.nan_policy == "stop", ("train.max_nan_skips",),
