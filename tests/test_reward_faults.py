@@ -256,7 +256,7 @@ def test_ctrl_c_stops_a_job_hung_in_a_reward_function_at_once(tmp_path):
     text = "\n".join(line for _, line in lines)
     said = [(at, line) for at, line in lines if line.startswith("plait: interrupted")]
     assert process.returncode == 130, text[-2000:]
-    assert len(said) == 1 and said[0][0] < 2.0, text[-2000:]  # not after the 60 s limit
+    assert len(said) == 1 and said[0][0] < 3.0, text[-2000:]  # not after the 60 s limit
     assert exited < 8, text[-2000:]  # the interpreter's own teardown takes a second or two
     assert "Traceback" not in text
     assert_ended(int(pid) for pid in marker.read_text().split())
