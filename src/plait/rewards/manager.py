@@ -242,8 +242,9 @@ class RewardManager:
         """Score a batch: ``fields`` holds the extra dataset columns, one list per column.
 
         Raises:
-            RewardError: a function failed (under ``on_error="raise"``) or
-                returned a malformed result (always).
+            RewardError: a function failed (under ``on_error="raise"``), returned
+                a malformed result (always), timed out ``max_consecutive_timeouts``
+                times in a row (under ``"fallback"``), or :meth:`abort` was called.
         """
         started = time.perf_counter()
         prompts, completions, batch_fields = _check_batch(prompts, completions, fields)
@@ -252,6 +253,9 @@ class RewardManager:
                 per_function, num_failures = self._score_all(prompts, completions, batch_fields)
             except WorkerStopped:
                 self._stopped.set()
+            except Exception:
+                if not self._stopped.is_set():
+                    raise  # otherwise a call cut short by abort(): say that instead
             if self._stopped.is_set():
                 raise RewardError(
                     "reward scoring was stopped (the job is stopping)",
