@@ -176,21 +176,7 @@ INERT = [
     (["rollout.sync_every=2", "rollout.engine=hf"], []),
     (["rollout.prefill_tokens=64", "rollout.engine=hf"], []),
     (["rollout.release_kv_cache=true", "rollout.engine=hf"], []),
-    (["runtime.ray_address=auto"], ["runtime.launcher=ray"]),
-    (["runtime.cpus_per_rank=2"], ["runtime.launcher=ray"]),
-    (["runtime.gpus_per_rank=1"], ["runtime.launcher=ray"]),
-    (["runtime.rollout_workers=2", "algo.prompts_per_step=8"], ["runtime.placement=disaggregated"]),
-    (["runtime.weight_bucket_mb=8"], ["runtime.placement=partial"]),
-    (["runtime.stream_groups=true"], ["runtime.placement=disaggregated"]),
     (["runtime.stream_groups=true", "runtime.placement=disaggregated", "algo.epochs=2"], []),
-    (["runtime.controller=single"], ["runtime.num_ranks=2"]),
-    (["runtime.data_parallel=fsdp"], ["runtime.num_ranks=2"]),
-    (["runtime.backend=gloo"], ["runtime.num_ranks=2"]),
-    (["runtime.collective_timeout_s=60"], ["runtime.placement=disaggregated"]),
-    (["runtime.heartbeat_timeout_s=5"], ["runtime.num_ranks=2"]),
-    (["runtime.progress_timeout_s=5"], ["runtime.launcher=ray"]),
-    (["runtime.master_port=29500"], ["runtime.num_ranks=2"]),
-    (["runtime.master_port=29500", "runtime.num_ranks=2", "runtime.launcher=ray"], []),
     (["sft.lr=0.01"], ["sft.steps=5"]),
     (["sft.batch_size=8"], ["sft.steps=5"]),
     (["sft.warmup_steps=2"], ["sft.steps=5"]),
@@ -302,3 +288,15 @@ def test_yaml_merge_keys_still_override(tmp_path):
     """Explicit keys override those a merge key (<<) brings in: not a duplicate."""
     path = write(tmp_path, "train:\n  <<: {steps: 3, seed: 1}\n  steps: 4\n")
     assert load_config(path).train.steps == 4
+
+
+def test_settings_of_where_a_job_runs_are_allowed_in_any_placement():
+    """A cluster config runs on one process by changing only the rank count, launcher and
+    placement: its Ray, rank, rollout-worker and timeout settings are not refused."""
+    cluster = ["runtime.ray_address=auto", "runtime.cpus_per_rank=2", "runtime.gpus_per_rank=1",
+               "runtime.rollout_workers=2", "runtime.weight_bucket_mb=8",
+               "runtime.controller=single", "runtime.data_parallel=fsdp", "runtime.backend=gloo",
+               "runtime.collective_timeout_s=60", "runtime.heartbeat_timeout_s=5",
+               "runtime.progress_timeout_s=5", "runtime.master_port=29500"]
+    config = load_config(None, cluster)
+    assert config.runtime.num_ranks == 1 and config.runtime.launcher == "local"

@@ -695,15 +695,18 @@ def validate(config: Config) -> None:
        refused with the reason and the fix;
     3. settings with no effect: a value other than the field's default where the part it
        configures does not run in this job (a critic's settings without a critic, KL
-       settings at algo.kl_coef=0, plait-engine settings with rollout.engine=hf, Ray
-       settings with the local launcher, sft.* at sft.steps=0, ...; see
+       settings at algo.kl_coef=0, plait-engine settings with rollout.engine=hf, sft.* at
+       sft.steps=0, ...; see
        :func:`_inert_settings`). Such a value silently does nothing, which is a wrong
        behaviour too (the user believed it mattered), so every one of them is refused in
        one message: remove it, or enable the part it belongs to. A value equal to the
        default cannot be told from an unset one and passes.
 
-    Allowed on purpose: settings of a part that runs even where this job's numbers happen
-    not to depend on them (clip ranges when each batch makes one update, so the ratio is
+    Allowed on purpose: the runtime section's settings of where the job runs (launcher,
+    Ray resources, ranks, rollout workers, timeouts, backend, port) in any placement, so
+    one config moves between a laptop and a cluster by changing only runtime.num_ranks,
+    runtime.launcher and runtime.placement; settings of a part that runs even where this
+    job's numbers happen not to depend on them (clip ranges when each batch makes one update, so the ratio is
     1), and turning off a speed-up that keeps results equal where it would not apply
     anyway (algo.skip_zero_advantage=false beside a critic, rollout.fuse_forwards=false
     with rollout.engine=hf): the job does what was asked. Explicit off-policy corrections
@@ -926,7 +929,6 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
     """(the part is absent, its settings, why) for every part a job may leave out."""
     algo, rollout, runtime, data = config.algo, config.rollout, config.runtime, config.data
     estimator = advantage_estimator(config)
-    one_process = runtime.num_ranks == 1 and runtime.placement == "colocated"
     return [
         (estimator != "gae", ("algo.vf_coef", "algo.vf_clip", "algo.lam", "optim.critic_lr",
                               "model.critic_path"),
@@ -956,26 +958,11 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         (rollout.engine == "hf", ("rollout.sync_every", "rollout.prefill_tokens",
                                   "rollout.release_kv_cache"),
          "they configure the plait engine, and rollout.engine is 'hf'"),
-        (runtime.launcher == "local", ("runtime.ray_address", "runtime.cpus_per_rank",
-                                       "runtime.gpus_per_rank"),
-         "they configure Ray, and runtime.launcher is 'local'"),
-        (runtime.placement not in ("disaggregated", "partial"),
-         ("runtime.rollout_workers", "runtime.weight_bucket_mb"),
-         f"no rollout workers run apart (runtime.placement={runtime.placement})"),
-        (runtime.stream_groups and not streams_groups(config), ("runtime.stream_groups",),
-         "groups travel one by one only from rollout workers apart, runtime.placement="
-         "disaggregated or partial, to DDP trainers that make one update per batch with a "
-         "group-wise advantage: algo.epochs=1, algo.mini_batches=1, algo.advantage grpo, "
+        (runtime.stream_groups and runtime.placement in ("disaggregated", "partial")
+         and not streams_groups(config), ("runtime.stream_groups",),
+         "groups travel one by one only to DDP trainers that make one update per batch with "
+         "a group-wise advantage: algo.epochs=1, algo.mini_batches=1, algo.advantage grpo, "
          "drgrpo or rloo"),
-        (runtime.num_ranks == 1, ("runtime.controller", "runtime.data_parallel"),
-         "runtime.num_ranks=1: one trainer rank"),
-        (one_process, ("runtime.backend", "runtime.collective_timeout_s"),
-         "the job is one process, with no collectives"),
-        (one_process and runtime.launcher == "local",
-         ("runtime.heartbeat_timeout_s", "runtime.progress_timeout_s"),
-         "the job runs in the plait process itself, with no ranks to watch"),
-        (one_process or runtime.launcher == "ray", ("runtime.master_port",),
-         "only the local launcher of several processes uses a rendezvous port"),
         (config.sft.steps == 0, ("sft.batch_size", "sft.lr", "sft.warmup_steps"),
          "sft.steps=0: no SFT warm start"),
         (config.model.path != "tiny", ("model.tiny",), "model.path is not 'tiny'"),
