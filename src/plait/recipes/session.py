@@ -153,8 +153,9 @@ class Session:
             resolve_model_dir(config.model, self.run_dir)
         self.dist.barrier()
         self.model_dir = resolve_model_dir(config.model, self.run_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.policy = load_causal_lm(self.model_dir, config.model.attn_implementation)
+        self.tokenizer = load_tokenizer(self.model_dir, key="model.path")
+        self.policy = load_causal_lm(self.model_dir, config.model.attn_implementation,
+                                     key="model.path")
         self._twins: dict = {}  # parameter-free copies of sharded models, for saving
         if self.sharded:  # loaded on the CPU, only this rank's shards go to the device
             self._twins["policy"] = fsdp.meta_twin(self.policy)
@@ -389,8 +390,9 @@ class Session:
         of the current policy."""
         ref_dir = self.config.model.ref_path or saved_dir
         if ref_dir:
+            key = "model.ref_path" if self.config.model.ref_path else None
             self.reference = freeze(self._placed(load_causal_lm(
-                ref_dir, self.config.model.attn_implementation)))
+                ref_dir, self.config.model.attn_implementation, key=key)))
         elif self.sharded:
             self.reference = freeze(fsdp.sharded_copy(
                 self.policy, copy.deepcopy(self._twins["policy"]), self.mesh,
