@@ -231,21 +231,35 @@ def _failure_message(procs, codes, heartbeats: Path, run_dir: Path, rank: int,
     failed because of it and where their output is, then the checkpoint to resume from."""
     beat = read_heartbeat(heartbeats, rank) or {}
     if reason is None:
-        code = codes[rank]
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        reason = f"rank {rank} (pid {procs[rank].pid}) {how}"
+        reason = f"rank {rank} (pid {procs[rank].pid}) {_exit_description(codes[rank])}"
     lines = [reason, f"  its last message: {beat.get('message', '(none: it never started)')!r}"]
     if beat.get("error"):
         lines.append(f"  its error: {beat['error']}")
-    log = run_dir / "logs" / f"rank{rank}.log"
-    if rank > 0 and log.is_file():
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        if tail:
-            lines.append(f"  end of {log}:")
-            lines.extend(f"    {line}" for line in tail)
+    if codes[rank] != -signal.SIGKILL:  # a SIGKILLed rank wrote no last words to its log
+        lines.extend(_log_tail(run_dir, rank))
     lines.extend(_consequences(codes, heartbeats, run_dir, rank))
     lines.append(f"  {checkpoint_note(run_dir)}")
     return "\n".join(lines)
+
+
+def _exit_description(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    if -code == signal.SIGKILL:
+        name += ": sent by another process, or by the kernel when memory ran out"
+    return f"was killed by signal {-code} ({name})"
+
+
+def _log_tail(run_dir: Path, rank: int) -> list[str]:
+    log = run_dir / "logs" / f"rank{rank}.log"
+    if not log.is_file():  # rank 0's output goes to the terminal, its peer errors here
+        return []
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    return [f"  end of {log}:", *(f"    {line}" for line in tail)] if tail else []
 
 
 def _consequences(codes, heartbeats: Path, run_dir: Path, cause: int) -> list[str]:
