@@ -1,8 +1,17 @@
 """Config: YAML + overrides, typed validation, and messages that say what and where."""
 
+import re
+
 import pytest
 
-from plait.config import Config, ConfigError, describe, dump_yaml, load_config
+from plait.config import (
+    Config,
+    ConfigError,
+    describe,
+    dump_yaml,
+    inert_settings_note,
+    load_config,
+)
 
 
 def write(tmp_path, text):
@@ -217,24 +226,34 @@ def _fill(overrides, paths):
 
 
 @pytest.mark.parametrize("inert, active", INERT, ids=[i[0].split("=")[0] for i, _ in INERT])
-def test_a_setting_with_no_effect_is_refused_and_allowed_where_it_acts(inert, active,
-                                                                       model_and_data):
+def test_a_setting_with_no_effect_is_named_and_not_where_it_acts(inert, active,
+                                                                 model_and_data):
     key = inert[0].split("=")[0]
-    with pytest.raises(ConfigError, match=rf"settings with no effect in this job: .*{key}="):
-        load_config(None, _fill(inert, model_and_data))
+    note = inert_settings_note(load_config(None, _fill(inert, model_and_data)))
+    assert note is not None and re.search(rf"no effect in this job, ignored: .*{key}=", note)
     if active:
-        load_config(None, _fill([*inert, *active], model_and_data))
+        note = inert_settings_note(load_config(None, _fill([*inert, *active], model_and_data)))
+        assert note is None or f"{key}=" not in note, note
 
 
-def test_every_setting_with_no_effect_is_named_in_one_message():
-    with pytest.raises(ConfigError) as err:
-        load_config(None, ["algo.kl_mode=reward", "algo.vf_coef=1", "sft.lr=0.01"])
-    message = str(err.value)
-    assert message.count("\n") == 0
+def test_every_setting_with_no_effect_is_named_in_one_line():
+    note = inert_settings_note(
+        load_config(None, ["algo.kl_mode=reward", "algo.vf_coef=1", "sft.lr=0.01"]))
+    assert note.count("\n") == 0
     for part in ("algo.kl_mode=reward (algo.kl_coef=0", "algo.vf_coef=1.0 (no critic",
-                 "sft.lr=0.01 (sft.steps=0", "defaults (algo.vf_coef=0.5 algo.kl_mode=loss "
-                 "sft.lr=0.001)"):
-        assert part in message, message
+                 "sft.lr=0.01 (sft.steps=0", "defaults: algo.vf_coef=0.5 algo.kl_mode=loss "
+                 "sft.lr=0.001"):
+        assert part in note, note
+
+
+def test_the_command_line_shows_the_note_and_runs(capsys):
+    from plait.cli import main
+
+    assert main(["config", "examples/grpo_addition.yaml", "sft.steps=0"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("plait: note:")]
+    assert len(notes) == 1 and "sft.lr=" in notes[0], captured.err
+    assert "steps: 0" in captured.out
 
 
 def test_the_no_effect_table_names_real_settings():
@@ -245,9 +264,10 @@ def test_the_no_effect_table_names_real_settings():
             _setting(Config(), key)  # raises for a misspelt key
 
 
-def test_default_values_pass_even_where_they_have_no_effect():
-    load_config(None, ["algo.kl_mode=loss", "algo.vf_coef=0.5", "sft.lr=1e-3",
-                       "runtime.controller=parallel"])
+def test_default_values_are_not_named_even_where_they_have_no_effect():
+    assert inert_settings_note(load_config(None, [
+        "algo.kl_mode=loss", "algo.vf_coef=0.5", "sft.lr=1e-3",
+        "runtime.controller=parallel"])) is None
 
 
 def test_turning_off_a_result_preserving_speedup_is_allowed_anywhere():

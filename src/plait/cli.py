@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from plait.config import ConfigError, describe, dump_yaml, load_config
+from plait.config import ConfigError, describe, dump_yaml, inert_settings_note, load_config
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -38,8 +38,17 @@ def _is_known(err: BaseException) -> bool:
     return isinstance(err, ConfigError) or isinstance(err, _known_errors())
 
 
-def cmd_train(args) -> int:
+def _load(args):
+    """The resolved config, with a note on stderr naming settings that have no effect."""
     config = load_config(args.config, args.overrides)
+    note = inert_settings_note(config)
+    if note:
+        print(f"plait: note: {note}", file=sys.stderr)
+    return config
+
+
+def cmd_train(args) -> int:
+    config = _load(args)
     args.run_dir = Path(config.run.dir)  # for the message on Ctrl-C
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
@@ -60,7 +69,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     from plait.recipes.evaluate import evaluate_job
 
     result = evaluate_job(config, checkpoint=args.checkpoint)
@@ -69,7 +78,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    print(dump_yaml(_load(args)), end="")
     return 0
 
 

@@ -686,32 +686,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that a single field's type cannot express, in this order:
+    """Cross-field checks that a single field's type cannot express:
 
     1. single values and paths (betas, the built-in task and its settings, data files,
        model directories);
     2. contradictions: settings that together ask for a job plait cannot run, or would
        run as something other than asked (algo.name=ppo without GAE trains no critic);
-       refused with the reason and the fix;
-    3. settings with no effect: a value other than the field's default where the part it
-       configures does not run in this job (a critic's settings without a critic, KL
-       settings at algo.kl_coef=0, plait-engine settings with rollout.engine=hf, sft.* at
-       sft.steps=0, ...; see
-       :func:`_inert_settings`). Such a value silently does nothing, which is a wrong
-       behaviour too (the user believed it mattered), so every one of them is refused in
-       one message: remove it, or enable the part it belongs to. A value equal to the
-       default cannot be told from an unset one and passes.
+       refused with the reason and the fix.
 
-    Allowed on purpose: the runtime section's settings of where the job runs (launcher,
-    Ray resources, ranks, rollout workers, timeouts, backend, port) in any placement, so
-    one config moves between a laptop and a cluster by changing only runtime.num_ranks,
-    runtime.launcher and runtime.placement; settings of a part that runs even where this
-    job's numbers happen not to depend on them (clip ranges when each batch makes one update, so the ratio is
-    1), and turning off a speed-up that keeps results equal where it would not apply
-    anyway (algo.skip_zero_advantage=false beside a critic, rollout.fuse_forwards=false
-    with rollout.engine=hf): the job does what was asked. Explicit off-policy corrections
-    (algo.off_policy=decoupled or tis) are allowed without stale weights: they also
-    correct the engine-versus-trainer numeric gap.
+    Settings with no effect (a value other than the default where the part it configures
+    does not run: a critic's settings without a critic, KL settings at algo.kl_coef=0,
+    sft.* at sft.steps=0; see :func:`_inert_settings`) are not refused, since turning a
+    part off on the command line is how a config is varied; :func:`inert_settings_note`
+    names them, and the command line shows that note before the job starts. The runtime
+    section's settings of where the job runs (launcher, Ray resources, ranks, rollout
+    workers, timeouts, backend, port) are never counted as such, so one config moves
+    between a laptop and a cluster by changing only runtime.num_ranks, runtime.launcher
+    and runtime.placement.
     """
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {config.optim.betas}")
@@ -732,7 +723,6 @@ def validate(config: Config) -> None:
     _validate_algo(config)
     _validate_runtime(config)
     _validate_job(config)
-    _refuse_inert_settings(config)
 
 
 def _check_task(name: str, task_args: dict[str, Any]) -> None:
@@ -1014,8 +1004,9 @@ def _show(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def _refuse_inert_settings(config: Config) -> None:
-    """One ConfigError naming every setting that has no effect in this job, and why."""
+def inert_settings_note(config: Config) -> str | None:
+    """One line naming every setting that has no effect in this job, and why (None when
+    there is none), for the command line to show before the job starts."""
     found, defaults = [], []
     for absent, keys, why in _inert_settings(config):
         if not absent:
@@ -1024,12 +1015,11 @@ def _refuse_inert_settings(config: Config) -> None:
         if changed:
             found.append(f"{', '.join(f'{k}={_show(v)}' for k, v, _ in changed)} ({why})")
             defaults.extend(f"{k}={_show(d)}" for k, _, d in changed)
-    if found:
-        section = defaults[0].split(".")[0]
-        raise ConfigError(f"settings with no effect in this job: {'; '.join(found)}. Remove "
-                          f"them, set them back to their defaults ({' '.join(defaults)}), or "
-                          f"enable the part they configure (on the command line, "
-                          f"'{section}={{...}}' replaces a file's whole {section} section)")
+    if not found:
+        return None
+    return (f"settings with no effect in this job, ignored: {'; '.join(found)}. Enable the "
+            f"part they configure if you meant them to act, or remove them (defaults: "
+            f"{' '.join(defaults)})")
 
 
 def check_local_model_path(value: str, key: str) -> None:
