@@ -3,7 +3,9 @@ soon after, leads with the rank that caused it, says which checkpoint a rerun re
 from, keeps the other ranks' consequent tracebacks off the terminal, and a launcher
 that is itself killed leaves no job directory behind."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,10 @@ import pytest
 
 from plait.config import load_config
 from plait.train.checkpoint import checkpoint_step, latest_checkpoint
+
+# the jobs' ranks are found through /proc (Linux, as the launcher's PR_SET_PDEATHSIG)
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").is_file(),
+                                reason="finds rank processes through /proc")
 
 
 def job_args(tiny_job, reward_spec, run_dir, *extra):
@@ -41,17 +47,20 @@ class Job:
                 return int(entry.name)
         return None
 
-    def beat(self, rank: int) -> dict:
-        """Rank ``rank``'s latest heartbeat (in the directory its environment names)."""
-        import json
-
+    def heartbeat_dir(self, rank: int) -> Path | None:
+        """The heartbeat directory named in rank ``rank``'s environment."""
         pid = self.rank_pid(rank)
-        env = dict(item.split(b"=", 1) for item in _environ(Path(f"/proc/{pid}")).split(b"\0")
-                   if b"=" in item) if pid else {}
-        directory = env.get(b"PLAIT_HEARTBEAT_DIR")
+        for item in _environ(Path(f"/proc/{pid}")).split(b"\0") if pid else ():
+            if item.startswith(b"PLAIT_HEARTBEAT_DIR="):
+                return Path(item.split(b"=", 1)[1].decode())
+        return None
+
+    def beat(self, rank: int) -> dict:
+        """Rank ``rank``'s latest heartbeat ({} before its first, or once it is gone)."""
+        directory = self.heartbeat_dir(rank)
         try:
-            return json.loads((Path(directory.decode()) / f"rank{rank}.json").read_text())
-        except (AttributeError, OSError, ValueError):
+            return json.loads((directory / f"rank{rank}.json").read_text())
+        except (TypeError, OSError, ValueError):
             return {}
 
     def wait_until(self, predicate, what: str, timeout: float = 120.0) -> None:
@@ -92,8 +101,8 @@ def _environ(proc_dir: Path) -> bytes:
 
 def stepping(job: Job, rank: int, step: int = 2):
     def check():
-        message = job.beat(rank).get("message") or ""
-        return message.startswith("step ") and int(message.split()[1]) >= step
+        found = re.match(r"step (\d+)", job.beat(rank).get("message") or "")
+        return found is not None and int(found.group(1)) >= step
     return check
 
 
@@ -116,6 +125,7 @@ def background_job(tmp_path):
         job.kill()
 
 
+@needs_proc
 def test_frozen_rank_ends_the_job_within_the_heartbeat_timeout(tiny_job, reward_spec, tmp_path,
                                                                background_job):
     """SIGSTOP on rank 1 while it steps: the job ends within runtime.heartbeat_timeout_s
@@ -137,6 +147,7 @@ def test_frozen_rank_ends_the_job_within_the_heartbeat_timeout(tiny_job, reward_
     assert checkpoint_line(run_dir) in stderr, stderr[-3000:]
 
 
+@needs_proc
 def test_dead_rank_leads_the_terminal_and_peers_tracebacks_go_to_their_logs(
         tiny_job, reward_spec, tmp_path, background_job):
     """Rank 1 is SIGKILLed while rank 0 waits for it in a collective (rank 1 frozen
@@ -164,6 +175,7 @@ def test_dead_rank_leads_the_terminal_and_peers_tracebacks_go_to_their_logs(
         assert "Traceback" in (run_dir / "logs" / "rank0.log").read_text()
 
 
+@needs_proc
 def test_killed_launcher_leaves_no_job_directory(tiny_job, reward_spec, tmp_path,
                                                  background_job):
     """SIGKILL of ``plait train`` itself: its ranks die with it, and the job directory it
@@ -174,7 +186,7 @@ def test_killed_launcher_leaves_no_job_directory(tiny_job, reward_spec, tmp_path
     args = job_args(tiny_job, reward_spec, run_dir)
     job = background_job(args)
     job.wait_until(stepping(job, 1, step=1), "rank 1 to start stepping")
-    job_dir = Path(_heartbeat_dir(job)).parent
+    job_dir = job.heartbeat_dir(1).parent
     ranks = [job.rank_pid(0), job.rank_pid(1)]
     assert job_dir.is_dir() and all(ranks)
     job.kill()
@@ -183,12 +195,6 @@ def test_killed_launcher_leaves_no_job_directory(tiny_job, reward_spec, tmp_path
         time.sleep(0.1)
     prepare_job(load_config(None, args))  # as the next launch in this run directory does
     assert not job_dir.exists(), f"{job_dir} was left behind"
-
-
-def _heartbeat_dir(job: Job) -> str:
-    env = _environ(Path(f"/proc/{job.rank_pid(1)}")).split(b"\0")
-    return next(item.split(b"=", 1)[1].decode() for item in env
-                if item.startswith(b"PLAIT_HEARTBEAT_DIR="))
 
 
 def test_failure_names_the_last_complete_checkpoint(tmp_path):
@@ -242,3 +248,20 @@ def test_ray_launcher_names_the_checkpoint_to_resume_from(tiny_job, reward_spec,
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "rank 1 (Ray actor) died" in proc.stderr, proc.stderr[-3000:]
     assert checkpoint_line(run_dir) in proc.stderr, proc.stderr[-3000:]
+
+
+def test_only_job_directories_of_launchers_that_are_gone_are_removed(tmp_path):
+    from plait.runtime.launch import remove_stale_job_dirs
+
+    gone = _finished_pid()
+    live = os.getppid()
+    for pid in (gone, live):
+        (tmp_path / "logs" / f".plait-job-{pid}" / "heartbeats").mkdir(parents=True)
+    assert remove_stale_job_dirs(tmp_path) == [tmp_path / "logs" / f".plait-job-{gone}"]
+    assert (tmp_path / "logs" / f".plait-job-{live}").is_dir()
+
+
+def _finished_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
