@@ -148,7 +148,8 @@ def test_ctrl_c_in_train_names_the_last_complete_checkpoint(monkeypatch, tmp_pat
     _interrupted(monkeypatch, plait.recipes.rl, "train")
     run_dir = tmp_path / "run"
     assert main(["train", f"run.dir={run_dir}"]) == 130
-    assert capsys.readouterr().err == f"plait: interrupted; no checkpoint yet in {run_dir}\n"
+    assert capsys.readouterr().err.startswith(
+        f"plait: interrupted; no checkpoint yet in {run_dir / 'checkpoints'} ")
     for step in (2, 4, 6):
         (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
     for step in (2, 4):  # step 6 was being written: incomplete

@@ -104,7 +104,7 @@ def test_overwrite_never_deletes_the_home_directory(tmp_path, monkeypatch):
 
 
 def test_overwrite_replaces_a_plait_run_marked_or_from_before_the_marker(existing_run):
-    from plait.recipes.run_dir import RUN_MARKER, check_run_dir, is_plait_run
+    from plait.runtime.run_dir import RUN_MARKER, check_run_dir, is_plait_run
 
     assert is_plait_run(existing_run) and (existing_run / RUN_MARKER).is_file()
     (existing_run / RUN_MARKER).unlink()  # a run made before plait wrote the marker
@@ -144,7 +144,7 @@ def test_start_in_a_directory_holding_the_users_files_is_refused(tmp_path):
 
 def test_directories_plait_may_start_in(tmp_path):
     """New, empty, or holding only what plait itself writes (the launcher's logs/)."""
-    from plait.recipes.run_dir import check_run_dir
+    from plait.runtime.run_dir import check_run_dir
 
     check_run_dir(job(tmp_path / "new"))
     (tmp_path / "empty").mkdir()
@@ -233,5 +233,5 @@ def test_the_launcher_checks_without_importing_torch():
     import subprocess
     import sys
 
-    code = "import sys, plait.recipes.run_dir; assert 'torch' not in sys.modules"
+    code = "import sys, plait.runtime.run_dir; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

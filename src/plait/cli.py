@@ -52,10 +52,8 @@ def cmd_train(args) -> int:
     args.run_dir = Path(config.run.dir)  # for the message on Ctrl-C
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
-        from plait.recipes.run_dir import check_run_dir
         from plait.runtime.launch import launch
 
-        check_run_dir(config)  # before the launcher applies run.overwrite
         summary = launch(config)
     else:
         from plait.recipes.rl import train
@@ -151,13 +149,9 @@ def _checkpoint_note(args) -> str:
     run_dir = getattr(args, "run_dir", None)
     if args.command != "train" or run_dir is None:
         return ""
-    from plait.train.checkpoint import latest_checkpoint
+    from plait.train.checkpoint import resume_note
 
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
-        return f"; no checkpoint yet in {run_dir}"
-    return (f"; the last complete checkpoint is {latest} (with run.resume=auto, the "
-            "default, the same command continues from it)")
+    return f"; {resume_note(run_dir / 'checkpoints')}"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ from plait.models.loading import (
     quiet_transformers,
     resolve_model_dir,
 )
-from plait.recipes.run_dir import (
+from plait.recipes.sft import check_sft_rows, supervised_warm_start
+from plait.rewards import RewardManager
+from plait.rollout import build_engine
+from plait.rollout.base import Completion, SamplingParams
+from plait.runtime import fsdp
+from plait.runtime.dist import Dist
+from plait.runtime.heartbeat import report, step_done
+from plait.runtime.run_dir import (
     RESUME_SAFE_KEYS,
     RUN_MARKER,
     built_tiny_model,
@@ -44,13 +51,6 @@ from plait.recipes.run_dir import (
     describe_changes,
     recorded_config,
 )
-from plait.recipes.sft import check_sft_rows, supervised_warm_start
-from plait.rewards import RewardManager
-from plait.rollout import build_engine
-from plait.rollout.base import Completion, SamplingParams
-from plait.runtime import fsdp
-from plait.runtime.dist import Dist
-from plait.runtime.heartbeat import report, step_done
 from plait.telemetry.metrics import MetricsLogger, read_metrics
 from plait.telemetry.plots import plot_metrics, plot_stage_timeline
 from plait.telemetry.progress import ProgressBar

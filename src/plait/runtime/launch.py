@@ -52,6 +52,9 @@ def free_port() -> int:
 def prepare_job(config: Config) -> tuple[Config, Path]:
     """Settle the run directory once, before any rank starts: ``run.overwrite`` is done
     here (ranks must not delete each other's files) and turned off for the ranks."""
+    from plait.runtime.run_dir import check_run_dir
+
+    check_run_dir(config)  # run.overwrite deletes only plait's own run directories
     run_dir = Path(config.run.dir)
     if config.run.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -277,17 +280,11 @@ def _consequences(codes, heartbeats: Path, run_dir: Path, cause: int) -> list[st
 
 
 def checkpoint_note(run_dir: Path) -> str:
-    """Which checkpoint a rerun of a stopped job resumes from: the last complete one in
-    ``<run_dir>/checkpoints`` by name and step, or that there is none yet."""
-    from plait.train.checkpoint import checkpoint_step, latest_checkpoint
+    """Which checkpoint a rerun of a stopped job resumes from (or that there is none)."""
+    from plait.train.checkpoint import resume_note
 
-    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if latest is None:
-        return ("every rank was stopped; no checkpoint yet (train.save_every sets how often "
-                "one is written): rerunning the same command starts over")
-    return (f"every rank was stopped; the last complete checkpoint is {latest} (step "
-            f"{checkpoint_step(latest)}): rerun the same command to resume from it "
-            "(runtime.num_ranks may differ)")
+    return f"every rank was stopped; {resume_note(Path(run_dir) / 'checkpoints')} " \
+        "(runtime.num_ranks may differ)"
 
 
 def stop_all(procs) -> None:

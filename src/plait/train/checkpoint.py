@@ -82,6 +82,7 @@ __all__ = [
     "read_trainer_state",
     "remove_partial_checkpoints",
     "restore_rng_state",
+    "resume_note",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -271,6 +272,17 @@ def _set_aside(path: Path) -> str:
         fsync_dir(path.parent)
         return f"renamed {target.name} (kept for inspection)"
     return "left in place (too many corrupt copies of it)"
+
+
+def resume_note(root: Path | str) -> str:
+    """What rerunning a stopped job continues from: the last complete checkpoint under
+    ``root`` by path and step, or that there is none yet."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return (f"no checkpoint yet in {root} (train.save_every sets how often one is "
+                "written): rerunning the same command starts over")
+    return (f"the last complete checkpoint is {latest} (step {checkpoint_step(latest)}): "
+            "rerun the same command to resume from it (run.resume=auto, the default)")
 
 
 def remove_partial_checkpoints(root: Path | str) -> list[Path]:
