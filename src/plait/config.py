@@ -304,9 +304,13 @@ class RunConfig:
 
     dir: str = opt("runs/default", "Run directory: config, metrics, checkpoints, plots, summary.")
     resume: Literal["auto", "never", "must"] = opt(
-        "auto", "Continue from the run directory's latest checkpoint: when present, never, "
-        "or fail when absent.")
-    overwrite: bool = opt(False, "Delete an existing run directory before starting.")
+        "auto", "Continue from the run directory's latest intact checkpoint: when present "
+        "(a corrupt newer one is renamed corrupt-step_N and kept), never, or fail when "
+        "absent or corrupt. A resume whose config changes the model or the algorithm is "
+        "refused with the keys named.")
+    overwrite: bool = opt(False, "Delete an existing run directory before starting; only a "
+                          "plait run (one holding .plait-run), never the working, home or "
+                          "root directory.")
     tensorboard: bool = opt(True, "Write TensorBoard events.")
     progress: bool = opt(True, "Show a progress bar.")
 
