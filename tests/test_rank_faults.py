@@ -237,6 +237,7 @@ def test_a_peers_failure_goes_to_the_log_and_a_rank_s_own_to_the_terminal(tmp_pa
     assert "Connection reset by peer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_launcher_names_the_checkpoint_to_resume_from(tiny_job, reward_spec, tmp_path):
     pytest.importorskip("ray")
     run_dir = tmp_path / "run"
