@@ -34,7 +34,13 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from plait import algos
-from plait.config import Config, ConfigError, off_policy_mode
+from plait.config import (
+    Config,
+    ConfigError,
+    needs_old_logprobs,
+    off_policy_mode,
+    streams_groups,
+)
 from plait.recipes.session import Session, TrainingDiverged
 from plait.rollout.base import SamplingParams
 from plait.runtime import fsdp
@@ -239,8 +245,7 @@ class RLTrainer(Session):
         are the detached current ones. This holds for the off-policy corrections too: with
         one update the proximal policy is the current one, so pi_prox/pi_behav is the
         detached current probability over the engine's."""
-        algo = self.config.algo
-        return algo.epochs > 1 or algo.mini_batches > 1 or self.kl_in_reward
+        return needs_old_logprobs(self.config)
 
     @property
     def kl_in_reward(self) -> bool:
@@ -645,12 +650,7 @@ class RLTrainer(Session):
         """Whether batches of rollout workers apart travel group by group and trainers
         train on each group as it arrives (``runtime.stream_groups``; the same answer on
         workers and trainers: it depends on the config alone)."""
-        cfg = self.config
-        return (cfg.runtime.stream_groups and cfg.runtime.placement in ("disaggregated",
-                                                                        "partial")
-                and cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
-                and self.advantage_estimator in ("grpo", "drgrpo", "rloo")
-                and cfg.runtime.data_parallel == "ddp")
+        return streams_groups(self.config)
 
     def collect_streamed(self, timer: StageTimer) -> tuple[Experience, dict]:
         """Steps 1-6 under ``runtime.stream_groups``: each part the rollout workers send

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from plait import __version__
-from plait.config import Config, ConfigError, config_to_dict, dump_yaml
+from plait.config import (
+    Config,
+    ConfigError,
+    advantage_estimator,
+    config_to_dict,
+    dump_yaml,
+    uses_reference,
+)
 from plait.data.datasets import PromptIterator, load_prompt_rows
 from plait.data.tasks import make_task
 from plait.models.loading import (
@@ -381,9 +388,7 @@ class Session:
     @property
     def uses_reference(self) -> bool:
         """Whether the job needs reference log-probs (KL, or GRPOVI's reference weights)."""
-        algo = self.config.algo
-        return algo.kl_coef > 0 or (algo.reward_adjust == "grpovi" and
-                                    algo.grpovi_weights == "reference")
+        return uses_reference(self.config)
 
     def build_reference(self, saved_dir: str | None) -> None:
         """model.ref_path, else ``saved_dir`` (the warm-started model), else a frozen copy
@@ -426,10 +431,7 @@ class Session:
 
     @property
     def advantage_estimator(self) -> str:
-        algo = self.config.algo
-        if algo.advantage != "auto":
-            return algo.advantage
-        return "gae" if algo.name == "ppo" else "grpo"
+        return advantage_estimator(self.config)
 
     # ------------------------------------------------------------------ rollout & rewards
 
