@@ -4,9 +4,9 @@ Every case prepares a directory, runs the ``plait`` command in-process on it and
 the exit code, that the output carries exactly one ``plait: error:`` line naming the
 cause and no traceback, and that no file that existed before changed (the user's own
 files, earlier checkpoints, the config.yaml of a run that did not start). New files may
-appear only inside the run directory. The checkpoint, reward-hang, signal and rank cases
-that need real processes or training live in their own test files; the matrix is the
-catalogue of one-line failures.
+appear only inside the run directory. Signals and a killed rank run as real ``plait
+train`` processes at the end. Deeper trials live beside the code they test
+(test_checkpoint_corruption, test_reward_faults, test_rank_faults, test_run_dir).
 """
 
 from __future__ import annotations
@@ -315,3 +315,79 @@ def test_pickle_fixture_is_refused_by_safe_loading(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(directory / "pytorch_model.bin", weights_only=True)
     assert json.loads((directory / "config.json").read_text())["model_type"]
+
+
+# ----------------------------------------------------------------- signals and ranks
+# The same promises for a job stopped from outside, run as a real ``plait train`` process:
+# its exit code, one line leading with the cause, no traceback, no user file changed, and
+# the checkpoint it names intact.
+
+
+def _start(work: Path, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    err = open(work / "stderr.txt", "w")  # noqa: SIM115 (closed by _finish)
+    proc = subprocess.Popen([sys.executable, "-m", "plait.cli", "train", *TINY_JOB,
+                             f"run.dir={work / RUN}", "train.steps=100000", *extra],
+                            stdout=subprocess.DEVNULL, stderr=err, cwd=work,
+                            env={**os.environ, "PLAIT_PROGRESS": "0"})
+    return proc, err
+
+
+def _wait_for_checkpoint(proc, work: Path, timeout: float = 120.0) -> None:
+    import time
+
+    from plait.train.checkpoint import latest_checkpoint
+
+    deadline = time.time() + timeout
+    while latest_checkpoint(work / RUN / "checkpoints") is None:
+        assert proc.poll() is None and time.time() < deadline, \
+            (work / "stderr.txt").read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _finish(proc, err, work: Path, code: int, says: tuple[str, ...], prefix: str,
+            before: dict[str, str]) -> None:
+    from plait.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    assert proc.wait(timeout=30) == code
+    err.close()
+    text = (work / "stderr.txt").read_text()
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    for fragment in says:
+        assert fragment in lines[0], lines[0]
+    latest = latest_checkpoint(work / RUN / "checkpoints")
+    assert latest is not None and latest.name in lines[0] + text
+    verify_checkpoint(latest)
+    after = _snapshot(work)
+    assert all(after.get(name) == digest for name, digest in before.items())
+
+
+@pytest.mark.parametrize("signum, says", [("SIGINT", ("last complete checkpoint",)),
+                                          ("SIGTERM", ("last complete checkpoint",))])
+def test_a_signalled_job_stops_at_once_naming_its_checkpoint(signum, says, tmp_path):
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    _write(work, "notes.txt", "my own notes\n")
+    before = _snapshot(work)
+    proc, err = _start(work, "train.save_every=3")
+    _wait_for_checkpoint(proc, work)
+    sent = time.time()
+    proc.send_signal(getattr(signal, signum))
+    _finish(proc, err, work, 130, says, "plait: interrupted", before)
+    assert time.time() - sent < 15
+
+
+def test_a_killed_rank_ends_the_job_naming_it(tmp_path, reward_spec):
+    work = tmp_path / "work"
+    _write(work, "notes.txt", "my own notes\n")
+    before = _snapshot(work)
+    proc, err = _start(work, "runtime.num_ranks=2", "train.save_every=2", "train.threads=1",
+                       f"reward.functions=[{{fn: '{reward_spec('kill_rank1')}'}}]",
+                       "algo.reward_range=[0, 1]")
+    _finish(proc, err, work, 1, ("rank 1",), "plait: error:", before)

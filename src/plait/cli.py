@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from plait.config import ConfigError, describe, dump_yaml, inert_settings_note, load_config
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "config"):
         _split_config_arg(args)
+    previous = _stop_on_sigterm()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -142,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"plait: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's preemption, ``kill``) stops a job as Ctrl-C does: rewards and
+    ranks stopped, the checkpoint to resume from named. Returns the handler it replaced
+    (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _checkpoint_note(args) -> str:
