@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import plait.recipes.session as session_module
 import plait.train.checkpoint as checkpoint_module
 from plait.cli import main
-from plait.train.checkpoint import list_checkpoints
+from plait.config import load_config
+from plait.train.checkpoint import list_checkpoints, save_checkpoint
 
 WEIGHTS = "policy/model.safetensors"
 OPTIMIZER = "optimizers/policy.pt"
@@ -224,8 +225,8 @@ def test_resume_with_no_intact_checkpoint_says_so(run_dir, loads, capsys):
 
 
 def test_two_ranks_resume_from_the_same_intact_checkpoint(run_dir, capfd):
-    """Every rank verifies on its own; rank 0 alone renames the corrupt checkpoint, and a
-    rank that finds it gone meanwhile does not fail."""
+    """Rank 0 verifies, renames the corrupt checkpoint aside and sends its choice; the
+    other rank loads that one."""
     bad = corrupt(run_dir, 2, "same-size weights")
     good = run_dir / "checkpoints" / "step_000001"
 
@@ -237,6 +238,74 @@ def test_two_ranks_resume_from_the_same_intact_checkpoint(run_dir, capfd):
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == \
         ["corrupt-step_000002", "step_000001", "step_000002"]
     assert json.loads((run_dir / "summary.json").read_text())["nan_skips"] == 0
+
+
+class FakeRank:
+    """A rank of a 2-rank job: ``all_gather_objects`` returns rank 0's object first
+    (``from_rank0`` on rank 1); what this rank sent is kept in ``sent``."""
+
+    def __init__(self, rank: int, from_rank0: object = None) -> None:
+        self.rank = self.global_rank = rank
+        self.world_size, self.active, self.is_main = 2, True, rank == 0
+        self.from_rank0 = from_rank0
+        self.sent: list = []
+
+    def all_gather_objects(self, obj, *, kind: str = "gather") -> list:
+        self.sent.append(obj)
+        return [obj, None] if self.rank == 0 else [self.from_rank0, obj]
+
+
+def intact_checkpoints(root: Path, steps) -> list[Path]:
+    model = torch.nn.Linear(2, 2)
+    return [save_checkpoint(root, step, models={"policy": model}, keep_last=None,
+                            trainer_state={"global_step": step}) for step in steps]
+
+
+def resumed_from(run_dir: Path, dist: FakeRank) -> Path:
+    """The checkpoint Session.try_resume on ``dist``'s rank goes on to load."""
+
+    class Chosen(Exception):
+        pass
+
+    def chosen(path, state):
+        raise Chosen(path)
+
+    session = object.__new__(session_module.Session)
+    session.config = load_config(None, [f"run.dir={run_dir}"])
+    session.run_dir, session.dist, session._check_resumable = run_dir, dist, chosen
+    with pytest.raises(Chosen) as caught:
+        session.try_resume()
+    return Path(caught.value.args[0])
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path, capsys):
+    """Ranks that each verified on their own could differ (a file damaged or repaired
+    between their checks): the other ranks take rank 0's choice and verify nothing."""
+    first, second = intact_checkpoints(tmp_path / "checkpoints", (1, 2))
+    # rank 0 found step 2 corrupt; on its own, rank 1 would now take it
+    assert resumed_from(tmp_path, FakeRank(1, from_rank0=str(first))) == first
+    assert capsys.readouterr().err == ""
+
+    overwrite_tensor_bytes(second / WEIGHTS)
+    rank0 = FakeRank(0)
+    assert resumed_from(tmp_path, rank0) == first
+    assert rank0.sent == [str(first)]
+    assert "renamed corrupt-step_000002" in capsys.readouterr().err
+
+
+def test_rotation_counts_only_checkpoints_up_to_the_one_saved(tmp_path):
+    """A newer checkpoint left in place (corrupt, its renaming aside failed; or an
+    abandoned run's) takes no keep_last place from the intact ones before it."""
+    root = tmp_path / "checkpoints"
+    *_, newer = intact_checkpoints(root, (1, 2, 5))
+    overwrite_tensor_bytes(newer / WEIGHTS)
+    with pytest.warns(UserWarning, match="later steps"):
+        saved = save_checkpoint(
+            root, 3, models={"policy": torch.nn.Linear(2, 2)}, keep_last=2,
+            trainer_state={"global_step": 3})
+    assert saved.name == "step_000003"
+    assert sorted(path.name for path in root.iterdir()) == \
+        ["step_000002", "step_000003", "step_000005"]
 
 
 # --------------------------------------------------------------------------- eval

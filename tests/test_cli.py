@@ -160,6 +160,41 @@ def test_ctrl_c_in_train_names_the_last_complete_checkpoint(monkeypatch, tmp_pat
                           f"{run_dir / 'checkpoints' / 'step_000004'} "), err
 
 
+@pytest.mark.parametrize("settings, rerun", [
+    ([], "rerun the same command to resume from it"),
+    (["run.overwrite=true"], "rerun without run.overwrite=true (which deletes it) to resume"),
+    (["run.resume=never"], "rerun with run.resume=auto (run.resume=never refuses to resume) "
+                           "to resume"),
+    (["run.overwrite=true", "run.resume=never"],
+     "rerun without run.overwrite=true (which deletes it) and with run.resume=auto"),
+], ids=["defaults", "overwrite", "never", "both"])
+def test_ctrl_c_says_what_a_rerun_must_change_to_resume(monkeypatch, tmp_path, capsys,
+                                                         settings, rerun):
+    """The same command would delete the checkpoint (run.overwrite=true) or refuse to
+    resume from it (run.resume=never): the note says what to change instead."""
+    import plait.recipes.rl
+    from plait.train.checkpoint import COMPLETE_MARKER
+
+    _interrupted(monkeypatch, plait.recipes.rl, "train")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARKER).write_text("{}")
+    assert main(["train", f"run.dir={tmp_path / 'run'}", *settings]) == 130
+    err = capsys.readouterr().err
+    assert f"the last complete checkpoint is {checkpoint} (step 2): {rerun}" in err, err
+    assert settings == [] or "the same command" not in err
+
+
+def test_ctrl_c_with_resume_must_and_no_checkpoint_says_how_to_start_over(
+        monkeypatch, tmp_path, capsys):
+    import plait.recipes.rl
+
+    _interrupted(monkeypatch, plait.recipes.rl, "train")
+    assert main(["train", f"run.dir={tmp_path / 'run'}", "run.resume=must"]) == 130
+    assert "no checkpoint yet" in (err := capsys.readouterr().err)
+    assert err.rstrip().endswith("rerunning with run.resume=auto starts over"), err
+
+
 def test_ctrl_c_in_eval_says_nothing_of_checkpoints(monkeypatch, tmp_path, capsys):
     import plait.recipes.evaluate
 

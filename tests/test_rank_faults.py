@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,6 +189,7 @@ def test_killed_launcher_leaves_no_job_directory(tiny_job, reward_spec, tmp_path
     job = background_job(args)
     job.wait_until(stepping(job, 1, step=1), "rank 1 to start stepping")
     job_dir = job.heartbeat_dir(1).parent
+    assert job_dir.name == f".plait-job-{socket.gethostname()}-{job.proc.pid}"
     ranks = [job.rank_pid(0), job.rank_pid(1)]
     assert job_dir.is_dir() and all(ranks)
     job.kill()
@@ -252,15 +254,95 @@ def test_ray_launcher_names_the_checkpoint_to_resume_from(tiny_job, reward_spec,
     assert checkpoint_line(run_dir) in proc.stderr, proc.stderr[-3000:]
 
 
-def test_only_job_directories_of_launchers_that_are_gone_are_removed(tmp_path):
+def test_failure_after_overwrite_says_to_rerun_without_it(tiny_job, reward_spec, tmp_path):
+    """Rerunning a run.overwrite=true job as it was would delete the checkpoint the
+    launcher names: its message says to rerun without it."""
+    run_dir = tmp_path / "run"
+    base = [a for a in job_args(tiny_job, reward_spec, run_dir) if not a.startswith("reward.")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", *base, "train.steps=50",
+         "train.save_every=1", "run.overwrite=true",
+         f"reward.functions=[{{fn: '{reward_spec('kill_rank1')}'}}]"],
+        capture_output=True, text=True, env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rank 1 (pid" in proc.stderr and "killed by signal 9" in proc.stderr, proc.stderr[-3000:]
+    assert f"{checkpoint_line(run_dir)}: rerun without run.overwrite=true (which deletes it) " \
+        "to resume from it" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_failure_note_follows_the_run_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from plait.runtime.launch import _failure_message
+
+    checkpoint = tmp_path / "checkpoints" / "step_000003"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("{}")
+    procs = [SimpleNamespace(pid=100), SimpleNamespace(pid=101)]
+    for settings, rerun in (([], "rerun the same command"),
+                            (["run.resume=never"], "rerun with run.resume=auto")):
+        run = load_config(None, [f"run.dir={tmp_path}", *settings]).run
+        message = _failure_message(procs, [None, 1], tmp_path / "heartbeats", run, 1)
+        assert f"{checkpoint} (step 3): {rerun}" in message, message
+
+
+def test_only_job_directories_of_this_hosts_launchers_that_are_gone_are_removed(tmp_path):
+    """On a shared filesystem another host's launcher may be alive: its job directory
+    is never removed; one named by pid alone (before hosts were recorded) is this host's."""
     from plait.runtime.launch import remove_stale_job_dirs
 
-    gone = _finished_pid()
-    live = os.getppid()
-    for pid in (gone, live):
-        (tmp_path / "logs" / f".plait-job-{pid}" / "heartbeats").mkdir(parents=True)
-    assert remove_stale_job_dirs(tmp_path) == [tmp_path / "logs" / f".plait-job-{gone}"]
-    assert (tmp_path / "logs" / f".plait-job-{live}").is_dir()
+    here = socket.gethostname()
+    gone, live = _finished_pid(), os.getppid()
+    names = {"gone": f".plait-job-{here}-{gone}", "legacy": f".plait-job-{gone}",
+             "live": f".plait-job-{here}-{live}", "other host": f".plait-job-node-7.example-{gone}"}
+    for name in names.values():
+        (tmp_path / "logs" / name / "heartbeats").mkdir(parents=True)
+    removed = remove_stale_job_dirs(tmp_path)
+    assert sorted(removed) == sorted(tmp_path / "logs" / names[key] for key in ("gone", "legacy"))
+    for key in ("live", "other host"):
+        assert (tmp_path / "logs" / names[key]).is_dir(), key
+
+
+@pytest.mark.parametrize("settings", [[], ["run.overwrite=true"]], ids=["start", "overwrite"])
+def test_a_launch_is_refused_while_a_launcher_of_this_host_runs_there(tmp_path, settings):
+    from plait.config import ConfigError
+    from plait.runtime.launch import prepare_job
+
+    here = socket.gethostname()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".plait-run").write_text(json.dumps({"plait_run": 1}))
+    config = load_config(None, [f"run.dir={run_dir}", "runtime.num_ranks=2", *settings])
+    launcher = subprocess.Popen(["sleep", "60"])
+    try:
+        work = run_dir / "logs" / f".plait-job-{here}-{launcher.pid}"
+        (work / "heartbeats").mkdir(parents=True)
+        (work / "config.yaml").write_text("run: {}\n")
+        with pytest.raises(ConfigError, match=rf"^a plait job \(pid {launcher.pid} on "
+                           rf"{re.escape(here)}\) is running in this run directory"):
+            prepare_job(config)
+        assert (work / "config.yaml").read_text() == "run: {}\n"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    prepare_job(config)  # once that launcher is gone, its directory is stale
+    assert not work.exists()
+
+
+def test_overwrite_never_deletes_another_hosts_job_directory(tmp_path):
+    from plait.config import ConfigError
+    from plait.runtime.launch import prepare_job
+
+    run_dir = tmp_path / "run"
+    other = run_dir / "logs" / ".plait-job-node-7.example-4242" / "heartbeats"
+    other.mkdir(parents=True)
+    (run_dir / ".plait-run").write_text(json.dumps({"plait_run": 1}))
+    with pytest.raises(ConfigError, match=r"launcher on another host \(node-7\.example, "
+                       r"pid 4242\)"):
+        prepare_job(load_config(None, [f"run.dir={run_dir}", "run.overwrite=true"]))
+    assert other.is_dir()
+    prepare_job(load_config(None, [f"run.dir={run_dir}"]))  # a start deletes nothing
+    assert other.is_dir()
 
 
 def _finished_pid() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,11 +117,66 @@ def test_overwrite_replaces_a_plait_run_marked_or_from_before_the_marker(existin
 
 
 def test_overwrite_of_an_existing_run_starts_it_afresh(existing_run):
-    (existing_run / "notes.txt").write_text("left in the run directory\n")
+    (existing_run / "metrics.jsonl").write_text("")  # plait's own files go
     summary = train(job(existing_run, "run.overwrite=true", "run.resume=never"))
     assert summary["steps"] == 1
-    assert not (existing_run / "notes.txt").exists()
+    assert (existing_run / "metrics.jsonl").read_text()
     assert (existing_run / ".plait-run").is_file()
+
+
+@pytest.mark.parametrize("entry", ["notes.txt", "other_run/.plait-run"],
+                         ids=["users-file", "nested-run"])
+def test_overwrite_refuses_a_run_holding_what_plait_did_not_write(existing_run, entry):
+    (existing_run / entry).parent.mkdir(parents=True, exist_ok=True)
+    (existing_run / entry).write_text("{}\n")
+    before = snapshot(existing_run)
+    name = entry.split("/")[0]
+    with pytest.raises(ConfigError, match=rf"holds files plait did not write \({name}\)"):
+        train(job(existing_run, "run.overwrite=true", "run.resume=never"))
+    assert snapshot(existing_run) == before
+
+
+def test_overwrite_refuses_a_run_holding_inputs_of_the_job(existing_run):
+    """A model, data or reward file the job reads, kept inside the run it would delete
+    (here under plait's own entries, so that only the inputs are in question)."""
+    from plait.runtime.run_dir import check_run_dir
+
+    prompts = existing_run / "logs" / "prompts.jsonl"
+    prompts.parent.mkdir(exist_ok=True)
+    prompts.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    reward = existing_run / "logs" / "my_reward.py"
+    reward.write_text("def score(prompts, completions, **kwargs):\n    return [0.0]\n")
+    inputs = {"model.path": f"model.path={existing_run / 'tiny_model'}",
+              "data.train_path": f"data.train_path={prompts}",
+              "reward.functions[0].fn": f"reward.functions=[{{fn: '{reward}:score'}}]"}
+    for key, override in inputs.items():
+        with pytest.raises(ConfigError, match=rf"inputs of this job \({re.escape(key)} "):
+            check_run_dir(job(existing_run, "run.overwrite=true", override))
+    with pytest.raises(ConfigError) as caught:
+        check_run_dir(job(existing_run, "run.overwrite=true", *inputs.values()))
+    assert "\n" not in str(caught.value)
+    assert all(key in str(caught.value) for key in inputs)
+    check_run_dir(job(existing_run, *inputs.values()))  # without overwrite: nothing is deleted
+
+
+def test_a_launched_job_that_died_before_its_first_step_can_be_overwritten(tmp_path):
+    """The launcher marks the run directory before any rank starts: a job whose ranks
+    died before rank 0 settled the directory leaves logs/ in a plait run."""
+    from plait.runtime.launch import prepare_job
+    from plait.runtime.run_dir import RUN_MARKER, check_run_dir
+
+    run_dir = tmp_path / "run"
+    prepare_job(job(run_dir, "runtime.num_ranks=2"))
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "logs" / "rank1.log").write_text("Traceback (most recent call last):\n")
+    check_run_dir(job(run_dir, "run.overwrite=true"))
+
+    from plait.runtime.run_dir import mark_run_dir
+
+    marker = (run_dir / RUN_MARKER).read_text()
+    mark_run_dir(run_dir)  # written once: a marked directory is left as it is
+    assert (run_dir / RUN_MARKER).read_text() == marker
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")] == []
 
 
 # ------------------------------------------------------------------ what run.dir may be

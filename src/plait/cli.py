@@ -51,7 +51,7 @@ def _load(args):
 
 def cmd_train(args) -> int:
     config = _load(args)
-    args.run_dir = Path(config.run.dir)  # for the message on Ctrl-C
+    args.run = config.run  # for the message on Ctrl-C
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
         from plait.runtime.launch import launch
@@ -165,12 +165,14 @@ def _stop_on_sigterm():
 
 def _checkpoint_note(args) -> str:
     """What an interrupted train job leaves to resume from (nothing to say for others)."""
-    run_dir = getattr(args, "run_dir", None)
-    if args.command != "train" or run_dir is None:
+    run = getattr(args, "run", None)
+    if args.command != "train" or run is None:
         return ""
     from plait.train.checkpoint import resume_note
 
-    return f"; {resume_note(run_dir / 'checkpoints')}"
+    note = resume_note(Path(run.dir) / "checkpoints", resume=run.resume,
+                       overwrite=run.overwrite)
+    return f"; {note}"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plait import __version__
 from plait.config import (
     Config,
     ConfigError,
@@ -51,11 +50,11 @@ from plait.runtime.dist import Dist
 from plait.runtime.heartbeat import report, step_done
 from plait.runtime.run_dir import (
     RESUME_SAFE_KEYS,
-    RUN_MARKER,
     built_tiny_model,
     check_run_dir,
     config_changes,
     describe_changes,
+    mark_run_dir,
     recorded_config,
 )
 from plait.telemetry.metrics import MetricsLogger, read_metrics
@@ -115,11 +114,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_run_marker(run_dir: Path) -> None:
-    """Mark ``run_dir`` as a plait run (what lets ``run.overwrite`` delete it later)."""
-    write_json_atomic(Path(run_dir) / RUN_MARKER, {"plait_run": 1, "version": __version__})
-
-
 class Session:
     """The state of one job, built from a :class:`Config`."""
 
@@ -130,7 +124,6 @@ class Session:
         self.dist = dist or Dist.single()
         self.run_dir = Path(config.run.dir)
         prepare_run_dir = prepare_run_dir and self.dist.is_main  # one writer per job
-        self.writes_run_dir = prepare_run_dir
         if prepare_run_dir:
             self._prepare_run_dir()
         self.dist.barrier()  # the run directory is settled before any rank reads it
@@ -204,9 +197,9 @@ class Session:
     def _prepare_run_dir(self) -> None:
         """Settle the run directory before anything is built (rank 0): refuse a run.dir
         plait must not use (:func:`check_run_dir`), apply run.overwrite, refuse what cannot
-        start here, and mark a new run as plait's. An existing run's files are left as
-        they are: its record (config.yaml) changes in :meth:`record_start`, once the job
-        really starts."""
+        start here, and mark the run as plait's (:func:`mark_run_dir`: a launched job's
+        launcher did already). An existing run's files are left as they are: its record
+        (config.yaml) changes in :meth:`record_start`, once the job really starts."""
         run = self.config.run
         check_run_dir(self.config)
         if run.overwrite and self.run_dir.exists():
@@ -219,8 +212,7 @@ class Session:
         if not has_checkpoint:  # resuming compares the whole config with the checkpoint's
             self._check_tiny_model()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "config.yaml").exists() and not (self.run_dir / RUN_MARKER).exists():
-            write_run_marker(self.run_dir)
+        mark_run_dir(self.run_dir)
 
     def _check_tiny_model(self) -> None:
         """A tiny model already built under the run directory (by a start that ended
@@ -242,12 +234,11 @@ class Session:
 
     def record_start(self) -> None:
         """The job really starts (resumed or fresh, about to warm-start or step): write its
-        config.yaml (atomically) and plait's marker. Rank 0 only."""
-        if not self.writes_run_dir:
+        config.yaml (atomically), by the process that writes the run's records (rank 0,
+        the one with a metrics logger)."""
+        if self.metrics is None:
             return
         write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.config))
-        if not (self.run_dir / RUN_MARKER).exists():
-            write_run_marker(self.run_dir)
 
     def _load_data(self) -> None:
         data = self.config.data
@@ -671,12 +662,27 @@ class Session:
                 for twin in self._twins.values():
                     fsdp.release(twin)
 
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, the same on every rank: rank 0 takes the newest
+        intact one (setting newer corrupt ones aside) and sends its choice to the others,
+        who would otherwise each verify on their own and might choose differently. None
+        when there is none, or with run.resume=never."""
+        mode = self.config.run.resume
+        if mode == "never":
+            return None
+        from plait.train.checkpoint import latest_intact_checkpoint
+
+        chosen = None
+        if self.dist.rank == 0:
+            path = latest_intact_checkpoint(self.checkpoint_root, fallback=mode == "auto",
+                                            set_aside=self.dist.is_main)
+            chosen = None if path is None else str(path)
+        chosen = self.dist.all_gather_objects(chosen, kind="resume")[0]
+        return None if chosen is None else Path(chosen)
+
     def try_resume(self) -> bool:
         mode = self.config.run.resume
-        from plait.train.checkpoint import latest_intact_checkpoint  # verified; bad ones set aside
-
-        path = latest_intact_checkpoint(self.checkpoint_root, fallback=mode == "auto",
-                                        set_aside=self.dist.is_main) if mode != "never" else None
+        path = self._resume_checkpoint()
         if path is None:
             if mode == "must":
                 raise ConfigError(f"run.resume is 'must' but {str(self.checkpoint_root)!r} "

@@ -12,9 +12,10 @@ processes on this machine, watches them, and tears them all down.
   the job: a hung rank is killed at once, the others are stopped (SIGTERM, then
   SIGKILL), and :class:`RankFailure` names the rank, why, its last message and the
   checkpoint a rerun resumes from (checkpoints are written atomically by rank 0).
-- The rank config and heartbeats live in ``<run.dir>/logs/.plait-job-<launcher pid>/``,
-  removed at the end; one left by a launcher that was killed is removed by the next
-  launch in that run directory.
+- The rank config and heartbeats live in ``<run.dir>/logs/.plait-job-<host>-<launcher
+  pid>/``, removed at the end; one left by a launcher of this host that was killed is
+  removed by the next launch in that run directory, and a live one refuses that launch
+  (on a shared filesystem, another host's are left alone).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-from plait.config import Config, dump_yaml
+from plait.config import Config, RunConfig, dump_yaml
 from plait.runtime.heartbeat import ProgressWatch, is_peer_error, read_heartbeat
+from plait.runtime.run_dir import check_run_dir, job_dir, job_dirs, launcher_alive, mark_run_dir
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat
 STOP_GRACE_S = 5.0       # SIGTERM -> SIGKILL
 POLL_S = 0.2             # how often the launcher looks at exit codes and heartbeats
-JOB_DIR_PREFIX = ".plait-job-"  # <run.dir>/logs/.plait-job-<pid>: rank config, heartbeats
 
 
 class RankFailure(RuntimeError):
@@ -51,14 +52,15 @@ def free_port() -> int:
 
 def prepare_job(config: Config) -> tuple[Config, Path]:
     """Settle the run directory once, before any rank starts: ``run.overwrite`` is done
-    here (ranks must not delete each other's files) and turned off for the ranks."""
-    from plait.runtime.run_dir import check_run_dir
-
+    here (ranks must not delete each other's files) and turned off for the ranks; the
+    directory is marked as plait's at once, so that a job that dies before its first
+    step leaves one that ``run.overwrite`` may delete."""
     check_run_dir(config)  # run.overwrite deletes only plait's own run directories
     run_dir = Path(config.run.dir)
     if config.run.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir)
     remove_stale_job_dirs(run_dir)
     rank_config = dataclasses.replace(config, run=dataclasses.replace(config.run,
                                                                       overwrite=False))
@@ -66,26 +68,16 @@ def prepare_job(config: Config) -> tuple[Config, Path]:
 
 
 def remove_stale_job_dirs(run_dir: Path) -> list[Path]:
-    """Delete the job directories in ``run_dir/logs`` whose launcher is gone (one killed
-    by SIGKILL cannot remove its own); a running launcher's is kept. Returns those deleted."""
+    """Delete the job directories in ``run_dir/logs`` of this host's launchers that are
+    gone (one killed by SIGKILL cannot remove its own); a running launcher's is kept, and
+    so is every one of another host (its launcher may be running). Returns those deleted."""
     stale = []
-    for path in (run_dir / "logs").glob(JOB_DIR_PREFIX + "*"):
-        pid = path.name[len(JOB_DIR_PREFIX):]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+    for path, host, pid in job_dirs(run_dir):
+        if host != socket.gethostname() or (pid != os.getpid() and launcher_alive(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         stale.append(path)
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def world_size(config: Config) -> int:
@@ -108,7 +100,7 @@ def launch(config: Config) -> dict:
 def launch_local(config: Config) -> dict:
     rank_config, run_dir = prepare_job(config)
     runtime = config.runtime
-    work = run_dir / "logs" / f"{JOB_DIR_PREFIX}{os.getpid()}"
+    work = job_dir(run_dir)
     work.mkdir(parents=True)
     procs: list[subprocess.Popen] = []
     logs = []
@@ -137,7 +129,7 @@ def launch_local(config: Config) -> dict:
                 start_new_session=True))
         with _stop_on_signals(procs):
             import_failure_reporting()
-            _watch(procs, heartbeats, runtime.heartbeat_timeout_s, run_dir,
+            _watch(procs, heartbeats, runtime.heartbeat_timeout_s, config.run,
                    ProgressWatch(runtime.progress_timeout_s))
     finally:
         stop_all(procs)
@@ -157,10 +149,11 @@ def import_failure_reporting() -> None:
     _known_errors()
 
 
-def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
+def _watch(procs, heartbeats: Path, timeout_s: float, run: RunConfig,
            progress: ProgressWatch) -> None:
     """Poll until every rank exits 0; raise :class:`RankFailure` at the first that fails,
-    stops beating, or beats without making progress."""
+    stops beating, or beats without making progress. ``run``: the job's run settings as
+    given (what a rerun must change to resume)."""
     started = time.time()
     finished = None
     while True:
@@ -170,7 +163,7 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
             time.sleep(0.3)  # let near-simultaneous exits land, then pick the cause
             codes = [p.poll() for p in procs]
             failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
-            raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir,
+            raise RankFailure(_failure_message(procs, codes, heartbeats, run,
                                                _first_cause(failed, codes, heartbeats)))
         if all(code == 0 for code in codes):
             return
@@ -188,7 +181,7 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
         stuck = progress.stuck({r: b for r, b in beats.items() if b}, now)
         if stuck:
             rank, why = stuck
-            raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir, rank,
+            raise RankFailure(_failure_message(procs, codes, heartbeats, run, rank,
                                                f"rank {rank} (pid {procs[rank].pid}) {why}"))
         hung = _hung(beats, now - started, now, timeout_s)
         if hung:
@@ -198,7 +191,7 @@ def _watch(procs, heartbeats: Path, timeout_s: float, run_dir: Path,
             _signal_group(procs[rank], signal.SIGKILL)
             reason = (f"rank {rank} (pid {procs[rank].pid}) stopped responding: no "
                       f"heartbeat for {age:.0f} s (runtime.heartbeat_timeout_s={timeout_s:g})")
-            raise RankFailure(_failure_message(procs, codes, heartbeats, run_dir, rank,
+            raise RankFailure(_failure_message(procs, codes, heartbeats, run, rank,
                                                reason))
         time.sleep(POLL_S)
 
@@ -228,10 +221,11 @@ def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
     return failed[0]
 
 
-def _failure_message(procs, codes, heartbeats: Path, run_dir: Path, rank: int,
+def _failure_message(procs, codes, heartbeats: Path, run: RunConfig, rank: int,
                      reason: str | None = None) -> str:
     """The cause first (the rank, why, its last status and error), then the ranks that
     failed because of it and where their output is, then the checkpoint to resume from."""
+    run_dir = Path(run.dir)
     beat = read_heartbeat(heartbeats, rank) or {}
     if reason is None:
         reason = f"rank {rank} (pid {procs[rank].pid}) {_exit_description(codes[rank])}"
@@ -241,7 +235,7 @@ def _failure_message(procs, codes, heartbeats: Path, run_dir: Path, rank: int,
     if codes[rank] != -signal.SIGKILL:  # a SIGKILLed rank wrote no last words to its log
         lines.extend(_log_tail(run_dir, rank))
     lines.extend(_consequences(codes, heartbeats, run_dir, rank))
-    lines.append(f"  {checkpoint_note(run_dir)}")
+    lines.append(f"  {checkpoint_note(run_dir, run)}")
     return "\n".join(lines)
 
 
@@ -279,12 +273,16 @@ def _consequences(codes, heartbeats: Path, run_dir: Path, cause: int) -> list[st
     return lines
 
 
-def checkpoint_note(run_dir: Path) -> str:
-    """Which checkpoint a rerun of a stopped job resumes from (or that there is none)."""
+def checkpoint_note(run_dir: Path, run: RunConfig | None = None) -> str:
+    """Which checkpoint a rerun of a stopped job resumes from (or that there is none), and
+    what the rerun must change to do so; ``run``: the job's run settings as given (None:
+    the defaults)."""
     from plait.train.checkpoint import resume_note
 
-    return f"every rank was stopped; {resume_note(Path(run_dir) / 'checkpoints')} " \
-        "(runtime.num_ranks may differ)"
+    run = run or RunConfig()
+    note = resume_note(Path(run_dir) / "checkpoints", resume=run.resume,
+                       overwrite=run.overwrite)
+    return f"every rank was stopped; {note} (runtime.num_ranks may differ)"
 
 
 def stop_all(procs) -> None:

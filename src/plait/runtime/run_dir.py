@@ -5,23 +5,33 @@ check a run directory before it starts anything.
 A run directory is plait's when it holds the marker file :data:`RUN_MARKER` (written when
 a run is created), or, for runs made before the marker, a plait ``config.yaml`` beside
 ``checkpoints/`` or ``metrics.jsonl``. ``run.overwrite`` deletes only such a directory, and
-never the filesystem root, the home directory, the working directory or one holding it.
-Without it, plait starts in a new or empty directory, its own run, or one holding only
-what plait writes; never among a user's files.
+never the filesystem root, the home directory, the working directory or one holding it,
+nor one holding anything plait does not write there (a user's file, another run) or an
+input of the job (a model, data or reward file inside it), nor while a launcher runs a job
+in it. Without it, plait starts in a new or empty directory, its own run, or one holding
+only what plait writes; never among a user's files, nor beside a running job.
+
+A launcher keeps its ranks' config and heartbeats in ``logs/.plait-job-<host>-<pid>/``:
+named by host, so that on a shared filesystem a launcher judges only its own host's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
+from plait import __version__
 from plait.config import Config, ConfigError, config_to_dict, describe
 
 RUN_MARKER = ".plait-run"
+JOB_DIR_PREFIX = ".plait-job-"  # logs/.plait-job-<host>-<launcher pid>: rank config, heartbeats
 # what plait writes at the top of a run directory (the launcher adds logs/, the dynamic
 # placement placement.jsonl; atomic writes leave ".tmp-*" files for an instant)
 RUN_ENTRIES = frozenset({
@@ -121,9 +131,38 @@ def _foreign_entries(run_dir: Path) -> list[str]:
                   if p.name not in RUN_ENTRIES and not p.name.startswith(".tmp-"))
 
 
-def _check_removable(run_dir: Path) -> None:
-    """Refuse ``run.overwrite`` on a directory that is not plait's own run or that must
-    never be deleted."""
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _input_paths(config: Config) -> list[tuple[str, str]]:
+    """``(key, path)`` of every file or directory the job reads: its models, data and
+    reward files (``path/to/file.py:function``)."""
+    model, data = config.model, config.data
+    inputs = [("model.path", None if model.path == "tiny" else model.path),
+              ("model.ref_path", model.ref_path), ("model.critic_path", model.critic_path),
+              ("data.train_path", data.train_path), ("data.eval_path", data.eval_path)]
+    for index, function in enumerate(config.reward.functions):
+        target = function.fn.rsplit(":", 1)[0] if ":" in function.fn else ""
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            inputs.append((f"reward.functions[{index}].fn", target))
+    return [(key, path) for key, path in inputs if path]
+
+
+def _inputs_inside(config: Config, run_dir: Path) -> list[str]:
+    """``key 'path'`` for each input of the job that lies inside ``run_dir``."""
+    root = run_dir.resolve()
+    inside = []
+    for key, path in _input_paths(config):
+        resolved = Path(path).expanduser().resolve()
+        if resolved == root or root in resolved.parents:
+            inside.append(f"{key} {path!r}")
+    return inside
+
+
+def _check_removable(config: Config, run_dir: Path) -> None:
+    """Refuse ``run.overwrite`` on a directory that is not plait's own run, that must
+    never be deleted, or that holds what plait did not write or an input of this job."""
     shown = repr(str(run_dir))
     if run_dir.is_symlink():
         raise ConfigError(f"run.overwrite=true: run.dir {shown} is a symbolic link; plait "
@@ -137,14 +176,79 @@ def _check_removable(run_dir: Path) -> None:
                           f"{shown} is not one (no {RUN_MARKER} marker, nor a plait config.yaml "
                           "beside checkpoints/ or metrics.jsonl): delete it yourself if you "
                           "mean to, or choose another run.dir")
+    kept = [f"files plait did not write ({_listed(names)})"
+            for names in [_foreign_entries(run_dir)] if names]
+    kept += [f"inputs of this job ({_listed(inputs)})"
+             for inputs in [_inputs_inside(config, run_dir)] if inputs]
+    if kept:
+        raise ConfigError(f"run.overwrite=true would delete run.dir {shown}, which holds "
+                          f"{' and '.join(kept)}: move them out of it, or choose another "
+                          "run.dir")
+
+
+# ------------------------------------------------------------------ launchers' job directories
+
+
+def job_dir(run_dir: Path, pid: int | None = None) -> Path:
+    """The job directory of the launcher ``pid`` (default: this process) on this host."""
+    pid = os.getpid() if pid is None else pid
+    return Path(run_dir) / "logs" / f"{JOB_DIR_PREFIX}{socket.gethostname()}-{pid}"
+
+
+def job_dirs(run_dir: Path) -> list[tuple[Path, str, int]]:
+    """``(path, host, launcher pid)`` of each job directory under ``run_dir/logs``; one
+    named by pid alone (made before the host was recorded) counts as this host's."""
+    found = []
+    for path in sorted((Path(run_dir) / "logs").glob(JOB_DIR_PREFIX + "*")):
+        host, _, pid = path.name[len(JOB_DIR_PREFIX):].rpartition("-")
+        if pid.isdigit() and path.is_dir():
+            found.append((path, host or socket.gethostname(), int(pid)))
+    return found
+
+
+def launcher_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _own_job_dir() -> Path | None:
+    """The job directory of the launcher that started this process (a rank), if any."""
+    heartbeats = os.environ.get("PLAIT_HEARTBEAT_DIR")
+    return Path(heartbeats).resolve().parent if heartbeats else None
+
+
+def _check_no_running_job(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start while a launcher of this host runs a job in ``run_dir`` (not the
+    one that started this process); with ``run.overwrite``, also while one of another
+    host may (this host cannot tell whether it is finished)."""
+    here, own = socket.gethostname(), _own_job_dir()
+    for path, host, pid in job_dirs(run_dir):
+        if path.resolve() == own or (pid == os.getpid() and host == here):
+            continue
+        if host == here and launcher_alive(pid):
+            raise ConfigError(f"a plait job (pid {pid} on {host}) is running in this run "
+                              f"directory {str(run_dir)!r}: wait for it, stop it, or choose "
+                              f"another run.dir (if no plait job runs there, delete {path})")
+        if host != here and overwrite:
+            raise ConfigError(f"run.overwrite=true would delete the job directory {path} of a "
+                              f"plait launcher on another host ({host}, pid {pid}), which this "
+                              "host cannot tell is finished: once it is, delete that directory, "
+                              "or choose another run.dir")
 
 
 def check_run_dir(config: Config) -> None:
-    """Refuse a ``run.dir`` plait must not use, before anything touches it: a file; with
-    ``run.overwrite``, a directory that is not a plait run (see :func:`is_plait_run`) or
-    that must never be deleted; without it, a directory that is not a plait run and
-    holds files plait does not write (plait's files would land among the user's).
-    Raises :class:`ConfigError`."""
+    """Refuse a ``run.dir`` plait must not use, before anything touches it: a file; one
+    in which a launcher still runs a job; with ``run.overwrite``, a directory that is not
+    a plait run (see :func:`is_plait_run`), that must never be deleted, or that holds
+    what plait did not write or an input of this job; without it, a directory that is not
+    a plait run and holds files plait does not write (plait's files would land among the
+    user's). Raises :class:`ConfigError`."""
     run_dir = Path(config.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {str(run_dir)!r} is a file, not a directory: choose a "
@@ -152,17 +256,38 @@ def check_run_dir(config: Config) -> None:
     if not run_dir.is_dir():
         return
     try:
+        _check_no_running_job(run_dir, config.run.overwrite)
         if config.run.overwrite:
-            _check_removable(run_dir)
+            _check_removable(config, run_dir)
             return
         foreign = _foreign_entries(run_dir)
     except PermissionError as err:
         raise ConfigError(f"run.dir {str(run_dir)!r} cannot be read ({err.strerror}): fix its "
                           "permissions or choose another run.dir") from None
     if foreign and not is_plait_run(run_dir):
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ConfigError(f"run.dir {str(run_dir)!r} is not a plait run directory and already "
-                          f"holds other files ({shown}): choose a new or empty run.dir")
+                          f"holds other files ({_listed(foreign)}): choose a new or empty "
+                          "run.dir")
+
+
+def mark_run_dir(run_dir: Path) -> None:
+    """Mark ``run_dir`` (existing) as a plait run, what lets ``run.overwrite`` delete it
+    later: once, when it starts (by the launcher before any rank, or by the single
+    process); a marked directory is left as it is. Written atomically."""
+    marker = Path(run_dir) / RUN_MARKER
+    if marker.exists():
+        return
+    text = json.dumps({"plait_run": 1, "version": __version__})
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, marker)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _lookup(tree, dotted: str):

@@ -274,15 +274,25 @@ def _set_aside(path: Path) -> str:
     return "left in place (too many corrupt copies of it)"
 
 
-def resume_note(root: Path | str) -> str:
+def resume_note(root: Path | str, *, resume: str = "auto", overwrite: bool = False) -> str:
     """What rerunning a stopped job continues from: the last complete checkpoint under
-    ``root`` by path and step, or that there is none yet."""
+    ``root`` by path and step, or that there is none yet; and how to rerun it given the
+    job's ``run.resume`` and ``run.overwrite`` (the same command would delete the
+    checkpoint with ``overwrite``, and refuse it with ``resume="never"``)."""
     latest = latest_checkpoint(root)
     if latest is None:
+        rerun = "rerunning with run.resume=auto" if resume == "must" else \
+            "rerunning the same command"
         return (f"no checkpoint yet in {root} (train.save_every sets how often one is "
-                "written): rerunning the same command starts over")
+                f"written): {rerun} starts over")
+    changes = []
+    if overwrite:
+        changes.append("without run.overwrite=true (which deletes it)")
+    if resume == "never":
+        changes.append("with run.resume=auto (run.resume=never refuses to resume)")
+    rerun = f"rerun {' and '.join(changes)}" if changes else "rerun the same command"
     return (f"the last complete checkpoint is {latest} (step {checkpoint_step(latest)}): "
-            "rerun the same command to resume from it (run.resume=auto, the default)")
+            f"{rerun} to resume from it")
 
 
 def remove_partial_checkpoints(root: Path | str) -> list[Path]:
@@ -329,8 +339,9 @@ def save_checkpoint(
         schedulers: name -> LR scheduler, saved as ``schedulers/<name>.pt``.
         trainer_state: JSON-able dict (tensors and numpy scalars are converted,
             NaN becomes null, tuples become lists), returned by :func:`load_checkpoint`.
-        keep_last: keep only this many complete checkpoints (by step), deleting
-            older ones after the new one is in place; ``None`` or ``0`` keeps all.
+        keep_last: keep only this many complete checkpoints up to ``step``,
+            deleting older ones after the new one is in place (later ones are kept
+            and do not count); ``None`` or ``0`` keeps all.
 
     If ``step_<step>`` exists already (an earlier attempt) it is replaced.
 
@@ -504,12 +515,15 @@ def _rename_aside(path: Path, why: str) -> Path:
 
 
 def _rotate(root: Path, keep_last: int | None, *, keep: Path) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints up to ``keep`` (the one just
+    saved). Later ones (an abandoned run's, or a corrupt one that could not be renamed
+    aside) do not count: they must not push out the intact ones this run resumes from."""
     if not keep_last:
         return
-    complete = list_checkpoints(root)
-    for path in complete[: max(0, len(complete) - keep_last)]:
-        if path != keep:
-            shutil.rmtree(_rename_aside(path, "deleted"), ignore_errors=True)
+    step = checkpoint_step(keep)
+    counted = [path for path in list_checkpoints(root) if checkpoint_step(path) <= step]
+    for path in counted[: max(0, len(counted) - keep_last)]:
+        shutil.rmtree(_rename_aside(path, "deleted"), ignore_errors=True)
     fsync_dir(root)
 
 
