@@ -309,8 +309,9 @@ class RunConfig:
         "absent or corrupt. A resume whose config changes the model or the algorithm is "
         "refused with the keys named.")
     overwrite: bool = opt(False, "Delete an existing run directory before starting; only a "
-                          "plait run (one holding .plait-run), never the working, home or "
-                          "root directory.")
+                          "plait run (one holding .plait-run) holding nothing but what plait "
+                          "writes, no input of this job and no running job, never the "
+                          "working, home or root directory.")
     tensorboard: bool = opt(True, "Write TensorBoard events.")
     progress: bool = opt(True, "Show a progress bar.")
 
