@@ -17,12 +17,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from pathlib import Path
 
-from plait.config import Config, ConfigError, dump_yaml
+from plait.config import Config, ConfigError, RunConfig, dump_yaml
 from plait.runtime.heartbeat import ProgressWatch, is_peer_error
 from plait.runtime.launch import (
     STARTUP_GRACE_S,
@@ -127,7 +128,7 @@ def launch_ray(config: Config) -> dict:
                 for rank, actor in enumerate(actors)]
         import_failure_reporting()
         summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir,
-                           ProgressWatch(runtime.progress_timeout_s))
+                           config.run, ProgressWatch(runtime.progress_timeout_s))
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -138,8 +139,11 @@ def launch_ray(config: Config) -> dict:
     return json.loads(summary_path.read_text()) if summary_path.is_file() else summaries[0]
 
 
-def _watch(ray, refs, board, timeout_s: float, run_dir: Path,
+def _watch(ray, refs, board, timeout_s: float, run_dir: Path, run: RunConfig,
            progress: ProgressWatch) -> list[dict]:
+    """Results of every rank, or a RankFailure naming the first rank that failed, hung or
+    stalled; ``run``: the job's run settings as given, for what a rerun must change."""
+    message = functools.partial(_message, run_dir=run_dir, run=run)
     started = time.time()
     results: dict[int, dict] = {}
     index_of = {ref: rank for rank, ref in enumerate(refs)}
@@ -164,22 +168,22 @@ def _watch(ray, refs, board, timeout_s: float, run_dir: Path,
         beats = ray.get(board.snapshot.remote())
         if failed:
             rank, err = _first_cause(failed, beats)
-            raise RankFailure(_message(rank, _describe(err), beats, run_dir))
+            raise RankFailure(message(rank, _describe(err), beats))
         now = time.time()
         live = {index_of[ref]: beats[index_of[ref]] for ref in pending
                 if beats.get(index_of[ref])}
         stuck = progress.stuck(live, now)
         if stuck:
-            raise RankFailure(_message(stuck[0], stuck[1], beats, run_dir))
+            raise RankFailure(message(stuck[0], stuck[1], beats))
         for ref in pending:
             rank = index_of[ref]
             beat = beats.get(rank)
             age = now - beat["time"] if beat else now - started
             limit = timeout_s if beat else timeout_s + STARTUP_GRACE_S
             if age > limit:
-                raise RankFailure(_message(
+                raise RankFailure(message(
                     rank, f"stopped responding: no heartbeat for {age:.0f} s "
-                    f"(runtime.heartbeat_timeout_s={timeout_s:g})", beats, run_dir))
+                    f"(runtime.heartbeat_timeout_s={timeout_s:g})", beats))
     return [results[r] for r in range(len(refs))]
 
 
@@ -212,11 +216,11 @@ def _describe(err: Exception) -> str:
     return f"failed: {type(err).__name__}"
 
 
-def _message(rank: int, reason: str, beats: dict, run_dir: Path) -> str:
+def _message(rank: int, reason: str, beats: dict, run_dir: Path, run: RunConfig) -> str:
     beat = beats.get(rank) or {}
     lines = [f"rank {rank} (Ray actor) {reason}",
              f"  its last message: {beat.get('message', '(none: it never started)')!r}"]
     if beat.get("error"):
         lines.append(f"  its error: {beat['error']}")
-    lines.append(f"  {checkpoint_note(run_dir)}")
+    lines.append(f"  {checkpoint_note(run_dir, run)}")
     return "\n".join(lines)
