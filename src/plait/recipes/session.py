@@ -859,6 +859,11 @@ class Session:
         """Called once the starting weights are final, before the first step."""
 
     def log_metrics(self, step: int, metrics: dict) -> None:
+        """Log ``metrics`` and keep the running totals the summary reports (in the trainer
+        state, so a resumed run's totals stop at its checkpoint, as its metrics do)."""
+        failures = int(metrics.get("reward_failures") or 0)
+        if failures:
+            self.state["reward_failures"] = self.state.get("reward_failures", 0) + failures
         if self.metrics is not None:
             self.metrics.log(step, metrics)
 
@@ -909,14 +914,13 @@ class Session:
         summary["controller_traffic_bytes"] = self.dist.traffic.total(exclude=("gradients",))
         summary["gradient_traffic_bytes"] = self.dist.traffic.total() - \
             summary["controller_traffic_bytes"]
+        # samples of the RL steps that got reward.fallback_reward, summed over ranks
+        summary["reward_failures"] = int(self.state.get("reward_failures", 0))
         if not self.dist.is_main:
             return summary
+        write_json_atomic(self.run_dir / "summary.json", summary)
         self.metrics.flush()
         records = read_metrics(self.run_dir / "metrics.jsonl")
-        # samples that got reward.fallback_reward in the RL steps, summed over ranks: the
-        # per-step metric of every step logged, which a resumed run keeps up to its checkpoint
-        summary["reward_failures"] = int(sum(r.get("reward_failures") or 0 for r in records))
-        write_json_atomic(self.run_dir / "summary.json", summary)
         plot_metrics(records, self.run_dir / "metrics.png",
                      title=f"{self.config.algo.name} on {self.config.data.task or 'data'}")
         timeline = self.run_dir / "timeline.jsonl"
