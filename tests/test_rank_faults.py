@@ -239,6 +239,38 @@ def test_a_peers_failure_goes_to_the_log_and_a_rank_s_own_to_the_terminal(tmp_pa
     assert "Connection reset by peer" in capsys.readouterr().err
 
 
+def test_a_rank_own_error_naming_a_timeout_or_connection_is_no_symptom(tmp_path, capsys):
+    """Whether a failure is a symptom of a lost peer is judged by its type: plait's own
+    errors (a reward that timed out, a judge whose connection failed) are the cause even
+    when their words read like a lost peer; the launcher picks them as the cause."""
+    import torch.distributed as torch_dist
+
+    from plait.rewards import RewardError
+    from plait.runtime.heartbeat import Heartbeat, is_peer_failure
+    from plait.runtime.launch import _first_cause
+
+    timed_out = RewardError("reward function 'judge' timed out on 3 calls in a row",
+                            function_name="judge", sample_index=None, detail="timed out")
+    refused = RewardError("reward function 'judge' failed: ConnectionError: connection "
+                          "refused", function_name="judge", sample_index=0,
+                          detail="ConnectionError")
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection reset by peer")
+    assert not is_peer_failure(timed_out) and not is_peer_failure(refused)
+    assert not is_peer_failure(ValueError("connection string malformed"))
+    assert is_peer_failure(lost)
+    assert is_peer_failure(torch_dist.DistBackendError("anything"))
+    for rank, err in enumerate((lost, timed_out)):
+        Heartbeat(tmp_path, rank).finish("error", str(err), peer=is_peer_failure(err))
+    assert _first_cause([0, 1], [1, 1], tmp_path) == 1
+    from plait.runtime.worker import report_failure
+
+    log = tmp_path / "rank0.log"
+    report_failure(timed_out, "0", str(log))
+    assert "timed out on 3 calls" in capsys.readouterr().err
+    report_failure(ConnectionError("connection refused by judge"), "0", str(log))
+    assert "connection refused by judge" in capsys.readouterr().err and not log.exists()
+
+
 @pytest.mark.slow
 def test_ray_launcher_names_the_checkpoint_to_resume_from(tiny_job, reward_spec, tmp_path):
     pytest.importorskip("ray")

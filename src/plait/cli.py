@@ -22,22 +22,12 @@ from plait.config import ConfigError, describe, dump_yaml, inert_settings_note, 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one clear message, no traceback.
-    Importing them loads torch, so :func:`_is_known` asks only when an error is not a
-    ConfigError (a config mistake fails before anything heavy is imported)."""
-    from plait.data.datasets import DataError
-    from plait.recipes.session import TrainingDiverged
-    from plait.rewards import RewardError, RewardLoadError
-    from plait.runtime.launch import RankFailure
-    from plait.train.checkpoint import CheckpointError
-
-    return (ConfigError, DataError, RewardError, RewardLoadError, CheckpointError,
-            TrainingDiverged, FileNotFoundError, RankFailure)
-
-
 def _is_known(err: BaseException) -> bool:
-    return isinstance(err, ConfigError) or isinstance(err, _known_errors())
+    """Whether ``err`` is the user's to fix. A ConfigError is checked first: the other
+    types load torch, and a config mistake fails before anything heavy is imported."""
+    from plait.errors import known_errors
+
+    return isinstance(err, ConfigError) or isinstance(err, known_errors())
 
 
 def _load(args):

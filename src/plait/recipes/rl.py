@@ -41,7 +41,8 @@ from plait.config import (
     off_policy_mode,
     streams_groups,
 )
-from plait.recipes.session import Session, TrainingDiverged
+from plait.errors import TrainingDiverged
+from plait.recipes.session import Session
 from plait.rollout.base import SamplingParams
 from plait.runtime import fsdp
 from plait.runtime.dist import shard_bounds

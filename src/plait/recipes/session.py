@@ -31,6 +31,7 @@ from plait.config import (
 )
 from plait.data.datasets import PromptIterator, load_prompt_rows
 from plait.data.tasks import make_task
+from plait.errors import TrainingDiverged
 from plait.models.loading import (
     ValueModel,
     format_prompt,
@@ -93,10 +94,6 @@ class PendingBatch:
     @property
     def complete(self) -> bool:
         return self.done == len(self.rows)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradients stayed non-finite; the last good checkpoint is intact."""
 
 
 def seed_everything(seed: int) -> None:

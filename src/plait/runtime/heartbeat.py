@@ -18,14 +18,29 @@ import threading
 import time
 from pathlib import Path
 
-# words of an error that is a symptom (a peer went away), not a rank's own failure
+# words of a collective backend's error when the other end went away
 PEER_WORDS = ("connection", "by peer", "timed out", "gloo", "nccl", "broken pipe")
 
 
-def is_peer_error(error: str) -> bool:
-    """Whether ``error`` (an exception's text) reads as a collective that failed because
-    another rank went away, rather than this rank's own failure."""
-    return any(word in error.lower() for word in PEER_WORDS)
+def is_peer_failure(err: BaseException | None) -> bool:
+    """Whether ``err`` is a symptom, a collective that failed because another rank went
+    away, rather than this rank's own failure. Judged by type: torch.distributed's own
+    errors are symptoms; a plain RuntimeError (what some backend paths raise) is one when
+    its text names a lost connection or a timed-out wait; plait's user-fixable errors
+    (a reward that timed out, a config mistake) and any other exception never are."""
+    if err is None:
+        return False
+    from plait.errors import known_errors
+
+    if isinstance(err, known_errors()):
+        return False
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # torch without distributed support
+        DistError = ()  # noqa: N806
+    if DistError and isinstance(err, DistError):
+        return True
+    return type(err) is RuntimeError and any(word in str(err).lower() for word in PEER_WORDS)
 
 
 def heartbeat_path(directory: str | Path, rank: int) -> Path:
@@ -56,6 +71,7 @@ class Heartbeat:
         self.longest_step = 0.0          # seconds of this rank's longest step so far
         self.status = "running"
         self.error: str | None = None
+        self.peer = False  # whether the error is a symptom of a lost peer
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = None
@@ -81,7 +97,7 @@ class Heartbeat:
         record = {"rank": self.rank, "pid": os.getpid(), "time": time.time(),
                   "message": self.message, "since": self.since, "waiting": self.waiting,
                   "longest_step_s": self.longest_step,
-                  "status": self.status, "error": self.error}
+                  "status": self.status, "error": self.error, "peer": self.peer}
         if self.sink is not None:
             self.sink(record)
             return
@@ -90,12 +106,14 @@ class Heartbeat:
             tmp.write_text(json.dumps(record))
             os.replace(tmp, self.path)
 
-    def finish(self, status: str = "done", error: str | None = None) -> None:
-        """Final beat: ``done`` or ``error`` with its message; the thread stops."""
+    def finish(self, status: str = "done", error: str | None = None,
+               peer: bool = False) -> None:
+        """Final beat: ``done`` or ``error`` with its message and whether it is a symptom of
+        a lost peer (:func:`is_peer_failure`); the thread stops."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.status, self.error = status, error
+        self.status, self.error, self.peer = status, error, peer
         self._write()
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, RunConfig, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch, is_peer_error, read_heartbeat
+from plait.runtime.heartbeat import ProgressWatch, read_heartbeat
 from plait.runtime.run_dir import check_run_dir, job_dir, job_dirs, launcher_alive, mark_run_dir
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat
@@ -142,11 +142,11 @@ def launch_local(config: Config) -> dict:
 
 def import_failure_reporting() -> None:
     """Import, while the ranks start, what reporting a failure needs (the checkpoint
-    module and the CLI's error types pull in torch and transformers): otherwise those
-    seconds would come between a rank failing and the job ending."""
-    from plait.cli import _known_errors
+    module and the user-fixable error types pull in torch and transformers): otherwise
+    those seconds would come between a rank failing and the job ending."""
+    from plait.errors import known_errors
 
-    _known_errors()
+    known_errors()
 
 
 def _watch(procs, heartbeats: Path, timeout_s: float, run: RunConfig,
@@ -215,8 +215,7 @@ def _first_cause(failed: list[int], codes: list, heartbeats: Path) -> int:
         if codes[rank] < 0:
             return rank
     for rank in failed:
-        beat = read_heartbeat(heartbeats, rank) or {}
-        if not is_peer_error(beat.get("error") or ""):
+        if not (read_heartbeat(heartbeats, rank) or {}).get("peer"):
             return rank
     return failed[0]
 
@@ -265,8 +264,8 @@ def _consequences(codes, heartbeats: Path, run_dir: Path, cause: int) -> list[st
     for rank, code in enumerate(codes):
         if rank == cause or code in (None, 0):
             continue
-        error = (read_heartbeat(heartbeats, rank) or {}).get("error") or ""
-        why = "its collective lost a peer" if is_peer_error(error) else "exit code " + str(code)
+        peer = (read_heartbeat(heartbeats, rank) or {}).get("peer")
+        why = "its collective lost a peer" if peer else "exit code " + str(code)
         log = run_dir / "logs" / f"rank{rank}.log"
         where = f"; see {log}" if log.is_file() else ""
         lines.append(f"  rank {rank} failed after it ({why}){where}")

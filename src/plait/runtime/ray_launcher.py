@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, RunConfig, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch, is_peer_error
+from plait.runtime.heartbeat import ProgressWatch, is_peer_failure
 from plait.runtime.launch import (
     STARTUP_GRACE_S,
     RankFailure,
@@ -193,7 +193,7 @@ def _died(err: Exception) -> bool:
 
 
 def _is_peer_error(err: Exception) -> bool:
-    return not _died(err) and is_peer_error(str(err))
+    return not _died(err) and is_peer_failure(getattr(err, "cause", None) or err)
 
 
 def _first_cause(failed, beats):

@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from plait.runtime.heartbeat import Heartbeat, install, is_peer_error
+from plait.runtime.heartbeat import Heartbeat, install, is_peer_failure
 
 EXIT_FAILURE = 1
 
@@ -56,7 +56,8 @@ def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> d
         beat.finish("done")
         return summary
     except BaseException as err:
-        beat.finish("error", f"{type(err).__name__}: {err}".strip()[:2000])
+        beat.finish("error", f"{type(err).__name__}: {err}".strip()[:2000],
+                    peer=is_peer_failure(err))
         raise
     finally:
         if dist is not None:
@@ -84,11 +85,11 @@ def report_failure(err: BaseException, rank: str, log: str | None) -> None:
     """One line for an error the user can fix; a traceback otherwise, written to ``log``
     (when given) if it is a collective that failed because a peer went away: the
     launcher leads with that peer, and this rank's traceback would bury it."""
-    from plait.cli import _known_errors
+    from plait.errors import known_errors
 
-    if isinstance(err, _known_errors()):
+    if isinstance(err, known_errors()):
         print(f"plait: rank {rank}: error: {err}", file=sys.stderr)
-    elif log and isinstance(err, RuntimeError) and is_peer_error(str(err)):
+    elif log and is_peer_failure(err):
         with open(log, "a") as handle:
             traceback.print_exception(err, file=handle)
     else:
