@@ -320,3 +320,16 @@ def test_settings_of_where_a_job_runs_are_allowed_in_any_placement():
                "runtime.progress_timeout_s=5", "runtime.master_port=29500"]
     config = load_config(None, cluster)
     assert config.runtime.num_ranks == 1 and config.runtime.launcher == "local"
+
+
+@pytest.mark.parametrize("key", ["reward.timeout_s", "reward.import_timeout_s"])
+def test_a_zero_reward_time_limit_is_refused_when_the_config_loads(key):
+    with pytest.raises(ConfigError, match=rf"{key}=0 would fail every"):
+        load_config(None, [f"{key}=0"])
+
+
+def test_the_config_names_every_built_in_reward():
+    from plait.config import BUILTIN_REWARD_NAMES
+    from plait.rewards import BUILTIN_REWARDS
+
+    assert set(BUILTIN_REWARD_NAMES) == set(BUILTIN_REWARDS)

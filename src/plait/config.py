@@ -229,6 +229,11 @@ class AlgoConfig:
     off_policy_cap: float = opt(2.0, "Cap on the off-policy importance weight.", low=1.0)
 
 
+#: Reward functions plait ships (plait.rewards.builtin.BUILTIN_REWARDS), named here too so
+#: the config needs no import of the rewards package.
+BUILTIN_REWARD_NAMES = ("task", "exact_match")
+
+
 @dataclass(frozen=True)
 class RewardFnConfig:
     """One reward function and its weight."""
@@ -832,6 +837,12 @@ def _validate_job(config: Config) -> None:
         (data.eval_path is not None and data.train_path is None,
          "data.eval_path is read only with data.train_path; a built-in task's held-out "
          "prompts are its own test split: set data.train_path too, or remove data.eval_path"),
+        (config.reward.timeout_s == 0,
+         "reward.timeout_s=0 would fail every call: give a positive number of seconds, or "
+         "null for no limit"),
+        (config.reward.import_timeout_s == 0,
+         "reward.import_timeout_s=0 would fail every import: give a positive number of "
+         "seconds, or null for reward.timeout_s"),
         (run.overwrite and run.resume == "must",
          "run.overwrite=true deletes the run directory, so run.resume=must would find no "
          "checkpoint: drop one of them"),
@@ -972,7 +983,7 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
          ("reward.max_consecutive_timeouts",),
          "it stops a function that keeps timing out under reward.on_error=fallback with a "
          "reward.timeout_s; under raise the first timeout stops the job"),
-        (all(f.fn in ("task", "exact_match") for f in config.reward.functions),
+        (all(f.fn in BUILTIN_REWARD_NAMES for f in config.reward.functions),
          ("reward.import_timeout_s",),
          "every reward function is built in, so no reward module is imported"),
         (config.optim.schedule == "constant", ("optim.min_lr_ratio",),

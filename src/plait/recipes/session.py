@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from plait.config import (
+    BUILTIN_REWARD_NAMES,
     Config,
     ConfigError,
     advantage_estimator,
@@ -272,7 +273,7 @@ class Session:
         algo = self.config.algo
         if algo.reward_range is not None:
             low, high = algo.reward_range
-        elif self.task is not None and all(f.fn in ("task", "exact_match")
+        elif self.task is not None and all(f.fn in BUILTIN_REWARD_NAMES
                                            for f in self.config.reward.functions):
             weights = [f.weight for f in self.config.reward.functions]
             low = sum(min(w * self.task.reward_range[0], w * self.task.reward_range[1])
