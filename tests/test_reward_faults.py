@@ -35,6 +35,11 @@ USER_REWARDS = textwrap.dedent(
             time.sleep(60)
         return [1.0] * len(completions)
 
+    def hangs_on_slow(prompts, completions, **kwargs):
+        if any(c.startswith("slow") for c in completions):
+            time.sleep(60)
+        return [1.0] * len(completions)
+
     def raises_on_boom(prompts, completions, **kwargs):
         if "boom" in completions:
             raise ValueError("cannot score\\nthis one")
@@ -139,11 +144,21 @@ def test_function_that_times_out_on_every_call_stops_under_fallback(rewards_file
     started = time.monotonic()
     with manager, pytest.raises(RewardError) as info:
         manager.score(PROMPTS, COMPLETIONS)
-    # the batch call and two sample calls: three limits, not one per sample and batch
-    assert time.monotonic() - started < 3.5
+    # the first three sample calls after the batch call: four limits, not one per sample
+    assert time.monotonic() - started < 4.5
     assert str(info.value).startswith("reward function 'hang' timed out on 3 calls in a row "
                                       "(time limit 0.5s each")
     assert "reward.max_consecutive_timeouts=3" in str(info.value)
+
+
+def test_a_batch_timeout_localised_by_sample_counts_once(rewards_file):
+    """A batch call that times out is re-run sample by sample; only those calls count
+    towards max_consecutive_timeouts, so two adjacent hung samples do not stop the job."""
+    completions = ["slow one", "slow two", "5", "10"]  # hung right after the batch call
+    with RewardManager([f"{rewards_file}:hangs_on_slow"], timeout_s=0.5, on_error="fallback",
+                       max_consecutive_timeouts=3) as manager:
+        result = manager.score(PROMPTS, completions)
+    assert result.total.tolist() == [0.0, 0.0, 1.0, 1.0] and result.num_failures == 2
 
 
 def test_timeouts_between_answered_calls_fall_back_and_continue(rewards_file):

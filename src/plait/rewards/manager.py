@@ -336,8 +336,16 @@ class RewardManager:
             if not entry.isolated:
                 outcomes[entry.name] = self._call(entry, prompts, completions, fields)
         for name, outcome in outcomes.items():
-            self._count_timeouts(name, outcome, len(prompts))
+            if not self._localised_timeout(outcome, len(prompts)):
+                self._count_timeouts(name, outcome, len(prompts))
         return outcomes
+
+    def _localised_timeout(self, outcome: CallOutcome, batch_size: int) -> bool:
+        """Whether ``outcome`` is a batch timeout that the per-sample calls after it will
+        localise: those calls count towards ``max_consecutive_timeouts``, the batch call
+        does not, so one hung sample is not counted twice."""
+        return (outcome.failure is not None and outcome.failure.kind == "timeout"
+                and self.on_error == "fallback" and batch_size > 1)
 
     def _call(
         self, entry: _Entry, prompts: list[str], completions: list[str], fields: dict[str, list]
