@@ -26,7 +26,8 @@ name the failing samples. A timeout under ``on_error="raise"`` is not
 localised: it raises at once, one ``timeout_s`` after the call began. Under
 ``"fallback"`` a function that hangs on k samples of a batch costs about
 (k + 1) * ``timeout_s``, and one that times out on ``max_consecutive_timeouts``
-calls in a row (batch or sample calls, none answering in time in between) is
+calls in a row (none answering in time in between; a batch call that times out
+and is then re-run sample by sample is counted by its sample calls only) is
 taken to be stuck: a :class:`RewardError` stops the job instead of letting
 every remaining call wait out its limit. A worker killed on a timeout is
 replaced on the next call (a fork: milliseconds plus the imports; a spawn: an
