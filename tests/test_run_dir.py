@@ -291,3 +291,19 @@ def test_the_launcher_checks_without_importing_torch():
 
     code = "import sys, plait.runtime.run_dir; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_longer_run_with_a_decaying_schedule_says_the_rate_changes(existing_run, capsys):
+    """More train.steps on resume stretch a linear or cosine schedule: the line says so."""
+    from plait.config import config_to_dict
+    from plait.recipes.session import Session
+
+    made = config_to_dict(job(existing_run, "optim.schedule=cosine"))
+    for steps, said in ((5, True), (1, False)):
+        session = SimpleNamespace(
+            run_dir=existing_run, dist=SimpleNamespace(is_main=True),
+            config=job(existing_run, "optim.schedule=cosine", f"train.steps={steps}",
+                       "train.eval_every=1"))
+        Session._check_resumable(session, existing_run / "checkpoints", {"config": made})
+        line = capsys.readouterr().out
+        assert ("learning-rate schedule" in line) is said, line

@@ -740,8 +740,11 @@ class Session:
                 f"({describe_changes(refused)}); set them back, or start fresh with "
                 "run.overwrite=true or a new run.dir")
         if changes and self.dist.is_main:
-            print(f"plait: resuming with changed settings: {describe_changes(changes)}",
-                  flush=True)
+            stretched = any(change[0] == "train.steps" for change in changes) and \
+                self.config.optim.schedule != "constant"
+            print(f"plait: resuming with changed settings: {describe_changes(changes)}"
+                  + ("; the learning-rate schedule now decays over the new train.steps, so "
+                     "the rate changes from this step on" if stretched else ""), flush=True)
 
     # ------------------------------------------------------------------ the job
 
