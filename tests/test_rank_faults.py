@@ -271,16 +271,21 @@ def test_a_rank_own_error_naming_a_timeout_or_connection_is_no_symptom(tmp_path,
     assert "connection refused by judge" in capsys.readouterr().err and not log.exists()
 
 
+def run_killing_rank1(tiny_job, reward_spec, run_dir, *extra):
+    """A 2-rank ``plait train`` whose rank 1 is SIGKILLed at step 3 (checkpoints every step)."""
+    base = [a for a in job_args(tiny_job, reward_spec, run_dir) if not a.startswith("reward.")]
+    return subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", *base, "train.steps=50",
+         "train.save_every=1", *extra,
+         f"reward.functions=[{{fn: '{reward_spec('kill_rank1')}'}}]"],
+        capture_output=True, text=True, env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+
+
 @pytest.mark.slow
 def test_ray_launcher_names_the_checkpoint_to_resume_from(tiny_job, reward_spec, tmp_path):
     pytest.importorskip("ray")
     run_dir = tmp_path / "run"
-    base = [a for a in job_args(tiny_job, reward_spec, run_dir) if not a.startswith("reward.")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "train", *base, "train.steps=50",
-         "train.save_every=1", "runtime.launcher=ray",
-         f"reward.functions=[{{fn: '{reward_spec('kill_rank1')}'}}]"],
-        capture_output=True, text=True, env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+    proc = run_killing_rank1(tiny_job, reward_spec, run_dir, "runtime.launcher=ray")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "rank 1 (Ray actor) died" in proc.stderr, proc.stderr[-3000:]
     assert checkpoint_line(run_dir) in proc.stderr, proc.stderr[-3000:]
@@ -290,12 +295,7 @@ def test_failure_after_overwrite_says_to_rerun_without_it(tiny_job, reward_spec,
     """Rerunning a run.overwrite=true job as it was would delete the checkpoint the
     launcher names: its message says to rerun without it."""
     run_dir = tmp_path / "run"
-    base = [a for a in job_args(tiny_job, reward_spec, run_dir) if not a.startswith("reward.")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "train", *base, "train.steps=50",
-         "train.save_every=1", "run.overwrite=true",
-         f"reward.functions=[{{fn: '{reward_spec('kill_rank1')}'}}]"],
-        capture_output=True, text=True, env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+    proc = run_killing_rank1(tiny_job, reward_spec, run_dir, "run.overwrite=true")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "rank 1 (pid" in proc.stderr and "killed by signal 9" in proc.stderr, proc.stderr[-3000:]
     assert f"{checkpoint_line(run_dir)}: rerun without run.overwrite=true (which deletes it) " \

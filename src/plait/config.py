@@ -374,11 +374,11 @@ class RuntimeConfig:
         "batch is complete; the update equals the whole-batch one up to float rounding, "
         "the loss normaliser applied to the summed gradients at the end). Needs a batch that "
         "makes one update (algo.epochs=1, algo.mini_batches=1), a group-wise advantage "
-        "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; refused otherwise. With "
+        "(grpo, drgrpo, rloo) and runtime.data_parallel=ddp; otherwise batches travel whole. With "
         "runtime.partial_rollout batches are sent whole and trained as they arrive. It "
         "shortens a step where the trainer's update, not generation, holds the "
         "workers back on long-tailed batches; each group then costs the trainer its own "
-        "forward/backward (benchmarks/RESULTS.md, section 5i).")
+        "forward/backward.")
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(
