@@ -73,7 +73,7 @@ def test_bfloat16_compute_gathers_bfloat16_over_float32_shards(tmp_path):
     from torch.distributed.device_mesh import DeviceMesh
 
     from plait.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_model
-    from plait.runtime import fsdp
+    from plait.parallel import fsdp
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)

@@ -245,8 +245,8 @@ def test_a_rank_own_error_naming_a_timeout_or_connection_is_no_symptom(tmp_path,
     when their words read like a lost peer; the launcher picks them as the cause."""
     import torch.distributed as torch_dist
 
+    from plait.parallel.heartbeat import Heartbeat, is_peer_failure
     from plait.rewards import RewardError
-    from plait.runtime.heartbeat import Heartbeat, is_peer_failure
     from plait.runtime.launch import _first_cause
 
     timed_out = RewardError("reward function 'judge' timed out on 3 calls in a row",

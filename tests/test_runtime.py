@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plait.runtime.dist import shard_bounds
+from plait.parallel.dist import shard_bounds
 
 
 def run_cli(*args, timeout=300):
@@ -358,7 +358,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
 
 
 def test_progress_watch_rules():
-    from plait.runtime.heartbeat import ProgressWatch
+    from plait.parallel.heartbeat import ProgressWatch
 
     def beat(message, since, waiting=None, longest=2.0):
         return {"time": since + 100.0, "since": since, "message": message,

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from plait.runtime.dist import Dist
+from plait.parallel.dist import Dist
 from plait.runtime.transfer import ObjectChannel, WeightBroadcast
 
 

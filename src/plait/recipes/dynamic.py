@@ -27,9 +27,9 @@ import time
 
 import torch
 
+from plait.parallel.heartbeat import report
 from plait.recipes.rl import RLTrainer
 from plait.runtime.dynamic import SplitController
-from plait.runtime.heartbeat import report
 from plait.runtime.placement import Layout
 from plait.runtime.transfer import ObjectChannel
 from plait.telemetry.timing import StageTimer

@@ -42,11 +42,11 @@ from plait.config import (
     streams_groups,
 )
 from plait.errors import TrainingDiverged
+from plait.parallel import fsdp
+from plait.parallel.dist import shard_bounds
+from plait.parallel.heartbeat import waiting_in
 from plait.recipes.session import Session
 from plait.rollout.base import SamplingParams
-from plait.runtime import fsdp
-from plait.runtime.dist import shard_bounds
-from plait.runtime.heartbeat import waiting_in
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
 from plait.train.forward import ResponseLogits, response_logits, response_values, token_logprobs

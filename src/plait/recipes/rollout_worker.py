@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.parallel.heartbeat import report
 from plait.recipes.rl import RLTrainer
 from plait.recipes.session import PendingBatch
-from plait.runtime.heartbeat import report
 from plait.telemetry.timing import StageTimer
 
 

@@ -43,13 +43,13 @@ from plait.models.loading import (
     quiet_transformers,
     resolve_model_dir,
 )
+from plait.parallel import fsdp
+from plait.parallel.dist import Dist
+from plait.parallel.heartbeat import report, step_done
 from plait.recipes.sft import check_sft_rows, supervised_warm_start
 from plait.rewards import RewardManager
 from plait.rollout import build_engine
 from plait.rollout.base import Completion, SamplingParams
-from plait.runtime import fsdp
-from plait.runtime.dist import Dist
-from plait.runtime.heartbeat import report, step_done
 from plait.runtime.run_dir import (
     RESUME_SAFE_KEYS,
     built_tiny_model,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as tdist
 
 from plait.config import Config
-from plait.runtime.dist import Dist
+from plait.parallel.dist import Dist
 from plait.runtime.placement import Layout
 from plait.runtime.transfer import ObjectChannel, WeightBroadcast
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, RunConfig, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch, read_heartbeat
+from plait.parallel.heartbeat import ProgressWatch, read_heartbeat
 from plait.runtime.run_dir import check_run_dir, job_dir, job_dirs, launcher_alive, mark_run_dir
 
 STARTUP_GRACE_S = 60.0   # added to the heartbeat timeout before a rank's first beat

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.runtime.dist import shard_bounds
+from plait.parallel.dist import shard_bounds
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError, RunConfig, dump_yaml
-from plait.runtime.heartbeat import ProgressWatch, is_peer_failure
+from plait.parallel.heartbeat import ProgressWatch, is_peer_failure
 from plait.runtime.launch import (
     STARTUP_GRACE_S,
     RankFailure,

@@ -19,7 +19,7 @@ import pickle
 import torch
 import torch.distributed as tdist
 
-from plait.runtime.dist import Dist
+from plait.parallel.dist import Dist
 
 
 class ObjectChannel:

@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from plait.runtime.heartbeat import Heartbeat, install, is_peer_failure
+from plait.parallel.heartbeat import Heartbeat, install, is_peer_failure
 
 EXIT_FAILURE = 1
 
@@ -45,7 +45,7 @@ def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> d
     dist = None
     try:
         from plait.config import load_config
-        from plait.runtime.dist import Dist
+        from plait.parallel.dist import Dist
         from plait.runtime.job import run_job
 
         config = load_config(config_path)

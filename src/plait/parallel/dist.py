@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from plait.runtime.heartbeat import waiting_in
+from plait.parallel.heartbeat import waiting_in
 
 
 @dataclass
