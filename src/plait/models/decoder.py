@@ -9,6 +9,9 @@ kernels that take no explicit mask) are refused with a ``ValueError``.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.modeling_utils import AttentionInterface
 
@@ -59,6 +62,19 @@ def sliding_layers(config) -> tuple[int | None, list[bool]]:
     else:
         slides = [True] * layers
     return (window, slides) if any(slides) else (None, slides)
+
+
+def cache_keyword(module) -> str:
+    """The keyword ``module``'s forward takes its KV cache by: ``cache`` in transformers
+    versions that renamed it, ``past_key_values`` before. Newer versions still accept the
+    old name but warn (a FutureWarning) on every call, which a user would see on every
+    generation step; a model output holds its cache under the same name."""
+    return _cache_keyword(type(module).forward)
+
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def attention_mask(visible: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,8 @@ How it works
   cache object whose ``update`` writes into the slot cache, per-row rotary
   positions, and an explicit additive attention mask. Any Llama-style HF model
   (Llama, Qwen2, Qwen3, Mistral, ...) whose layers take
-  ``(hidden, attention_mask, position_embeddings, past_key_values)`` works.
+  ``(hidden, attention_mask, position_embeddings, cache)`` (``past_key_values`` in
+  older transformers) works.
 - Sampling follows the HF order (temperature, then top-k, then top-p) per
   request; the log-probability of each sampled token under that processed
   distribution is returned, greedy rows report the untempered distribution.
@@ -81,6 +82,7 @@ import torch
 from plait.models.decoder import (
     DECODE_ATTENTION,
     attention_mask,
+    cache_keyword,
     decoder_parts,
     restore_attention_implementation,
     sliding_layers,
@@ -168,6 +170,7 @@ class PlaitEngine:
         self._ready: deque[tuple[int, list[Completion]]] = deque()  # completed, not yet yielded
         self._plan: _SamplingPlan | None = None  # sampling tensors of the running set
         self._window, self._sliding = sliding_layers(self.config)
+        self._cache_keyword = cache_keyword(self.base.layers[0])  # the layers' cache argument
         device_type = self._device().type
         on_cpu = device_type == "cpu"
         if sync_every is None:  # a host sync costs little on the CPU, a pipeline stall on GPU
@@ -698,8 +701,8 @@ class PlaitEngine:
                                      hidden.dtype)
         for layer, slides in zip(self.base.layers, self._sliding, strict=True):
             out = layer(hidden, attention_mask=sliding if slides else full,
-                        position_embeddings=position_embeddings,
-                        past_key_values=cache, position_ids=positions, use_cache=True)
+                        position_embeddings=position_embeddings, position_ids=positions,
+                        use_cache=True, **{self._cache_keyword: cache})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 

@@ -64,7 +64,9 @@ class HFGenerateEngine:
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.end_ids,
+            # no end tokens at all when ignoring EOS: an empty list, as None means "unset"
+            # and generate would fill it from the model's own generation config
+            eos_token_id=[] if params.ignore_eos else self.end_ids,
             return_dict_in_generate=True,
             output_scores=self.return_logprobs,
             # pinned so a model's generation_config.json cannot change the distribution
@@ -107,9 +109,6 @@ class HFGenerateEngine:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         extra = {"tokenizer": self.tokenizer} if params.stop else {}
-        if params.ignore_eos:  # as a keyword: None in the config means "unset", and
-            # generate would fill it from the model's own generation config
-            extra["eos_token_id"] = None
         out = self.model.generate(input_ids=input_ids.to(device),
                                   attention_mask=attention_mask.to(device),
                                   generation_config=self._generation_config(params), **extra)

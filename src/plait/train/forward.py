@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from plait.models.decoder import attention_mask, decoder_parts, sliding_layers
+from plait.models.decoder import attention_mask, cache_keyword, decoder_parts, sliding_layers
 from plait.train.experience import Experience
 
 
@@ -64,7 +64,8 @@ def _shared_prompt_logits(model, batch: Experience, width: int, first: torch.Ten
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                 position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    keyword = cache_keyword(model)  # by transformers' current name: the old one warns
+    cache = getattr(out, keyword, None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     head = out.logits[:, -1:][inverse]            # predicts each row's first response token
@@ -76,7 +77,7 @@ def _shared_prompt_logits(model, batch: Experience, width: int, first: torch.Ten
     start = prompt_mask.sum(-1)[inverse].unsqueeze(1)
     positions = start + torch.arange(width - 1, device=rest.device)
     tail = model(input_ids=rest, attention_mask=mask, position_ids=positions,
-                 past_key_values=cache, use_cache=True).logits
+                 use_cache=True, **{keyword: cache}).logits
     return torch.cat([head, tail], dim=1)
 
 
