@@ -12,10 +12,11 @@ ROWS = [
     {"question": "3+4=", "solution": "7", "level": 3},
 ]
 MAPPING = {"prompt": "question", "answer": "solution"}
+# every column under its own name, the mapped ones under plait's names too
 EXPECTED = [
-    {"prompt": "1+1=", "answer": "2", "level": 1},
-    {"prompt": "2+2=", "answer": "4", "level": 2},
-    {"prompt": "3+4=", "answer": "7", "level": 3},
+    {"prompt": "1+1=", "answer": "2", "question": "1+1=", "solution": "2", "level": 1},
+    {"prompt": "2+2=", "answer": "4", "question": "2+2=", "solution": "4", "level": 2},
+    {"prompt": "3+4=", "answer": "7", "question": "3+4=", "solution": "7", "level": 3},
 ]
 
 
@@ -28,6 +29,18 @@ def test_jsonl_with_field_mapping_keeps_extra_columns(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", ROWS)
     assert load_prompt_rows(path, fields=MAPPING) == EXPECTED
     assert load_prompt_rows(str(path), fields=MAPPING, limit=2) == EXPECTED[:2]
+
+
+def test_mapped_name_replaces_its_column_and_reward_arguments_are_not_kept(tmp_path):
+    """A mapped column replaces a column that has plait's name; one named like a reward
+    function's own arguments (``prompts``, ``completions``) stays under plait's name only,
+    as a field of that name could not be passed."""
+    path = write_jsonl(tmp_path / "data.jsonl", [
+        {"prompts": "1+1=", "answer": "two", "completions": "2", "answers": "2"}])
+    rows = load_prompt_rows(path, fields={"prompt": "prompts", "answer": "completions"})
+    assert rows == [{"prompt": "1+1=", "answer": "2", "answers": "2"}]
+    rows = load_prompt_rows(path, fields={"prompt": "prompts", "answer": "answers"})
+    assert rows == [{"prompt": "1+1=", "answer": "2", "answers": "2", "completions": "2"}]
 
 
 def test_json_list_and_identity_mapping(tmp_path):

@@ -3,9 +3,10 @@
 :func:`load_prompt_rows` reads prompt rows from a local ``.jsonl`` / ``.json``
 / ``.parquet`` file, a directory written by ``datasets.save_to_disk``, or a
 directory of data files, and returns plain dicts that each hold a non-empty
-string ``"prompt"``, optionally an ``"answer"``, and every other column as an
-extra field (the trainer passes those to reward functions). plait never
-downloads data: save a hub dataset to disk first.
+string ``"prompt"``, optionally an ``"answer"``, and every column under its own
+name as an extra field (the trainer passes those to reward functions, so a
+function written for the dataset's columns, as for TRL, finds them whatever
+``fields`` maps). plait never downloads data: save a hub dataset to disk first.
 
 :class:`PromptIterator` walks the rows epoch by epoch in a shuffled order that
 depends only on ``(seed, epoch)``, and its small state dict lets a resumed run
@@ -38,6 +39,9 @@ _SUPPORTED = ".jsonl, .json, .parquet, a save_to_disk directory or a directory o
 _PROMPT_LIKE_COLUMNS = ("question", "query", "problem", "instruction", "input", "text", "content")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# The names reward functions take the batch itself by (plait.rewards); a mapped column of
+# one of these names is kept under plait's name only, as a field of that name would clash.
+_REWARD_ARGUMENTS = ("prompts", "completions")
 
 
 class DataError(ValueError):
@@ -66,8 +70,9 @@ def load_prompt_rows(
             single file or a single saved ``Dataset``).
         fields: maps plait's names to the dataset's columns, for example
             ``{"prompt": "question", "answer": "solution"}``; unmapped names
-            are read from the column of the same name. A mapped column
-            replaces a column that already has plait's name.
+            are read from the column of the same name. A mapped column is
+            kept under its own name too, and replaces a column that already
+            has plait's name.
         limit: keep only the first ``limit`` rows.
         cache_dir: ``datasets`` cache for a directory of data files (default:
             the ``datasets`` default cache).
@@ -75,7 +80,8 @@ def load_prompt_rows(
     Returns:
         One dict per row with a non-empty ``str`` under ``"prompt"``, the
         mapped ``"answer"`` if present (left as stored, not cast to ``str``),
-        and every other column unchanged.
+        and every column unchanged under its own name (``"solution"`` as well
+        as ``"answer"`` in the example above).
 
     Raises:
         DataError: missing source, hub id, unsupported format, malformed row.
@@ -275,8 +281,8 @@ def _to_prompt_row(where: str, raw: Any, mapping: dict[str, str]) -> dict[str, A
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object (a row), got {type(raw).__name__}")
     _require_prompt_column(where, raw, mapping.get("prompt", "prompt"))
-    mapped_columns = set(mapping.values())
-    row = {key: value for key, value in raw.items() if key not in mapped_columns}
+    row = {key: value for key, value in raw.items()
+           if key not in _REWARD_ARGUMENTS or key not in mapping.values()}
     for name, column in mapping.items():
         if column not in raw:
             raise DataError(

@@ -4,7 +4,8 @@ Reward function convention (as in TRL)::
 
     fn(prompts: list[str], completions: list[str], **fields) -> list[float]
 
-``fields`` are the dataset's extra columns as lists (``answer=[...]``). All
+``fields`` are the dataset's columns as lists, each under its own name and a column
+mapped by ``data.fields`` under plait's name too (``answer=[...]``). All
 arguments are passed by keyword (as in TRL), so ``def f(completions, answer,
 **kwargs)`` works too; functions must accept ``**kwargs``.
 """
