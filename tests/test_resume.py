@@ -22,7 +22,7 @@ def job(tiny_job, reward_spec, run_dir):
             f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]"]
 
 
-def test_kill_and_resume_matches_uninterrupted(tiny_job, reward_spec, tmp_path):
+def test_kill_and_resume_matches_uninterrupted(tiny_job, reward_spec, tmp_path, capsys):
     straight = tmp_path / "straight"
     train(load_config(None, job(tiny_job, reward_spec, straight)))
 
@@ -45,8 +45,17 @@ def test_kill_and_resume_matches_uninterrupted(tiny_job, reward_spec, tmp_path):
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert checkpoints == ["step_000003"], checkpoints
 
-    summary = train(load_config(None, overrides))
+    capsys.readouterr()
+    stepped = []
+    summary = train(load_config(None, overrides),
+                    callbacks=[lambda trainer, step, metrics: stepped.append(step)])
     assert summary["steps"] == 6
+    # it resumed from the step-3 checkpoint: a seeded restart from scratch would end with
+    # the same weights as well, but would step from 1
+    out = capsys.readouterr().out
+    assert f"plait: resumed from {resumed / 'checkpoints' / 'step_000003'} at step 3" in out, \
+        out[-2000:]
+    assert stepped == [4, 5, 6], stepped
     final_straight, final_resumed = weights(straight, 6), weights(resumed, 6)
     midway = weights(straight, 3)
     assert any(not torch.equal(midway[k], final_straight[k]) for k in midway), \
