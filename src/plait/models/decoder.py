@@ -133,8 +133,8 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 def swap_attention_implementation(config, name: str) -> tuple[str, str]:
     """Set the model's attention implementation to ``name``; returns what
     :func:`restore_attention_implementation` needs to undo it."""
-    # the property's setter walks sub-configs (~13 us); a decoder has none, so the value
-    # behind it is set directly when transformers keeps one
+    # the property's setter walks sub-configs, at every decode step; a decoder has none,
+    # so the value behind it is set directly when transformers keeps one
     attribute = "_attn_implementation_internal"
     if attribute not in vars(config) or getattr(config, "sub_configs", None):
         attribute = "_attn_implementation"

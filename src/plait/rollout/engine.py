@@ -1,72 +1,20 @@
 """plait's own generation engine: a slot KV cache with continuous batching.
 
-How it works
-- The KV cache is preallocated per layer as ``[slots, kv_heads, max_len, head_dim]``.
-  Each running request owns one slot and writes its keys/values at its own
-  positions, so rows of different lengths never pad each other.
-- Running requests are kept in slots ``0..n-1``: when a request finishes, the
-  last running request's cache is moved into the freed slot, so a decode step
-  attends over a view ``cache[:n, :, :longest]`` with no gather.
-- A finished request leaves at once; waiting requests are prefilled into free
-  slots before the next decode step (continuous batching). A group (all
-  samples of one prompt) is handed to the consumer the moment its last sample
-  finishes, so rewards and reference passes can start while the tail runs.
-- The model's own decoder layers compute everything: the engine passes them a
-  cache object whose ``update`` writes into the slot cache, per-row rotary
-  positions, and an explicit additive attention mask. Any Llama-style HF model
-  (Llama, Qwen2, Qwen3, Mistral, ...) whose layers take
-  ``(hidden, attention_mask, position_embeddings, cache)`` (``past_key_values`` in
-  older transformers) works.
-- Sampling follows the HF order (temperature, then top-k, then top-p) per
-  request; the log-probability of each sampled token under that processed
-  distribution is returned, greedy rows report the untempered distribution.
-
-Sliding-window attention (Mistral, Qwen2/Qwen3 with ``use_sliding_window``, mixed
-``layer_types``) is applied through the mask: a sliding layer's token at position
-``p`` sees keys ``p - window < j <= p``, as HF's masks do. The slot cache keeps the
-whole context (it is not a ring buffer), so its memory is not bounded by the window.
-
-Host syncs: the sampled tokens come to the host only every ``sync_every`` decode
-steps (default 1 on the CPU, where a sync is free, 4 on the CPU with ``compile=True``,
-and 8 on CUDA), in one transfer of
-tokens and log-probs. Between those points positions advance on the device and the
-sampling settings (temperatures, greedy and seeded rows, seeds and token counters) are
-device tensors built once per run, so no step copies host data to the device or waits
-for it. Stop tokens, stop strings and token limits are then checked token by token, so
-greedy and seeded completions are those of ``sync_every=1`` (up to float rounding where
-a batch of another shape picks other kernels; unseeded rows draw from the global
-generator, whose stream then differs); the price is that a finished row computes until
-the run ends and a freed slot is refilled at the next sync.
-
-``compile=True`` (``rollout.compile``) runs the decode step (embedding, decoder layers,
-cache writes, final norm and head) through ``torch.compile`` with symbolic batch and
-cache lengths: every batch size and length runs through the same compiled graph (the
-first decode pays the compilation), element-wise work is fused and the per-operator
-overhead of small batches drops. The compiled step also draws the next token of greedy
-and seeded rows from the logits it computes (:func:`_draw`, the eager sampler's
-arithmetic; its kernels round differently, so log-probs agree to float rounding): a run
-of such rows without top-k/top-p samples no operator outside the graph. There are two
-graphs, compiled when first needed: one that samples (a seeded row at temperature > 0
-runs) and one that only takes the greedy tokens. On the CPU such a graph runs a whole
-decode run, ``sync_every`` steps each fed the token drawn before it, in one call (the
-~110 us a call costs around the kernels, in torch.compile's wrappers and the engine's
-loop, are paid once per run; the graph takes about ``sync_every`` times as long to
-compile, and a row that finishes inside a run computes to its end); runs of rows it does
-not draw for, and runs with no room left in the cache for a whole call, take one call per
-step of a one-step graph. Prefill, and sampling for unseeded or
-filtered rows, stay eager (from the logits the greedy graph returns). No CUDA graphs
-are captured (their static buffers would pin the KV cache that the hybrid engine
-releases between generations).
-
-The per-call cost around the graph is trimmed: guards on the model's module structure
-are not checked at each step (see ``_UNGUARDED``) and the layers' float constants are
-baked in. On the CPU the compiled step also calls its kernels from generated C++
-(inductor's ``cpp_wrapper``) and computes attention with
-:func:`plait.models.decoder.decode_attention` (two fused loops per layer instead of one
-flash-attention problem per row and head), storing element-wise results of more than a
-few operations (the rotated query) instead of recomputing them per key; together ~0.55x
-the generation time of the untuned compiled step on the default tiny model's long-tailed
-batches (``benchmarks/RESULTS.md``, sections 5f and 5g).
+Each running request owns one slot of a preallocated per-layer KV cache
+(``[slots, kv_heads, max_len, head_dim]``) and writes at its own positions, so rows of
+different lengths never pad each other. A finished request leaves at once and a waiting
+one is prefilled into the freed slot; a group (every sample of one prompt) is handed on
+as soon as its last sample finishes, so rewards and reference passes start while the
+tail still generates. The model's own decoder layers compute everything, given a cache
+object that writes into the slots, per-row rotary positions and an explicit mask (which
+also applies sliding windows; the cache keeps whole contexts, it is no ring buffer), so
+any Llama-style HF model works. Sampling follows HF's order (temperature, top-k, top-p)
+and returns each token's log-probability. Tokens come to the host every ``sync_every``
+decode steps; greedy and seeded completions are those of ``sync_every=1``.
+``compile=True`` runs the decode step, and the draw of greedy and seeded tokens, through
+``torch.compile`` with symbolic shapes (one graph for every batch size and length);
+prefill stays eager, and no CUDA graphs are captured: their static buffers would pin the
+KV cache that the hybrid engine releases between generations.
 """
 
 from __future__ import annotations
@@ -180,15 +128,15 @@ class PlaitEngine:
             raise ValueError(f"sync_every must be >= 1, not {sync_every}")
         self.sync_every = sync_every
         # On the CPU a compiled engine runs a whole decode run (sync_every steps, each
-        # drawing its row's next token inside the graph) as one compiled call: the
-        # ~110 us a call spends in torch.compile's wrappers and the engine's loop are
-        # paid once per run instead of once per token (see _decode_run)
+        # drawing its row's next token inside the graph) as one compiled call: the cost
+        # of torch.compile's wrappers and the engine's loop around each call is paid once
+        # per run instead of once per token (see _decode_run)
         self._run_steps = sync_every if compile and on_cpu else 1
         # the decode step compiled once with symbolic batch and cache lengths: no recompile
         # as rows finish, lengths grow or the cache is reallocated; weights updated in
         # place (trainer steps, weight pushes) are read by the compiled code as they are
         # On the CPU the compiled step also calls its kernels from generated C++ instead
-        # of Python (inductor's cpp_wrapper: ~60-90 us less per step) and runs attention
+        # of Python (inductor's cpp_wrapper: less overhead per step) and runs attention
         # as fused products and sums (decode_attention) instead of one flash-attention
         # problem per (row, head); on a GPU it keeps sdpa and the Python wrapper.
         self._decode_attention = bool(compile) and on_cpu
@@ -197,9 +145,9 @@ class PlaitEngine:
             # Inductor inlines an unrealised element-wise producer into its consumer's
             # loop; for the rotated query that loop is decode_attention's sum over keys,
             # so the query's rotary embedding (sin, cos, products) was recomputed once per
-            # key and layer: ~75% of the attention kernel's time. Realising element-wise
+            # key and layer, most of the attention kernel's work. Realising element-wise
             # results of more than a few operations stores such a query once per step
-            # (measured: 0.78-0.87x step time at 8-64 rows; same logits, bit for bit).
+            # (same logits, bit for bit).
             options["cpp_wrapper"] = True
             options["realize_opcount_threshold"] = _REALIZE_OPCOUNT
         self._compiled_decode = torch.compile(self._decode_draw, dynamic=True,
@@ -609,13 +557,13 @@ class PlaitEngine:
         # count when every slot runs
         for tensor in (tokens, positions, settings, counters):
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
-        # (set and restored by hand: context managers cost ~10 us each, against a step of
-        # 0.2-2 ms on the CPU)
+        # (set and restored by hand: a context manager's own cost is not small against a
+        # CPU decode step)
         # Deterministic algorithms off for the step: its only scatter is the cache write,
         # one (row, position) per row, with no duplicate index, so its result does not
         # depend on the flag. Traced under the flag, inductor routes those writes through
         # aten's deterministic index_put, which from the generated C++ copies each whole
-        # cache tensor at every step (8x slower generation measured on the CPU).
+        # cache tensor at every step (generation many times slower on the CPU).
         deterministic = torch.are_deterministic_algorithms_enabled()
         if deterministic:
             warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -625,7 +573,8 @@ class PlaitEngine:
         try:
             # a graph's first call traces it: the layers' float constants (norm epsilons,
             # attention scales) are baked in instead of becoming inputs converted to tensors
-            # at every call (the config patch costs ~30 us, so later calls go without)
+            # at every call (the config patch has a cost of its own, so later calls go
+            # without)
             graph = plan.sample, steps
             with torch._dynamo.config.patch(specialize_float=True) \
                     if graph not in self._traced else contextlib.nullcontext():

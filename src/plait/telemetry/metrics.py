@@ -176,7 +176,7 @@ class MetricsLogger:
         if writer is None or not values:
             return
         # one event holding every scalar of the step (one add_scalar per key writes one
-        # event each: ~2 ms a step for 35 keys)
+        # event each, a cost paid per key at every step)
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard.summary import scalar
 
