@@ -141,8 +141,8 @@ class RolloutConfig:
         "length). Graphs are compiled when first needed: runs that sample seeded rows, runs "
         "that draw greedy tokens only (evaluation), and one-step graphs for unseeded or "
         "top-k/top-p rows (sampled eagerly from the logits) and for runs at the end of the "
-        "KV cache; on the CPU a graph of sync_every steps compiles in ~15-40 s per step, "
-        "and needs a C++ compiler (Triton on a GPU). Prefill stays eager, and so does the "
+        "KV cache; on the CPU compiling is slow (longer the more steps a graph holds) and "
+        "needs a C++ compiler (Triton on a GPU). Prefill stays eager, and so does the "
         "engine of FSDP-sharded trainers (rollout workers apart compile theirs).")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
@@ -187,7 +187,7 @@ class AlgoConfig:
         "the layers, padding included, plus attention, which grows with the square of a "
         "sequence's length and outweighs the rest past ~N/(2 x attention width x layers) "
         "tokens for N layer weights: ~770 for the tiny default model); this cap bounds a "
-        "sequence's mask memory. See benchmarks/packed_forward.py. 0: responses run as padded "
+        "sequence's mask memory. 0: responses run as padded "
         "rows against the prompt's cached keys and values. Same result either way; models "
         "whose layers plait does not drive take the cached path.", low=0)
     use_engine_logprobs: bool = opt(
