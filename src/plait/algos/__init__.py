@@ -1,10 +1,14 @@
 """Pure RL algorithm math: tensors in, tensors out; no I/O, logging or device handling."""
 
 from plait.algos.advantages import (
+    ESTIMATORS,
+    NEEDS_CRITIC,
+    AdvantageInputs,
     broadcast_seq_advantages,
     gae_advantages,
     grpo_advantages,
     outcome_to_token_rewards,
+    register_estimator,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -23,17 +27,25 @@ from plait.algos.grpovi import (
 )
 from plait.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
 from plait.algos.policy_loss import (
+    LOG_RATIOS,
     OFF_POLICY_MODES,
     RATIO_LEVELS,
     entropy_from_logits,
     off_policy_weights,
     ppo_policy_loss,
+    register_log_ratio,
     sequence_logprob,
     value_loss,
 )
 
 __all__ = [
+    "ESTIMATORS",
+    "NEEDS_CRITIC",
+    "AdvantageInputs",
+    "register_estimator",
+    "LOG_RATIOS",
     "OFF_POLICY_MODES",
+    "register_log_ratio",
     "off_policy_weights",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",

@@ -1,5 +1,9 @@
 """Advantage estimators: GAE, GRPO / Dr.GRPO, RLOO, REINFORCE++, and reward placement helpers.
 
+:data:`ESTIMATORS` maps each ``algo.advantage`` name to a function of
+:class:`AdvantageInputs`; adding an estimator is one function and one
+:func:`register_estimator` (plus its name in the config's choices).
+
 Shapes: B sequences, T response tokens; ``mask`` [B, T] is 1 on valid response tokens.
 All outputs are detached: advantages and returns are targets, never differentiated through.
 
@@ -15,6 +19,9 @@ Deviations and choices (plait's, beyond the papers):
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -122,7 +129,8 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def reinforce_pp_advantages(
-    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+    whiten: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_whiten,
 ) -> torch.Tensor:
     """REINFORCE++ advantage (Hu 2025, arXiv 2501.03262): whitened discounted return-to-go.
 
@@ -133,13 +141,15 @@ def reinforce_pp_advantages(
         token_rewards: [B, T] (KL penalty per token and/or the outcome reward on the last token).
         mask: [B, T] 0/1 valid tokens.
         gamma: discount.
+        whiten: masked whitening; data-parallel ranks pass one whose statistics cover
+            every rank's tokens, so the batch is whitened as one.
 
     Returns:
         [B, T] advantages, 0 on masked positions, detached.
     """
     zero_values = torch.zeros_like(token_rewards)
     returns = _masked_backward_scan(token_rewards, zero_values, mask, gamma, lam=1.0)
-    return masked_whiten(returns, mask) * mask.to(returns.dtype)
+    return whiten(returns, mask) * mask.to(returns.dtype)
 
 
 def outcome_to_token_rewards(seq_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -162,3 +172,89 @@ def outcome_to_token_rewards(seq_rewards: torch.Tensor, mask: torch.Tensor) -> t
 def broadcast_seq_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Give every valid token its sequence's advantage: [B] -> [B, T] (``adv[:, None] * mask``)."""
     return adv.unsqueeze(-1) * mask.to(adv.dtype)
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass
+class AdvantageInputs:
+    """What an estimator may read about a batch: total rewards per sequence (after any
+    adjustment such as GRPOVI), group labels, the response mask, the per-token KL to the
+    reference with its coefficient when KL is a reward penalty (else None), the critic's
+    values (GAE), the discounts, and the whitening to use (batch-wide statistics)."""
+
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    mask: torch.Tensor
+    kl: torch.Tensor | None = None
+    kl_coef: float = 0.0
+    values: torch.Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_whiten
+
+
+Estimator = Callable[[AdvantageInputs], "tuple[torch.Tensor, torch.Tensor | None]"]
+ESTIMATORS: dict[str, Estimator] = {}
+NEEDS_CRITIC: set[str] = set()
+
+
+def register_estimator(name: str, *, needs_critic: bool = False) -> Callable[[Estimator],
+                                                                             Estimator]:
+    """Register ``fn(inputs) -> (advantages [B, T], returns [B, T] or None)`` under
+    ``name``; ``needs_critic``: the estimator reads ``inputs.values``."""
+
+    def add(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        if needs_critic:
+            NEEDS_CRITIC.add(name)
+        return fn
+
+    return add
+
+
+def _sequence_rewards(inputs: AdvantageInputs) -> torch.Tensor:
+    """Sequence rewards with the summed KL penalty taken off (KL in the reward)."""
+    if inputs.kl is None:
+        return inputs.rewards
+    return inputs.rewards - inputs.kl_coef * inputs.kl.sum(-1)
+
+
+def _token_rewards(inputs: AdvantageInputs) -> torch.Tensor:
+    """The outcome on each sequence's last token, minus the per-token KL penalty."""
+    token_rewards = outcome_to_token_rewards(inputs.rewards, inputs.mask)
+    if inputs.kl is not None:
+        token_rewards = token_rewards - inputs.kl_coef * inputs.kl
+    return token_rewards
+
+
+@register_estimator("grpo")
+def _grpo(inputs: AdvantageInputs):
+    seq = grpo_advantages(_sequence_rewards(inputs), inputs.group_ids, scale_by_std=True)
+    return broadcast_seq_advantages(seq, inputs.mask), None
+
+
+@register_estimator("drgrpo")
+def _drgrpo(inputs: AdvantageInputs):
+    seq = grpo_advantages(_sequence_rewards(inputs), inputs.group_ids, scale_by_std=False)
+    return broadcast_seq_advantages(seq, inputs.mask), None
+
+
+@register_estimator("rloo")
+def _rloo(inputs: AdvantageInputs):
+    seq = rloo_advantages(_sequence_rewards(inputs), inputs.group_ids)
+    return broadcast_seq_advantages(seq, inputs.mask), None
+
+
+@register_estimator("reinforce++")
+def _reinforce_pp(inputs: AdvantageInputs):
+    return reinforce_pp_advantages(_token_rewards(inputs), inputs.mask, inputs.gamma,
+                                   whiten=inputs.whiten), None
+
+
+@register_estimator("gae", needs_critic=True)
+def _gae(inputs: AdvantageInputs):
+    adv, returns = gae_advantages(_token_rewards(inputs), inputs.values, inputs.mask,
+                                  inputs.gamma, inputs.lam)
+    return inputs.whiten(adv, inputs.mask) * inputs.mask, returns

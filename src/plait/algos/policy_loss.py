@@ -25,26 +25,56 @@ Papers and plait's deviations:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from plait.algos.aggregation import aggregate_loss, masked_mean
 from plait.algos.kl import kl_estimate
 
-RATIO_LEVELS = ("token", "sequence")
 _LOG_RATIO_BOUND = 20.0
+
+# The importance ratio of the surrogate, by ``ratio_level``: each entry maps (log π, log
+# π_old, mask) to the log-ratio [B, T] the clipped loss uses. A new ratio form of the PPO
+# family is one function and one :func:`register_log_ratio`.
+LOG_RATIOS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def register_log_ratio(name: str):
+    def add(fn):
+        LOG_RATIOS[name] = fn
+        return fn
+
+    return add
+
+
+@register_log_ratio("token")
+def _token_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """PPO's per-token ratio."""
+    return logprobs - old_logprobs
+
+
+@register_log_ratio("sequence")
+def _sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """GSPO-token (see module doc): the sequence's geometric-mean ratio, with each token's
+    own gradient."""
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1)  # [B], log s_i
+    return seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
+
+
+RATIO_LEVELS = tuple(LOG_RATIOS)
 
 
 def _loss_log_ratio(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, ratio_level: str
 ) -> torch.Tensor:
-    """Log of the ratio used in the surrogate, [B, T]: per token, or GSPO-token (see module doc)."""
-    token_log_ratio = logprobs - old_logprobs
-    if ratio_level == "token":
-        return token_log_ratio
-    if ratio_level != "sequence":
+    """Log of the ratio used in the surrogate, [B, T] (:data:`LOG_RATIOS`)."""
+    fn = LOG_RATIOS.get(ratio_level)
+    if fn is None:
         raise ValueError(f"unknown ratio_level {ratio_level!r}; valid levels: {RATIO_LEVELS}")
-    seq_log_ratio = masked_mean(token_log_ratio, mask, dim=-1)  # [B], log s_i
-    return seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
+    return fn(logprobs, old_logprobs, mask)
 
 
 def _clipped_surrogate(
