@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from plait.errors import PlaitError
+
 __all__ = [
     "DataError",
     "PromptIterator",
@@ -44,7 +46,7 @@ _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _REWARD_ARGUMENTS = ("prompts", "completions")
 
 
-class DataError(ValueError):
+class DataError(PlaitError, ValueError):
     """Prompt data cannot be produced: an unreadable dataset, a malformed row, or a bad task."""
 
 

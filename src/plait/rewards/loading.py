@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from plait.data.tasks import Task
+from plait.errors import PlaitError
 from plait.rewards.builtin import BUILTIN_REWARDS
 
 __all__ = [
@@ -52,7 +53,7 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SPEC_FORMS = "a built-in name, 'package.module:function' or 'path/to/file.py:function'"
 
 
-class RewardLoadError(ValueError):
+class RewardLoadError(PlaitError, ValueError):
     """Invalid reward configuration: a spec that cannot be resolved, a bad weight or option."""
 
 

@@ -53,6 +53,7 @@ from typing import Any, Literal
 import torch
 
 from plait.data.tasks import Task
+from plait.errors import PlaitError
 from plait.rewards.loading import (
     RewardLoadError,
     RewardSpec,
@@ -81,7 +82,7 @@ _RESERVED_FIELDS = ("prompts", "completions")
 RewardItem = str | Callable[..., Any] | tuple[str | Callable[..., Any], float]
 
 
-class RewardError(RuntimeError):
+class RewardError(PlaitError, RuntimeError):
     """A reward function failed, hung, or returned something other than B finite numbers.
 
     Attributes:

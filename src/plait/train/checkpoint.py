@@ -66,6 +66,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
+from plait.errors import PlaitError
 from plait.telemetry.summary import fsync_dir, write_json_atomic
 
 __all__ = [
@@ -108,7 +109,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PlaitError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit what it is loaded into."""
 
 
