@@ -279,16 +279,11 @@ def resolve_model_dir(model_cfg: ModelConfig, run_dir: Path) -> Path:
     """The directory to load the policy from, building the tiny model first if asked."""
     if model_cfg.path != "tiny":
         return Path(model_cfg.path)
-    from plait.models.tiny import TinyModelSpec, save_tiny_model
+    from plait.models.tiny import save_tiny_model
 
     out = run_dir / "tiny_model"
     if not (out / "config.json").is_file():
-        t = model_cfg.tiny
-        spec = TinyModelSpec(arch=t.arch, hidden_size=t.hidden_size,
-                             intermediate_size=t.intermediate_size, num_layers=t.num_layers,
-                             num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                             max_position_embeddings=t.max_position_embeddings)
-        save_tiny_model(out, spec, seed=t.seed)
+        save_tiny_model(out, model_cfg.tiny, seed=model_cfg.tiny.seed)
     return out
 
 

@@ -5,7 +5,6 @@ touches a model hub."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from plait.config import TinyModelConfig
 from plait.data.tasks import CHAR_VOCAB
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -59,19 +59,9 @@ def build_char_tokenizer(
     return tokenizer
 
 
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Shape of a tiny decoder-only model. Defaults train in minutes on 2 CPU cores."""
-
-    arch: str = "qwen2"
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 512
-    tie_word_embeddings: bool = True
-
+# The tiny model's shape is one of the config's sections (model.tiny): one definition
+# of its fields and defaults, used by the config and by code that builds models alike.
+TinyModelSpec = TinyModelConfig
 
 TINY_ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config,
               "mistral": MistralConfig}
@@ -97,7 +87,7 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, *,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings,
+        tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
