@@ -9,6 +9,7 @@ need a gather across prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -54,9 +55,34 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    """What the trainer needs from a generation engine."""
+    """What trainers and rollout workers need from a generation engine.
+
+    Requests are submitted (:meth:`submit`) and come back group by group as they finish
+    (:meth:`stream`), so rewards and forward passes can start on finished groups while
+    the rest still generate; :meth:`generate` is the one-call form."""
 
     policy_version: int
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+               seeds: list[int] | None = None, first_index: int = 0) -> None:
+        """Queue ``n`` samples of each prompt; prompt ``i`` streams back as index
+        ``first_index + i``. ``seeds`` (one per prompt) make a prompt's samples a function
+        of its seed (engines that cannot seed per prompt use the global generator)."""
+
+    def stream(self, pause: Callable[[], bool] | None = None
+               ) -> Iterator[tuple[int, list[Completion]]]:
+        """Yield ``(prompt_index, completions)`` as each group completes, until nothing is
+        queued or ``pause()`` (asked between decode runs) says to stop for now."""
+
+    @property
+    def busy(self) -> bool:
+        """Requests are still queued or running."""
+
+    def reset(self) -> None:
+        """Drop every queued, running and finished-but-unread request."""
+
+    def release(self) -> None:
+        """Free the engine's cache memory (it is rebuilt at the next generation)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1
                  ) -> list[list[Completion]]:

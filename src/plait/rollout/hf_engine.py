@@ -16,6 +16,8 @@ filtered when asked).
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 from transformers import GenerationConfig
 
@@ -54,6 +56,31 @@ class HFGenerateEngine:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token "
                              "(e.g. to its eos token) before generating")
         self.end_ids = end_token_ids(model, tokenizer)
+        self._queue: deque = deque()  # submitted (prompts, params, n, first_index)
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+               seeds: list[int] | None = None, first_index: int = 0) -> None:
+        """Queue ``n`` samples of each prompt (``seeds`` cannot be honoured: ``generate``
+        draws from the global generator)."""
+        self._queue.append((list(prompts), params, n, first_index))
+
+    def stream(self, pause=None):
+        """Generate everything queued, one ``generate`` call per submission, and yield
+        its groups (they all finish together; ``pause`` is not asked)."""
+        while self._queue:
+            prompts, params, n, first_index = self._queue.popleft()
+            for index, group in enumerate(self.generate(prompts, params, n)):
+                yield first_index + index, group
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def reset(self) -> None:
+        self._queue.clear()
+
+    def release(self) -> None:
+        """Nothing is cached between calls."""
 
     def update_weights(self, state_dict, version: int) -> None:
         if state_dict is not None:
