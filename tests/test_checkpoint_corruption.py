@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_JOB
 from safetensors.torch import load_file
 
+import plait.recipes.checkpointing as checkpointing_module
 import plait.recipes.session as session_module
 import plait.train.checkpoint as checkpoint_module
 from plait.cli import main
@@ -51,7 +52,7 @@ def run_dir(trained: Path, tmp_path: Path) -> Path:
 def loads(monkeypatch) -> list[tuple[str, dict]]:
     """What every load_checkpoint call of a resume read: (checkpoint name, tensors loaded
     into its models and optimizers)."""
-    real = session_module.load_checkpoint
+    real = checkpointing_module.load_checkpoint
     calls: list[tuple[str, dict]] = []
 
     def spy(path, *, models, optimizers=None, **kwargs):
@@ -66,7 +67,7 @@ def loads(monkeypatch) -> list[tuple[str, dict]]:
         calls.append((Path(path).name, tensors))
         return state
 
-    monkeypatch.setattr(session_module, "load_checkpoint", spy)
+    monkeypatch.setattr(checkpointing_module, "load_checkpoint", spy)
     return calls
 
 
@@ -263,17 +264,19 @@ def intact_checkpoints(root: Path, steps) -> list[Path]:
 
 def resumed_from(run_dir: Path, dist: FakeRank) -> Path:
     """The checkpoint Session.try_resume on ``dist``'s rank goes on to load."""
+    from plait.recipes import checkpointing
 
     class Chosen(Exception):
         pass
 
-    def chosen(path, state):
+    def chosen(session, path, state):
         raise Chosen(path)
 
     session = object.__new__(session_module.Session)
     session.config = load_config(None, [f"run.dir={run_dir}"])
-    session.run_dir, session.dist, session._check_resumable = run_dir, dist, chosen
-    with pytest.raises(Chosen) as caught:
+    session.run_dir, session.dist = run_dir, dist
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Chosen) as caught:
+        patch.setattr(checkpointing, "check_resumable", chosen)
         session.try_resume()
     return Path(caught.value.args[0])
 

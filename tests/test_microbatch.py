@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from plait.config import load_config
-from plait.recipes.rl import GroupwiseUpdate, RLTrainer
+from plait.recipes.rl import RLTrainer
 from plait.telemetry.timing import StageTimer
+from plait.train.update import GroupwiseUpdate
 
 
 def one_update(overrides, *, by_group=False, with_stats=False):
@@ -16,7 +17,7 @@ def one_update(overrides, *, by_group=False, with_stats=False):
     alone)."""
     trainer = RLTrainer(load_config(None, overrides))
     grads, stats = {}, {}
-    apply_gradients = trainer.apply_gradients
+    apply_gradients = trainer.updater.apply_gradients
 
     def record_then_apply(step_stats):
         for prefix, model in trainer.named_trainable_models():
@@ -26,23 +27,23 @@ def one_update(overrides, *, by_group=False, with_stats=False):
         stats.update(step_stats)
         return apply_gradients(step_stats)
 
-    trainer.apply_gradients = record_then_apply
+    trainer.updater.apply_gradients = record_then_apply
     try:
         trainer.warm_start()
         timer = StageTimer()
-        batch, _ = trainer.collect(timer)
+        batch, _ = trainer.source.collect(0, timer)
         if by_group:
-            update = GroupwiseUpdate(trainer)
+            update = GroupwiseUpdate(trainer.updater)
             for group in batch.group_ids.unique().flip(0):
                 part = batch.select((batch.group_ids == group).nonzero().squeeze(-1))
-                trainer.score_forwards(part, timer)
-                trainer.compute_advantages(part, across_ranks=False)
+                trainer.scorer.score_forwards(part, timer)
+                trainer.advantages(part, across_ranks=False)
                 update.add(part)
             update.finish()
         else:
-            trainer.score_forwards(batch, timer)
-            trainer.compute_advantages(batch)
-            trainer.update(batch, step=0)
+            trainer.scorer.score_forwards(batch, timer)
+            trainer.advantages(batch)
+            trainer.updater.update(batch, step=0)
         return (grads, batch, stats) if with_stats else (grads, batch)
     finally:
         trainer.close()
@@ -148,9 +149,9 @@ def test_fused_forwards_equal_the_batch_pass(tiny_job, reward_spec, tmp_path, al
         try:
             trainer.warm_start()
             timer = StageTimer()
-            batch, _ = trainer.collect(timer)
+            batch, _ = trainer.source.collect(0, timer)
             assert ("fused_forwards" in timer.times) == fuse
-            trainer.score_forwards(batch, timer)
+            trainer.scorer.score_forwards(batch, timer)
             batches[fuse] = batch
         finally:
             trainer.close()
@@ -227,10 +228,10 @@ def test_rows_with_gradient_are_kept_when_the_loss_needs_every_row(tiny_job, rew
                         (["algo.skip_zero_advantage=false"], 4)):
         trainer = trainer_for(extra)
         try:
-            assert trainer._rows_with_gradient(batch).batch_size == kept, extra
+            assert trainer.updater.rows_with_gradient(batch).batch_size == kept, extra
             batch.advantages.zero_()
             if not extra:
-                ghost = trainer._rows_with_gradient(batch)
+                ghost = trainer.updater.rows_with_gradient(batch)
                 assert ghost.ghost and ghost.batch_size == 1
             batch.advantages = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0],
                                              [-1.0, -1.0]])

@@ -100,9 +100,9 @@ def test_kv_cache_is_released_after_generation_when_asked(tiny_job, reward_spec)
             *tiny_job, f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
             f"rollout.release_kv_cache={release}"]))
         try:
-            first, _ = trainer.collect(StageTimer())
+            first, _ = trainer.source.collect(0, StageTimer())
             assert bool(trainer.engine._keys) == (release == "false")
-            second, _ = trainer.collect(StageTimer())
+            second, _ = trainer.source.collect(0, StageTimer())
             batches[release] = (first, second)
         finally:
             trainer.close()
@@ -114,13 +114,14 @@ def test_rollout_workers_keep_their_kv_cache(tiny_job, reward_spec):
     """Nothing trains in a rollout worker's process: rollout.release_kv_cache does not
     free its cache between batches."""
     from plait.config import load_config
-    from plait.recipes.rollout_worker import RolloutWorker
+    from plait.runtime.generation import sampling_params
+    from plait.runtime.rollout_worker import RolloutWorker
 
     worker = RolloutWorker(load_config(None, [
         *tiny_job, f"reward.functions=[{{fn: '{reward_spec('digit_fraction')}'}}]",
         "rollout.release_kv_cache=true"]))
     try:
-        worker.rollout(worker.draw_rows(), worker.sampling_params(), 2)
-        assert worker.engine._keys
+        worker.generator.rollout(worker.draw_rows(), sampling_params(worker.config), 2)
+        assert worker.generator.engine._keys
     finally:
         worker.close()

@@ -262,12 +262,12 @@ def test_resume_with_harmless_changes_lists_them(existing_run, capsys):
 
 def test_checkpoint_without_its_config_is_compared_with_config_yaml(existing_run):
     """Checkpoints made before they held their config: the run's config.yaml decides."""
-    from plait.recipes.session import Session
+    from plait.recipes.checkpointing import check_resumable
 
     def check(*overrides):
         session = SimpleNamespace(run_dir=existing_run, config=job(existing_run, *overrides),
                                   dist=SimpleNamespace(is_main=True))
-        Session._check_resumable(session, existing_run / "checkpoints", {"data": {}})
+        check_resumable(session, existing_run / "checkpoints", {"data": {}})
 
     check("train.steps=5")
     with pytest.raises(ConfigError, match=r"optim\.lr 1e-05 -> 0\.5"):
@@ -296,7 +296,7 @@ def test_the_launcher_checks_without_importing_torch():
 def test_a_longer_run_with_a_decaying_schedule_says_the_rate_changes(existing_run, capsys):
     """More train.steps on resume stretch a linear or cosine schedule: the line says so."""
     from plait.config import config_to_dict
-    from plait.recipes.session import Session
+    from plait.recipes.checkpointing import check_resumable
 
     made = config_to_dict(job(existing_run, "optim.schedule=cosine"))
     for steps, said in ((5, True), (1, False)):
@@ -304,6 +304,6 @@ def test_a_longer_run_with_a_decaying_schedule_says_the_rate_changes(existing_ru
             run_dir=existing_run, dist=SimpleNamespace(is_main=True),
             config=job(existing_run, "optim.schedule=cosine", f"train.steps={steps}",
                        "train.eval_every=1"))
-        Session._check_resumable(session, existing_run / "checkpoints", {"config": made})
+        check_resumable(session, existing_run / "checkpoints", {"config": made})
         line = capsys.readouterr().out
         assert ("learning-rate schedule" in line) is said, line

@@ -62,7 +62,9 @@ def test_shard_bounds_cover_everything_once():
     ("runtime.controller=single",),                            # GRPO, single controller
     ("algo.name=ppo", "algo.group_size=2", "algo.epochs=2",    # PPO: critic + global whitening
      "algo.kl_coef=0.05", "algo.kl_mode=reward"),
-], ids=["grpo-parallel", "grpo-single", "ppo-parallel"])
+    ("algo.advantage=reinforce++", "algo.kl_coef=0.05",        # REINFORCE++: global whitening
+     "algo.kl_mode=reward"),
+], ids=["grpo-parallel", "grpo-single", "ppo-parallel", "reinforce++-parallel"])
 def test_two_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     alone = [e for e in extra if not e.startswith("runtime.")]  # one rank has no controller

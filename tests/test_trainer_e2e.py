@@ -69,13 +69,13 @@ def test_variants_learn(tiny_job, reward_spec, extra):
 def test_nan_loss_is_skipped_and_counted(tiny_job, reward_spec):
     """A non-finite loss skips that update (weights untouched), is counted, and the run
     goes on; a streak of max_nan_skips stops it."""
+    from plait.errors import TrainingDiverged
     from plait.recipes.rl import RLTrainer
-    from plait.recipes.session import TrainingDiverged
 
     cfg = learning_job(tiny_job, reward_spec, "train.steps=4", "train.max_nan_skips=2")
     poisoned_steps = {2}
     with RLTrainer(cfg) as trainer:
-        micro_loss = trainer.micro_loss
+        micro_loss = trainer.updater.micro_loss
 
         def maybe_nan(micro, norm, stat_norm=None):
             loss, stats = micro_loss(micro, norm, stat_norm)
@@ -84,7 +84,7 @@ def test_nan_loss_is_skipped_and_counted(tiny_job, reward_spec):
                 stats["nonfinite"] = 1.0
             return loss, stats
 
-        trainer.micro_loss = maybe_nan
+        trainer.updater.micro_loss = maybe_nan
         before = {}
 
         def snapshot(t, step, metrics):
@@ -101,6 +101,6 @@ def test_nan_loss_is_skipped_and_counted(tiny_job, reward_spec):
                        "run.overwrite=true")
     poisoned_steps = {1, 2, 3, 4, 5}
     with RLTrainer(cfg) as trainer, pytest.raises(TrainingDiverged, match="NaN/inf"):
-        micro_loss = trainer.micro_loss
-        trainer.micro_loss = maybe_nan
+        micro_loss = trainer.updater.micro_loss
+        trainer.updater.micro_loss = maybe_nan
         trainer.run()

@@ -44,9 +44,14 @@ def cmd_train(args) -> int:
     args.run = config.run  # for the message on Ctrl-C
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
-        from plait.runtime.launch import launch
+        from plait.recipes.rl import run_job
+        from plait.runtime.worker import job_reference
 
-        summary = launch(config)
+        if runtime.launcher == "ray":
+            from plait.runtime.ray_launcher import launch_ray as launch
+        else:
+            from plait.runtime.launch import launch_local as launch
+        summary = launch(config, job_reference(run_job))
     else:
         from plait.recipes.rl import train
 

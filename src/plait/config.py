@@ -22,8 +22,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from plait.errors import PlaitError
 
-class ConfigError(ValueError):
+
+class ConfigError(PlaitError, ValueError):
     """A config value or key is invalid; the message says which, where, and what to do."""
 
 
@@ -88,7 +90,9 @@ class DataConfig:
                                 "test split, or a slice of train_path.")
     split: str = opt("train", "Split to read from a DatasetDict directory.")
     fields: dict[str, str] = opt(doc="Map plait's field names to dataset columns, e.g. "
-                                 "{prompt: question, answer: solution}.", factory=dict)
+                                 "{prompt: question, answer: solution}; a mapped column also "
+                                 "keeps its own name, so reward functions get both.",
+                                 factory=dict)
     num_train: int = opt(50000, "Rows generated for a synthetic task's train split.", low=1)
     num_eval: int = opt(200, "Held-out rows used for evaluation.", low=1)
     max_prompt_tokens: int = opt(256, "Prompts longer than this are rejected with the row named.",
@@ -778,6 +782,38 @@ def streams_groups(config: Config) -> bool:
             and cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
             and advantage_estimator(cfg) in ("grpo", "drgrpo", "rloo")
             and cfg.runtime.data_parallel == "ddp")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a job derives from its config, resolved once in one place ('auto'
+    choices made, switches that follow from others): what the training parts read
+    instead of re-deriving them."""
+
+    advantage: str  # the estimator in force (algo.advantage with 'auto' resolved)
+    off_policy: str  # the off-policy correction in force
+    uses_reference: bool  # reference log-probs needed (KL, or GRPOVI reference weights)
+    kl_in_reward: bool  # KL to the reference as a per-token reward penalty
+    kl_in_loss: bool  # KL to the reference as a loss term
+    needs_old_logprobs: bool  # a separate old log-prob pass per batch
+    streams_groups: bool  # rollout workers apart send group by group
+    train_temperature: float  # the sampling temperature the trainer's log-probs use
+    loss_norm_constant: float  # the constant of the '-norm' loss aggregations
+
+
+def derive(config: Config) -> Settings:
+    """The :class:`Settings` of ``config``."""
+    algo = config.algo
+    reference = uses_reference(config)
+    temperature = config.rollout.temperature
+    return Settings(
+        advantage=advantage_estimator(config), off_policy=off_policy_mode(config),
+        uses_reference=reference,
+        kl_in_reward=reference and algo.kl_coef > 0 and algo.kl_mode == "reward",
+        kl_in_loss=reference and algo.kl_coef > 0 and algo.kl_mode == "loss",
+        needs_old_logprobs=needs_old_logprobs(config), streams_groups=streams_groups(config),
+        train_temperature=temperature if temperature > 0 else 1.0,
+        loss_norm_constant=algo.loss_norm_constant or float(config.rollout.max_new_tokens))
 
 
 def _raise_first(problems: list[tuple[bool, str]]) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
+from plait.algos.aggregation import masked_whiten
 from plait.parallel.heartbeat import waiting_in
 
 
@@ -123,6 +124,34 @@ class Dist:
         self.traffic.add(kind, sent=size, received=size)
         return tensor
 
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked whitening (zero mean, unit unbiased variance over valid positions) with
+        statistics over every rank's positions, so a batch split over ranks is whitened
+        as one; one process whitens its own."""
+        if not self.active:
+            return masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        sums = torch.stack([(x * m).sum(), m.sum()]).double().cpu()
+        self.all_reduce(sums, kind="control")
+        mean = (sums[0] / sums[1].clamp(min=1)).to(x.dtype).to(x.device)
+        sq = torch.stack([((x - mean) ** 2 * m).sum()]).double().cpu()
+        self.all_reduce(sq, kind="control")
+        var = (sq[0] / (sums[1] - 1).clamp(min=1)).to(x.dtype).to(x.device)
+        return (x - mean) * torch.rsqrt(var + 1e-8)
+
+    def average_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Average ``grads`` over ranks in place, in one flat all-reduce (for gradients
+        accumulated outside DDP's own reduction)."""
+        if not self.active:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        with waiting_in("all_reduce (gradients)"):
+            tdist.all_reduce(flat, group=self.group)
+        flat /= self.world_size
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                                 strict=True):
+            grad.copy_(reduced)
+
     def broadcast_tensors(self, tensors, src: int = 0, *, kind: str = "broadcast") -> None:
         """Overwrite ``tensors`` on every rank with rank ``src``'s, in place."""
         if not self.active:
@@ -218,3 +247,19 @@ def shard_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
 
 def _pickled_size(obj) -> int:
     return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def data_parallel(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """``module`` wrapped in DDP over ``dist``'s group. Buffers (rotary tables) never
+    change, so no broadcast runs before each forward: a rank's forwards issue no
+    collective and only the backward's all-reduce meets the other ranks."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names \
+        else {"broadcast_buffers": False}
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=dist.group, **no_buffer_sync)

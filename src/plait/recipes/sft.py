@@ -7,12 +7,19 @@ only (prompt tokens are context), averaged over answer tokens.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Callable
 
 import torch
 
 from plait.config import OptimConfig, SFTConfig
 from plait.data.datasets import DataError, PromptIterator
+from plait.errors import TrainingDiverged
+from plait.parallel import fsdp
+from plait.parallel.heartbeat import report
+from plait.telemetry.metrics import MetricsLogger
+from plait.telemetry.progress import ProgressBar
 from plait.train.forward import position_ids_from_mask
 from plait.train.optim import build_optimizer
 
@@ -110,3 +117,73 @@ def supervised_warm_start(model, tokenizer, rows: list[dict], cfg: SFTConfig, *,
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return losses
+
+
+def warm_start(session) -> None:
+    """The RL job's start: evaluate the initial model, then (sft.steps > 0) fine-tune it
+    on the training rows' answers, save it as ``sft_model/`` (the reference of the RL
+    stage) and evaluate it again. Sharded ranks each train their share of every batch;
+    otherwise rank 0 trains and the others take its weights."""
+    cfg, dist = session.config, session.dist
+    if cfg.sft.steps > 0:
+        check_sft_rows(session.train_rows)
+    session.evaluate("initial")
+    if cfg.sft.steps <= 0:
+        return
+    report("supervised warm start")
+    if session.models.sharded:  # every rank trains its shard of each SFT batch
+        _train_and_save(session)
+    else:
+        if dist.is_main:
+            _train_and_save(session)
+        dist.barrier()
+        # every rank continues from rank 0's warm-started weights
+        dist.broadcast_tensors(list(session.policy.state_dict().values()), src=0,
+                               kind="weights")
+    session.state["reference_dir"] = str(session.run_dir / "sft_model")
+    session.evaluate("after_sft")
+
+
+def _train_and_save(session) -> None:
+    cfg, models = session.config, session.models
+    main = session.dist.is_main
+    bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True,
+                      silent=not main)
+    sft_metrics = MetricsLogger(session.run_dir / "sft", tensorboard=cfg.run.tensorboard) \
+        if main else None
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1, loss=loss)
+        if sft_metrics is not None:
+            sft_metrics.log(step, {"sft/loss": loss})
+
+    try:
+        supervised_warm_start(models.policy, session.tokenizer, session.train_rows, cfg.sft,
+                              encode_prompt=session.encode_prompt, seed=cfg.train.seed,
+                              device=session.device, on_step=on_step,
+                              dist=session.dist if models.sharded else None,
+                              optimizer_implementation=cfg.optim.implementation,
+                              autocast=models.autocast)
+    except FloatingPointError as err:
+        raise TrainingDiverged(str(err)) from None
+    models.policy.eval()
+    bar.close()
+    if sft_metrics is not None:
+        sft_metrics.close()
+    model = models.policy
+    if models.sharded:  # every rank joins the gathering; rank 0 writes
+        weights, _ = fsdp.full_state(models.policy)
+        if not main:
+            return
+        model = fsdp.plain_model(models.twins["policy"], weights)
+    try:
+        sft_dir = session.run_dir / "sft_model"
+        tmp_dir = session.run_dir / ".tmp-sft_model"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        session.tokenizer.save_pretrained(tmp_dir)
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        os.replace(tmp_dir, sft_dir)
+    finally:
+        if model is not models.policy:
+            fsdp.release(model)

@@ -1,6 +1,6 @@
-"""One process's part of a job, by placement: build its groups, its role, and run.
+"""One process's role in a launched job, by placement: its process groups and links.
 
-Every process of the job calls :func:`run_job` with the whole-job :class:`Dist`.
+Every process of the job calls :func:`plan` with the whole-job :class:`Dist`.
 Process groups are created in the same order everywhere (a torch.distributed
 rule): the trainer group (DDP, metric reductions), the worker group, and the
 push group (trainer 0 + the rollout workers) that carries weight broadcasts.
@@ -15,97 +15,62 @@ import torch.distributed as tdist
 from plait.config import Config
 from plait.parallel.dist import Dist
 from plait.runtime.placement import Layout
+from plait.runtime.remote import Remote
+from plait.runtime.rollout_worker import RolloutWorker
 from plait.runtime.transfer import ObjectChannel, WeightBroadcast
 
 
 @dataclass
-class Remote:
-    """What a trainer or rollout worker of a disaggregated job uses to reach the others."""
+class Roles:
+    """This process's part: its group (``dist``: the trainers, or the rollout workers),
+    whether it is a rollout worker, and the links between the two (``remote``: None
+    when every process trains and generates)."""
 
-    layout: Layout
-    channel: ObjectChannel
-    weights: WeightBroadcast | None = None
+    world: Dist
+    dist: Dist
+    is_worker: bool = False
+    remote: Remote | None = None
     push_group: object = None
-    max_staleness: int = 0
-    steps: int = 0
-
-    def start(self, trainer) -> None:
-        """Trainer 0, before the first step: tell each worker where the job stands and push
-        the starting weights (version = the step the job resumes from)."""
-        if trainer.dist.global_rank == 0:
-            state = {"step": trainer.global_step, "data": trainer.train_iter.state_dict(),
-                     "next_group_id": trainer._next_group_id,
-                     "reference_dir": trainer.state.get("reference_dir")}
-            for worker in self.layout.worker_ranks:
-                self.channel.send(state, worker, kind="control")
-        self._push(trainer, trainer.global_step)
-
-    def pushed(self, version: int) -> bool:
-        """Whether ``version`` is pushed after the update that makes it: only while some
-        worker will still need it (batch ``s`` needs weights ``>= s - max_staleness``, and
-        the last batch is ``steps - 1``)."""
-        return version + self.max_staleness <= self.steps - 1
-
-    def after_update(self, trainer, version: int) -> None:
-        """Trainer 0 pushes ``version`` if :meth:`pushed` says so."""
-        if self.pushed(version):
-            self._push(trainer, version)
-
-    def _push(self, trainer, version: int) -> None:
-        """Every trainer calls this: sharded trainers gather the policy together, and
-        trainer 0 snapshots and sends it."""
-        with trainer.gathered(trainer.policy):
-            if trainer.dist.global_rank == 0:
-                self.weights.push(version)
-
-    def finish(self) -> None:
-        self.channel.wait()
-        if self.weights is not None:
-            self.weights.wait()
 
 
-def run_job(config: Config, world: Dist) -> dict:
-    """Run this process's role; the trainers' summary (a worker returns ``{}``)."""
-    from plait.recipes.rl import RLTrainer
-
+def plan(config: Config, world: Dist) -> Roles:
+    """The groups and links of this process under ``runtime.placement``."""
     runtime = config.runtime
-    if runtime.placement == "colocated":
-        with RLTrainer(config, dist=world) as trainer:
-            return trainer.run()
-    if runtime.placement == "dynamic":
-        from plait.recipes.dynamic import DynamicTrainer
-
-        with DynamicTrainer(config, dist=world) as trainer:
-            return trainer.run()
+    if runtime.placement in ("colocated", "dynamic"):
+        return Roles(world, world)
     layout = Layout(runtime.num_ranks, runtime.rollout_workers)
     trainer_group = _new_group(layout.trainer_ranks, world)
     worker_group = _new_group(layout.worker_ranks, world)
-    push_ranks = [0, *layout.worker_ranks]
-    push_group = _new_group(push_ranks, world)
+    push_group = _new_group([0, *layout.worker_ranks], world)
     is_worker = layout.is_worker(world.global_rank)
     mine = layout.worker_ranks if is_worker else layout.trainer_ranks
     dist = world.subgroup(mine, worker_group if is_worker else trainer_group)
     remote = Remote(layout, ObjectChannel(world), push_group=push_group,
-                    max_staleness=runtime.max_staleness, steps=config.train.steps)
-    bucket = int(runtime.weight_bucket_mb * (1 << 20))
-    if is_worker:
-        from plait.recipes.rollout_worker import RolloutWorker
+                    max_staleness=runtime.max_staleness, steps=config.train.steps,
+                    bucket_bytes=int(runtime.weight_bucket_mb * (1 << 20)))
+    return Roles(world, dist, is_worker, remote, push_group)
 
-        world.barrier()  # trainers first: rank 0 settles the run directory and the model
-        with RolloutWorker(config, dist=dist) as worker:
-            remote.weights = WeightBroadcast(worker.policy, push_group, 0, world, bucket)
-            worker.serve(remote)
-            remote.finish()
-        return {}
-    with RLTrainer(config, dist=dist) as trainer:
-        world.barrier()
-        if world.global_rank == 0:
-            remote.weights = WeightBroadcast(trainer.policy, push_group, 0, world, bucket)
-        trainer.remote = remote
-        try:
-            return trainer.run()
-        finally:
-            remote.finish()
+
+def serve_rollouts(config: Config, roles: Roles) -> dict:
+    """A rollout worker's whole job: serve the trainers until the last batch."""
+    roles.world.barrier()  # trainers first: rank 0 settles the run directory and the model
+    with RolloutWorker(config, dist=roles.dist) as worker:
+        roles.remote.weights = WeightBroadcast(worker.policy, roles.push_group, 0, roles.world,
+                                               roles.remote.bucket_bytes)
+        worker.serve(roles.remote)
+        roles.remote.finish()
+    return {}
+
+
+def connect_trainer(roles: Roles, policy) -> None:
+    """A trainer rank, once built: meet the workers, and (trainer 0) open the weight
+    broadcast from ``policy``."""
+    if roles.remote is None:
+        return
+    roles.world.barrier()
+    if roles.world.global_rank == 0:
+        roles.remote.weights = WeightBroadcast(policy, roles.push_group, 0, roles.world,
+                                               roles.remote.bucket_bytes)
 
 
 def _new_group(ranks: list[int], world: Dist):

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from plait.config import Config, RunConfig, dump_yaml
+from plait.errors import PlaitError
 from plait.parallel.heartbeat import ProgressWatch, read_heartbeat
 from plait.runtime.run_dir import check_run_dir, job_dir, job_dirs, launcher_alive, mark_run_dir
 
@@ -40,7 +41,7 @@ STOP_GRACE_S = 5.0       # SIGTERM -> SIGKILL
 POLL_S = 0.2             # how often the launcher looks at exit codes and heartbeats
 
 
-class RankFailure(RuntimeError):
+class RankFailure(PlaitError, RuntimeError):
     """A rank died, failed or hung; the job was stopped."""
 
 
@@ -88,16 +89,9 @@ def world_size(config: Config) -> int:
     return runtime.num_ranks + workers
 
 
-def launch(config: Config) -> dict:
-    """Run ``config`` on ``runtime.num_ranks`` ranks with its launcher; the summary."""
-    if config.runtime.launcher == "ray":
-        from plait.runtime.ray_launcher import launch_ray
-
-        return launch_ray(config)
-    return launch_local(config)
-
-
-def launch_local(config: Config) -> dict:
+def launch_local(config: Config, job: str) -> dict:
+    """Run ``config``'s ranks as local processes, each calling the job function ``job``
+    (``MODULE:NAME``, see :func:`~plait.runtime.worker.job_reference`); the summary."""
     rank_config, run_dir = prepare_job(config)
     runtime = config.runtime
     work = job_dir(run_dir)
@@ -124,7 +118,7 @@ def launch_local(config: Config) -> dict:
                 out = open(run_dir / "logs" / f"rank{rank}.log", "w")  # noqa: SIM115
                 logs.append(out)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "plait.runtime.worker", str(config_path)], env=env,
+                [sys.executable, "-m", "plait.runtime.worker", str(config_path), job], env=env,
                 stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
                 start_new_session=True))
         with _stop_on_signals(procs):

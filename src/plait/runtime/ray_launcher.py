@@ -71,7 +71,7 @@ class _Rank:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def run(self, config_text: str, rank: int, world: int, master: tuple[str, int],
+    def run(self, config_text: str, job: str, rank: int, world: int, master: tuple[str, int],
             board, threads: int) -> dict:
         import tempfile
 
@@ -84,10 +84,12 @@ class _Rank:
         with tempfile.TemporaryDirectory(prefix="plait-rank-") as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(config_text)
-            return run_rank(str(path), sink=lambda record: board.beat.remote(record))
+            return run_rank(str(path), job, sink=lambda record: board.beat.remote(record))
 
 
-def launch_ray(config: Config) -> dict:
+def launch_ray(config: Config, job: str) -> dict:
+    """Run ``config``'s ranks as Ray actors, each calling the job function ``job``
+    (``MODULE:NAME``); the summary."""
     ray = _import_ray()
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -124,7 +126,7 @@ def launch_ray(config: Config) -> dict:
         master = ray.get(actors[0].address.remote())
         threads = max(1, int(runtime.cpus_per_rank))
         text = dump_yaml(rank_config)
-        refs = [actor.run.remote(text, rank, len(actors), master, board, threads)
+        refs = [actor.run.remote(text, job, rank, len(actors), master, board, threads)
                 for rank, actor in enumerate(actors)]
         import_failure_reporting()
         summaries = _watch(ray, refs, board, runtime.heartbeat_timeout_s, run_dir,

@@ -1,4 +1,7 @@
-"""One rank of a launched job: ``python -m plait.runtime.worker CONFIG.yaml``.
+"""One rank of a launched job: ``python -m plait.runtime.worker CONFIG.yaml MODULE:JOB``.
+
+``JOB`` is the function the rank runs, ``job(config, dist) -> summary`` (the launcher's
+caller names it: :func:`plait.recipes.rl.run_job` for ``plait train``).
 
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT`` and ``PLAIT_HEARTBEAT_DIR``. The rank beats
@@ -35,10 +38,23 @@ def die_with_parent() -> None:
         pass
 
 
-def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> dict:
-    """Run this process's rank of the job in ``config_path``; returns its summary.
-    Raises on failure, after writing the error into the heartbeat (a file in
-    ``heartbeat_dir``, or ``sink(record)``)."""
+def job_reference(job) -> str:
+    """``MODULE:NAME`` of a job function, for a rank process to import."""
+    return f"{job.__module__}:{job.__qualname__}"
+
+
+def resolve_job(reference: str):
+    """The job function ``MODULE:NAME`` names."""
+    import importlib
+
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_rank(config_path: str, job: str, heartbeat_dir: str | None = None, sink=None) -> dict:
+    """Run this process's rank of the job in ``config_path`` with the job function
+    ``job`` (``MODULE:NAME``); returns its summary. Raises on failure, after writing the
+    error into the heartbeat (a file in ``heartbeat_dir``, or ``sink(record)``)."""
     rank = int(os.environ.get("RANK", "0"))
     beat = Heartbeat(heartbeat_dir, rank, sink=sink)
     install(beat)
@@ -46,9 +62,9 @@ def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> d
     try:
         from plait.config import load_config
         from plait.parallel.dist import Dist
-        from plait.runtime.job import run_job
 
         config = load_config(config_path)
+        run_job = resolve_job(job)
         beat.set("joining the process group")
         dist = Dist.from_env(backend=config.runtime.backend,
                              timeout_s=config.runtime.collective_timeout_s)
@@ -66,13 +82,13 @@ def run_rank(config_path: str, heartbeat_dir: str | None = None, sink=None) -> d
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m plait.runtime.worker CONFIG.yaml", file=sys.stderr)
+    if len(argv) != 2:
+        print("usage: python -m plait.runtime.worker CONFIG.yaml MODULE:JOB", file=sys.stderr)
         return 2
     die_with_parent()
     rank = os.environ.get("RANK", "0")
     try:
-        run_rank(argv[0], os.environ.get("PLAIT_HEARTBEAT_DIR"))
+        run_rank(argv[0], argv[1], os.environ.get("PLAIT_HEARTBEAT_DIR"))
     except KeyboardInterrupt:
         return 130
     except BaseException as err:

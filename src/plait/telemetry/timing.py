@@ -18,12 +18,18 @@ def _cuda_tracked() -> bool:
 class StageTimer:
     """Accumulates seconds per named stage, and when each stage ran (for timelines).
     On CUDA it also keeps each stage's peak allocated memory in MB (``memory``), nested
-    stages included in their parents' peaks."""
+    stages included in their parents' peaks. ``held_bytes``: the most bytes of batch
+    data the process held at once (see :meth:`hold`)."""
 
     times: dict[str, float] = field(default_factory=dict)
     spans: list[tuple[str, float, float]] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
+    held_bytes: int = 0
     _peaks: list[int] = field(default_factory=list)  # running peak of each open stage
+
+    def hold(self, nbytes: int) -> None:
+        """The process holds ``nbytes`` of batch data at once now."""
+        self.held_bytes = max(self.held_bytes, nbytes)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

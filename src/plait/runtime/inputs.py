@@ -1,0 +1,182 @@
+"""What every process of a job sets up from its config, trainer or rollout worker:
+threads, seeds and device; the task and the reward range; the tokenizer and the
+starting policy; the prompt rows; the reward functions; the generation engine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plait.config import BUILTIN_REWARD_NAMES, Config, ConfigError
+from plait.data.datasets import PromptIterator, load_prompt_rows
+from plait.data.tasks import make_task
+from plait.models.loading import (
+    format_prompt,
+    load_causal_lm,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model_dir,
+)
+from plait.parallel.dist import Dist
+from plait.rewards import RewardManager
+from plait.rollout import build_engine
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
+                          "use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def configure_process(config: Config, dist: Dist) -> torch.device:
+    """Threads (train.threads, else the launcher's share of the cores, else an even share
+    among the ranks on this machine), determinism, seeds; the device this rank uses."""
+    train = config.train
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    elif os.environ.get("PLAIT_THREADS"):  # the launcher's share of cores per rank
+        torch.set_num_threads(int(os.environ["PLAIT_THREADS"]))
+    elif dist.active:  # ranks on one machine share its cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(train.seed)
+    quiet_transformers()
+    device = pick_device(train.device)
+    if device.type == "cuda" and dist.active:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def job_task(config: Config):
+    """The built-in task ``data.task`` names, or None."""
+    data = config.data
+    return make_task(data.task, **data.task_args) if data.task else None
+
+
+def reward_range(config: Config, task) -> tuple[float, float]:
+    """``[low, high]`` of the total reward: algo.reward_range, else the built-in task's
+    range under the reward weights; the overlong penalty lowers the floor."""
+    algo = config.algo
+    if algo.reward_range is not None:
+        low, high = algo.reward_range
+    elif task is not None and all(f.fn in BUILTIN_REWARD_NAMES
+                                  for f in config.reward.functions):
+        weights = [f.weight for f in config.reward.functions]
+        low = sum(min(w * task.reward_range[0], w * task.reward_range[1]) for w in weights)
+        high = sum(max(w * task.reward_range[0], w * task.reward_range[1]) for w in weights)
+    elif algo.reward_adjust == "grpovi":
+        raise ConfigError("algo.reward_adjust=grpovi needs the reward's range: set "
+                          "algo.reward_range=[low, high] for user reward functions")
+    else:
+        low, high = 0.0, 1.0
+    if algo.overlong_buffer > 0:
+        low -= algo.overlong_penalty
+    return float(low), float(high)
+
+
+def load_policy(config: Config, dist: Dist, run_dir: Path):
+    """``(model_dir, tokenizer, policy)``: rank 0 builds the tiny model when asked for
+    one, the others load it once it exists. The policy is on the CPU."""
+    if dist.is_main:
+        resolve_model_dir(config.model, run_dir)
+    dist.barrier()
+    model_dir = resolve_model_dir(config.model, run_dir)
+    tokenizer = load_tokenizer(model_dir, key="model.path")
+    policy = load_causal_lm(model_dir, config.model.attn_implementation, key="model.path")
+    return model_dir, tokenizer, policy
+
+
+class PromptEncoder:
+    """Prompt text -> token ids (the chat template applied per model.chat_template),
+    remembered: the same prompts come back every epoch."""
+
+    def __init__(self, tokenizer, chat_template):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self._cache: dict[str, list[int]] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = format_prompt(self.tokenizer, text, self.chat_template)
+            self._cache[text] = ids
+        return ids
+
+
+@dataclass
+class Prompts:
+    """The job's prompt rows: training rows in a resumable order, and held-out rows."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    train_iter: PromptIterator
+
+
+def load_prompts(config: Config, task, encode_prompt) -> Prompts:
+    """Rows from data.train_path (held-out rows from data.eval_path, else its last
+    data.num_eval rows), else made by the built-in task; every prompt checked against
+    data.max_prompt_tokens."""
+    data = config.data
+    seed = config.train.seed
+    if data.train_path is not None:
+        rows = load_prompt_rows(data.train_path, split=data.split, fields=data.fields or None)
+        if data.eval_path is not None:
+            eval_rows = load_prompt_rows(data.eval_path, split=data.split,
+                                         fields=data.fields or None)[: data.num_eval]
+        else:
+            if len(rows) <= data.num_eval:
+                raise ConfigError(f"data.train_path has {len(rows)} rows, not enough to hold "
+                                  f"out data.num_eval={data.num_eval}; set data.eval_path or "
+                                  "lower data.num_eval")
+            eval_rows, rows = rows[-data.num_eval:], rows[: -data.num_eval]
+    else:
+        rows = task.make_rows(data.num_train, seed=seed, split="train")
+        eval_rows = task.make_rows(data.num_eval, seed=seed, split="test")
+    _check_prompt_lengths(config, rows, "train", encode_prompt)
+    _check_prompt_lengths(config, eval_rows, "eval", encode_prompt)
+    return Prompts(rows, eval_rows, PromptIterator(rows, seed=seed))
+
+
+def _check_prompt_lengths(config: Config, rows: list[dict], which: str, encode_prompt) -> None:
+    limit = config.data.max_prompt_tokens
+    for index, row in enumerate(rows):
+        n = len(encode_prompt(row["prompt"]))
+        if n > limit:
+            raise ConfigError(f"{which} row {index + 1}: prompt has {n} tokens, more than "
+                              f"data.max_prompt_tokens={limit}; raise the limit or drop "
+                              "the row")
+
+
+def build_rewards(config: Config, task) -> RewardManager:
+    """The weighted reward functions of reward.functions, with their failure policy."""
+    reward = config.reward
+    return RewardManager(
+        [(f.fn, f.weight) for f in reward.functions], task=task,
+        timeout_s=reward.timeout_s, on_error=reward.on_error,
+        fallback_reward=reward.fallback_reward, import_timeout_s=reward.import_timeout_s,
+        max_consecutive_timeouts=reward.max_consecutive_timeouts)
+
+
+def engine_for(config: Config, policy, tokenizer, model_dir, *, compile: bool):
+    """The generation engine rollout.engine names, sharing ``policy``'s weights."""
+    try:
+        return build_engine(config.rollout, policy, tokenizer,
+                            compile=compile and config.rollout.compile)
+    except ValueError as err:
+        raise ConfigError(f"model {str(model_dir)!r}: {err}") from None

@@ -1,0 +1,151 @@
+"""Steps 4 and 5 of an RL step: the teacher-forced forward passes over a batch
+(reference log-probs, old log-probs, critic values) and its advantages (GRPOVI
+adjustment, KL penalty, the registered estimator).
+
+Both compute only what the batch lacks: a source may deliver parts already done
+(forward passes fused into generation, the single controller's advantages computed
+on rank 0, parts trained on as they stream in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from plait import algos
+from plait.config import Config, ConfigError, Settings
+from plait.train.experience import Experience
+from plait.train.forward import response_logits, response_values, token_logprobs
+
+
+class Scorer:
+    """The forward passes of step 4, over micro-batches, with the models given (a
+    rollout worker holding only a reference passes no critic)."""
+
+    def __init__(self, config: Config, settings: Settings, *, policy, reference=None,
+                 critic=None, autocast=contextlib.nullcontext,
+                 gathered=lambda *models: contextlib.nullcontext()):
+        self.config, self.settings = config, settings
+        self.policy, self.reference, self.critic = policy, reference, critic
+        self.autocast, self.gathered = autocast, gathered
+
+    @torch.no_grad()
+    def score_forwards(self, batch: Experience, timer) -> dict[str, float]:
+        """Reference log-probs, behaviour log-probs and critic values (those not already
+        computed on finished groups during generation)."""
+        stats: dict[str, float] = {}
+        if self.reference is not None and batch.ref_logprobs is None:
+            with timer.stage("reference"), self.gathered(self.reference):
+                batch.ref_logprobs = self.per_token(batch, self.reference_logprobs)
+        if self.settings.needs_old_logprobs and batch.old_logprobs is None:
+            if self.config.algo.use_engine_logprobs and batch.sampled_logprobs is not None:
+                batch.old_logprobs = batch.sampled_logprobs
+            else:
+                with timer.stage("old_logprobs"), self.gathered(self.policy):
+                    batch.old_logprobs = self.per_token(batch, lambda m: self.logprobs(
+                        self.policy, m))
+                if batch.sampled_logprobs is not None:  # both exist: log the mismatch
+                    stats["rollout/logprob_gap_mean"] = mean_gap(
+                        batch.sampled_logprobs, batch.old_logprobs, batch.response_mask)
+        if self.critic is not None and batch.values is None:
+            with timer.stage("critic"), self.gathered(self.critic):
+                batch.values = self.per_token(batch, lambda m: response_values(self.critic, m))
+        return stats
+
+    @torch.no_grad()
+    def fused_forwards(self, chunk: Experience) -> dict[str, torch.Tensor]:
+        """Reference log-probs and critic values of groups that finished while the rest of
+        the batch is still generating (inter-stage fusion)."""
+        out = {}
+        if self.reference is not None:
+            out["ref_logprobs"] = self.per_token(chunk, self.reference_logprobs)
+        if self.critic is not None:
+            out["values"] = self.per_token(chunk, lambda m: response_values(self.critic, m))
+        return out
+
+    def reference_logprobs(self, micro: Experience) -> torch.Tensor:
+        return self.logprobs(self.reference, micro)
+
+    def logprobs(self, model, micro: Experience) -> torch.Tensor:
+        algo = self.config.algo
+        return token_logprobs(response_logits(
+            model, micro, self.settings.train_temperature, algo.share_prompt_forward,
+            algo.pack_group_tokens), micro.response_ids)
+
+    def per_token(self, batch: Experience, fn) -> torch.Tensor:
+        """``fn`` over micro-batches, reassembled into a ``[B, R]`` tensor in row order."""
+        algo = self.config.algo
+        out = torch.zeros(batch.response_ids.shape, device=batch.response_ids.device)
+        with self.autocast():
+            for idx in batch.micro_batch_indices(algo.micro_batch_size, algo.micro_batch_tokens,
+                                                 algo.share_prompt_forward):
+                part = fn(batch.select(idx).trimmed()).float()
+                out[idx.to(out.device), : part.shape[1]] = part
+        return out
+
+
+class Advantages:
+    """Step 5: the GRPOVI reward adjustment, the KL penalty (KL in the reward) and the
+    estimator ``algos.ESTIMATORS[settings.advantage]``, with batch-wide statistics (KL
+    mean, whitening) over every rank's rows unless told otherwise."""
+
+    def __init__(self, config: Config, settings: Settings, dist, reward_range):
+        self.config, self.settings, self.dist = config, settings, dist
+        self.low, self.high = reward_range
+        self.estimator = algos.ESTIMATORS[settings.advantage]
+
+    def __call__(self, batch: Experience, across_ranks: bool = True) -> dict[str, float]:
+        """Set ``batch.advantages`` (and ``returns`` for a critic) unless the batch came
+        with them; the step statistics."""
+        if batch.advantages is not None:
+            return {}
+        return self.compute(batch, across_ranks)
+
+    def compute(self, batch: Experience, across_ranks: bool = True) -> dict[str, float]:
+        """Compute the advantages of ``batch`` (replacing any it has)."""
+        algo = self.config.algo
+        mask = batch.response_mask
+        rewards = batch.rewards
+        stats = {}
+        kl_tok = None
+        if self.settings.kl_in_reward:
+            kl_tok = algos.kl_estimate(batch.old_logprobs, batch.ref_logprobs,
+                                       algo.kl_estimator) * mask
+            count = mask.sum().double().cpu().reshape(1)
+            if across_ranks:  # a share of the global mean: the rank reduction adds shares
+                self.dist.all_reduce(count, kind="control")
+            stats["kl_ref"] = float(kl_tok.sum() / count.clamp(min=1).item())
+        if algo.reward_adjust == "grpovi":
+            try:
+                rewards = algos.grpovi_adjust_groups(
+                    rewards, batch.group_ids, low=self.low, high=self.high,
+                    weights=self.grpovi_weights(batch), split_ties=algo.grpovi_split_ties)
+            except ValueError as err:
+                raise ConfigError(f"GRPOVI: {err}. Every total reward (fallback rewards and "
+                                  "penalties included) must lie in algo.reward_range") from None
+            stats["reward_adjusted_std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
+        whiten = self.dist.masked_whiten if across_ranks else algos.masked_whiten
+        batch.advantages, returns = self.estimator(algos.AdvantageInputs(
+            rewards=rewards, group_ids=batch.group_ids, mask=mask, kl=kl_tok,
+            kl_coef=algo.kl_coef, values=batch.values, gamma=algo.gamma, lam=algo.lam,
+            whiten=whiten))
+        if returns is not None:
+            batch.returns = returns
+        if batch.ghost:  # zero weight: no NaN from one-row groups may reach the update
+            batch.advantages = torch.zeros_like(batch.advantages)
+            if returns is not None:
+                batch.returns = torch.zeros_like(batch.returns)
+        return stats
+
+    def grpovi_weights(self, batch: Experience) -> torch.Tensor | None:
+        if self.config.algo.grpovi_weights == "uniform":
+            return None
+        seq_logprobs = algos.sequence_logprob(batch.ref_logprobs, batch.response_mask)
+        return algos.sequence_weights_from_logprobs(seq_logprobs.double(),
+                                                    group_ids=batch.group_ids)
+
+
+def mean_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean absolute per-token difference over valid tokens."""
+    return float(((a - b).abs() * mask).sum() / mask.sum().clamp(min=1))
