@@ -11,7 +11,7 @@ best of ``--repeats`` runs, the variants taking turns within each repeat.
 next tokens) as ``torch.compile`` gives it with no engine-specific tuning (HF's sdpa
 attention, kernels called from Python, inductor's default choice of what to store and
 what to recompute, every guard checked, float constants as graph inputs), to show what
-the tuning of the compiled CPU step buys (sections 5f and 5g of RESULTS.md).
+the tuning of the compiled CPU step buys (its figures are in RESULTS.md).
 
     python benchmarks/decode_rows.py --threads 1 --compile --out benchmarks/results/decode_rows_cpu.json
     python benchmarks/decode_rows.py --threads 1 --compile --plain --rows 1 8 16 32 64 --out benchmarks/results/decode_rows_plain_cpu.json
