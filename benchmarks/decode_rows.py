@@ -69,9 +69,9 @@ def main() -> None:
                                           compile=True)
     if args.plain:
         plain = PlaitEngine(model, tokenizer, max_batch=max(args.rows))
-        plain._compiled_decode = torch.compile(plain._decode_draw, dynamic=True,
-                                               fullgraph=True)
-        plain._decode_attention, plain._traced = False, True
+        plain.slots.compiled = torch.compile(plain.slots.decode_draw, dynamic=True,
+                                             fullgraph=True)
+        plain.slots.decode_attention, plain.slots.traced = False, True
         engines["compiled_plain"] = plain
     for engine in engines.values():
         generate(engine, prompt, params, min(args.rows))  # warm-up (and compilation)

@@ -152,12 +152,13 @@ def decode_rate(model, tokenizer, args, steps: int, compile: bool = False) -> di
         plan = engine._sampling_plan()  # greedy rows (the compiled step draws them)
         positions = torch.full((len(prompts),), context, device=device)
         for k in range(3):  # warm-up
-            engine._decode_step(tokens, positions + k, kv_len=context + k + 1, plan=plan)
+            engine.slots.decode_step(tokens, positions + k, kv_len=context + k + 1,
+                                     plan=plan)
         synchronize(device)
         start = time.perf_counter()
         for k in range(steps):
-            logits, _ = engine._decode_step(tokens, positions + 3 + k,
-                                            kv_len=context + 4 + k, plan=plan)
+            logits, _ = engine.slots.decode_step(tokens, positions + 3 + k,
+                                                 kv_len=context + 4 + k, plan=plan)
             tokens = logits.argmax(-1)
         synchronize(device)
     step = (time.perf_counter() - start) / steps

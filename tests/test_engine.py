@@ -161,8 +161,8 @@ def test_paused_stream_continues_without_recomputing(setup):
     expected = dict(straight.stream())
     engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=6), tokenizer)
     prefilled = []
-    original = engine._prefill
-    engine._prefill = lambda contexts, slots: prefilled.extend(contexts) or \
+    original = engine.slots.prefill
+    engine.slots.prefill = lambda contexts, slots: prefilled.extend(contexts) or \
         original(contexts, slots)
     engine.submit(prompts[:4], params, n=2, seeds=[1, 2, 3, 4])
     runs = []
@@ -233,8 +233,8 @@ def test_prefill_token_budget_admits_over_several_steps(setup):
     def run(budget):
         engine = PlaitEngine(model, tokenizer, max_batch=8, prefill_tokens=budget)
         sizes = []
-        original = engine._prefill
-        engine._prefill = lambda contexts, slots: sizes.append(
+        original = engine.slots.prefill
+        engine.slots.prefill = lambda contexts, slots: sizes.append(
             len(contexts) * max(len(c) for c in contexts)) or original(contexts, slots)
         engine.submit(prompts, params, seeds=list(range(len(prompts))))
         runs = []
@@ -282,15 +282,15 @@ def test_models_the_engine_cannot_run_exactly_are_refused():
 
 
 def test_top_p_one_rows_are_not_filtered_beside_filtered_rows():
-    from plait.rollout.engine import _filter_top_k_top_p
+    from plait.rollout.sampling import filter_top_k_top_p
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5000) * 3
-    out = _filter_top_k_top_p(logits, [0, 3], [1.0, 1.0], torch.tensor([False, False]))
+    out = filter_top_k_top_p(logits, [0, 3], [1.0, 1.0], torch.tensor([False, False]))
     assert torch.equal(out[0], logits[0])
     assert torch.isfinite(out[1]).sum() == 3
     tied = torch.tensor([[3.0, 1.0, 3.0, 2.0]])
-    kept = _filter_top_k_top_p(tied, [1], [1.0], torch.tensor([False]))
+    kept = filter_top_k_top_p(tied, [1], [1.0], torch.tensor([False]))
     assert torch.isfinite(kept).tolist() == [[True, False, True, False]]  # ties at k kept
 
 
@@ -336,8 +336,8 @@ def test_sliding_window_attention_equals_hf_generate(arch, attention):
     torch.manual_seed(11)
     model = AutoModelForCausalLM.from_config(config).eval()
     engine = PlaitEngine(model, tokenizer, max_batch=3)
-    assert engine._window == 5
-    assert engine._sliding == ([True] * 3 if arch == "mistral" else [False, True, False])
+    assert engine.slots.window == 5
+    assert engine.slots.sliding == ([True] * 3 if arch == "mistral" else [False, True, False])
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     ours = engine.generate(prompts, params)
@@ -347,7 +347,7 @@ def test_sliding_window_attention_equals_hf_generate(arch, attention):
     assert sum(len(g[0].token_ids) > 5 for g in ours) >= 4  # most rows outgrew the window
     # the full-attention model would have generated something else
     unslid = PlaitEngine(model, tokenizer, max_batch=3)
-    unslid._window, unslid._sliding = None, [False] * 3
+    unslid.slots.window, unslid.slots.sliding = None, [False] * 3
     assert [g[0].token_ids for g in unslid.generate(prompts, params)] != \
         [g[0].token_ids for g in ours]
     torch.manual_seed(0)
@@ -480,13 +480,13 @@ needs_cxx = pytest.mark.skipif(
 
 def _draw_modes(engine) -> set[bool]:
     """Record which graphs of the compiled step (``sample`` on or off) the engine calls."""
-    modes, compiled = set(), engine._compiled_decode
+    modes, compiled = set(), engine.slots.compiled
 
     def step(*args, sample, **kwargs):
         modes.add(sample)
         return compiled(*args, sample=sample, **kwargs)
 
-    engine._compiled_decode = step
+    engine.slots.compiled = step
     return modes
 
 
@@ -564,13 +564,13 @@ def test_compiled_cpu_runs_decode_several_steps_in_one_call(setup):
         tokenizer))
     engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=5, sync_every=3,
                                         max_len=longest + 23, compile=True), tokenizer)
-    calls, original = [], engine._decode_step
+    calls, original = [], engine.slots.decode_step
 
     def step(*args, plan, steps=1, **kwargs):
         calls.append((plan.drawable, steps))
         return original(*args, plan=plan, steps=steps, **kwargs)
 
-    engine._decode_step = step
+    engine.slots.decode_step = step
     compiled = completions(engine)
     assert [c[:3] for c in compiled] == [c[:3] for c in eager]
     for a, b in zip(eager, compiled, strict=True):
@@ -579,7 +579,7 @@ def test_compiled_cpu_runs_decode_several_steps_in_one_call(setup):
     # one call per run of drawable rows; step by step for the top-k/top-p rows' runs and
     # at the end of the cache
     assert {(True, 3), (False, 1), (True, 1)} == set(calls)
-    assert engine._keys[0].shape[2] == longest + 23
+    assert engine.slots.length == longest + 23
 
 
 @needs_cxx
@@ -617,8 +617,8 @@ def test_a_decode_step_that_cannot_compile_names_the_setting(setup):
         raise RuntimeError("no C++ compiler found")
 
     engine = PlaitEngine(model, tokenizer, max_batch=4)
-    engine._compiled_decode = torch.compile(engine._decode_draw, backend=no_compiler,
-                                            dynamic=True)
+    engine.slots.compiled = torch.compile(engine.slots.decode_draw, backend=no_compiler,
+                                          dynamic=True)
     with pytest.raises(RuntimeError, match=r"rollout.compile.*no C\+\+ compiler found.*"
                                            r"set rollout.compile=false"):
         engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
@@ -667,7 +667,7 @@ def test_compiled_draw_equals_the_eager_sampler(setup, temperature):
     """The draw inside the compiled step (greedy and seeded rows) gives the eager
     sampler's tokens and log-probs for the same logits, rows and token offsets; plans
     with unseeded or top-k/top-p rows are left to the eager sampler."""
-    from plait.rollout.engine import _draw
+    from plait.rollout.sampling import draw, sample
 
     tokenizer, model, prompts = setup
     engine = PlaitEngine(model, tokenizer, max_batch=12, compile=True)  # compiles lazily
@@ -682,15 +682,15 @@ def test_compiled_draw_equals_the_eager_sampler(setup, temperature):
     tokens_seen = set()
     for offset in range(40):
         logits = engine._pending_logits + 3 * torch.randn_like(engine._pending_logits)
-        want_tokens, want_logprobs = engine._sample(logits, plan, offset=offset)
-        tokens, draw = _draw(logits, plan.settings, plan.counters + offset)
-        assert torch.equal(tokens, want_tokens) and torch.equal(draw[0].long(), want_tokens)
-        torch.testing.assert_close(draw[1], want_logprobs.double(), atol=1e-6, rtol=0)
+        want_tokens, want_logprobs = sample(logits, plan, offset=offset)
+        tokens, drawn = draw(logits, plan.settings, plan.counters + offset)
+        assert torch.equal(tokens, want_tokens) and torch.equal(drawn[0].long(), want_tokens)
+        torch.testing.assert_close(drawn[1], want_logprobs.double(), atol=1e-6, rtol=0)
         tokens_seen.update(want_tokens[2:].tolist())
         # without sampling (the graph for greedy plans) every row is greedy
-        greedy_tokens, greedy_draw = _draw(logits, plan.settings, plan.counters, sample=False)
+        greedy_tokens, greedy_draw = draw(logits, plan.settings, plan.counters, sample=False)
         assert torch.equal(greedy_tokens, logits.argmax(-1))
-        assert torch.equal(greedy_draw[:, :2], draw[:, :2])  # the two greedy rows
+        assert torch.equal(greedy_draw[:, :2], drawn[:, :2])  # the two greedy rows
     assert len(tokens_seen) > 5  # the seeded rows really sample
     for params, seeds, drawable in (
             (SamplingParams(max_new_tokens=8, temperature=0.0), None, True),
@@ -719,7 +719,7 @@ def test_compiled_step_restores_attention_and_deterministic_settings(setup):
                      torch.are_deterministic_algorithms_enabled()))
         raise ValueError("inside the step")
 
-    engine._compiled_decode = failing_step
+    engine.slots.compiled = failing_step
     before = model.config._attn_implementation
     was = (torch.are_deterministic_algorithms_enabled(),
            torch.is_deterministic_algorithms_warn_only_enabled())

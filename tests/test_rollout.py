@@ -101,7 +101,7 @@ def test_kv_cache_is_released_after_generation_when_asked(tiny_job, reward_spec)
             f"rollout.release_kv_cache={release}"]))
         try:
             first, _ = trainer.source.collect(0, StageTimer())
-            assert bool(trainer.engine._keys) == (release == "false")
+            assert bool(trainer.engine.slots.keys) == (release == "false")
             second, _ = trainer.source.collect(0, StageTimer())
             batches[release] = (first, second)
         finally:
@@ -122,6 +122,6 @@ def test_rollout_workers_keep_their_kv_cache(tiny_job, reward_spec):
         "rollout.release_kv_cache=true"]))
     try:
         worker.generator.rollout(worker.draw_rows(), sampling_params(worker.config), 2)
-        assert worker.generator.engine._keys
+        assert worker.generator.engine.slots.keys
     finally:
         worker.close()
