@@ -13,12 +13,12 @@ FSDP = ("runtime.num_ranks=2", "runtime.data_parallel=fsdp")
 @pytest.mark.parametrize("extra", [
     # KL to a sharded reference (gathered for its pass), micro-batches by a token budget,
     # so the two ranks can cut different numbers of micro-batches
-    ("algo.kl_coef=0.05", "algo.micro_batch_tokens=40"),
+    pytest.param(("algo.kl_coef=0.05", "algo.micro_batch_tokens=40"), marks=pytest.mark.slow),
     # PPO: a sharded critic, two epochs (old log-probs from the gathered policy)
     ("algo.name=ppo", "algo.group_size=2", "algo.epochs=2", "algo.micro_batch_size=3"),
     # the SFT warm start sharded too (each rank a share of every batch), the reference
     # then read from the saved warm-started model
-    ("sft.steps=4", "sft.batch_size=6", "algo.kl_coef=0.05"),
+    pytest.param(("sft.steps=4", "sft.batch_size=6", "algo.kl_coef=0.05"), marks=pytest.mark.slow),
 ], ids=["grpo-kl-token-budget", "ppo-critic", "sft-then-grpo"])
 def test_sharded_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -39,7 +39,7 @@ def test_sharded_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path,
     AutoModelForCausalLM.from_pretrained(ckpt)
 
 
-@pytest.mark.parametrize("first,second", [(FSDP, ()), ((), FSDP)],
+@pytest.mark.parametrize("first,second", [(FSDP, ()), pytest.param((), FSDP, marks=pytest.mark.slow)],
                          ids=["fsdp-then-one-rank", "one-rank-then-fsdp"])
 def test_checkpoints_resume_across_layouts(tiny_job, reward_spec, tmp_path, first, second):
     """Weights and AdamW states saved in one layout continue exactly in the other."""

@@ -83,6 +83,7 @@ def test_two_ranks_give_the_one_rank_update(tiny_job, reward_spec, tmp_path, ext
         assert b["loss/policy"] == pytest.approx(a["loss/policy"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ranks_skipping_different_rows_give_the_one_rank_update(tiny_job, reward_spec,
                                                                 tmp_path):
     """Zero-advantage rows left out of the update on each rank (a rank may keep none and
@@ -102,6 +103,7 @@ def test_ranks_skipping_different_rows_give_the_one_rank_update(tiny_job, reward
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_number_of_ranks(tiny_job, reward_spec, tmp_path):
     straight, switched = tmp_path / "straight", tmp_path / "switched"
     common = ("train.save_every=2", "train.keep_last=0")
@@ -194,6 +196,7 @@ def test_killed_launcher_takes_its_ranks_with_it(tiny_job, reward_spec, tmp_path
     assert not worker_pids() & ranks, "ranks outlived their launcher"
 
 
+@pytest.mark.slow
 def test_ray_launcher_runs_the_same_job(tiny_job, reward_spec, tmp_path):
     pytest.importorskip("ray")
     one, on_ray = tmp_path / "one", tmp_path / "ray"
@@ -206,6 +209,7 @@ def test_ray_launcher_runs_the_same_job(tiny_job, reward_spec, tmp_path):
     assert json.loads((on_ray / "summary.json").read_text())["ranks"] == 2
 
 
+@pytest.mark.slow
 def test_ray_launcher_names_a_dead_rank(tiny_job, reward_spec, tmp_path):
     pytest.importorskip("ray")
     proc = run_cli("train", *job(tiny_job, reward_spec, tmp_path / "run", "runtime.num_ranks=2",
@@ -226,10 +230,10 @@ def metrics_of(run_dir):
     # reference log-probs from the rollout worker, groups sent as they finish
     ("partial", 1, ("algo.kl_coef=0.1", "runtime.stream_groups=true")),
     # sharded trainers gather the policy together for each push to the worker
-    ("disaggregated", 2, ("runtime.data_parallel=fsdp",)),
+    pytest.param("disaggregated", 2, ("runtime.data_parallel=fsdp",), marks=pytest.mark.slow),
     # groups stop at different lengths: each trainer takes its groups one by one
-    ("disaggregated", 2, ("runtime.stream_groups=true", "rollout.max_new_tokens=24",
-                          'rollout.stop=["1", "2", "3"]')),
+    pytest.param("disaggregated", 2, ("runtime.stream_groups=true", "rollout.max_new_tokens=24",
+                                      'rollout.stop=["1", "2", "3"]'), marks=pytest.mark.slow),
 ], ids=["disaggregated-1", "disaggregated-2", "partial-kl", "disaggregated-2-fsdp",
         "disaggregated-2-streamed"])
 def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_path, placement,
@@ -253,6 +257,7 @@ def test_workers_apart_synchronous_equals_colocated(tiny_job, reward_spec, tmp_p
         assert any(m["rollout/parts"] > 1 for m in steps)
 
 
+@pytest.mark.slow
 def test_compiled_workers_serve_sharded_trainers(tiny_job, reward_spec, tmp_path):
     """rollout.compile with FSDP trainers apart: the worker generates through its compiled
     decode step, the sharded trainers evaluate with an eager engine."""
@@ -293,7 +298,8 @@ def test_disaggregated_with_staleness_trains_one_version_behind(tiny_job, reward
 @pytest.mark.parametrize("placement, k, extra", [
     ("disaggregated", 1, ()),
     # two workers, two trainers, batches two versions behind
-    ("disaggregated", 2, ("runtime.rollout_workers=2", "runtime.num_ranks=2")),
+    pytest.param("disaggregated", 2, ("runtime.rollout_workers=2", "runtime.num_ranks=2"),
+                 marks=pytest.mark.slow),
     ("partial", 1, ("algo.kl_coef=0.1",)),  # reference log-probs from the worker, fused
 ], ids=["disaggregated", "disaggregated-k2-2x2", "partial-kl"])
 def test_partial_rollout_generates_the_next_batch_in_the_tail(tiny_job, reward_spec, tmp_path,
