@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark 1 of issue 3, "RL step vs TRL": seconds per GRPO step and held-out accuracy,
+"""RL step vs TRL: seconds per GRPO step and held-out accuracy,
 plait vs TRL's ``GRPOTrainer``, on the tiny default model and task.
 
 Both trainers start from the same saved Hugging Face directory (plait's tiny model after
