@@ -1,4 +1,4 @@
-"""Pure RL algorithm math: tensors in, tensors out; no I/O, logging or device handling."""
+"""Pure RL and preference-learning math: tensors in, tensors out; no I/O, logging or devices."""
 
 from plait.algos.advantages import (
     ESTIMATORS,
@@ -37,8 +37,18 @@ from plait.algos.policy_loss import (
     sequence_logprob,
     value_loss,
 )
+from plait.algos.preference import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
+    "DPO_LOSS_TYPES",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "simpo_loss",
     "ESTIMATORS",
     "NEEDS_CRITIC",
     "AdvantageInputs",

@@ -1,0 +1,159 @@
+"""Preference losses: Bradley-Terry reward modelling and offline preference optimisation.
+
+Shapes: P preference pairs; every input is a ``[P]`` tensor of one number per pair (a
+reward model's score, or a response's summed or averaged log-probability).
+
+Papers and plait's choices:
+- Bradley-Terry pairwise loss, -log σ(s_c - s_r - m) (Ouyang et al. 2022, arXiv 2203.02155,
+  eq. 1; DeepSpeed-Chat scores the last token). The margin m per pair is Llama 2's
+  (Touvron et al. 2023, arXiv 2307.09288, eq. 2), 0 when not given.
+- Centring (the Advantage Model, Peng et al. 2023, arXiv 2309.10202): the model should score
+  advantage, whose mean over a prompt's responses is 0, so score distributions stay alike
+  across prompts and tasks. Its exact terms are not published; plait adds
+  ``center_coef`` x the mean over prompts of (that prompt's mean score)², each prompt's
+  mean taken over the chosen and rejected scores of all its pairs.
+- DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): -log σ(β h) with
+  h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r)); ``label_smoothing`` ε
+  gives conservative DPO, -(1-ε) log σ(β h) - ε log σ(-β h).
+- IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h - 1/(2β))²; pass log-probabilities
+  averaged over each response's tokens, as the paper's implementation does.
+- SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6), reference-free:
+  -log σ(β (ā_c - ā_r) - γ) with ā the response's log-probability averaged over its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "simpo_loss"]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def _check_pairs(*tensors: torch.Tensor) -> None:
+    shape = tensors[0].shape
+    if len(shape) != 1 or shape[0] == 0:
+        raise ValueError(f"expected one value per pair, [P] with P >= 1, got shape {tuple(shape)}")
+    for tensor in tensors[1:]:
+        if tensor.shape != shape:
+            raise ValueError(f"pair tensors differ in shape: {tuple(shape)} vs "
+                             f"{tuple(tensor.shape)}")
+
+
+def _accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs ranked right; a tie counts one half."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
+                       margin: torch.Tensor | None = None, center_coef: float = 0.0,
+                       prompt_ids: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pairwise reward-model loss, mean over pairs, plus the optional centring penalty.
+
+    Args:
+        chosen, rejected: [P] scores of the preferred and the other response.
+        margin: [P] how much more the chosen response should score (Llama 2's margin).
+        center_coef: weight of the mean squared per-prompt mean score.
+        prompt_ids: [P] int, pairs with the same id share a prompt (default: each pair
+            its own prompt).
+
+    Returns:
+        (scalar loss, stats): ``accuracy`` (ties count half), ``margin`` (mean s_c - s_r),
+        ``chosen`` and ``rejected`` (mean scores), ``center_penalty`` (unweighted).
+    """
+    _check_pairs(chosen, rejected, *(t for t in (margin, prompt_ids) if t is not None))
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    gap = chosen - rejected
+    loss = -F.logsigmoid(gap - margin if margin is not None else gap).mean()
+    if prompt_ids is None:
+        prompt_means = (chosen + rejected) / 2
+    else:
+        _, index = torch.unique(prompt_ids, return_inverse=True)
+        groups = int(index.max()) + 1
+        sums = torch.zeros(groups, dtype=chosen.dtype, device=chosen.device)
+        sums = sums.index_add(0, index, chosen).index_add(0, index, rejected)
+        counts = torch.zeros(groups, dtype=chosen.dtype, device=chosen.device)
+        counts = counts.index_add(0, index, torch.full_like(chosen, 2.0))
+        prompt_means = sums / counts
+    penalty = prompt_means.pow(2).mean()
+    if center_coef:
+        loss = loss + center_coef * penalty
+    stats = {"accuracy": _accuracy(chosen, rejected), "margin": gap.mean(),
+             "chosen": chosen.mean(), "rejected": rejected.mean(), "center_penalty": penalty}
+    return loss, {key: value.detach() for key, value in stats.items()}
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (``sigmoid``) or IPO (``ipo``) loss, mean over pairs, against a frozen reference.
+
+    Args:
+        policy_chosen, policy_rejected: [P] log-probabilities of each response under the
+            policy (summed over its tokens for DPO, averaged for IPO).
+        reference_chosen, reference_rejected: [P] the same under the reference (detached).
+        beta: the inverse temperature β (> 0).
+        loss_type: ``"sigmoid"`` (DPO) or ``"ipo"``.
+        label_smoothing: ε in [0, 0.5), the assumed rate of flipped labels (sigmoid only).
+
+    Returns:
+        (scalar loss, stats): the implicit rewards β(log π - log π_ref) as ``chosen_reward``
+        and ``rejected_reward`` (means), ``reward_margin`` and ``reward_accuracy``.
+    """
+    _check_pairs(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)).pow(2)
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_reward = beta * chosen_ratio.detach()
+    rejected_reward = beta * rejected_ratio.detach()
+    stats = {"chosen_reward": chosen_reward.mean(), "rejected_reward": rejected_reward.mean(),
+             "reward_margin": (chosen_reward - rejected_reward).mean(),
+             "reward_accuracy": _accuracy(chosen_reward, rejected_reward)}
+    return losses.mean(), stats
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, *,
+               beta: float, gamma: float = 0.0
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO loss, mean over pairs: no reference model, length-normalised rewards.
+
+    Args:
+        policy_chosen, policy_rejected: [P] log-probabilities averaged over each
+            response's tokens.
+        beta: reward scale β (> 0).
+        gamma: target reward margin γ (>= 0).
+
+    Returns:
+        (scalar loss, stats): rewards β ā as ``chosen_reward`` / ``rejected_reward``
+        (means), ``reward_margin`` and ``reward_accuracy``.
+    """
+    _check_pairs(policy_chosen, policy_rejected)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    chosen_reward, rejected_reward = beta * policy_chosen, beta * policy_rejected
+    loss = -F.logsigmoid(chosen_reward - rejected_reward - gamma).mean()
+    chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
+    stats = {"chosen_reward": chosen_reward.mean(), "rejected_reward": rejected_reward.mean(),
+             "reward_margin": (chosen_reward - rejected_reward).mean(),
+             "reward_accuracy": _accuracy(chosen_reward, rejected_reward)}
+    return loss, stats

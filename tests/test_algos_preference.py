@@ -1,0 +1,106 @@
+"""Preference losses against values computed by hand (math module, not torch)."""
+
+import math
+
+import pytest
+import torch
+
+from plait.algos.preference import bradley_terry_loss, dpo_loss, simpo_loss
+
+
+def softplus(x: float) -> float:
+    """-log σ(-x) = log(1 + e^x)."""
+    return math.log1p(math.exp(x))
+
+
+def test_bradley_terry_by_hand():
+    chosen = torch.tensor([2.0, 0.5], requires_grad=True)
+    rejected = torch.tensor([1.0, 1.5])
+    loss, stats = bradley_terry_loss(chosen, rejected)
+    want = (softplus(-1.0) + softplus(1.0)) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert stats["accuracy"].item() == 0.5
+    assert stats["margin"].item() == pytest.approx(0.0)
+    loss.backward()  # d/ds_c of -log σ(s_c - s_r) / P = -(1 - σ(gap)) / P
+    sigmoid = 1 / (1 + math.exp(-1.0))
+    assert chosen.grad.tolist() == pytest.approx([-(1 - sigmoid) / 2, -sigmoid / 2], abs=1e-6)
+
+
+def test_bradley_terry_margin_and_centring_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+    loss, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.5, 0.0]))
+    assert loss.item() == pytest.approx((softplus(-0.5) + softplus(1.0)) / 2, abs=1e-6)
+    # each pair its own prompt: means 1.5 and 1.0, mean square 1.625
+    loss, stats = bradley_terry_loss(chosen, rejected, center_coef=0.1)
+    base = (softplus(-1.0) + softplus(1.0)) / 2
+    assert stats["center_penalty"].item() == pytest.approx(1.625)
+    assert loss.item() == pytest.approx(base + 0.1 * 1.625, abs=1e-6)
+    # both pairs from one prompt: one mean over its four scores, 1.25
+    loss, stats = bradley_terry_loss(chosen, rejected, center_coef=0.1,
+                                     prompt_ids=torch.tensor([7, 7]))
+    assert stats["center_penalty"].item() == pytest.approx(1.5625)
+    assert loss.item() == pytest.approx(base + 0.1 * 1.5625, abs=1e-6)
+    # three pairs, two prompts: means (1+2+3+0)/4 = 1.5 and (4+6)/2 = 5
+    _, stats = bradley_terry_loss(torch.tensor([1.0, 3.0, 4.0]), torch.tensor([2.0, 0.0, 6.0]),
+                                  prompt_ids=torch.tensor([0, 0, 9]))
+    assert stats["center_penalty"].item() == pytest.approx((1.5 ** 2 + 5.0 ** 2) / 2)
+    assert stats["accuracy"].item() == pytest.approx(1 / 3)
+
+
+def test_a_tie_counts_half():
+    _, stats = bradley_terry_loss(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]))
+    assert stats["accuracy"].item() == 0.75
+
+
+def test_dpo_and_ipo_by_hand():
+    policy_chosen = torch.tensor([-3.0], requires_grad=True)
+    policy_rejected = torch.tensor([-5.0])
+    ref_chosen, ref_rejected = torch.tensor([-4.0]), torch.tensor([-4.5])
+    # h = (−3 − −4) − (−5 − −4.5) = 1.5
+    loss, stats = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    assert loss.item() == pytest.approx(softplus(-0.15), abs=1e-6)
+    assert stats["chosen_reward"].item() == pytest.approx(0.1)
+    assert stats["rejected_reward"].item() == pytest.approx(-0.05)
+    assert stats["reward_margin"].item() == pytest.approx(0.15)
+    assert stats["reward_accuracy"].item() == 1.0
+    loss.backward()  # -β (1 - σ(β h))
+    assert policy_chosen.grad.item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(-0.15))),
+                                                      abs=1e-6)
+    smoothed, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
+                           label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.9 * softplus(-0.15) + 0.1 * softplus(0.15),
+                                            abs=1e-6)
+    ipo, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
+                      loss_type="ipo")
+    assert ipo.item() == pytest.approx((1.5 - 5.0) ** 2, abs=1e-5)
+
+
+def test_dpo_starts_at_log_two_when_the_policy_is_the_reference():
+    logps = torch.tensor([-7.0, -2.0, -11.0])
+    loss, stats = dpo_loss(logps, logps.flip(0), logps, logps.flip(0), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["reward_accuracy"].item() == 0.5  # every implicit reward ties at 0
+
+
+def test_simpo_by_hand():
+    loss, stats = simpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.5]),
+                             beta=2.0, gamma=0.5)
+    # β(ā_c − ā_r) − γ: 1.5 and −1.5
+    assert loss.item() == pytest.approx((softplus(-1.5) + softplus(1.5)) / 2, abs=1e-6)
+    assert stats["reward_margin"].item() == pytest.approx((2.0 - 1.0) / 2)
+    assert stats["reward_accuracy"].item() == 0.5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)), "differ in shape"),
+    (lambda: bradley_terry_loss(torch.zeros(2, 1), torch.zeros(2, 1)), r"one value per pair"),
+    (lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(2), center_coef=-1), "center_coef"),
+    (lambda: dpo_loss(*[torch.zeros(2)] * 4, beta=0.0), "beta must be > 0"),
+    (lambda: dpo_loss(*[torch.zeros(2)] * 4, beta=0.1, loss_type="hinge"), "loss_type"),
+    (lambda: dpo_loss(*[torch.zeros(2)] * 4, beta=0.1, loss_type="ipo", label_smoothing=0.1),
+     "sigmoid"),
+    (lambda: simpo_loss(torch.zeros(2), torch.zeros(2), beta=1.0, gamma=-1), "gamma"),
+])
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
