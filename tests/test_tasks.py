@@ -5,10 +5,11 @@ import statistics
 import pytest
 
 from plait.data.datasets import DataError
-from plait.data.tasks import CHAR_VOCAB, TASKS, AdditionTask, RepeatTask, make_task
+from plait.data.tasks import CHAR_VOCAB, TASKS, AdditionTask, RepeatTask, ReverseTask, make_task
 
 
-@pytest.mark.parametrize("task", [AdditionTask(digits=2), RepeatTask()], ids=["addition", "repeat"])
+@pytest.mark.parametrize("task", [AdditionTask(digits=2), RepeatTask(), ReverseTask()],
+                         ids=["addition", "repeat", "reverse"])
 def test_rows_are_a_pure_function_of_seed_and_split(task):
     assert task.make_rows(50, seed=3, split="train") == task.make_rows(50, seed=3, split="train")
     assert task.make_rows(50, seed=3) != task.make_rows(50, seed=4)
@@ -16,7 +17,8 @@ def test_rows_are_a_pure_function_of_seed_and_split(task):
 
 
 @pytest.mark.parametrize(
-    "task", [AdditionTask(digits=2), RepeatTask(max_count=20)], ids=["addition", "repeat"]
+    "task", [AdditionTask(digits=2), RepeatTask(max_count=20), ReverseTask(max_len=4)],
+    ids=["addition", "repeat", "reverse"]
 )
 def test_train_and_test_splits_never_share_a_prompt(task):
     train = {row["prompt"] for row in task.make_rows(3000, seed=0, split="train")}
@@ -88,7 +90,7 @@ def test_repeat_verify():
 
 
 def test_make_task_builds_registered_tasks_with_settings():
-    assert set(TASKS) == {"addition", "repeat"}
+    assert set(TASKS) == {"addition", "repeat", "reverse"}
     assert make_task("addition", digits=3) == AdditionTask(digits=3)
     assert make_task("repeat", max_count=8).max_answer_chars == 8
 
@@ -122,3 +124,37 @@ def test_invalid_settings_are_rejected(build):
 def test_unknown_split_is_rejected():
     with pytest.raises(DataError, match="unknown split 'eval'"):
         AdditionTask().make_rows(1, split="eval")
+
+
+def test_reverse_rows_and_partial_credit_by_hand():
+    task = ReverseTask()
+    for row in task.make_rows(200, seed=2):
+        word = row["prompt"].rstrip("=")
+        assert row["answer"] == word[::-1] and 3 <= len(word) <= 8
+        assert set(word) <= set(CHAR_VOCAB)
+    assert task.verify("dcba\nzz", "dcba") == 1.0
+    assert task.verify("dcb", "dcba") == 3 / 4    # a letter missing
+    assert task.verify("dcbaa", "dcba") == 4 / 5  # a letter extra
+    assert task.verify("xcba", "dcba") == 3 / 4
+    assert task.verify("cba", "dcba") == 0.0      # shifted: no position right
+    assert task.verify("", "dcba") == 0.0
+    assert task.edit("dcba", __import__("random").Random(0), 0) == "dcba"
+
+
+def test_reverse_pairs_rank_by_the_true_score_with_the_set_label_noise():
+    task = ReverseTask()
+    clean = task.make_pairs(300, seed=1)
+    assert clean == task.make_pairs(300, seed=1)
+    for pair in clean:
+        assert pair["chosen_score"] > pair["rejected_score"] and not pair["flipped"]
+        assert task.verify(pair["chosen"], pair["answer"]) == pair["chosen_score"]
+        assert task.verify(pair["rejected"], pair["answer"]) == pair["rejected_score"]
+    assert len({p["chosen"] == p["answer"] for p in clean}) == 2  # exact and edited answers
+    noisy = task.make_pairs(3000, seed=1, noise=0.2)
+    flipped = [p for p in noisy if p["flipped"]]
+    assert abs(len(flipped) / len(noisy) - 0.2) < 0.025
+    assert all(p["chosen_score"] < p["rejected_score"] for p in flipped)
+    test_prompts = {p["prompt"] for p in task.make_pairs(300, seed=1, split="test")}
+    assert not test_prompts & {p["prompt"] for p in noisy}
+    with pytest.raises(DataError, match="noise must be in"):
+        task.make_pairs(1, noise=0.5)

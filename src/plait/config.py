@@ -81,8 +81,8 @@ class ModelConfig:
 class DataConfig:
     """Where prompts come from: a built-in synthetic task or local files."""
 
-    task: str | None = opt("addition", "Built-in synthetic task ('addition', 'repeat'), or null "
-                           "to read prompts from train_path.")
+    task: str | None = opt("addition", "Built-in synthetic task ('addition', 'repeat', "
+                           "'reverse'), or null to read prompts from train_path.")
     task_args: dict[str, Any] = opt(doc="Keyword arguments for the task, e.g. {digits: 3}.",
                                     factory=dict)
     train_path: str | None = opt(None, "JSONL / Parquet file or local HF dataset directory.")

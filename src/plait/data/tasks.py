@@ -1,7 +1,8 @@
 """Built-in synthetic tasks with verifiable answers.
 
 A task generates prompt rows (``{"prompt": str, "answer": str}``) and scores a
-completion against the answer. The prompts are short plain strings (no chat
+completion against the answer (1 or 0; the ``reverse`` task gives partial credit, its
+hidden "true quality", and also makes preference pairs). The prompts are short plain strings (no chat
 template; the trainer adds one) written in a ~40-character alphabet,
 :data:`CHAR_VOCAB`, so a tiny character-level model can learn them on a CPU.
 
@@ -34,6 +35,7 @@ __all__ = [
     "TASKS",
     "AdditionTask",
     "RepeatTask",
+    "ReverseTask",
     "Task",
     "make_task",
 ]
@@ -223,8 +225,108 @@ class RepeatTask(Task):
         return len(str(self.max_count)) + 3
 
 
+@dataclass(frozen=True)
+class ReverseTask(Task):
+    """Reverse a word: prompt ``"abcd="``, answer ``"dcba"``, scored with partial credit.
+
+    The preference task: its score is a hidden "true quality" of any response, the
+    share of the answer's positions the response gets right over the longer of the two
+    (1 only for the exact answer; missing and extra letters both cost). Preference pairs
+    (:meth:`make_pairs`) are two edits of the answer ranked by that score, with a set
+    share of labels flipped, so a reward model's accuracy against the truth, a policy's
+    true score and reward over-optimisation can all be measured.
+
+    Args:
+        min_len, max_len: word lengths (uniform).
+    """
+
+    name: ClassVar[str] = "reverse"
+
+    min_len: int = 3
+    max_len: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label, value in (("min_len", self.min_len), ("max_len", self.max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"ReverseTask: {label} must be a positive int, got {value!r}")
+        if self.min_len > self.max_len:
+            raise DataError(f"ReverseTask: min_len ({self.min_len}) is larger than "
+                            f"max_len ({self.max_len})")
+
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        word = "".join(rng.choice(string.ascii_lowercase)
+                       for _ in range(rng.randint(self.min_len, self.max_len)))
+        return f"{word}=", word[::-1]
+
+    @property
+    def max_answer_chars(self) -> int:
+        return self.max_len
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_len + 1
+
+    def verify(self, completion: str, answer: str) -> float:
+        """The true quality: answer positions right over the longer length, in [0, 1]."""
+        response, answer = self.extract_answer(completion), str(answer).strip()
+        longest = max(len(response), len(answer))
+        if longest == 0:
+            return 1.0
+        return sum(a == b for a, b in zip(response, answer, strict=False)) / longest
+
+    def edit(self, answer: str, rng: random.Random, edits: int) -> str:
+        """``answer`` after ``edits`` random edits: a letter changed, dropped, inserted
+        or appended, or the tail cut."""
+        text = list(answer)
+        for _ in range(edits):
+            kind = rng.choice(("change", "drop", "insert", "append", "cut"))
+            where = rng.randrange(len(text)) if text else 0
+            letter = rng.choice(string.ascii_lowercase)
+            if kind == "change" and text:
+                text[where] = letter
+            elif kind == "drop" and len(text) > 1:
+                del text[where]
+            elif kind == "insert":
+                text.insert(where, letter)
+            elif kind == "append":
+                text.append(letter)
+            elif kind == "cut" and len(text) > 1:
+                del text[max(1, where):]
+        return "".join(text)
+
+    def make_pairs(self, n: int, seed: int = 0, split: str = "train", *,
+                   noise: float = 0.0, max_edits: int = 3) -> list[dict[str, Any]]:
+        """``n`` preference pairs of ``split``: two responses (0 to ``max_edits`` edits of
+        the answer) of different true score, the better one as ``chosen`` except on a
+        ``noise`` share of pairs, whose labels are flipped. Each row keeps the truth:
+        ``chosen_score``, ``rejected_score`` and ``flipped``."""
+        if not 0.0 <= noise < 0.5:
+            raise DataError(f"reverse task: noise must be in [0, 0.5), got {noise!r}")
+        rng = random.Random(f"plait-pairs:{self!r}:{seed}:{split}:{noise}:{max_edits}")
+        pairs = []
+        for row in self.make_rows(n, seed=seed, split=split):
+            answer = row["answer"]
+            while True:
+                first, second = (self.edit(answer, rng, rng.randint(0, max_edits))
+                                 for _ in range(2))
+                scores = self.verify(first, answer), self.verify(second, answer)
+                if scores[0] != scores[1]:
+                    break
+            better = 0 if scores[0] > scores[1] else 1
+            flipped = rng.random() < noise
+            chosen = better if not flipped else 1 - better
+            responses = (first, second)
+            pairs.append({"prompt": row["prompt"], "answer": answer,
+                          "chosen": responses[chosen], "rejected": responses[1 - chosen],
+                          "chosen_score": scores[chosen], "rejected_score": scores[1 - chosen],
+                          "flipped": flipped})
+        return pairs
+
+
 #: Built-in tasks by name.
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "repeat": RepeatTask}
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "repeat": RepeatTask,
+                               "reverse": ReverseTask}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
