@@ -138,6 +138,18 @@ class Task(ABC):
         return 1.0 if self.extract_answer(completion) == str(answer).strip() else 0.0
 
 
+def _check_bounds(task: Task, low: str, high: str) -> None:
+    """Both settings positive ints, the first no larger than the second."""
+    name = type(task).__name__
+    for label in (low, high):
+        value = getattr(task, label)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name}: {label} must be a positive int, got {value!r}")
+    if getattr(task, low) > getattr(task, high):
+        raise DataError(f"{name}: {low} ({getattr(task, low)}) is larger than "
+                        f"{high} ({getattr(task, high)})")
+
+
 @dataclass(frozen=True)
 class AdditionTask(Task):
     """Add two non-negative integers: prompt ``"37+85="``, answer ``"122"``.
@@ -198,14 +210,7 @@ class RepeatTask(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for label, value in (("min_count", self.min_count), ("max_count", self.max_count)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"RepeatTask: {label} must be a positive int, got {value!r}")
-        if self.min_count > self.max_count:
-            raise DataError(
-                f"RepeatTask: min_count ({self.min_count}) is larger than "
-                f"max_count ({self.max_count})"
-            )
+        _check_bounds(self, "min_count", "max_count")
 
     def _count(self, rng: random.Random) -> int:
         log_count = rng.uniform(math.log(self.min_count), math.log(self.max_count + 1))
@@ -247,12 +252,7 @@ class ReverseTask(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for label, value in (("min_len", self.min_len), ("max_len", self.max_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"ReverseTask: {label} must be a positive int, got {value!r}")
-        if self.min_len > self.max_len:
-            raise DataError(f"ReverseTask: min_len ({self.min_len}) is larger than "
-                            f"max_len ({self.max_len})")
+        _check_bounds(self, "min_len", "max_len")
 
     def sample_problem(self, rng: random.Random) -> tuple[str, str]:
         word = "".join(rng.choice(string.ascii_lowercase)
