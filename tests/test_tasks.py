@@ -158,3 +158,13 @@ def test_reverse_pairs_rank_by_the_true_score_with_the_set_label_noise():
     assert not test_prompts & {p["prompt"] for p in noisy}
     with pytest.raises(DataError, match="noise must be in"):
         task.make_pairs(1, noise=0.5)
+
+
+@pytest.mark.parametrize("task, settings, message", [
+    (RepeatTask, {"min_count": 5, "max_count": 2}, r"RepeatTask: min_count \(5\) is larger than"),
+    (ReverseTask, {"min_len": 0}, "ReverseTask: min_len must be a positive int, got 0"),
+    (ReverseTask, {"max_len": True}, "ReverseTask: max_len must be a positive int, got True"),
+])
+def test_bad_bounds_are_named(task, settings, message):
+    with pytest.raises(DataError, match=message):
+        task(**settings)
