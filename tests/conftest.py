@@ -1,9 +1,16 @@
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("PLAIT_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A suite started in the background without job control (`cmd &` in a script) inherits
+# SIGINT ignored, and so would every plait process it starts; the Ctrl-C tests need the
+# signal delivered as a terminal delivers it, so the suite's children start with it on.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS_DIR = os.path.dirname(__file__)
 

@@ -350,10 +350,19 @@ def _wait_for_checkpoint(proc, work: Path, timeout: float = 120.0) -> None:
 
 def _finish(proc, err, work: Path, code: int, says: tuple[str, ...], prefix: str,
             before: dict[str, str]) -> None:
+    import subprocess
+
     from plait.train.checkpoint import latest_checkpoint, verify_checkpoint
 
-    assert proc.wait(timeout=30) == code
+    try:
+        returncode = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a job training on after the test
+        proc.wait()
+        err.close()
+        pytest.fail(f"the job still ran 30 s later:\n{(work / 'stderr.txt').read_text()[-2000:]}")
     err.close()
+    assert returncode == code
     text = (work / "stderr.txt").read_text()
     lines = [line for line in text.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
