@@ -211,6 +211,11 @@ class AlgoConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = opt("k3", "KL estimator.")
     kl_mode: Literal["loss", "reward"] = opt("loss", "KL as a loss term or a per-token reward "
                                             "penalty.")
+    kl_target: float | None = opt(
+        None, "Adaptive KL: the kl_ref the coefficient steers to, starting from kl_coef "
+        "(Ziegler et al.); null keeps kl_coef fixed.", low=0.0)
+    kl_horizon: int = opt(10000, "Adaptive KL: samples over which the coefficient moves by up "
+                          "to 20% of its error.", low=1)
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.", low=0.0)
     vf_coef: float = opt(0.5, "Value-loss weight (PPO).", low=0.0)
     vf_clip: float | None = opt(0.2, "Value clipping range around old values (PPO).", low=0.0)
@@ -905,6 +910,8 @@ def _validate_runtime(config: Config) -> None:
     ranks = runtime.num_ranks
     local_rows = algo.prompts_per_step // ranks * algo.group_size
     problems = [
+        (algo.kl_target is not None and algo.kl_target <= 0,
+         f"algo.kl_target must be > 0 (the KL the coefficient steers to), not {algo.kl_target}"),
         (algo.prompts_per_step % ranks != 0,
          f"algo.prompts_per_step={algo.prompts_per_step} must be a multiple of "
          f"runtime.num_ranks={ranks}: each rank takes whole prompt groups"),
@@ -977,8 +984,10 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
          f"no critic is trained, as algo.advantage is {estimator}, not gae"),
         (estimator not in ("gae", "reinforce++"), ("algo.gamma",),
          f"algo.advantage={estimator} does not discount (only gae and reinforce++ do)"),
-        (algo.kl_coef == 0, ("algo.kl_estimator", "algo.kl_mode"),
-         "algo.kl_coef=0: there is no KL term"),
+        (algo.kl_coef == 0, ("algo.kl_estimator", "algo.kl_mode", "algo.kl_target"),
+         "algo.kl_coef=0: there is no KL term (an adaptive one starts from algo.kl_coef)"),
+        (algo.kl_target is None, ("algo.kl_horizon",),
+         "algo.kl_target is not set: the KL coefficient stays algo.kl_coef"),
         (not uses_reference(config), ("model.ref_path",),
          "no reference model is used (only with algo.kl_coef > 0 or "
          "algo.grpovi_weights=reference)"),

@@ -25,7 +25,7 @@ from plait.algos.grpovi import (
     grpovi_adjust_groups,
     sequence_weights_from_logprobs,
 )
-from plait.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
+from plait.algos.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate, kl_penalty_rewards
 from plait.algos.policy_loss import (
     LOG_RATIOS,
     OFF_POLICY_MODES,
@@ -60,6 +60,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",
+    "adaptive_kl_coef",
     "aggregate_loss",
     "broadcast_seq_advantages",
     "entropy_from_logits",

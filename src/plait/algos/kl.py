@@ -6,6 +6,9 @@ http://joschu.net/blog/kl-approx.html). With samples y ~ π and log_ratio = log 
     k2 = ½ log_ratio²                           biased, low variance, >= 0
     k3 = exp(-log_ratio) - 1 + log_ratio        unbiased, low variance, >= 0
 
+The adaptive KL coefficient is Ziegler et al.'s controller (2019, arXiv 1909.08593,
+section 2.2), as DeepSpeed-Chat, TRL and OpenRLHF offer it.
+
 Deviation: for k3 plait clamps log_ratio to [-clamp, clamp] (default 20) before ``exp``, so a
 token the reference finds vastly more likely cannot overflow; k1 and k2 are never clamped.
 """
@@ -70,3 +73,24 @@ def kl_penalty_rewards(
     """
     shaped = token_rewards - coef * kl_estimate(logprobs, ref_logprobs, kind)
     return torch.where(mask.bool(), shaped, torch.zeros_like(shaped))
+
+
+def adaptive_kl_coef(coef: float, measured_kl: float, target: float, horizon: int,
+                     samples: int) -> float:
+    """The KL coefficient after one step of the adaptive controller (Ziegler et al. 2019):
+    ``coef * (1 + e * samples / horizon)`` with the proportional error
+    ``e = clip(measured_kl / target - 1, -0.2, 0.2)``, so the coefficient grows while the
+    policy is further from the reference than ``target`` and shrinks while it is closer.
+
+    Args:
+        coef: the coefficient the step ran with (> 0).
+        measured_kl: the step's KL estimate.
+        target: the KL to steer to (> 0).
+        horizon: samples over which the coefficient moves by up to 20% of its error.
+        samples: the step's sample count.
+    """
+    if coef <= 0 or target <= 0 or horizon < 1:
+        raise ValueError(f"adaptive KL needs coef > 0, target > 0 and horizon >= 1, got "
+                         f"{coef}, {target}, {horizon}")
+    error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)

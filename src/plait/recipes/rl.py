@@ -34,7 +34,7 @@ from plait.runtime.sources import (
     traffic_mark,
 )
 from plait.telemetry.timing import StageTimer
-from plait.train.scoring import Advantages, Scorer
+from plait.train.scoring import Advantages, KLCoefficient, Scorer
 from plait.train.update import Updater
 
 
@@ -46,12 +46,13 @@ class RLTrainer(Session):
                  remote: Remote | None = None, **kwargs):
         super().__init__(config, callbacks, dist=dist, **kwargs)
         models = self.models
+        self.kl_coef = KLCoefficient(config.algo, state=lambda: self.state)
         self.scorer = Scorer(config, self.settings, policy=models.policy,
                              autocast=models.autocast, gathered=models.gathered)
         self.advantages = Advantages(config, self.settings, self.dist,
-                                     (self.reward_low, self.reward_high))
+                                     (self.reward_low, self.reward_high), self.kl_coef)
         self.updater = Updater(config, self.settings, self.dist, models, skips=self.skips,
-                               checkpoint_root=self.checkpoint_root)
+                               checkpoint_root=self.checkpoint_root, kl_coef=self.kl_coef)
         self.source = self._source(remote)
 
     def step(self, step: int) -> dict[str, float]:
@@ -69,6 +70,7 @@ class RLTrainer(Session):
         metrics = self.source.after_update(step, metrics, timer)               # 7
         metrics.update(controller_load(self.dist, timer, traffic))
         metrics = step_metrics(self.dist, metrics, timer, start, self.skips.total)
+        metrics.update(self.kl_coef.update(metrics))                            # adaptive KL
         self.source.observe(step, metrics)
         return metrics
 

@@ -85,15 +85,45 @@ class Scorer:
         return out
 
 
+class KLCoefficient:
+    """The KL-to-reference coefficient: ``algo.kl_coef``, or with ``algo.kl_target`` the
+    adaptive controller's value, moved after each step by that step's ``kl_ref`` (the same
+    on every rank). It lives in the trainer state (``state()``), so checkpoints keep it and
+    a resumed run continues from it."""
+
+    def __init__(self, algo, state=None):
+        self.algo = algo
+        self.state = state  # returns the trainer state dict; None: the coefficient is fixed
+
+    @property
+    def value(self) -> float:
+        if self.algo.kl_target is None or self.state is None:
+            return self.algo.kl_coef
+        return self.state().get("kl_coef", self.algo.kl_coef)
+
+    def update(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Move the coefficient by the step's metrics; returns ``{"kl_coef": value}`` the
+        step ran with when adaptive."""
+        if self.algo.kl_target is None or self.state is None or "kl_ref" not in metrics:
+            return {}
+        used = self.value
+        self.state()["kl_coef"] = algos.adaptive_kl_coef(
+            used, metrics["kl_ref"], self.algo.kl_target, self.algo.kl_horizon,
+            int(metrics["samples"]))
+        return {"kl_coef": used}
+
+
 class Advantages:
     """Step 5: the GRPOVI reward adjustment, the KL penalty (KL in the reward) and the
     estimator ``algos.ESTIMATORS[settings.advantage]``, with batch-wide statistics (KL
     mean, whitening) over every rank's rows unless told otherwise."""
 
-    def __init__(self, config: Config, settings: Settings, dist, reward_range):
+    def __init__(self, config: Config, settings: Settings, dist, reward_range,
+                 kl_coef: KLCoefficient | None = None):
         self.config, self.settings, self.dist = config, settings, dist
         self.low, self.high = reward_range
         self.estimator = algos.ESTIMATORS[settings.advantage]
+        self.kl_coef = kl_coef or KLCoefficient(config.algo)
 
     def __call__(self, batch: Experience, across_ranks: bool = True) -> dict[str, float]:
         """Set ``batch.advantages`` (and ``returns`` for a critic) unless the batch came
@@ -128,7 +158,7 @@ class Advantages:
         whiten = self.dist.masked_whiten if across_ranks else algos.masked_whiten
         batch.advantages, returns = self.estimator(algos.AdvantageInputs(
             rewards=rewards, group_ids=batch.group_ids, mask=mask, kl=kl_tok,
-            kl_coef=algo.kl_coef, values=batch.values, gamma=algo.gamma, lam=algo.lam,
+            kl_coef=self.kl_coef.value, values=batch.values, gamma=algo.gamma, lam=algo.lam,
             whiten=whiten))
         if returns is not None:
             batch.returns = returns

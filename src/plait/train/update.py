@@ -24,7 +24,7 @@ from plait.parallel.dist import Dist
 from plait.train.experience import Experience
 from plait.train.forward import response_values, token_logprobs
 from plait.train.models import TrainModels
-from plait.train.scoring import mean_gap
+from plait.train.scoring import KLCoefficient, mean_gap
 
 # per-micro-batch statistics that are shares of the mini-batch value (added, not averaged)
 SUMMED_STATS = frozenset({"loss/policy", "loss/value", "kl_ref", "policy/entropy", "nonfinite"})
@@ -44,8 +44,9 @@ class Updater:
     steps are skipped and counted in ``skips``."""
 
     def __init__(self, config: Config, settings: Settings, dist: Dist, models: TrainModels,
-                 *, skips: SkipCount, checkpoint_root):
+                 *, skips: SkipCount, checkpoint_root, kl_coef: KLCoefficient | None = None):
         self.config, self.settings, self.dist, self.models = config, settings, dist, models
+        self.kl_coef = kl_coef or KLCoefficient(config.algo)
         self.skips = skips
         self.checkpoint_root = checkpoint_root  # named when a divergence stops the job
         self.during_update = None  # a callable run once inside the next optimizer step
@@ -196,7 +197,7 @@ class Updater:
         if self.settings.kl_in_loss:
             kl = algos.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
             kl_loss = algos.aggregate_loss(kl, mask, algo.loss_agg, **norm)
-            loss = loss + algo.kl_coef * kl_loss
+            loss = loss + self.kl_coef.value * kl_loss
             stats["kl_ref"] = kl_loss.item()
         if algo.entropy_coef > 0:
             entropy = algos.aggregate_loss(algos.entropy_from_logits(logits), mask,
