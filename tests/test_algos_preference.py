@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from plait.algos.preference import bradley_terry_loss, dpo_loss, simpo_loss
+from plait.algos.preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    pairwise_calibration,
+    simpo_loss,
+)
 
 
 def softplus(x: float) -> float:
@@ -104,3 +109,18 @@ def test_simpo_by_hand():
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_calibration_by_hand():
+    # gaps 0 (tie), ln 3 (p = 0.75, right), -ln 3 (p = 0.25: confidence 0.75, wrong),
+    # ln 19 (p = 0.95, right)
+    gaps = torch.tensor([0.0, math.log(3), -math.log(3), math.log(19)], dtype=torch.float64)
+    ece, table = pairwise_calibration(gaps, torch.zeros(4, dtype=torch.float64), bins=5)
+    # bins of width 0.1 on [0.5, 1]: 0.5 -> bin 0; 0.75 -> bin 2 (twice); 0.95 -> bin 4
+    assert [(row["low"], row["pairs"]) for row in table] == [(0.5, 1), (0.7, 2), (0.9, 1)]
+    assert [row["accuracy"] for row in table] == [0.5, 0.5, 1.0]
+    assert table[1]["confidence"] == pytest.approx(0.75)
+    want = 1 / 4 * abs(0.5 - 0.5) + 2 / 4 * abs(0.5 - 0.75) + 1 / 4 * abs(1.0 - 0.95)
+    assert ece == pytest.approx(want, abs=1e-12)
+    perfect, _ = pairwise_calibration(torch.tensor([100.0]), torch.tensor([0.0]))
+    assert perfect == pytest.approx(0.0, abs=1e-12)

@@ -41,6 +41,7 @@ from plait.algos.preference import (
     DPO_LOSS_TYPES,
     bradley_terry_loss,
     dpo_loss,
+    pairwise_calibration,
     simpo_loss,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "bradley_terry_loss",
     "dpo_loss",
+    "pairwise_calibration",
     "simpo_loss",
     "ESTIMATORS",
     "NEEDS_CRITIC",

@@ -19,6 +19,10 @@ Papers and plait's choices:
   averaged over each response's tokens, as the paper's implementation does.
 - SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6), reference-free:
   -log σ(β (ā_c - ā_r) - γ) with ā the response's log-probability averaged over its tokens.
+- Calibration of a reward model's pairwise judgement P(chosen ≻ rejected) = σ(s_c - s_r):
+  each pair's confidence is max(p, 1 - p) and it is right when it favours the chosen
+  response; the expected calibration error is Σ_b (n_b / N) |accuracy_b - confidence_b| over
+  equal-width confidence bins on [0.5, 1] (Guo et al. 2017, arXiv 1706.04599, eq. 3).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "simpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "pairwise_calibration",
+           "simpo_loss"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -157,3 +162,36 @@ def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, *,
              "reward_margin": (chosen_reward - rejected_reward).mean(),
              "reward_accuracy": _accuracy(chosen_reward, rejected_reward)}
     return loss, stats
+
+
+def pairwise_calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 10
+                         ) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error of σ(s_c - s_r), and the reliability table behind it.
+
+    Args:
+        chosen, rejected: [P] scores.
+        bins: equal-width confidence bins on [0.5, 1] (the last one closed).
+
+    Returns:
+        (ECE, one dict per non-empty bin: ``low``, ``high``, ``pairs``, ``confidence``
+        (mean), ``accuracy``); a tie (p = 0.5) counts as half right.
+    """
+    _check_pairs(chosen, rejected)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    p = torch.sigmoid((chosen - rejected).double())
+    confidence = torch.maximum(p, 1 - p)
+    right = (p > 0.5).double() + 0.5 * (p == 0.5).double()
+    index = ((confidence - 0.5) * 2 * bins).long().clamp(max=bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        if not count:
+            continue
+        mean_confidence = float(confidence[members].mean())
+        accuracy = float(right[members].mean())
+        ece += count / len(p) * abs(accuracy - mean_confidence)
+        table.append({"low": 0.5 + b / (2 * bins), "high": 0.5 + (b + 1) / (2 * bins),
+                      "pairs": count, "confidence": mean_confidence, "accuracy": accuracy})
+    return ece, table
