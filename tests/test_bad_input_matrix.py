@@ -392,6 +392,7 @@ def test_a_signalled_job_stops_at_once_naming_its_checkpoint(signum, says, tmp_p
     assert time.time() - sent < 15
 
 
+@pytest.mark.slow  # a dead rank: test_runtime keeps a fast case
 def test_a_killed_rank_ends_the_job_naming_it(tmp_path, reward_spec):
     work = tmp_path / "work"
     _write(work, "notes.txt", "my own notes\n")

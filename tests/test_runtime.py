@@ -141,6 +141,7 @@ def test_dead_rank_ends_the_job_and_names_it(tiny_job, reward_spec, tmp_path, la
     final_weights(run_dir)
 
 
+@pytest.mark.slow  # a frozen rank: test_rank_faults keeps a fast case
 def test_hung_rank_is_detected_by_heartbeat(tiny_job, reward_spec, tmp_path):
     before = worker_pids()
     start = time.time()
@@ -226,7 +227,7 @@ def metrics_of(run_dir):
 
 @pytest.mark.parametrize("placement, trainers, extra", [
     ("disaggregated", 1, ()),
-    ("disaggregated", 2, ()),
+    pytest.param("disaggregated", 2, (), marks=pytest.mark.slow),
     # reference log-probs from the rollout worker, groups sent as they finish
     ("partial", 1, ("algo.kl_coef=0.1", "runtime.stream_groups=true")),
     # sharded trainers gather the policy together for each push to the worker
