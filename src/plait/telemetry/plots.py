@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_PANELS", "plot_metrics"]
+__all__ = ["DEFAULT_PANELS", "plot_metrics", "plot_reliability", "plot_stage_timeline"]
 
 Panels = Sequence[tuple[str, Sequence[str]]]
 
@@ -183,4 +183,32 @@ def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str,
     axis.set_xlabel("seconds")
     axis.grid(axis="x", alpha=0.3)
     axis.set_title(title or "stage timeline")
+    return _save_png(figure, Path(out_png))
+
+
+def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, *,
+                     title: str | None = None) -> Path:
+    """A reliability diagram of pairwise judgements: each confidence bin's accuracy
+    against its mean confidence, bars as wide as the bin, the diagonal for reference, and
+    each bin's pair count above it (``table`` as ``algos.pairwise_calibration`` gives)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.plot([0.5, 1.0], [0.5, 1.0], color="0.5", linestyle="--", linewidth=1,
+              label="calibrated")
+    for row in table:
+        axis.bar(row["low"], row["accuracy"], width=row["high"] - row["low"], align="edge",
+                 color="C0", alpha=0.7, edgecolor="C0")
+        axis.plot(row["confidence"], row["accuracy"], "o", color="C1", markersize=4)
+        axis.text((row["low"] + row["high"]) / 2, min(row["accuracy"] + 0.02, 1.02),
+                  str(int(row["pairs"])), ha="center", fontsize=7)
+    axis.set_xlim(0.5, 1.0)
+    axis.set_ylim(0.0, 1.05)
+    axis.set_xlabel("confidence: max(p, 1 - p), p = sigmoid(score gap)")
+    axis.set_ylabel("share judged right")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title(title or "reliability")
     return _save_png(figure, Path(out_png))
