@@ -1,6 +1,7 @@
 """The ``plait`` command line.
 
     plait train CONFIG.yaml [key=value ...]    train (GRPO / PPO, with optional SFT warm start)
+    plait rm CONFIG.yaml [key=value ...]       train a reward model on preference pairs
     plait eval CONFIG.yaml [key=value ...]     held-out greedy accuracy of a model or checkpoint
     plait config CONFIG.yaml [key=value ...]   print the resolved config
     plait options                              every config key, its type, default and meaning
@@ -63,6 +64,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_rm(args) -> int:
+    config = _load(args)
+    args.run = config.run  # for the message on Ctrl-C
+    from plait.recipes.reward_model import train_reward_model
+
+    summary = train_reward_model(config)
+    print(json.dumps(summary, indent=2))
+    print(f"plait: reward model saved to {summary['reward_model_dir']}; run directory "
+          f"{config.run.dir} (summary.json, metrics.jsonl, metrics.png, reliability.png, "
+          "checkpoints/)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     config = _load(args)
     from plait.recipes.evaluate import evaluate_job
@@ -100,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in (
         ("train", cmd_train, "train a model"),
+        ("rm", cmd_rm, "train a reward model on preference pairs"),
         ("eval", cmd_eval, "evaluate a model or checkpoint on held-out prompts"),
         ("config", cmd_config, "print the resolved config"),
     ):

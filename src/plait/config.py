@@ -273,6 +273,41 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class RMConfig:
+    """Reward-model training (``plait rm``): the pairs, the pairwise loss, the schedule.
+    The model starts from model.path; train.seed, train.device, train.threads,
+    train.save_every, train.keep_last, optim and run apply as for ``plait train``."""
+
+    train_path: str | None = opt(
+        None, "Preference pairs (JSONL, JSON, Parquet, a save_to_disk or data directory) with "
+        "prompt/chosen/rejected strings or chat messages (data.task is then unused); null: "
+        "pairs of the built-in data.task, which must make them (reverse).")
+    eval_path: str | None = opt(None, "Held-out pairs; null: eval_fraction of train_path, or "
+                                "the built-in task's test split.")
+    fields: dict[str, str] = opt(doc="Maps prompt / chosen / rejected to the pairs' columns.",
+                                 factory=dict)
+    bad_rows: Literal["error", "drop"] = opt(
+        "error", "A malformed or over-long pair stops the job naming it (error), or is "
+        "dropped and counted (drop).")
+    eval_fraction: float = opt(0.1, "Share of train_path held out when eval_path is null.",
+                               low=0.0, high=0.5)
+    num_pairs: int = opt(4096, "Built-in task: training pairs.", low=1)
+    num_eval_pairs: int = opt(512, "Built-in task: held-out pairs (its test split).", low=1)
+    label_noise: float = opt(0.0, "Built-in task: share of pairs whose label is flipped.",
+                             low=0.0, high=0.49)
+    steps: int = opt(200, "Optimizer steps.", low=1)
+    batch_size: int = opt(32, "Pairs per step.", low=1)
+    lr: float = opt(3e-4, "Learning rate (optim's warmup, schedule and clipping apply).",
+                    low=0.0)
+    max_length: int = opt(256, "Longest prompt + response, in tokens.", low=2)
+    margin_field: str | None = opt(None, "Column holding each pair's margin (how much more the "
+                                   "chosen response should score); null: no margin.")
+    center_coef: float = opt(0.0, "Weight of the per-prompt mean score squared (keeps scores "
+                             "centred, as an advantage model's).", low=0.0)
+    eval_every: int = opt(50, "Evaluate every N steps (0 = only before and after).", low=0)
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW and its schedule."""
 
@@ -427,6 +462,7 @@ class Config:
     optim: OptimConfig = opt(doc="Optimizer.", factory=OptimConfig)
     train: TrainConfig = opt(doc="Training loop.", factory=TrainConfig)
     runtime: RuntimeConfig = opt(doc="Processes and placement.", factory=RuntimeConfig)
+    rm: RMConfig = opt(doc="Reward-model training (plait rm).", factory=RMConfig)
 
 
 # --------------------------------------------------------------------------- building

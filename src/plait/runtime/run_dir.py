@@ -37,7 +37,7 @@ JOB_DIR_PREFIX = ".plait-job-"  # logs/.plait-job-<host>-<launcher pid>: rank co
 RUN_ENTRIES = frozenset({
     RUN_MARKER, "config.yaml", "metrics.jsonl", "metrics.png", "timeline.jsonl",
     "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
-    "sft_model", "tiny_model", "logs"})
+    "sft_model", "tiny_model", "logs", "reward_model", "reliability.png"})
 
 # Settings a run may resume with after they changed: where and how fast the job runs,
 # how long, how often it evaluates, saves and logs, not what it trains or how it
@@ -48,7 +48,7 @@ RESUME_SAFE_KEYS = frozenset({
     "run.dir", "run.resume", "run.overwrite", "run.tensorboard", "run.progress",
     # how long it runs; evaluation, checkpoint and failure cadence
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last",
-    "train.nan_policy", "train.max_nan_skips",
+    "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every",
     # devices, threads and kernels: the same computation (up to float rounding)
     "train.device", "train.threads", "train.deterministic", "model.attn_implementation",
     "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",

@@ -1,0 +1,144 @@
+"""plait rm end to end: it learns the hidden preference, its output loads as a
+transformers reward model, a stopped run resumes exactly, bad pairs are named."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from plait.cli import main
+from plait.config import ConfigError, load_config
+from plait.data.datasets import DataError
+from plait.models.reward_model import sequence_scores
+from plait.recipes.reward_model import PairEncoder, batch_tensors, train_reward_model
+from plait.telemetry.metrics import read_metrics
+
+RM_JOB = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.task=reverse",
+    "train.threads=2", "run.tensorboard=false", "run.progress=false",
+    "rm.num_pairs=2048", "rm.num_eval_pairs=256", "rm.batch_size=32", "rm.lr=3e-3",
+]
+
+
+def rm_job(run_dir, *extra):
+    return load_config(None, [*RM_JOB, f"run.dir={run_dir}", *extra])
+
+
+def test_the_reward_model_learns_from_pairs_and_saves_a_transformers_model(tmp_path):
+    run_dir = tmp_path / "rm"
+    config = rm_job(run_dir, "rm.steps=300", "rm.eval_every=100", "rm.lr=3e-3")
+    summary = train_reward_model(config)
+    assert summary["steps"] == 300
+    # the pairs differ in true quality by construction; the small model, not fine-tuned on
+    # the task first, learns part of it (the fine-tuned start is the slow test below)
+    assert summary["accuracy_vs_truth_after"] > summary["accuracy_vs_truth_before"] + 0.05, \
+        summary
+    assert summary["accuracy_after"] == summary["accuracy_vs_truth_after"]  # no label noise
+    assert 0 <= summary["ece_after"] < 0.2
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 100, 200, 300]
+    assert (run_dir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the output is a transformers reward model giving plait's scores
+    trained = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward_model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward_model")
+    encode = PairEncoder(tokenizer, config.model.chat_template, 256)
+    ids, mask = batch_tensors(list(encode({"prompt": "abc=", "chosen": "cba",
+                                           "rejected": "cbx"})), tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = trained(input_ids=ids, attention_mask=mask).logits[:, 0]
+        ours = sequence_scores(trained, ids, mask)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_reward_model_from_the_fine_tuned_policy_judges_most_pairs_right(tmp_path):
+    """The pipeline's order: SFT on the task, then the reward model from that model."""
+    assert main(["train", "data.task=reverse", "sft.steps=600", "train.steps=0",
+                 "train.threads=2", "run.tensorboard=false", "run.progress=false",
+                 f"run.dir={tmp_path / 'sft'}"]) == 0
+    summary = train_reward_model(load_config(None, [
+        "data.task=reverse", "train.threads=2", "run.tensorboard=false", "run.progress=false",
+        f"model.path={tmp_path / 'sft' / 'sft_model'}", f"run.dir={tmp_path / 'rm'}",
+        "rm.eval_every=0"]))
+    assert summary["accuracy_vs_truth_after"] > 0.72, summary
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("rm.eval_every=0", "train.save_every=3", "train.keep_last=0", "rm.num_pairs=256",
+              "rm.num_eval_pairs=64")
+    train_reward_model(rm_job(straight, "rm.steps=6", *common))
+    train_reward_model(rm_job(resumed, "rm.steps=3", *common))
+    capsys.readouterr()
+    train_reward_model(rm_job(resumed, "rm.steps=6", *common))
+    assert f"resumed from {resumed / 'checkpoints' / 'step_000003'} at step 3" in \
+        capsys.readouterr().out  # not a seeded restart from scratch, which would end the same
+    one = AutoModelForSequenceClassification.from_pretrained(straight / "reward_model")
+    two = AutoModelForSequenceClassification.from_pretrained(resumed / "reward_model")
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss/pairwise" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def write_pairs(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_pairs_from_a_file_with_a_held_out_share(tmp_path, capsys):
+    rows = [{"prompt": f"{w}=", "chosen": w[::-1], "rejected": w, "source": "a" if i % 2 else "b"}
+            for i, w in enumerate(["abc", "xyz", "qrs", "hello", "lmn", "opq", "tuv", "wxy",
+                                   "bcd", "fgh"])]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
+    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"rm.train_path={pairs}",
+                 "rm.eval_fraction=0.3", "rm.steps=2", "rm.batch_size=4"])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs"] == 7 and summary["eval_pairs"] == 3
+    assert "accuracy_vs_truth_after" not in summary
+    assert "plait: reward model saved to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["data.task=addition"], ConfigError, "data.task='addition' makes no preference pairs"),
+    (["rm.max_length=4"], DataError, r"training pair 1 is longer than rm.max_length=4"),
+])
+def test_unusable_pairs_are_named(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        train_reward_model(rm_job(tmp_path / "run", "rm.steps=1", *overrides))
+
+
+def test_bad_rows_in_a_pairs_file_stop_the_command_in_one_line(tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [
+        {"prompt": "ab=", "chosen": "ba", "rejected": "ab"},
+        {"prompt": "cd=", "chosen": "dc", "rejected": "dc"}])
+    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"rm.train_path={pairs}",
+                 "rm.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "line 2: chosen and rejected are the same response" in err
+    assert "Traceback" not in err
+
+
+def test_more_than_one_process_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="plait rm runs in one process"):
+        train_reward_model(rm_job(tmp_path / "run", "rm.steps=1", "runtime.num_ranks=2"))
+
+
+def test_chat_pairs_go_through_the_chat_template():
+    from plait.models.tiny import CHAR_CHAT_TEMPLATE, build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(chat_template=CHAR_CHAT_TEMPLATE)
+    prompt = [{"role": "user", "content": "abc="}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "cba"}],
+           "rejected": [{"role": "assistant", "content": "abc"}], "conversational": True}
+    chosen, rejected = PairEncoder(tokenizer, "auto", 256)(row)
+    expected = tokenizer.apply_chat_template(prompt + row["chosen"], tokenize=True)
+    expected = expected if isinstance(expected, list) else expected["input_ids"]
+    assert chosen == list(expected)
+    assert chosen != rejected
+    with pytest.raises(DataError, match="need a tokenizer with a chat template"):
+        PairEncoder(build_char_tokenizer(), "auto", 256)(row)
