@@ -2,6 +2,10 @@
 transformers reward model, a stopped run resumes exactly, bad pairs are named."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -65,23 +69,44 @@ def test_a_reward_model_from_the_fine_tuned_policy_judges_most_pairs_right(tmp_p
     assert summary["accuracy_vs_truth_after"] > 0.72, summary
 
 
-def test_a_stopped_run_resumes_exactly(tmp_path, capsys):
+def test_a_killed_run_resumes_exactly(tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("rm.eval_every=0", "train.save_every=3", "train.keep_last=0", "rm.num_pairs=256",
-              "rm.num_eval_pairs=64")
-    train_reward_model(rm_job(straight, "rm.steps=6", *common))
-    train_reward_model(rm_job(resumed, "rm.steps=3", *common))
+    common = ["rm.steps=6", "rm.eval_every=0", "train.save_every=3", "train.keep_last=0",
+              "rm.num_pairs=256", "rm.num_eval_pairs=64"]
+    train_reward_model(rm_job(straight, *common))
+    overrides = [*RM_JOB, f"run.dir={resumed}", *common]
+    script = textwrap.dedent(f"""
+        import os, signal
+        from plait.config import load_config
+        from plait.recipes import reward_model
+
+        step = reward_model.RewardModelTrainer.step
+
+        def killed_in_step_5(trainer):  # after the step-3 checkpoint, step 4 logged
+            if trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(trainer)
+
+        reward_model.RewardModelTrainer.step = killed_in_step_5
+        reward_model.train_reward_model(load_config(None, {overrides!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
     capsys.readouterr()
-    train_reward_model(rm_job(resumed, "rm.steps=6", *common))
+    train_reward_model(load_config(None, overrides))
     assert f"resumed from {resumed / 'checkpoints' / 'step_000003'} at step 3" in \
         capsys.readouterr().out  # not a seeded restart from scratch, which would end the same
     one = AutoModelForSequenceClassification.from_pretrained(straight / "reward_model")
     two = AutoModelForSequenceClassification.from_pretrained(resumed / "reward_model")
+    midway = AutoModelForSequenceClassification.from_pretrained(
+        straight / "checkpoints" / "step_000003" / "reward_model")
+    assert not torch.equal(midway.score.weight, one.score.weight)  # it trained after step 3
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss/pairwise" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 is not logged twice
 
 
 def write_pairs(path, rows):
