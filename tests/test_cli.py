@@ -160,6 +160,20 @@ def test_ctrl_c_in_train_names_the_last_complete_checkpoint(monkeypatch, tmp_pat
                           f"{run_dir / 'checkpoints' / 'step_000004'} "), err
 
 
+def test_ctrl_c_in_rm_names_the_last_complete_checkpoint(monkeypatch, tmp_path, capsys):
+    import plait.recipes.reward_model
+    from plait.train.checkpoint import COMPLETE_MARKER
+
+    _interrupted(monkeypatch, plait.recipes.reward_model, "train_reward_model")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARKER).write_text("{}")
+    assert main(["rm", f"run.dir={tmp_path / 'run'}"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"plait: interrupted; the last complete checkpoint is {checkpoint} "
+                          "(step 2): rerun the same command to resume from it"), err
+
+
 @pytest.mark.parametrize("settings, rerun", [
     ([], "rerun the same command to resume from it"),
     (["run.overwrite=true"], "rerun without run.overwrite=true (which deletes it) to resume"),

@@ -174,9 +174,10 @@ def _stop_on_sigterm():
 
 
 def _checkpoint_note(args) -> str:
-    """What an interrupted train job leaves to resume from (nothing to say for others)."""
+    """What an interrupted training job (train, rm) leaves to resume from (nothing to say
+    for the other commands)."""
     run = getattr(args, "run", None)
-    if args.command != "train" or run is None:
+    if args.command not in ("train", "rm") or run is None:
         return ""
     from plait.train.checkpoint import resume_note
 
