@@ -14,8 +14,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from plait.cli import main
 from plait.config import ConfigError, load_config
 from plait.data.datasets import DataError
-from plait.models.reward_model import sequence_scores
-from plait.recipes.reward_model import PairEncoder, batch_tensors, train_reward_model
+from plait.models.reward_model import padded_batch, sequence_scores
+from plait.recipes.reward_model import PairEncoder, train_reward_model
 from plait.telemetry.metrics import read_metrics
 
 RM_JOB = [
@@ -48,7 +48,7 @@ def test_the_reward_model_learns_from_pairs_and_saves_a_transformers_model(tmp_p
     trained = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward_model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward_model")
     encode = PairEncoder(tokenizer, config.model.chat_template, 256)
-    ids, mask = batch_tensors(list(encode({"prompt": "abc=", "chosen": "cba",
+    ids, mask = padded_batch(list(encode({"prompt": "abc=", "chosen": "cba",
                                            "rejected": "cbx"})), tokenizer.pad_token_id)
     with torch.no_grad():
         theirs = trained(input_ids=ids, attention_mask=mask).logits[:, 0]

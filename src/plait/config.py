@@ -247,9 +247,22 @@ BUILTIN_REWARD_NAMES = ("task", "exact_match")
 class RewardFnConfig:
     """One reward function and its weight."""
 
-    fn: str = opt("task", "'task' (the task's verifier), 'exact_match', 'module:function' "
-                  "or 'path/to/file.py:function'.")
+    fn: str | None = opt(None, "'task' (the task's verifier), 'exact_match', "
+                         "'module:function' or 'path/to/file.py:function'; null: 'task', "
+                         "unless model is set.")
+    model: str | None = opt(None, "A reward model's directory (plait rm's reward_model/, or "
+                            "any one-label AutoModelForSequenceClassification with its "
+                            "tokenizer): it scores each prompt and completion, in the "
+                            "process that generates, on its device. Give fn or model.")
+    batch_size: int = opt(32, "model: sequences per forward pass.", low=1)
     weight: float = opt(1.0, "Weight in the summed reward.")
+
+    @property
+    def spec(self) -> str:
+        """The function's spec (a model's is ``model:PATH``)."""
+        if self.model is not None:
+            return f"model:{self.model}"
+        return "task" if self.fn is None else self.fn
 
 
 @dataclass(frozen=True)
@@ -914,6 +927,10 @@ def _validate_job(config: Config) -> None:
         (data.eval_path is not None and data.train_path is None,
          "data.eval_path is read only with data.train_path; a built-in task's held-out "
          "prompts are its own test split: set data.train_path too, or remove data.eval_path"),
+        *[(f.fn is not None and f.model is not None,
+           f"reward.functions[{i}] gives both fn and model: one entry is one reward "
+           "function; list the reward model and the function as two entries")
+          for i, f in enumerate(config.reward.functions)],
         (config.reward.timeout_s == 0,
          "reward.timeout_s=0 would fail every call: give a positive number of seconds, or "
          "null for no limit"),
@@ -1064,7 +1081,7 @@ def _inert_settings(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
          ("reward.max_consecutive_timeouts",),
          "it stops a function that keeps timing out under reward.on_error=fallback with a "
          "reward.timeout_s; under raise the first timeout stops the job"),
-        (all(f.fn in BUILTIN_REWARD_NAMES for f in config.reward.functions),
+        (all(f.spec in BUILTIN_REWARD_NAMES for f in config.reward.functions),
          ("reward.import_timeout_s",),
          "every reward function is built in, so no reward module is imported"),
         (config.optim.schedule == "constant", ("optim.min_lr_ratio",),

@@ -301,3 +301,19 @@ def format_prompt(tokenizer, text: str, mode: str) -> list[int]:
         return list(ids)
     # the tokenizer's own special tokens (BOS for Llama-style models)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+class PromptEncoder:
+    """Prompt text -> token ids (the chat template applied per model.chat_template),
+    remembered: the same prompts come back every epoch."""
+
+    def __init__(self, tokenizer, chat_template):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self._cache: dict[str, list[int]] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = format_prompt(self.tokenizer, text, self.chat_template)
+            self._cache[text] = ids
+        return ids

@@ -16,9 +16,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from plait.models.loading import _load, check_model_config
+from plait.data.datasets import DataError
+from plait.models.loading import PromptEncoder, _load, check_model_config
 
-__all__ = ["load_reward_model", "sequence_scores"]
+__all__ = ["ResponseEncoder", "load_reward_model", "padded_batch", "sequence_scores"]
 
 
 def load_reward_model(path: str | Path, *, pad_token_id: int, seed: int = 0,
@@ -69,3 +70,41 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     last = (attention_mask.long() * positions).argmax(-1)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return model.score(pooled.to(model.score.weight.dtype)).squeeze(-1).float()
+
+
+class ResponseEncoder:
+    """A prompt and a response as the token ids a reward model reads: the prompt as the
+    policy sees it (through the chat template as ``chat_template`` says), then the
+    response's tokens and the end token. Chat messages (a list of role/content dicts for
+    the prompt and the reply) go through the tokenizer's chat template whole. One encoder
+    serves training (``plait rm``) and scoring rollouts, so both read the same sequence."""
+
+    def __init__(self, tokenizer, chat_template: str):
+        self.tokenizer = tokenizer
+        self.prompt = PromptEncoder(tokenizer, chat_template)
+
+    def __call__(self, prompt, response) -> list[int]:
+        if isinstance(response, list):
+            return self._chat(prompt, response)
+        if isinstance(prompt, list):
+            return self._chat(prompt, [{"role": "assistant", "content": str(response)}])
+        ids = self.tokenizer(str(response), add_special_tokens=False)["input_ids"]
+        return self.prompt(prompt) + list(ids) + [self.tokenizer.eos_token_id]
+
+    def _chat(self, prompt: list[dict], reply: list[dict]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise DataError("chat messages need a tokenizer with a chat template; this "
+                            "model's has none (store the text as strings instead)")
+        ids = self.tokenizer.apply_chat_template(prompt + reply, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids")
+                    else ids)
+
+
+def padded_batch(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    return ids, mask

@@ -32,7 +32,12 @@ from plait.data.datasets import DataError, PromptIterator, split_rows
 from plait.data.preferences import load_preference_rows
 from plait.errors import TrainingDiverged
 from plait.models.loading import load_tokenizer, resolve_model_dir
-from plait.models.reward_model import load_reward_model, sequence_scores
+from plait.models.reward_model import (
+    ResponseEncoder,
+    load_reward_model,
+    padded_batch,
+    sequence_scores,
+)
 from plait.parallel.dist import Dist
 from plait.recipes.checkpointing import check_resumable
 from plait.runtime import inputs
@@ -84,43 +89,18 @@ def load_pairs(config: Config) -> tuple[list[dict], list[dict], Counter]:
 
 
 class PairEncoder:
-    """A pair's two sequences as token ids: the prompt (through the chat template as
-    model.chat_template says; chat messages always through it) and the response with its
-    end token."""
+    """A pair's two sequences as token ids (see :class:`ResponseEncoder`), and whether
+    they fit ``max_length``."""
 
     def __init__(self, tokenizer, chat_template: str, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.prompt = inputs.PromptEncoder(tokenizer, chat_template)
+        self.encode, self.max_length = ResponseEncoder(tokenizer, chat_template), max_length
 
     def __call__(self, row: dict) -> tuple[list[int], list[int]]:
-        if row.get("conversational"):
-            return self._chat(row["prompt"], row["chosen"]), \
-                self._chat(row["prompt"], row["rejected"])
-        prompt = self.prompt(row["prompt"])
-        end = [self.tokenizer.eos_token_id]
-        return tuple(prompt + self.tokenizer(str(row[side]), add_special_tokens=False)
-                     ["input_ids"] + end for side in ("chosen", "rejected"))
-
-    def _chat(self, prompt: list[dict], reply: list[dict]) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise DataError("chat-message pairs need a tokenizer with a chat template; this "
-                            "model's has none (store the pairs as strings instead)")
-        ids = self.tokenizer.apply_chat_template(prompt + reply, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids")
-                    else ids)
+        return self.encode(row["prompt"], row["chosen"]), \
+            self.encode(row["prompt"], row["rejected"])
 
     def fits(self, row: dict) -> bool:
         return max(map(len, self(row))) <= self.max_length
-
-
-def batch_tensors(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-    return ids, mask
 
 
 class RewardModelTrainer:
@@ -191,7 +171,7 @@ class RewardModelTrainer:
     def scores(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and the rejected responses, ``[P]`` each."""
         encoded = [self.encode(row) for row in rows]
-        ids, mask = batch_tensors([c for c, _ in encoded] + [r for _, r in encoded],
+        ids, mask = padded_batch([c for c, _ in encoded] + [r for _, r in encoded],
                                   self.tokenizer.pad_token_id)
         scores = sequence_scores(self.model, ids.to(self.device), mask.to(self.device))
         return scores[:len(rows)], scores[len(rows):]

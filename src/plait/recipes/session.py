@@ -64,7 +64,7 @@ class Session:
         prompts = inputs.load_prompts(config, self.task, self.encode_prompt)
         self.train_rows, self.eval_rows = prompts.train_rows, prompts.eval_rows
         self.train_iter = prompts.train_iter
-        rewards = inputs.build_rewards(config, self.task)
+        rewards = inputs.build_rewards(config, self.task, self.device)
         try:
             # sharded trainers (evaluating under a placement with rollout workers apart)
             # generate through FSDP's gathered layers, which torch.compile does not trace

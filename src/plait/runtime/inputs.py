@@ -16,8 +16,8 @@ import torch
 from plait.config import BUILTIN_REWARD_NAMES, Config, ConfigError
 from plait.data.datasets import PromptIterator, load_prompt_rows
 from plait.data.tasks import make_task
-from plait.models.loading import (
-    format_prompt,
+from plait.models.loading import (  # noqa: F401 (PromptEncoder: the runtime's encoder)
+    PromptEncoder,
     load_causal_lm,
     load_tokenizer,
     quiet_transformers,
@@ -25,6 +25,7 @@ from plait.models.loading import (
 )
 from plait.parallel.dist import Dist
 from plait.rewards import RewardManager
+from plait.rewards.model import ModelReward
 from plait.rollout import build_engine
 
 
@@ -76,7 +77,7 @@ def reward_range(config: Config, task) -> tuple[float, float]:
     algo = config.algo
     if algo.reward_range is not None:
         low, high = algo.reward_range
-    elif task is not None and all(f.fn in BUILTIN_REWARD_NAMES
+    elif task is not None and all(f.spec in BUILTIN_REWARD_NAMES
                                   for f in config.reward.functions):
         weights = [f.weight for f in config.reward.functions]
         low = sum(min(w * task.reward_range[0], w * task.reward_range[1]) for w in weights)
@@ -101,22 +102,6 @@ def load_policy(config: Config, dist: Dist, run_dir: Path):
     tokenizer = load_tokenizer(model_dir, key="model.path")
     policy = load_causal_lm(model_dir, config.model.attn_implementation, key="model.path")
     return model_dir, tokenizer, policy
-
-
-class PromptEncoder:
-    """Prompt text -> token ids (the chat template applied per model.chat_template),
-    remembered: the same prompts come back every epoch."""
-
-    def __init__(self, tokenizer, chat_template):
-        self.tokenizer, self.chat_template = tokenizer, chat_template
-        self._cache: dict[str, list[int]] = {}
-
-    def __call__(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = format_prompt(self.tokenizer, text, self.chat_template)
-            self._cache[text] = ids
-        return ids
 
 
 @dataclass
@@ -163,11 +148,23 @@ def _check_prompt_lengths(config: Config, rows: list[dict], which: str, encode_p
                               "the row")
 
 
-def build_rewards(config: Config, task) -> RewardManager:
-    """The weighted reward functions of reward.functions, with their failure policy."""
+def build_rewards(config: Config, task, device: torch.device | str = "cpu") -> RewardManager:
+    """The weighted reward functions of reward.functions, with their failure policy;
+    reward models are loaded onto ``device``."""
     reward = config.reward
+    # a frozen reward model is kept in bfloat16 on a GPU when the job computes in it
+    bf16 = config.model.dtype == "bfloat16" and torch.device(device).type == "cuda"
+    functions = []
+    for index, f in enumerate(reward.functions):
+        if f.model is None:
+            functions.append((f.spec, f.weight))
+            continue
+        scorer = ModelReward(f.model, device=device, chat_template=config.model.chat_template,
+                             batch_size=f.batch_size, dtype=torch.bfloat16 if bf16 else None,
+                             key=f"reward.functions[{index}].model")
+        functions.append((scorer, f.weight))
     return RewardManager(
-        [(f.fn, f.weight) for f in reward.functions], task=task,
+        functions, task=task,
         timeout_s=reward.timeout_s, on_error=reward.on_error,
         fallback_reward=reward.fallback_reward, import_timeout_s=reward.import_timeout_s,
         max_consecutive_timeouts=reward.max_consecutive_timeouts)

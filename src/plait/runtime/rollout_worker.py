@@ -80,7 +80,7 @@ class RolloutWorker:
         encode = inputs.PromptEncoder(tokenizer, config.model.chat_template)
         self.prompts = inputs.load_prompts(config, task, encode)
         self.step = 0  # the step whose batch is being made (its seeds are that step's)
-        rewards = inputs.build_rewards(config, task)
+        rewards = inputs.build_rewards(config, task, self.device)
         self.scorer = Scorer(config, self.settings, policy=self.policy,
                              autocast=self.autocast)
         try:

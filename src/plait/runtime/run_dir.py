@@ -143,7 +143,11 @@ def _input_paths(config: Config) -> list[tuple[str, str]]:
               ("model.ref_path", model.ref_path), ("model.critic_path", model.critic_path),
               ("data.train_path", data.train_path), ("data.eval_path", data.eval_path)]
     for index, function in enumerate(config.reward.functions):
-        target = function.fn.rsplit(":", 1)[0] if ":" in function.fn else ""
+        if function.model is not None:
+            inputs.append((f"reward.functions[{index}].model", function.model))
+            continue
+        spec = function.spec
+        target = spec.rsplit(":", 1)[0] if ":" in spec else ""
         if target.endswith(".py") or "/" in target or "\\" in target:
             inputs.append((f"reward.functions[{index}].fn", target))
     return [(key, path) for key, path in inputs if path]
