@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_runtime import assert_same_weights, run_cli
 from transformers import AutoModelForSequenceClassification
 
 from plait.config import ConfigError, load_config
@@ -14,7 +15,6 @@ from plait.models.reward_model import load_reward_model
 from plait.models.tiny import TinyModelSpec, build_char_tokenizer, save_tiny_model
 from plait.rewards.loading import RewardLoadError
 from plait.rewards.model import ModelReward
-from test_runtime import assert_same_weights, run_cli
 
 SPEC = TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                      num_kv_heads=1)
@@ -81,11 +81,13 @@ def _metrics(run_dir):
 
 def test_streamed_groups_score_as_the_whole_batch(tiny_job, rm_dir, tmp_path):
     """One rank scores each group as it finishes generating; under the single controller
-    the driver scores every rank's rows in one call. Same rewards, same update."""
+    the driver scores every rank's rows in one call. Same rewards (normalised by the
+    running statistics of earlier steps, clipped), same update."""
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_cli("train", *_job(tiny_job, one, rm_dir))
+    shaping = ("reward.normalize=true", "reward.clip=2.0")
+    proc = run_cli("train", *_job(tiny_job, one, rm_dir, *shaping))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_cli("train", *_job(tiny_job, two, rm_dir, "runtime.num_ranks=2",
+    proc = run_cli("train", *_job(tiny_job, two, rm_dir, *shaping, "runtime.num_ranks=2",
                                   "runtime.controller=single"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(one, two)
@@ -94,4 +96,27 @@ def test_streamed_groups_score_as_the_whole_batch(tiny_job, rm_dir, tmp_path):
     assert len(steps) == 3
     for a, b in steps:
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-5)
-        assert a["reward/std"] > 0.01  # continuous scores, not a constant
+        assert b["reward_raw/mean"] == pytest.approx(a["reward_raw/mean"], abs=1e-5)
+        assert a["reward_raw/std"] > 0.01  # continuous scores, not a constant
+    # from step 2 on, rewards are standardised by earlier steps' statistics, then clipped
+    # (step 1's raw scores, all above 2, are only clipped)
+    assert steps[0][0]["reward/mean"] == 2.0 < steps[0][0]["reward_raw/mean"]
+    assert max(abs(a["reward/mean"]) for a, _ in steps) <= 2.0
+    assert all(a["reward/std"] > 0.01 for a, _ in steps[1:])
+
+
+def test_each_reward_function_is_logged_and_a_zero_weight_one_only_logged(tiny_job, rm_dir,
+                                                                          tmp_path, reward_spec):
+    """The task's verifier at weight 0 beside the reward model: logged per step (a hidden
+    true score to watch), not added to the reward trained on."""
+    run = tmp_path / "run"
+    proc = run_cli("train", *_job(tiny_job, run, rm_dir, "train.steps=2",
+                                  f"reward.functions=[{{model: '{rm_dir}'}}, "
+                                  f"{{fn: '{reward_spec('digit_fraction')}', weight: 0}}]"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [m for m in _metrics(run) if "reward/mean" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["reward_fn/reward_model"] == pytest.approx(m["reward/mean"], abs=1e-5)
+        assert 0.0 <= m["reward_fn/digit_fraction"] <= 1.0
+    assert any(m["reward_fn/digit_fraction"] > 0 for m in steps)

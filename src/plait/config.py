@@ -275,6 +275,12 @@ class RewardConfig:
     on_error: Literal["raise", "fallback"] = opt("raise", "Stop on a failing reward, or use "
                                                  "fallback_reward and count the failure.")
     fallback_reward: float = opt(0.0, "Reward of a sample whose function failed (fallback).")
+    normalize: bool = opt(False, "Standardise each total reward by the running mean and std "
+                          "of the raw totals of earlier steps (over every rank; the first "
+                          "step's pass unchanged): a learned reward model's scale is "
+                          "arbitrary. The statistics are checkpointed.")
+    clip: float | None = opt(None, "Clip each total reward (after normalize) to [-clip, clip]; "
+                             "null: no clipping.", low=0.0)
     import_timeout_s: float | None = opt(
         None, "Time limit for importing each user reward module (module-level code runs in "
         "the reward worker, which is killed past it); null = timeout_s. An import taking "

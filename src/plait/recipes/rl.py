@@ -34,7 +34,7 @@ from plait.runtime.sources import (
     traffic_mark,
 )
 from plait.telemetry.timing import StageTimer
-from plait.train.scoring import Advantages, KLCoefficient, Scorer
+from plait.train.scoring import Advantages, KLCoefficient, RewardShaper, Scorer
 from plait.train.update import Updater
 
 
@@ -47,6 +47,7 @@ class RLTrainer(Session):
         super().__init__(config, callbacks, dist=dist, **kwargs)
         models = self.models
         self.kl_coef = KLCoefficient(config.algo, state=lambda: self.state)
+        self.shape = RewardShaper(config, state=lambda: self.state)
         self.scorer = Scorer(config, self.settings, policy=models.policy,
                              autocast=models.autocast, gathered=models.gathered)
         self.advantages = Advantages(config, self.settings, self.dist,
@@ -59,9 +60,12 @@ class RLTrainer(Session):
         """One RL step (the numbered stages of the module doc)."""
         timer, start, traffic = StageTimer(), time.perf_counter(), traffic_mark(self.dist)
         batch, metrics = self.source.collect(step, timer)                       # 1-3
+        metrics.update(self.shape.step_sums())
         if batch is None:  # dynamic sampling found no group to learn from, on any rank
             metrics["skipped_no_signal"] = 1.0
-            return step_metrics(self.dist, metrics, timer, start, self.skips.total)
+            metrics = step_metrics(self.dist, metrics, timer, start, self.skips.total)
+            metrics.update(self.shape.update(metrics))
+            return metrics
         metrics.update(self.scorer.score_forwards(batch, timer))               # 4
         metrics.update(self.advantages(batch))                                 # 5
         timer.hold(batch.nbytes)
@@ -71,6 +75,7 @@ class RLTrainer(Session):
         metrics.update(controller_load(self.dist, timer, traffic))
         metrics = step_metrics(self.dist, metrics, timer, start, self.skips.total)
         metrics.update(self.kl_coef.update(metrics))                            # adaptive KL
+        metrics.update(self.shape.update(metrics))                              # reward stats
         self.source.observe(step, metrics)
         return metrics
 
@@ -99,12 +104,12 @@ class RLTrainer(Session):
     def _source(self, remote: Remote | None) -> BatchSource:
         """The batch source of this job's placement."""
         config, dist, generator = self.config, self.dist, self.generator
-        common = dict(reward_high=self.reward_high, fuse=self.fuse)
+        common = dict(reward_high=self.reward_high, fuse=self.fuse, shape=self.shape)
         if config.runtime.controller == "single" and dist.active:
             return SingleControllerSource(config, dist, generator, self.draw, **common,
                                           scorer=self.scorer, advantages=self.advantages)
         receiver = Receiver(config, dist, self.device, reward_high=self.reward_high,
-                            pad_token_id=self.tokenizer.pad_token_id)
+                            pad_token_id=self.tokenizer.pad_token_id, shape=self.shape)
         if config.runtime.placement == "dynamic":
             return DynamicSource(config, dist, generator, self.train_iter, receiver,
                                  self.updater, run_dir=self.run_dir, **common)

@@ -149,12 +149,12 @@ class DynamicSource(BatchSource):
     split with workers."""
 
     def __init__(self, config, dist, generator, prompts, receiver, updater, *,
-                 reward_high: float, fuse, run_dir: Path):
+                 reward_high: float, fuse, run_dir: Path, shape=None):
         self.config, self.dist, self.generator = config, dist, generator
         self.prompts, self.receiver = prompts, receiver
         self.updater, self.run_dir = updater, run_dir
         self.colocated = ColocatedSource(config, dist, generator, self.rows_for,
-                                         reward_high=reward_high, fuse=fuse)
+                                         reward_high=reward_high, fuse=fuse, shape=shape)
         self.channel = ObjectChannel(dist)
         self.controller = SplitController(dist.world_size)
         self.splits: dict[int, int] = {}
@@ -211,7 +211,7 @@ class DynamicSource(BatchSource):
             batch, metrics = self.receiver.receive(self.layout(step, made_in),
                                                    len(self.rows_for(step)), self.channel,
                                                    timer, step)
-        metrics.update(rollout_metrics(batch, self.dist))
+        metrics.update(rollout_metrics(self.config, batch, self.dist))
         return batch, metrics
 
     def after_update(self, step: int, metrics: dict, timer: StageTimer) -> dict:

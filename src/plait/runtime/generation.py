@@ -165,6 +165,7 @@ class Generator:
                 r.seconds for r in results)
             timer.spans.extend(("reward", start, end) for _, start, end in timed)
             batch.rewards = torch.cat([r.total for r in results])
+            batch.reward_names, batch.reward_terms = reward_terms(results)
             batch.reward_failures = sum(r.num_failures for r in results)
         if pending.fused:  # some groups' passes ran during generation: run the rest's
             missing = [i for i in indices if i not in pending.fused]
@@ -220,6 +221,14 @@ class Generator:
         self.rewards.abort()
         self._reward_pool.shutdown(wait=True)
         self.rewards.close()
+
+
+def reward_terms(results) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Each reward function's unweighted values over ``results`` (scored parts of one
+    batch, in row order): the functions' names and a ``[B, F]`` tensor."""
+    names = tuple(results[0].per_function)
+    return names, torch.cat([torch.stack([r.per_function[n] for n in names], dim=1)
+                             for r in results])
 
 
 def _attach_fused(batch: Experience, fused: list[dict]) -> None:

@@ -21,11 +21,11 @@ from plait.config import Config
 from plait.parallel.dist import Dist
 from plait.runtime.generation import Generator
 from plait.runtime.placement import Layout
-from plait.runtime.sources import BatchSource, rollout_metrics, shape_rewards
+from plait.runtime.sources import BatchSource, rollout_metrics
 from plait.runtime.transfer import ObjectChannel, WeightBroadcast
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
-from plait.train.scoring import mean_gap
+from plait.train.scoring import RewardShaper, mean_gap
 
 
 @dataclass
@@ -95,9 +95,10 @@ class Receiver:
     that holds some of its prompts, assembled, rewards shaped, with step statistics."""
 
     def __init__(self, config: Config, dist: Dist, device: torch.device, *, pad_token_id: int,
-                 reward_high: float):
+                 reward_high: float, shape: RewardShaper | None = None):
         self.config, self.dist, self.device = config, dist, device
         self.pad_token_id, self.reward_high = pad_token_id, reward_high
+        self.shape = shape or RewardShaper(config)
 
     def receive(self, layout: Layout, total: int, channel: ObjectChannel, timer: StageTimer,
                 step: int, on_part: Callable[[Experience], None] | None = None
@@ -134,7 +135,7 @@ class Receiver:
         sample was correct, before shaping, appended to ``correct``)."""
         chunk = chunk.to(self.device)
         correct.append(chunk.rewards >= self.reward_high - 1e-6)
-        chunk.rewards = shape_rewards(self.config, chunk.rewards, chunk)
+        chunk.rewards = self.shape(chunk.rewards, chunk)
         return chunk
 
     def _assembled(self, layout: Layout, total: int, messages: list[dict],
@@ -178,7 +179,7 @@ class RemoteSource(BatchSource):
         rows = self.draw(step)  # keeps the data position in step with the workers
         batch, metrics = self.receiver.receive(self.remote.layout, len(rows),
                                                self.remote.channel, timer, step, on_part)
-        metrics.update(rollout_metrics(batch, self.dist))
+        metrics.update(rollout_metrics(self.config, batch, self.dist))
         return batch, metrics
 
     def after_update(self, step: int, metrics: dict, timer: StageTimer) -> dict:

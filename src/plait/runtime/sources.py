@@ -26,13 +26,15 @@ import torch
 from plait import algos
 from plait.config import Config
 from plait.parallel.dist import Dist, shard_bounds
-from plait.runtime.generation import Generator, sample_seeds, sampling_params
+from plait.runtime.generation import Generator, reward_terms, sample_seeds, sampling_params
 from plait.telemetry.timing import StageTimer
 from plait.train.experience import Experience
+from plait.train.scoring import RewardShaper
 
 # how per-rank step metrics combine: added, largest, or (the rest) averaged
 SUMMED_METRICS = ("samples", "tokens", "reward_failures", "groups_drawn", "groups_kept",
-                  "loss/policy", "loss/value", "kl_ref", "policy/entropy")
+                  "loss/policy", "loss/value", "kl_ref", "policy/entropy",
+                  *RewardShaper.SUMS)
 MAX_METRICS = ("response_length/max", "nan_skips", "controller/traffic_bytes",
                "controller/gradient_bytes", "controller/batch_bytes", "controller/peak_rss_mb")
 
@@ -67,9 +69,10 @@ class ColocatedSource(BatchSource):
 
     def __init__(self, config: Config, dist: Dist, generator: Generator,
                  draw: Callable[[int], list[dict]], *, reward_high: float,
-                 fuse: Callable[[], bool] = lambda: False):
+                 fuse: Callable[[], bool] = lambda: False, shape: RewardShaper | None = None):
         self.config, self.dist, self.generator, self.draw = config, dist, generator, draw
         self.reward_high, self.fuse = reward_high, fuse
+        self.shape = shape or RewardShaper(config)
 
     def collect(self, step: int, timer: StageTimer) -> tuple[Experience | None, dict]:
         algo = self.config.algo
@@ -89,7 +92,7 @@ class ColocatedSource(BatchSource):
             last = batch
             stats["reward_failures"] += batch.reward_failures
             correct.append(batch.rewards >= self.reward_high - 1e-6)
-            batch.rewards = shape_rewards(self.config, batch.rewards, batch)
+            batch.rewards = self.shape(batch.rewards, batch)
             drawn_rewards.append(batch.rewards)
             if not algo.dynamic_sampling:
                 kept = [batch]
@@ -110,7 +113,7 @@ class ColocatedSource(BatchSource):
         else:
             stats["groups_kept"] = hi - lo
         if batch is not None:
-            stats.update(rollout_metrics(batch, self.dist))
+            stats.update(rollout_metrics(self.config, batch, self.dist))
         return batch, stats
 
     def _keep_first_groups(self, batch: Experience | None, last: Experience, stats: dict):
@@ -142,10 +145,10 @@ class SingleControllerSource(BatchSource):
 
     def __init__(self, config: Config, dist: Dist, generator: Generator,
                  draw: Callable[[int], list[dict]], *, reward_high: float, scorer, advantages,
-                 fuse: Callable[[], bool] = lambda: False):
+                 fuse: Callable[[], bool] = lambda: False, shape: RewardShaper | None = None):
         self.config, self.dist, self.generator, self.draw = config, dist, generator, draw
         self.reward_high, self.scorer, self.advantages = reward_high, scorer, advantages
-        self.fuse = fuse
+        self.fuse, self.shape = fuse, shape or RewardShaper(config)
 
     def collect(self, step: int, timer: StageTimer) -> tuple[Experience, dict]:
         algo, dist = self.config.algo, self.dist
@@ -185,12 +188,13 @@ class SingleControllerSource(BatchSource):
                   for key in rows[0] if key != "prompt"}
         result = self.generator.rewards.score(prompts, full.texts, fields)
         correct = result.total >= self.reward_high - 1e-6
-        full.rewards = shape_rewards(self.config, result.total, full)
+        full.rewards = self.shape(result.total, full)
+        full.reward_names, full.reward_terms = reward_terms([result])
         metrics.update({"reward_failures": float(result.num_failures),
                         "groups_drawn": float(len(rows)), "groups_kept": float(len(rows)),
                         "reward_all_mean": float(full.rewards.mean()),
                         "train/accuracy": float(correct.float().mean())})
-        metrics.update(rollout_metrics(full, self.dist, across_ranks=False))
+        metrics.update(rollout_metrics(self.config, full, self.dist, across_ranks=False))
         metrics.update(self.advantages.compute(full, across_ranks=False))
         pieces, start = [], 0
         for _, part in parts:
@@ -202,24 +206,19 @@ class SingleControllerSource(BatchSource):
         return pieces, metrics
 
 
-def shape_rewards(config: Config, total: torch.Tensor, batch: Experience) -> torch.Tensor:
-    """Add the DAPO soft overlong penalty when it is configured."""
-    algo = config.algo
-    if algo.overlong_buffer > 0:
-        total = total + algos.overlong_penalty(
-            batch.response_lengths, config.rollout.max_new_tokens, algo.overlong_buffer,
-            algo.overlong_penalty)
-    return total
-
-
-def rollout_metrics(batch: Experience, dist: Dist, across_ranks: bool = True
+def rollout_metrics(config: Config, batch: Experience, dist: Dist, across_ranks: bool = True
                     ) -> dict[str, float]:
-    """Reward and length statistics of the step's batch (over every rank's rows)."""
+    """Reward and length statistics of the step's batch (over every rank's rows), and
+    each reward function's mean."""
     real = 0 if batch.ghost else batch.batch_size
     lengths = batch.response_lengths.double().cpu()[:real]
     rewards = batch.rewards.double().cpu()[:real]
-    sums = torch.tensor([rewards.sum(), (rewards ** 2).sum(), real, lengths.sum()],
-                        dtype=torch.float64)
+    # one sum per configured function on every rank (a rank's stand-in batch has none)
+    terms = torch.zeros(len(config.reward.functions), dtype=torch.float64)
+    if batch.reward_terms is not None and real:
+        terms = batch.reward_terms.double().cpu()[:real].sum(0)
+    sums = torch.cat([torch.tensor([rewards.sum(), (rewards ** 2).sum(), real, lengths.sum()],
+                                   dtype=torch.float64), terms])
     if across_ranks:
         dist.all_reduce(sums, kind="metrics")
     count = max(float(sums[2]), 1.0)
@@ -232,6 +231,9 @@ def rollout_metrics(batch: Experience, dist: Dist, across_ranks: bool = True
         "response_length/max": float(lengths.max()) if real else 0.0,
         "samples": float(real),
         "tokens": float(lengths.sum()),
+        # each reward function's own mean (a weight-0 function is logged, not trained on)
+        **{f"reward_fn/{name}": float(sums[4 + i]) / count
+           for i, name in enumerate(batch.reward_names)},
     }
 
 

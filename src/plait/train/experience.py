@@ -35,6 +35,8 @@ class Experience:
     policy_version: int = 0
     texts: list[str] | None = None                # decoded completions, one per row
     reward_failures: int = 0                      # reward calls that failed (fallback used)
+    reward_terms: torch.Tensor | None = None      # [B, F] each reward function's own value
+    reward_names: tuple[str, ...] = ()            # the F functions' names
     ghost: bool = False  # a zero-weight stand-in: the rank joins collectives, adds nothing
 
     @property
@@ -106,7 +108,8 @@ class Experience:
         def trim(name, t):
             if name in ("prompt_ids", "prompt_mask"):
                 return t[:, prompt_keep:]
-            if t.dim() == 2 and t.shape[1] == self.response_ids.shape[1]:
+            if name != "reward_terms" and t.dim() == 2 \
+                    and t.shape[1] == self.response_ids.shape[1]:
                 return t[:, :response_len]
             return t
 
@@ -208,7 +211,7 @@ class Experience:
             if name in ("prompt_ids", "prompt_mask"):
                 fill = pad_token_id if name == "prompt_ids" else 0
                 tensors = [_pad_left(t, prompt_width, fill) for t in tensors]
-            elif tensors[0].dim() == 2:
+            elif tensors[0].dim() == 2 and name != "reward_terms":  # per token
                 fill = pad_token_id if name == "response_ids" else 0
                 tensors = [_pad_right(t, response_width, fill) for t in tensors]
             fields[name] = torch.cat(tensors, dim=0)

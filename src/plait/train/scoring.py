@@ -10,6 +10,7 @@ on rank 0, parts trained on as they stream in).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -111,6 +112,71 @@ class KLCoefficient:
             used, metrics["kl_ref"], self.algo.kl_target, self.algo.kl_horizon,
             int(metrics["samples"]))
         return {"kl_coef": used}
+
+
+class RewardShaper:
+    """What happens to each scored total reward before the advantages: with
+    ``reward.normalize`` it is standardised by the running mean and std of the raw totals
+    of the steps before this one (over every rank; the first step's pass unchanged), with
+    ``reward.clip`` clipped to ``[-clip, clip]``, and the DAPO overlong penalty is added.
+
+    Statistics change only between steps (:meth:`update`, from the step's summed
+    metrics), so every path that scores — groups as they stream out, a driver's whole
+    batch, parts arriving from rollout workers — shapes a step's rewards alike. They
+    live in the trainer state (``state()``), so a resumed run continues them."""
+
+    SUMS = ("reward_raw/sum", "reward_raw/sumsq", "reward_raw/count")
+
+    def __init__(self, config: Config, state=None):
+        self.config, self.state = config, state
+        self._sums = [0.0, 0.0, 0.0]
+
+    def __call__(self, total: torch.Tensor, batch: Experience) -> torch.Tensor:
+        reward, algo = self.config.reward, self.config.algo
+        if reward.normalize:
+            raw = total.double()
+            for i, value in enumerate((raw.sum(), (raw ** 2).sum(), raw.numel())):
+                self._sums[i] += float(value)
+            count, mean, m2 = self.statistics()
+            if count > 1:
+                total = ((raw - mean) / math.sqrt(m2 / count + 1e-8)).to(total.dtype)
+        if reward.clip is not None:
+            total = total.clamp(-reward.clip, reward.clip)
+        if algo.overlong_buffer > 0:
+            total = total + algos.overlong_penalty(
+                batch.response_lengths, self.config.rollout.max_new_tokens,
+                algo.overlong_buffer, algo.overlong_penalty)
+        return total
+
+    def statistics(self) -> tuple[float, float, float]:
+        """``(count, mean, M2)`` of the raw totals of the steps so far."""
+        if self.state is None:
+            return 0.0, 0.0, 0.0
+        return tuple(self.state().get("reward_stats", (0.0, 0.0, 0.0)))
+
+    def step_sums(self) -> dict[str, float]:
+        """This rank's sums of the raw totals it shaped this step (summed over ranks with
+        the step's metrics), and a fresh start for the next step."""
+        if not self.config.reward.normalize:
+            return {}
+        sums, self._sums = self._sums, [0.0, 0.0, 0.0]
+        return dict(zip(self.SUMS, sums, strict=True))
+
+    def update(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Fold the step's global sums (popped from ``metrics``) into the running
+        statistics; returns the raw mean and std of the step for the log."""
+        if not self.config.reward.normalize or self.state is None:
+            return {}
+        total, squares, n = (metrics.pop(key, 0.0) for key in self.SUMS)
+        if n == 0:
+            return {}
+        count, mean, m2 = self.statistics()
+        step_mean = total / n
+        step_m2 = max(squares - n * step_mean ** 2, 0.0)
+        delta, combined = step_mean - mean, count + n
+        self.state()["reward_stats"] = [combined, mean + delta * n / combined,
+                                        m2 + step_m2 + delta ** 2 * count * n / combined]
+        return {"reward_raw/mean": step_mean, "reward_raw/std": math.sqrt(step_m2 / n)}
 
 
 class Advantages:
