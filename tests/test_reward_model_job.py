@@ -167,3 +167,26 @@ def test_chat_pairs_go_through_the_chat_template():
     assert chosen != rejected
     with pytest.raises(DataError, match="need a tokenizer with a chat template"):
         PairEncoder(build_char_tokenizer(), "auto", 256)(row)
+
+
+def test_pairs_of_the_policys_own_samples_are_ranked_by_the_truth(tmp_path):
+    """rm.pair_source=policy: two of a prompt's samples of different true score, the
+    better one chosen (no label noise), the same pairs for the same seed."""
+    from plait.data.tasks import make_task
+    from plait.recipes.reward_model import PolicySampler
+
+    config = rm_job(tmp_path / "rm", "rm.pair_source=policy", "rm.samples_per_prompt=4",
+                    "rollout.max_new_tokens=8")
+    task = make_task("reverse")
+    pairs = PolicySampler(config)(task, 40, "train")
+    assert len(pairs) == 40
+    answers = {row["prompt"]: row["answer"] for row in task.make_rows(160, seed=0)}
+    for pair in pairs:
+        assert pair["prompt"] in answers  # the training split's prompts
+        chosen = task.verify(pair["chosen"], pair["answer"])
+        rejected = task.verify(pair["rejected"], pair["answer"])
+        assert chosen == pair["chosen_score"] > rejected == pair["rejected_score"]
+        assert not pair["flipped"]
+    assert PolicySampler(config)(task, 40, "train") == pairs
+    held_out = PolicySampler(config)(task, 10, "test")
+    assert not {p["prompt"] for p in held_out} & set(answers)

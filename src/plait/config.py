@@ -314,6 +314,12 @@ class RMConfig:
     num_eval_pairs: int = opt(512, "Built-in task: held-out pairs (its test split).", low=1)
     label_noise: float = opt(0.0, "Built-in task: share of pairs whose label is flipped.",
                              low=0.0, high=0.49)
+    pair_source: Literal["edits", "policy"] = opt(
+        "edits", "Built-in task: pairs of random edits of the answer (edits), or of the "
+        "model.path policy's own samples (policy: rm.samples_per_prompt per prompt at "
+        "rollout.temperature, two of different true score ranked), as people rank a "
+        "model's responses.")
+    samples_per_prompt: int = opt(4, "pair_source=policy: samples drawn per prompt.", low=2)
     steps: int = opt(200, "Optimizer steps.", low=1)
     batch_size: int = opt(32, "Pairs per step.", low=1)
     lr: float = opt(3e-4, "Learning rate (optim's warmup, schedule and clipping apply).",

@@ -310,18 +310,29 @@ class ReverseTask(Task):
             while True:
                 first, second = (self.edit(answer, rng, rng.randint(0, max_edits))
                                  for _ in range(2))
-                scores = self.verify(first, answer), self.verify(second, answer)
-                if scores[0] != scores[1]:
+                pair = self.rank_pair(row, first, second, rng, noise)
+                if pair is not None:
                     break
-            better = 0 if scores[0] > scores[1] else 1
-            flipped = rng.random() < noise
-            chosen = better if not flipped else 1 - better
-            responses = (first, second)
-            pairs.append({"prompt": row["prompt"], "answer": answer,
-                          "chosen": responses[chosen], "rejected": responses[1 - chosen],
-                          "chosen_score": scores[chosen], "rejected_score": scores[1 - chosen],
-                          "flipped": flipped})
+            pairs.append(pair)
         return pairs
+
+    def rank_pair(self, row: dict[str, Any], first: str, second: str, rng: random.Random,
+                  noise: float = 0.0) -> dict[str, Any] | None:
+        """Two responses to ``row``'s prompt as a preference pair ranked by the true
+        score (the label flipped with probability ``noise``), with the truth kept; None
+        when they score the same."""
+        answer = row["answer"]
+        scores = self.verify(first, answer), self.verify(second, answer)
+        if scores[0] == scores[1]:
+            return None
+        better = 0 if scores[0] > scores[1] else 1
+        flipped = rng.random() < noise
+        chosen = better if not flipped else 1 - better
+        responses = (first, second)
+        return {"prompt": row["prompt"], "answer": answer,
+                "chosen": responses[chosen], "rejected": responses[1 - chosen],
+                "chosen_score": scores[chosen], "rejected_score": scores[1 - chosen],
+                "flipped": flipped}
 
 
 #: Built-in tasks by name.

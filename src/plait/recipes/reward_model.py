@@ -19,6 +19,7 @@ directory holds ``metrics.jsonl``, ``checkpoints/`` (resumed as ``plait train``'
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from collections import Counter
@@ -31,7 +32,12 @@ from plait.config import Config, ConfigError, config_to_dict, dump_yaml
 from plait.data.datasets import DataError, PromptIterator, split_rows
 from plait.data.preferences import load_preference_rows
 from plait.errors import TrainingDiverged
-from plait.models.loading import load_tokenizer, resolve_model_dir
+from plait.models.loading import (
+    PromptEncoder,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from plait.models.reward_model import (
     ResponseEncoder,
     load_reward_model,
@@ -40,6 +46,7 @@ from plait.models.reward_model import (
 )
 from plait.parallel.dist import Dist
 from plait.recipes.checkpointing import check_resumable
+from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
 from plait.runtime.run_dir import check_run_dir, mark_run_dir
 from plait.telemetry.metrics import MetricsLogger, read_metrics
@@ -71,6 +78,10 @@ def load_pairs(config: Config) -> tuple[list[dict], list[dict], Counter]:
                               "pairs; set rm.train_path to your pairs, or data.task=reverse "
                               "for the built-in ones")
         seed = config.train.seed
+        if rm.pair_source == "policy":
+            sample = PolicySampler(config)
+            return (sample(task, rm.num_pairs, "train", noise=rm.label_noise),
+                    sample(task, rm.num_eval_pairs, "test"), Counter())
         train = task.make_pairs(rm.num_pairs, seed=seed, noise=rm.label_noise)
         held_out = task.make_pairs(rm.num_eval_pairs, seed=seed, split="test")
         return train, held_out, Counter()
@@ -86,6 +97,56 @@ def load_pairs(config: Config) -> tuple[list[dict], list[dict], Counter]:
         raise DataError(f"rm.train_path: {len(loaded.rows)} pairs leave none to hold out at "
                         f"rm.eval_fraction={rm.eval_fraction}; set rm.eval_path or raise it")
     return train, held_out, dropped
+
+
+class PolicySampler:
+    """Preference pairs of a policy's own responses to a built-in task's prompts: each
+    prompt sampled ``rm.samples_per_prompt`` times through plait's engine, and two samples
+    of different true score ranked by it (labels flipped at the noise rate), as people
+    rank a model's responses. Prompts whose samples all score the same give no pair."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        model_dir = resolve_model_dir(config.model, Path(config.run.dir))
+        self.tokenizer = load_tokenizer(model_dir, "model.path")
+        self.policy = load_causal_lm(model_dir, config.model.attn_implementation,
+                                     key="model.path").eval()
+        self.engine = inputs.engine_for(config, self.policy, self.tokenizer, model_dir,
+                                        compile=False)
+        self.encode = PromptEncoder(self.tokenizer, config.model.chat_template)
+        rollout = self.config.rollout
+        self.params = SamplingParams(max_new_tokens=rollout.max_new_tokens,
+                                     temperature=rollout.temperature or 1.0,
+                                     top_p=rollout.top_p, top_k=rollout.top_k,
+                                     stop=tuple(rollout.stop))
+
+    @torch.no_grad()
+    def __call__(self, task, n: int, split: str, *, noise: float = 0.0) -> list[dict]:
+        seed, k = self.config.train.seed, self.config.rm.samples_per_prompt
+        rng = random.Random(f"plait-policy-pairs:{seed}:{split}:{noise}")
+        pairs: list[dict] = []
+        rows = task.make_rows(max(4 * n, 64), seed=seed, split=split)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + (split == "test"))
+            for start in range(0, len(rows), 256):
+                chunk = rows[start:start + 256]
+                groups = self.engine.generate([self.encode(r["prompt"]) for r in chunk],
+                                              self.params, k)
+                for row, group in zip(chunk, groups, strict=True):
+                    texts = [c.text for c in group]
+                    rng.shuffle(texts)
+                    pair = next((p for i, a in enumerate(texts) for b in texts[i + 1:]
+                                 if (p := task.rank_pair(row, a, b, rng, noise)) is not None),
+                                None)
+                    if pair is not None:
+                        pairs.append(pair)
+                    if len(pairs) == n:
+                        return pairs
+        if not pairs:
+            raise DataError(f"rm.pair_source=policy: the policy's {k} samples of each prompt "
+                            "all score the same; raise rollout.temperature or "
+                            "rm.samples_per_prompt, or use rm.pair_source=edits")
+        return pairs
 
 
 class PairEncoder:

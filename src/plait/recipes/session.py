@@ -187,9 +187,12 @@ class Session:
             batch = self.generator.rollout(self.eval_rows[lo:hi], params, 1)
             self.generator.next_group_id = next_id
             rewards = batch.rewards.double().cpu()
-        sums = torch.tensor([float((rewards >= self.reward_high - 1e-6).sum()),
-                             float(rewards.sum()), float(batch.response_lengths.sum()),
-                             float(rewards.numel())], dtype=torch.float64)
+        names = self.generator.rewards.names
+        terms = batch.reward_terms.double().cpu().sum(0) if batch.reward_terms is not None \
+            else torch.zeros(len(names), dtype=torch.float64)
+        sums = torch.cat([torch.tensor([float((rewards >= self.reward_high - 1e-6).sum()),
+                                        float(rewards.sum()), float(batch.response_lengths.sum()),
+                                        float(rewards.numel())], dtype=torch.float64), terms])
         self.dist.all_reduce(sums, kind="metrics")
         count = max(float(sums[3]), 1.0)
         result = {
@@ -197,6 +200,9 @@ class Session:
             "eval/reward": float(sums[1]) / count,
             "eval/response_length": float(sums[2]) / count,
         }
+        if len(names) > 1:  # each function's mean (a weight-0 one: a score to watch)
+            result.update({f"eval/reward_fn/{name}": float(sums[4 + i]) / count
+                           for i, name in enumerate(names)})
         self.state["evals"][tag] = result
         return result
 
