@@ -88,6 +88,9 @@ class DataConfig:
     train_path: str | None = opt(None, "JSONL / Parquet file or local HF dataset directory.")
     eval_path: str | None = opt(None, "Held-out prompts (same formats); default: the task's "
                                 "test split, or a slice of train_path.")
+    ptx_path: str | None = opt(None, "PTX data (algo.ptx_coef): rows of `text` (loss on every "
+                               "token) or of prompt and answer/completion/response (loss on "
+                               "the answer), same formats; null: the training rows.")
     split: str = opt("train", "Split to read from a DatasetDict directory.")
     fields: dict[str, str] = opt(doc="Map plait's field names to dataset columns, e.g. "
                                  "{prompt: question, answer: solution}; a mapped column also "
@@ -217,6 +220,15 @@ class AlgoConfig:
     kl_horizon: int = opt(10000, "Adaptive KL: samples over which the coefficient moves by up "
                           "to 20% of its error.", low=1)
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.", low=0.0)
+    ptx_coef: float = opt(0.0, "Weight of PTX: a supervised next-token loss on data.ptx_path "
+                          "(default: the training rows' answers) added to each actor "
+                          "update, so the policy keeps what it could do before RL.", low=0.0)
+    ptx_batch_size: int = opt(16, "PTX rows per optimizer step.", low=1)
+    ema_decay: float | None = opt(
+        None, "Keep an exponential moving average of the policy's weights, updated after "
+        "each optimizer step (ema = decay * ema + (1 - decay) * policy; e.g. 0.992): "
+        "checkpointed, evaluated beside the policy at the end, saved as ema_model/. "
+        "null: none.", low=0.0, high=1.0)
     vf_coef: float = opt(0.5, "Value-loss weight (PPO).", low=0.0)
     vf_clip: float | None = opt(0.2, "Value clipping range around old values (PPO).", low=0.0)
     reward_adjust: Literal["none", "grpovi"] = opt("none", "Adjust group rewards before "
@@ -949,6 +961,17 @@ def _validate_job(config: Config) -> None:
         (config.reward.import_timeout_s == 0,
          "reward.import_timeout_s=0 would fail every import: give a positive number of "
          "seconds, or null for reward.timeout_s"),
+        (config.algo.ptx_coef > 0 and config.runtime.data_parallel == "fsdp"
+         and config.runtime.num_ranks > 1,
+         "algo.ptx_coef runs its forward outside the sharded update; it is not available "
+         "with runtime.data_parallel=fsdp yet: use ddp, or algo.ptx_coef=0"),
+        (config.algo.ptx_coef > 0 and config.runtime.stream_groups,
+         "algo.ptx_coef is not available with runtime.stream_groups yet (the update's "
+         "gradients are normalised only once the last group arrives): set one of them off"),
+        (config.algo.ema_decay is not None and config.runtime.data_parallel == "fsdp"
+         and config.runtime.num_ranks > 1,
+         "algo.ema_decay keeps a whole copy of the policy on every rank, which sharded "
+         "ranks do not hold: use runtime.data_parallel=ddp, or leave algo.ema_decay unset"),
         (run.overwrite and run.resume == "must",
          "run.overwrite=true deletes the run directory, so run.resume=must would find no "
          "checkpoint: drop one of them"),

@@ -25,7 +25,13 @@ from plait.algos.grpovi import (
     grpovi_adjust_groups,
     sequence_weights_from_logprobs,
 )
-from plait.algos.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate, kl_penalty_rewards
+from plait.algos.kl import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    ema_update,
+    kl_estimate,
+    kl_penalty_rewards,
+)
 from plait.algos.policy_loss import (
     LOG_RATIOS,
     OFF_POLICY_MODES,
@@ -47,6 +53,7 @@ from plait.algos.preference import (
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "ema_update",
     "bradley_terry_loss",
     "dpo_loss",
     "pairwise_calibration",

@@ -94,3 +94,14 @@ def adaptive_kl_coef(coef: float, measured_kl: float, target: float, horizon: in
                          f"{coef}, {target}, {horizon}")
     error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * samples / horizon)
+
+
+@torch.no_grad()
+def ema_update(averages, params, decay: float) -> None:
+    """One step of an exponential moving average, in place: ``a = decay * a + (1 - decay)
+    * p`` for each pair (a weight average that smooths the last steps' noise, as
+    DeepSpeed-Chat keeps of its actor)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    for average, param in zip(averages, params, strict=True):
+        average.lerp_(param.detach().to(average.dtype), 1.0 - decay)

@@ -97,6 +97,30 @@ def load_prompt_rows(
     return rows
 
 
+def load_text_rows(source: str | os.PathLike[str], *, split: str = "train") -> list[dict]:
+    """Supervised rows (PTX data) as ``{"prompt", "answer"}`` strings: a ``text`` column
+    is all answer (an empty prompt); otherwise ``prompt`` and one of ``answer``,
+    ``completion``, ``response``. A row with neither is named."""
+    path = _existing_path(source)
+    rows = []
+    for where, raw in _read_located_rows(path, split, None, None):
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        if isinstance(raw.get("text"), str) and raw["text"]:
+            rows.append({"prompt": "", "answer": raw["text"]})
+            continue
+        answer = next((raw[k] for k in ("answer", "completion", "response")
+                       if isinstance(raw.get(k), str) and raw[k]), None)
+        if not isinstance(raw.get("prompt"), str) or answer is None:
+            raise DataError(f"{where}: a supervised row needs a non-empty 'text', or 'prompt' "
+                            "and 'answer' (or 'completion' / 'response') strings; it has "
+                            f"{sorted(raw)}")
+        rows.append({"prompt": raw["prompt"], "answer": answer})
+    if not rows:
+        raise DataError(f"{path}: no rows (split {split!r})")
+    return rows
+
+
 def _check_arguments(fields: Mapping[str, str] | None, limit: int | None) -> dict[str, str]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive int or None, got {limit!r}")

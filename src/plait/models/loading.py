@@ -317,3 +317,19 @@ class PromptEncoder:
             ids = format_prompt(self.tokenizer, text, self.chat_template)
             self._cache[text] = ids
         return ids
+
+
+def save_model_dir(model, tokenizer, out: str | Path) -> Path:
+    """Save ``model`` and ``tokenizer`` as a Hugging Face directory at ``out``, written
+    beside it first and moved into place, so ``out`` is never left half written."""
+    import os
+    import shutil
+
+    out = Path(out)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -77,7 +77,7 @@ def resume(session) -> bool:
                       for name, model in models.named_trainable_models()}
     else:
         session.setup_training(resuming=True, load_weights=lambda: load_checkpoint(
-            path, models=dict(models.named_trainable_models()), restore_rng=False))
+            path, models=models.saved_models(), restore_rng=False))
         optimizers = models.optimizers
     state = load_checkpoint(path, models={}, optimizers=optimizers,
                             schedulers=models.schedulers)

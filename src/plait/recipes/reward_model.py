@@ -37,6 +37,7 @@ from plait.models.loading import (
     load_causal_lm,
     load_tokenizer,
     resolve_model_dir,
+    save_model_dir,
 )
 from plait.models.reward_model import (
     ResponseEncoder,
@@ -361,13 +362,7 @@ class RewardModelTrainer:
 
     def finish(self, started: float) -> dict:
         evals = self.state["evals"]
-        out = self.run_dir / NAME
-        tmp = self.run_dir / f".tmp-{NAME}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        out = save_model_dir(self.model, self.tokenizer, self.run_dir / NAME)
         summary = {"steps": self.global_step, "pairs": len(self.train_rows),
                    "eval_pairs": len(self.eval_rows), "dropped_pairs": dict(self.dropped),
                    **{f"{key.removeprefix('eval/')}_before": value

@@ -20,8 +20,10 @@ from __future__ import annotations
 import time
 
 from plait.config import Config
+from plait.data.datasets import load_text_rows
 from plait.parallel.dist import Dist
 from plait.recipes.session import Session
+from plait.recipes.sft import check_sft_rows
 from plait.runtime import job
 from plait.runtime.dynamic import DynamicSource
 from plait.runtime.remote import Receiver, Remote, RemoteSource, StreamedSource
@@ -35,6 +37,7 @@ from plait.runtime.sources import (
 )
 from plait.telemetry.timing import StageTimer
 from plait.train.scoring import Advantages, KLCoefficient, RewardShaper, Scorer
+from plait.train.supervised import PtxLoss
 from plait.train.update import Updater
 
 
@@ -54,6 +57,9 @@ class RLTrainer(Session):
                                      (self.reward_low, self.reward_high), self.kl_coef)
         self.updater = Updater(config, self.settings, self.dist, models, skips=self.skips,
                                checkpoint_root=self.checkpoint_root, kl_coef=self.kl_coef)
+        if config.algo.ptx_coef > 0:
+            self.updater.ptx = PtxLoss(config, self._ptx_rows(), self.encode_prompt,
+                                       self.tokenizer, self.dist, self.device)
         self.source = self._source(remote)
 
     def step(self, step: int) -> dict[str, float]:
@@ -100,6 +106,13 @@ class RLTrainer(Session):
     def draw(self, step: int) -> list[dict]:
         """The next global prompt batch (the same on every rank)."""
         return self.train_iter.next_batch(self.config.algo.prompts_per_step)
+
+    def _ptx_rows(self) -> list[dict]:
+        """PTX rows: data.ptx_path, else the training rows (their answers)."""
+        if self.config.data.ptx_path is not None:
+            return load_text_rows(self.config.data.ptx_path)
+        check_sft_rows(self.train_rows, "algo.ptx_coef", "data.ptx_path")
+        return self.train_rows
 
     def _source(self, remote: Remote | None) -> BatchSource:
         """The batch source of this job's placement."""

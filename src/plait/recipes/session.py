@@ -13,6 +13,7 @@ import torch
 
 from plait.algos import NEEDS_CRITIC
 from plait.config import ConfigError, config_to_dict, derive, dump_yaml
+from plait.models.loading import save_model_dir
 from plait.parallel import fsdp
 from plait.parallel.dist import Dist
 from plait.parallel.heartbeat import report, step_done
@@ -266,9 +267,20 @@ class Session:
         rl_seconds = time.time() - rl_started
         final = self.evaluate("final")
         self.log_metrics(self.global_step, final)
+        if self.models.ema is not None:
+            self.log_metrics(self.global_step, self.evaluate_ema())
         self.save()
         report("finishing")
         return self.finish(started, rl_seconds, tokens)
+
+    def evaluate_ema(self) -> dict[str, float]:
+        """The held-out evaluation of the policy's weight average (algo.ema_decay), logged
+        as ``eval_ema/...``; rank 0 saves the average as ``ema_model/``."""
+        with self.models.ema_weights():
+            result = self.evaluate("final_ema")
+        if self.dist.is_main:
+            save_model_dir(self.models.ema, self.tokenizer, self.run_dir / "ema_model")
+        return {key.replace("eval/", "eval_ema/", 1): value for key, value in result.items()}
 
     def on_start(self) -> None:
         """Called once the starting weights are final, before the first step."""
@@ -319,6 +331,9 @@ class Session:
         }
         if "after_sft" in evals:
             summary["accuracy_after_sft"] = evals["after_sft"]["eval/accuracy"]
+        if "final_ema" in evals:
+            summary["accuracy_after_ema"] = evals["final_ema"]["eval/accuracy"]
+            summary["reward_after_ema"] = evals["final_ema"]["eval/reward"]
         if self.dist.active:
             summary["ranks"] = self.dist.world_size
             summary["controller"] = self.config.runtime.controller

@@ -7,8 +7,6 @@ only (prompt tokens are context), averaged over answer tokens.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from collections.abc import Callable
 
 import torch
@@ -16,52 +14,23 @@ import torch
 from plait.config import OptimConfig, SFTConfig
 from plait.data.datasets import DataError, PromptIterator
 from plait.errors import TrainingDiverged
+from plait.models.loading import save_model_dir
 from plait.parallel import fsdp
 from plait.parallel.heartbeat import report
 from plait.telemetry.metrics import MetricsLogger
 from plait.telemetry.progress import ProgressBar
-from plait.train.forward import position_ids_from_mask
 from plait.train.optim import build_optimizer
+from plait.train.supervised import IGNORE, sft_batch, sft_loss
 
-IGNORE = -100
 
-
-def check_sft_rows(rows: list[dict]) -> None:
+def check_sft_rows(rows: list[dict], who: str = "the SFT warm start",
+                   instead: str = "set sft.steps=0") -> None:
     """Every row needs an answer to imitate; name the first that lacks one."""
     for index, row in enumerate(rows):
         if row.get("answer") is None:
-            raise DataError(f"the SFT warm start needs an 'answer' field, but train row "
-                            f"{index + 1} has only {sorted(row)}; map a column with "
-                            "data.fields={answer: COLUMN} or set sft.steps=0")
-
-
-def sft_batch(rows: list[dict], encode_prompt: Callable[[str], list[int]], tokenizer
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, labels)``, right-padded, labels masked on prompts."""
-    sequences = []
-    for row in rows:
-        prompt = encode_prompt(row["prompt"])
-        answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
-        sequences.append((prompt, answer + [tokenizer.eos_token_id]))
-    width = max(len(p) + len(a) for p, a in sequences)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(sequences):
-        ids = prompt + answer
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, len(prompt): len(ids)] = torch.tensor(answer)
-    return input_ids, attention_mask, labels
-
-
-def sft_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"
-             ) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-        reduction=reduction)
+            raise DataError(f"{who} needs an 'answer' field, but train row {index + 1} has "
+                            f"only {sorted(row)}; map a column with "
+                            f"data.fields={{answer: COLUMN}} or {instead}")
 
 
 def _sft_step_loss(model, tokenizer, batch, encode_prompt, device, dist):
@@ -177,13 +146,7 @@ def _train_and_save(session) -> None:
             return
         model = fsdp.plain_model(models.twins["policy"], weights)
     try:
-        sft_dir = session.run_dir / "sft_model"
-        tmp_dir = session.run_dir / ".tmp-sft_model"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        model.save_pretrained(tmp_dir, safe_serialization=True)
-        session.tokenizer.save_pretrained(tmp_dir)
-        shutil.rmtree(sft_dir, ignore_errors=True)
-        os.replace(tmp_dir, sft_dir)
+        save_model_dir(model, session.tokenizer, session.run_dir / "sft_model")
     finally:
         if model is not models.policy:
             fsdp.release(model)

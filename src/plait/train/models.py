@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from plait import algos
 from plait.config import Config
 from plait.models.loading import ValueModel, freeze, load_causal_lm, load_critic
 from plait.parallel import fsdp
@@ -60,6 +61,7 @@ class TrainModels:
         self.policy = policy
         self.reference = None
         self.critic = None
+        self.ema = None  # the policy's weight average (algo.ema_decay), frozen
         self.optimizers: dict = {}
         self.schedulers: dict = {}
         self.train_policy = None  # the modules the update runs through (see prepare)
@@ -92,6 +94,36 @@ class TrainModels:
             models.append(("critic", self.critic))
         return models
 
+    def saved_models(self) -> dict[str, torch.nn.Module]:
+        """The models a checkpoint holds: the trainable ones and the policy's average."""
+        models = dict(self.named_trainable_models())
+        if self.ema is not None:
+            models["ema"] = self.ema
+        return models
+
+    def update_ema(self) -> None:
+        """Move the weight average toward the policy (after an optimizer step)."""
+        if self.ema is not None:
+            algos.ema_update(self.ema.parameters(), self.policy.parameters(),
+                             self.config.algo.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The policy holds the average's weights inside (swapped in place, so engines
+        sharing the policy's tensors generate with them), its own again after."""
+        def swap():
+            with torch.no_grad():
+                for param, average in zip(self.policy.parameters(), self.ema.parameters(),
+                                          strict=True):
+                    kept = param.detach().clone()
+                    param.copy_(average)
+                    average.copy_(kept)
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
     def trainable_models(self) -> list[torch.nn.Module]:
         return [m for _, m in self.named_trainable_models()]
 
@@ -106,6 +138,8 @@ class TrainModels:
             self.build_reference(reference_dir)
         if critic:
             self.build_critic()
+        if self.config.algo.ema_decay is not None:  # starts as the starting policy
+            self.ema = freeze(copy.deepcopy(self.policy))
         if load_weights is not None:
             load_weights()
         optim = self.config.optim
@@ -186,7 +220,7 @@ class TrainModels:
         weights gathered into the twins on rank 0 (every rank joins the gathering; the
         other ranks get empty dicts). Release the twins with :meth:`release_twins`."""
         if not self.sharded:
-            return dict(self.named_trainable_models()), self.optimizers
+            return self.saved_models(), self.optimizers
         models, optimizers = {}, {}
         for name, model in self.named_trainable_models():
             weights, optim = fsdp.full_state(model, self.optimizers[name])

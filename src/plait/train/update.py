@@ -51,6 +51,8 @@ class Updater:
         self.checkpoint_root = checkpoint_root  # named when a divergence stops the job
         self.during_update = None  # a callable run once inside the next optimizer step
         self.open_update: GroupwiseUpdate | None = None
+        self.ptx = None  # a PtxLoss mixed into each optimizer step (algo.ptx_coef)
+        self._ptx_key = (0, 0)  # (RL step, optimizer step within it)
         self._grad_bytes: int | None = None
 
     def update(self, batch: Experience, step: int) -> dict[str, float]:
@@ -63,13 +65,37 @@ class Updater:
         algo = self.config.algo
         totals: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
-        for _ in range(algo.epochs):
-            order = torch.randperm(batch.batch_size, generator=generator)
-            for mini_idx in order.tensor_split(algo.mini_batches):
-                mini = batch.select(mini_idx)
+        for epoch in range(algo.epochs):
+            for index, mini in enumerate(self.mini_batches(batch, generator)):
+                self._ptx_key = (step, epoch * algo.mini_batches + index)
                 for key, value in self.optimizer_step(mini).items():
                     totals.setdefault(key, []).append(value)
         return {key: sum(v) / len(v) for key, v in totals.items()}
+
+    def mini_batches(self, batch: Experience, generator: torch.Generator) -> list[Experience]:
+        """This rank's rows of each of the epoch's mini-batches. The rows of every rank,
+        ordered by group, are shuffled and split as one process would split them, so N
+        ranks take the one-rank optimizer steps; a rank with no row in a mini-batch joins
+        it with a zero-weight row."""
+        algo = self.config.algo
+        if algo.mini_batches == 1:
+            return [batch.select(torch.randperm(batch.batch_size, generator=generator))]
+        local = [] if batch.ghost else batch.group_ids.tolist()
+        keys, seen = [], {}
+        for group in local:  # (group, n-th row of the group on this rank)
+            keys.append((group, seen.get(group, 0)))
+            seen[group] = seen.get(group, 0) + 1
+        everyone = self.dist.all_gather_objects(keys, kind="control") if self.dist.active \
+            else [keys]
+        ordered = sorted(key for rank_keys in everyone for key in rank_keys)
+        row_of = {key: row for row, key in enumerate(keys)}
+        minis = []
+        for chunk in torch.randperm(len(ordered), generator=generator).tensor_split(
+                algo.mini_batches):
+            rows = [row_of[ordered[i]] for i in chunk.tolist() if ordered[i] in row_of]
+            minis.append(batch.select(torch.tensor(rows, dtype=torch.long)) if rows
+                         else batch.ghost_row())
+        return minis
 
     def groupwise(self) -> GroupwiseUpdate:
         """Begin an optimizer step whose parts arrive one by one; the next :meth:`update`
@@ -109,6 +135,9 @@ class Updater:
         if trained.ghost and not mini.ghost:  # every row skipped: their loss is exactly 0
             stats["loss/policy"] = 0.0
         mini = trained
+        if self.ptx is not None:  # its gradient joins the micro-batches' (synced) ones
+            stats.update(self.ptx.backward(self.models.policy, *self._ptx_key,
+                                           autocast=self.models.autocast))
         sharded = self.models.sharded
         micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
                                     algo.share_prompt_forward and not sharded)
@@ -247,6 +276,7 @@ class Updater:
         for name, opt in self.models.optimizers.items():
             opt.step()
             self.models.schedulers[name].step()
+        self.models.update_ema()
         stats["lr"] = self.models.schedulers["policy"].get_last_lr()[0]
         return stats
 
