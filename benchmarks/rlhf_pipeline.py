@@ -71,7 +71,7 @@ def main() -> None:
                                 f"run.dir={sft}")}
         seconds["rm"] = plait("rm", *common, f"train.seed={seed}",
                               f"model.path={sft / 'sft_model'}", f"rm.steps={args.rm_steps}",
-                              f"rm.pair_source={args.pair_source}", f"run.dir={rm}")
+                              f"pairs.source={args.pair_source}", f"run.dir={rm}")
         rm_summary = json.loads((rm / "summary.json").read_text())
         for kl in args.kl:
             out = base / f"rl_kl{kl:g}"

@@ -2,27 +2,25 @@
 transformers reward model, a stopped run resumes exactly, bad pairs are named."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers_jobs import kill_in_step
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from plait.cli import main
 from plait.config import ConfigError, load_config
 from plait.data.datasets import DataError
 from plait.models.reward_model import padded_batch, sequence_scores
-from plait.recipes.reward_model import PairEncoder, train_reward_model
+from plait.recipes.pairs import PairEncoder
+from plait.recipes.reward_model import train_reward_model
 from plait.telemetry.metrics import read_metrics
 
 RM_JOB = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=2",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.task=reverse",
     "train.threads=2", "run.tensorboard=false", "run.progress=false",
-    "rm.num_pairs=2048", "rm.num_eval_pairs=256", "rm.batch_size=32", "rm.lr=3e-3",
+    "pairs.num_pairs=2048", "pairs.num_eval_pairs=256", "rm.batch_size=32", "rm.lr=3e-3",
 ]
 
 
@@ -72,26 +70,10 @@ def test_a_reward_model_from_the_fine_tuned_policy_judges_most_pairs_right(tmp_p
 def test_a_killed_run_resumes_exactly(tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["rm.steps=6", "rm.eval_every=0", "train.save_every=3", "train.keep_last=0",
-              "rm.num_pairs=256", "rm.num_eval_pairs=64"]
+              "pairs.num_pairs=256", "pairs.num_eval_pairs=64"]
     train_reward_model(rm_job(straight, *common))
     overrides = [*RM_JOB, f"run.dir={resumed}", *common]
-    script = textwrap.dedent(f"""
-        import os, signal
-        from plait.config import load_config
-        from plait.recipes import reward_model
-
-        step = reward_model.RewardModelTrainer.step
-
-        def killed_in_step_5(trainer):  # after the step-3 checkpoint, step 4 logged
-            if trainer.global_step == 4:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return step(trainer)
-
-        reward_model.RewardModelTrainer.step = killed_in_step_5
-        reward_model.train_reward_model(load_config(None, {overrides!r}))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PLAIT_PROGRESS": "0"}, timeout=300)
+    proc = kill_in_step("reward_model", "RewardModelTrainer", "train_reward_model", overrides, step=4)  # after step 3's checkpoint
     assert proc.returncode == -9, proc.stderr[-2000:]
     capsys.readouterr()
     train_reward_model(load_config(None, overrides))
@@ -119,8 +101,8 @@ def test_pairs_from_a_file_with_a_held_out_share(tmp_path, capsys):
             for i, w in enumerate(["abc", "xyz", "qrs", "hello", "lmn", "opq", "tuv", "wxy",
                                    "bcd", "fgh"])]
     pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
-    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"rm.train_path={pairs}",
-                 "rm.eval_fraction=0.3", "rm.steps=2", "rm.batch_size=4"])
+    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"pairs.train_path={pairs}",
+                 "pairs.eval_fraction=0.3", "rm.steps=2", "rm.batch_size=4"])
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["pairs"] == 7 and summary["eval_pairs"] == 3
@@ -130,7 +112,7 @@ def test_pairs_from_a_file_with_a_held_out_share(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, error, message", [
     (["data.task=addition"], ConfigError, "data.task='addition' makes no preference pairs"),
-    (["rm.max_length=4"], DataError, r"training pair 1 is longer than rm.max_length=4"),
+    (["pairs.max_length=4"], DataError, r"training pair 1 is longer than pairs.max_length=4"),
 ])
 def test_unusable_pairs_are_named(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -141,7 +123,7 @@ def test_bad_rows_in_a_pairs_file_stop_the_command_in_one_line(tmp_path, capsys)
     pairs = write_pairs(tmp_path / "pairs.jsonl", [
         {"prompt": "ab=", "chosen": "ba", "rejected": "ab"},
         {"prompt": "cd=", "chosen": "dc", "rejected": "dc"}])
-    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"rm.train_path={pairs}",
+    code = main(["rm", *RM_JOB, f"run.dir={tmp_path / 'run'}", f"pairs.train_path={pairs}",
                  "rm.steps=1"])
     err = capsys.readouterr().err
     assert code == 1 and "line 2: chosen and rejected are the same response" in err
@@ -170,12 +152,12 @@ def test_chat_pairs_go_through_the_chat_template():
 
 
 def test_pairs_of_the_policys_own_samples_are_ranked_by_the_truth(tmp_path):
-    """rm.pair_source=policy: two of a prompt's samples of different true score, the
+    """pairs.source=policy: two of a prompt's samples of different true score, the
     better one chosen (no label noise), the same pairs for the same seed."""
     from plait.data.tasks import make_task
-    from plait.recipes.reward_model import PolicySampler
+    from plait.recipes.pairs import PolicySampler
 
-    config = rm_job(tmp_path / "rm", "rm.pair_source=policy", "rm.samples_per_prompt=4",
+    config = rm_job(tmp_path / "rm", "pairs.source=policy", "pairs.samples_per_prompt=4",
                     "rollout.max_new_tokens=8")
     task = make_task("reverse")
     pairs = PolicySampler(config)(task, 40, "train")

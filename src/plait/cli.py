@@ -2,6 +2,7 @@
 
     plait train CONFIG.yaml [key=value ...]    train (GRPO / PPO, with optional SFT warm start)
     plait rm CONFIG.yaml [key=value ...]       train a reward model on preference pairs
+    plait dpo CONFIG.yaml [key=value ...]      optimise a policy on preference pairs
     plait eval CONFIG.yaml [key=value ...]     held-out greedy accuracy of a model or checkpoint
     plait config CONFIG.yaml [key=value ...]   print the resolved config
     plait options                              every config key, its type, default and meaning
@@ -64,17 +65,28 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_rm(args) -> int:
+def _pair_command(args, train, what: str, out_key: str, files: str) -> int:
+    """Run a pairwise training command (rm, dpo) and say where its outputs are."""
     config = _load(args)
     args.run = config.run  # for the message on Ctrl-C
+    summary = train(config)
+    print(json.dumps(summary, indent=2))
+    print(f"plait: {what} saved to {summary[out_key]}; run directory {config.run.dir} "
+          f"(summary.json, metrics.jsonl, {files}checkpoints/)")
+    return 0
+
+
+def cmd_rm(args) -> int:
     from plait.recipes.reward_model import train_reward_model
 
-    summary = train_reward_model(config)
-    print(json.dumps(summary, indent=2))
-    print(f"plait: reward model saved to {summary['reward_model_dir']}; run directory "
-          f"{config.run.dir} (summary.json, metrics.jsonl, metrics.png, reliability.png, "
-          "checkpoints/)")
-    return 0
+    return _pair_command(args, train_reward_model, "reward model", "reward_model_dir",
+                         "metrics.png, reliability.png, ")
+
+
+def cmd_dpo(args) -> int:
+    from plait.recipes.dpo import train_dpo
+
+    return _pair_command(args, train_dpo, "policy", "dpo_model_dir", "metrics.png, ")
 
 
 def cmd_eval(args) -> int:
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_text in (
         ("train", cmd_train, "train a model"),
         ("rm", cmd_rm, "train a reward model on preference pairs"),
+        ("dpo", cmd_dpo, "optimise a policy on preference pairs (DPO, IPO, SimPO)"),
         ("eval", cmd_eval, "evaluate a model or checkpoint on held-out prompts"),
         ("config", cmd_config, "print the resolved config"),
     ):
@@ -174,10 +187,10 @@ def _stop_on_sigterm():
 
 
 def _checkpoint_note(args) -> str:
-    """What an interrupted training job (train, rm) leaves to resume from (nothing to say
+    """What an interrupted training job (train, rm, dpo) leaves to resume from (nothing to say
     for the other commands)."""
     run = getattr(args, "run", None)
-    if args.command not in ("train", "rm") or run is None:
+    if args.command not in ("train", "rm", "dpo") or run is None:
         return ""
     from plait.train.checkpoint import resume_note
 

@@ -304,10 +304,9 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
-class RMConfig:
-    """Reward-model training (``plait rm``): the pairs, the pairwise loss, the schedule.
-    The model starts from model.path; train.seed, train.device, train.threads,
-    train.save_every, train.keep_last, optim and run apply as for ``plait train``."""
+class PairsConfig:
+    """Preference pairs, for ``plait rm`` and ``plait dpo``: a file, or the built-in
+    data.task's pairs with their hidden true scores."""
 
     train_path: str | None = opt(
         None, "Preference pairs (JSONL, JSON, Parquet, a save_to_disk or data directory) with "
@@ -322,25 +321,54 @@ class RMConfig:
         "dropped and counted (drop).")
     eval_fraction: float = opt(0.1, "Share of train_path held out when eval_path is null.",
                                low=0.0, high=0.5)
+    max_length: int = opt(256, "Longest prompt + response, in tokens.", low=2)
     num_pairs: int = opt(4096, "Built-in task: training pairs.", low=1)
     num_eval_pairs: int = opt(512, "Built-in task: held-out pairs (its test split).", low=1)
     label_noise: float = opt(0.0, "Built-in task: share of pairs whose label is flipped.",
                              low=0.0, high=0.49)
-    pair_source: Literal["edits", "policy"] = opt(
+    source: Literal["edits", "policy"] = opt(
         "edits", "Built-in task: pairs of random edits of the answer (edits), or of the "
-        "model.path policy's own samples (policy: rm.samples_per_prompt per prompt at "
+        "model.path policy's own samples (policy: pairs.samples_per_prompt per prompt at "
         "rollout.temperature, two of different true score ranked), as people rank a "
         "model's responses.")
-    samples_per_prompt: int = opt(4, "pair_source=policy: samples drawn per prompt.", low=2)
+    samples_per_prompt: int = opt(4, "source=policy: samples drawn per prompt.", low=2)
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward-model training (``plait rm``) on ``pairs``: the pairwise loss and the
+    schedule. The model starts from model.path; train.seed, train.device, train.threads,
+    train.save_every, train.keep_last, optim and run apply as for ``plait train``."""
+
     steps: int = opt(200, "Optimizer steps.", low=1)
     batch_size: int = opt(32, "Pairs per step.", low=1)
     lr: float = opt(3e-4, "Learning rate (optim's warmup, schedule and clipping apply).",
                     low=0.0)
-    max_length: int = opt(256, "Longest prompt + response, in tokens.", low=2)
     margin_field: str | None = opt(None, "Column holding each pair's margin (how much more the "
                                    "chosen response should score); null: no margin.")
     center_coef: float = opt(0.0, "Weight of the per-prompt mean score squared (keeps scores "
                              "centred, as an advantage model's).", low=0.0)
+    eval_every: int = opt(50, "Evaluate every N steps (0 = only before and after).", low=0)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Offline preference optimisation (``plait dpo``) of model.path on ``pairs`` against
+    a frozen reference (model.ref_path, else a copy of the starting model), whose
+    log-probabilities are computed once and kept."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = opt(
+        "sigmoid", "sigmoid (DPO), ipo (IPO), or simpo (SimPO: reference-free, length-"
+        "normalised, with a target margin).")
+    beta: float = opt(0.1, "Strength of the implicit KL to the reference (SimPO: the "
+                      "reward scale).", low=0.0)
+    label_smoothing: float = opt(0.0, "sigmoid: assumed share of flipped labels (cDPO).",
+                                 low=0.0, high=0.49)
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin.", low=0.0)
+    steps: int = opt(200, "Optimizer steps.", low=1)
+    batch_size: int = opt(32, "Pairs per step.", low=1)
+    lr: float = opt(5e-5, "Learning rate (optim's warmup, schedule and clipping apply).",
+                    low=0.0)
     eval_every: int = opt(50, "Evaluate every N steps (0 = only before and after).", low=0)
 
 
@@ -499,7 +527,9 @@ class Config:
     optim: OptimConfig = opt(doc="Optimizer.", factory=OptimConfig)
     train: TrainConfig = opt(doc="Training loop.", factory=TrainConfig)
     runtime: RuntimeConfig = opt(doc="Processes and placement.", factory=RuntimeConfig)
+    pairs: PairsConfig = opt(doc="Preference pairs (plait rm, plait dpo).", factory=PairsConfig)
     rm: RMConfig = opt(doc="Reward-model training (plait rm).", factory=RMConfig)
+    dpo: DPOConfig = opt(doc="Preference optimisation (plait dpo).", factory=DPOConfig)
 
 
 # --------------------------------------------------------------------------- building

@@ -1,0 +1,210 @@
+"""Offline preference optimisation (``plait dpo``): the policy learns from pairs directly,
+with no reward model and no generation in the loop.
+
+One step:
+
+    1. the next batch of pairs      (chosen and rejected side by side, one padded batch)
+    2. the policy's log-probability of each response (summed over its tokens, and their
+                                     count for the length-normalised losses)
+    3. the loss against the reference's log-probabilities, computed once for every pair
+       before training and kept (DPO, IPO), or without a reference (SimPO); an optimizer
+       step
+
+Held-out pairs are scored before training, every ``dpo.eval_every`` steps and at the end:
+the loss, the share of pairs whose implicit reward ranks them as labelled (and as the
+hidden truth ranks them, for the built-in task), the reward margin; and, for the built-in
+task, the greedy answers' true score on held-out prompts. The trained policy is saved as
+``dpo_model/`` (an ``AutoModelForCausalLM`` directory); checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plait import algos
+from plait.config import Config
+from plait.errors import TrainingDiverged
+from plait.models.loading import freeze, load_causal_lm, save_model_dir
+from plait.models.reward_model import padded_batch
+from plait.recipes.pairs import PairJob, truth_of
+from plait.rollout.base import SamplingParams
+from plait.runtime import inputs
+from plait.telemetry.metrics import read_metrics
+from plait.telemetry.plots import plot_metrics
+from plait.train.forward import position_ids_from_mask
+from plait.train.optim import build_optimizer
+
+_PANELS = (("preference loss", ("loss/preference", "eval/loss")),
+           ("pairs ranked right", ("eval/accuracy", "eval/accuracy_vs_truth",
+                                   "train/reward_accuracy")),
+           ("held-out true score (greedy)", ("eval/true_score",)))
+_EVAL_PROMPTS = 200  # held-out prompts whose greedy answers the built-in task scores
+
+
+class DPOTrainer(PairJob):
+    """One ``plait dpo`` job: model.path trained on pairs against a frozen reference."""
+
+    NAME = "policy"
+    COMMAND = "dpo"
+
+    def build(self) -> None:
+        config, dpo = self.config, self.config.dpo
+        self.policy = load_causal_lm(self.model_dir, config.model.attn_implementation,
+                                     key="model.path").to(self.device)
+        for index, row in enumerate(self.train_rows + self.eval_rows):
+            row["_pair"] = index  # the row of the reference cache
+        self.reference_logps = None
+        if dpo.loss != "simpo":  # the reference's log-probs of every pair, once
+            ref_dir = config.model.ref_path or self.model_dir
+            reference = freeze(load_causal_lm(
+                ref_dir, config.model.attn_implementation,
+                key="model.ref_path" if config.model.ref_path else "model.path"
+            ).to(self.device))
+            with torch.no_grad():
+                rows = self.train_rows + self.eval_rows
+                sums = [self.logps(reference, rows[i:i + 64])[0] for i in range(0, len(rows), 64)]
+            self.reference_logps = torch.cat(sums)  # [pairs, 2]: chosen, rejected
+            del reference
+        self.optimizer, self.scheduler = build_optimizer(
+            self.policy.parameters(), config.optim, lr=dpo.lr, total_steps=dpo.steps)
+        self.task = inputs.job_task(config) if config.pairs.train_path is None else None
+        self.engine = None
+
+    def saved_models(self) -> dict:
+        return {self.NAME: self.policy}
+
+    def shown(self, metrics: dict) -> dict:
+        shown = {"loss": metrics["loss/preference"], "acc": metrics["train/reward_accuracy"]}
+        if "eval/accuracy" in metrics:
+            shown["eval_acc"] = metrics["eval/accuracy"]
+        return shown
+
+    # ------------------------------------------------------------------ the step
+
+    def logps(self, model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[P, 2]`` log-probabilities of the chosen and rejected responses (summed over
+        their tokens, end token included) and ``[P, 2]`` their token counts."""
+        encoded = [self.encode(row) for row in rows]
+        starts = [self.encode.prompt_length(row) for row in rows] * 2
+        sequences = [c for c, _ in encoded] + [r for _, r in encoded]
+        ids, mask = padded_batch(sequences, self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = model(input_ids=ids, attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        token = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+            -1, ids[:, 1:, None]).squeeze(-1)
+        positions = torch.arange(1, ids.shape[1], device=ids.device)
+        start = torch.tensor(starts, device=ids.device)[:, None]
+        response = (positions[None] >= start) & mask[:, 1:].bool()
+        summed = (token * response).sum(-1)
+        counts = response.sum(-1).float()
+        n = len(rows)
+        return (torch.stack([summed[:n], summed[n:]], -1),
+                torch.stack([counts[:n], counts[n:]], -1))
+
+    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict]:
+        dpo = self.config.dpo
+        summed, counts = self.logps(self.policy, rows)                          # 2
+        if dpo.loss == "simpo":
+            mean = summed / counts.clamp(min=1)
+            return algos.simpo_loss(mean[:, 0], mean[:, 1], beta=dpo.beta,      # 3
+                                    gamma=dpo.simpo_gamma)
+        reference = self.reference_logps[torch.tensor([row["_pair"] for row in rows])]
+        reference = reference.to(summed.device)
+        if dpo.loss == "ipo":  # IPO compares per-token averages
+            summed, reference = summed / counts.clamp(min=1), reference / counts.clamp(min=1)
+        return algos.dpo_loss(summed[:, 0], summed[:, 1], reference[:, 0], reference[:, 1],
+                              beta=dpo.beta, loss_type=dpo.loss,
+                              label_smoothing=dpo.label_smoothing)
+
+    def step(self) -> dict[str, float]:
+        rows = self.pairs.next_batch(self.config.dpo.batch_size)              # 1
+        self.policy.train()
+        loss, stats = self.loss(rows)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the preference loss became {float(loss)} at step "
+                                   f"{self.global_step + 1}: lower dpo.lr or set "
+                                   "optim.max_grad_norm")
+        norm = self.clip_and_step(loss, self.policy.parameters())
+        return {"loss/preference": loss.item(), "grad_norm": norm,
+                "lr": self.scheduler.get_last_lr()[0],
+                **{f"train/{key}": float(value) for key, value in stats.items()}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, tag: str, chunk: int = 64) -> dict[str, float]:
+        """Held-out pairs as the policy's implicit reward ranks them; the greedy answers'
+        true score on the built-in task."""
+        self.policy.eval()
+        losses, margins, right, truth_right = [], [], [], []
+        better = truth_of(self.eval_rows)
+        for start in range(0, len(self.eval_rows), chunk):
+            rows = self.eval_rows[start:start + chunk]
+            loss, stats = self.loss(rows)
+            losses.append(float(loss) * len(rows))
+            margins.append(float(stats["reward_margin"]) * len(rows))
+            right.append(float(stats["reward_accuracy"]) * len(rows))
+            if better is not None:  # the implicit reward's ranking against the truth
+                truth_right.append(self._agrees_with_truth(rows, better[start:start + chunk]))
+        n = len(self.eval_rows)
+        result = {"eval/loss": sum(losses) / n, "eval/accuracy": sum(right) / n,
+                  "eval/reward_margin": sum(margins) / n}
+        if truth_right:
+            result["eval/accuracy_vs_truth"] = sum(truth_right) / n
+        if self.task is not None:
+            result["eval/true_score"] = self.true_score()
+        self.state["evals"][tag] = result
+        return result
+
+    def _agrees_with_truth(self, rows: list[dict], better: torch.Tensor) -> float:
+        """Pairs of ``rows`` whose implicit-reward order is the true order (a count)."""
+        dpo = self.config.dpo
+        summed, counts = self.logps(self.policy, rows)
+        if dpo.loss == "simpo":
+            margin = (summed / counts.clamp(min=1)) @ torch.tensor([1.0, -1.0],
+                                                                   device=summed.device)
+        else:
+            reference = self.reference_logps[torch.tensor([r["_pair"] for r in rows])]
+            ratio = summed - reference.to(summed.device)
+            if dpo.loss == "ipo":
+                ratio = ratio / counts.clamp(min=1)
+            margin = ratio[:, 0] - ratio[:, 1]
+        chosen_first = margin.cpu() > 0
+        return float((chosen_first == better).sum())
+
+    def true_score(self) -> float:
+        """Mean true score of the policy's greedy answers to held-out prompts."""
+        if self.engine is None:
+            self.engine = inputs.engine_for(self.config, self.policy, self.tokenizer,
+                                            self.model_dir, compile=False)
+        self.engine.update_weights(None, self.global_step)
+        seen, rows = set(), []
+        for row in self.eval_rows:
+            if row["prompt"] not in seen and "answer" in row:
+                seen.add(row["prompt"])
+                rows.append(row)
+        rows = rows[:_EVAL_PROMPTS]
+        if not rows:
+            return 0.0
+        params = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens,
+                                temperature=0.0, stop=tuple(self.config.rollout.stop))
+        groups = self.engine.generate([self.encode.encode.prompt(r["prompt"]) for r in rows],
+                                      params, 1)
+        scores = [self.task.verify(group[0].text, row["answer"])
+                  for row, group in zip(rows, groups, strict=True)]
+        return sum(scores) / len(scores)
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_outputs(self, summary: dict) -> None:
+        out = save_model_dir(self.policy, self.tokenizer, self.run_dir / "dpo_model")
+        summary["dpo_model_dir"] = str(out)
+        plot_metrics(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "metrics.png",
+                     panels=_PANELS, title=f"preference optimisation ({self.config.dpo.loss})")
+
+
+def train_dpo(config: Config) -> dict:
+    """Run a ``plait dpo`` job end to end and return its summary."""
+    with DPOTrainer(config) as trainer:
+        return trainer.run()
