@@ -102,9 +102,11 @@ class DPOTrainer(PairJob):
         return (torch.stack([summed[:n], summed[n:]], -1),
                 torch.stack([counts[:n], counts[n:]], -1))
 
-    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict]:
+    def loss(self, rows: list[dict], logps=None) -> tuple[torch.Tensor, dict]:
+        """The preference loss of ``rows`` and its statistics (``logps``: the policy's
+        :meth:`logps` of them, when already computed)."""
         dpo = self.config.dpo
-        summed, counts = self.logps(self.policy, rows)                          # 2
+        summed, counts = logps or self.logps(self.policy, rows)                 # 2
         if dpo.loss == "simpo":
             mean = summed / counts.clamp(min=1)
             return algos.simpo_loss(mean[:, 0], mean[:, 1], beta=dpo.beta,      # 3
@@ -141,12 +143,14 @@ class DPOTrainer(PairJob):
         better = truth_of(self.eval_rows)
         for start in range(0, len(self.eval_rows), chunk):
             rows = self.eval_rows[start:start + chunk]
-            loss, stats = self.loss(rows)
+            logps = self.logps(self.policy, rows)
+            loss, stats = self.loss(rows, logps)
             losses.append(float(loss) * len(rows))
             margins.append(float(stats["reward_margin"]) * len(rows))
             right.append(float(stats["reward_accuracy"]) * len(rows))
             if better is not None:  # the implicit reward's ranking against the truth
-                truth_right.append(self._agrees_with_truth(rows, better[start:start + chunk]))
+                truth_right.append(self._agrees_with_truth(rows, logps,
+                                                           better[start:start + chunk]))
         n = len(self.eval_rows)
         result = {"eval/loss": sum(losses) / n, "eval/accuracy": sum(right) / n,
                   "eval/reward_margin": sum(margins) / n}
@@ -157,10 +161,10 @@ class DPOTrainer(PairJob):
         self.state["evals"][tag] = result
         return result
 
-    def _agrees_with_truth(self, rows: list[dict], better: torch.Tensor) -> float:
+    def _agrees_with_truth(self, rows: list[dict], logps, better: torch.Tensor) -> float:
         """Pairs of ``rows`` whose implicit-reward order is the true order (a count)."""
         dpo = self.config.dpo
-        summed, counts = self.logps(self.policy, rows)
+        summed, counts = logps
         if dpo.loss == "simpo":
             margin = (summed / counts.clamp(min=1)) @ torch.tensor([1.0, -1.0],
                                                                    device=summed.device)
