@@ -130,9 +130,10 @@ def test_bad_rows_in_a_pairs_file_stop_the_command_in_one_line(tmp_path, capsys)
     assert "Traceback" not in err
 
 
-def test_more_than_one_process_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="plait rm runs in one process"):
-        train_reward_model(rm_job(tmp_path / "run", "rm.steps=1", "runtime.num_ranks=2"))
+def test_rollout_workers_apart_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="plait rm trains one model on every rank"):
+        train_reward_model(rm_job(tmp_path / "run", "rm.steps=1", "runtime.num_ranks=2",
+                                  "runtime.placement=partial"))
 
 
 def test_chat_pairs_go_through_the_chat_template():

@@ -1,6 +1,7 @@
 """The ``plait`` command line.
 
     plait train CONFIG.yaml [key=value ...]    train (GRPO / PPO, with optional SFT warm start)
+    plait sft CONFIG.yaml [key=value ...]      supervised fine-tuning on examples
     plait rm CONFIG.yaml [key=value ...]       train a reward model on preference pairs
     plait dpo CONFIG.yaml [key=value ...]      optimise a policy on preference pairs
     plait eval CONFIG.yaml [key=value ...]     held-out greedy accuracy of a model or checkpoint
@@ -47,13 +48,9 @@ def cmd_train(args) -> int:
     runtime = config.runtime
     if runtime.num_ranks > 1 or runtime.launcher == "ray" or runtime.placement != "colocated":
         from plait.recipes.rl import run_job
-        from plait.runtime.worker import job_reference
+        from plait.runtime.launchers import launch
 
-        if runtime.launcher == "ray":
-            from plait.runtime.ray_launcher import launch_ray as launch
-        else:
-            from plait.runtime.launch import launch_local as launch
-        summary = launch(config, job_reference(run_job))
+        summary = launch(config, run_job)
     else:
         from plait.recipes.rl import train
 
@@ -65,8 +62,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _pair_command(args, train, what: str, out_key: str, files: str) -> int:
-    """Run a pairwise training command (rm, dpo) and say where its outputs are."""
+def _step_command(args, train, what: str, out_key: str, files: str) -> int:
+    """Run a supervised training command (sft, rm, dpo) and say where its outputs are."""
     config = _load(args)
     args.run = config.run  # for the message on Ctrl-C
     summary = train(config)
@@ -76,17 +73,23 @@ def _pair_command(args, train, what: str, out_key: str, files: str) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from plait.recipes.sft import train_sft
+
+    return _step_command(args, train_sft, "model", "sft_model_dir", "metrics.png, ")
+
+
 def cmd_rm(args) -> int:
     from plait.recipes.reward_model import train_reward_model
 
-    return _pair_command(args, train_reward_model, "reward model", "reward_model_dir",
+    return _step_command(args, train_reward_model, "reward model", "reward_model_dir",
                          "metrics.png, reliability.png, ")
 
 
 def cmd_dpo(args) -> int:
     from plait.recipes.dpo import train_dpo
 
-    return _pair_command(args, train_dpo, "policy", "dpo_model_dir", "metrics.png, ")
+    return _step_command(args, train_dpo, "policy", "dpo_model_dir", "metrics.png, ")
 
 
 def cmd_eval(args) -> int:
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in (
         ("train", cmd_train, "train a model"),
+        ("sft", cmd_sft, "supervised fine-tuning (prompt/answer, text or chat examples)"),
         ("rm", cmd_rm, "train a reward model on preference pairs"),
         ("dpo", cmd_dpo, "optimise a policy on preference pairs (DPO, IPO, SimPO)"),
         ("eval", cmd_eval, "evaluate a model or checkpoint on held-out prompts"),
@@ -187,10 +191,10 @@ def _stop_on_sigterm():
 
 
 def _checkpoint_note(args) -> str:
-    """What an interrupted training job (train, rm, dpo) leaves to resume from (nothing to say
+    """What an interrupted training job (train, sft, rm, dpo) leaves to resume from (nothing to say
     for the other commands)."""
     run = getattr(args, "run", None)
-    if args.command not in ("train", "rm", "dpo") or run is None:
+    if args.command not in ("train", "sft", "rm", "dpo") or run is None:
         return ""
     from plait.train.checkpoint import resume_note
 

@@ -104,12 +104,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """Supervised warm start on (prompt, answer) pairs before RL; steps=0 skips it."""
+    """Supervised fine-tuning: ``plait sft``, and the warm start of ``plait train``
+    before RL (steps=0 skips it)."""
 
-    steps: int = opt(0, "Optimizer steps of SFT warm start.", low=0)
-    batch_size: int = opt(64, "Sequences per SFT step.", low=1)
+    steps: int = opt(0, "Optimizer steps of SFT (plait sft, or the warm start of plait "
+                     "train).", low=0)
+    batch_size: int = opt(64, "Examples per SFT step.", low=1)
     lr: float = opt(1e-3, "SFT learning rate.", low=0.0)
     warmup_steps: int = opt(20, "Linear warmup steps.", low=0)
+    eval_every: int = opt(0, "plait sft: held-out loss and accuracy every N steps (0: "
+                          "before and after training only).", low=0)
+    packing: bool = opt(False, "plait sft: pack each batch's examples into rows of up to "
+                        "max_length tokens, each example attending only to itself (the same "
+                        "loss as one row per example, less padding).")
+    max_length: int = opt(1024, "plait sft: longest example in tokens, and the packed row "
+                          "length.", low=2)
+    bad_rows: Literal["error", "drop"] = opt(
+        "error", "plait sft: an example longer than max_length stops the job naming it "
+        "('error'), or is left out and counted ('drop').")
 
 
 @dataclass(frozen=True)
@@ -327,11 +339,14 @@ class PairsConfig:
     label_noise: float = opt(0.0, "Built-in task: share of pairs whose label is flipped.",
                              low=0.0, high=0.49)
     source: Literal["edits", "policy"] = opt(
-        "edits", "Built-in task: pairs of random edits of the answer (edits), or of the "
-        "model.path policy's own samples (policy: pairs.samples_per_prompt per prompt at "
+        "edits", "Built-in task: pairs of random edits of the answer (edits), or of a "
+        "policy's own samples (policy: pairs.samples_per_prompt per prompt at "
         "rollout.temperature, two of different true score ranked), as people rank a "
         "model's responses.")
     samples_per_prompt: int = opt(4, "source=policy: samples drawn per prompt.", low=2)
+    policy_path: str | None = opt(
+        None, "source=policy: the policy whose samples are ranked (e.g. the one RL will "
+        "train), when the model trained on the pairs is another; null: model.path.")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def _accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
                        margin: torch.Tensor | None = None, center_coef: float = 0.0,
-                       prompt_ids: torch.Tensor | None = None
+                       prompt_ids: torch.Tensor | None = None,
+                       totals: tuple[int, int] | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise reward-model loss, mean over pairs, plus the optional centring penalty.
 
@@ -63,6 +64,10 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
         center_coef: weight of the mean squared per-prompt mean score.
         prompt_ids: [P] int, pairs with the same id share a prompt (default: each pair
             its own prompt).
+        totals: (pairs, prompts) of the whole batch when these pairs are one rank's share
+            of it (each prompt's pairs all in one share): the loss is then this share's
+            part of the batch's loss (sums over the share divided by the batch's counts),
+            and the parts of all shares add up to it.
 
     Returns:
         (scalar loss, stats): ``accuracy`` (ties count half), ``margin`` (mean s_c - s_r),
@@ -72,7 +77,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
     if center_coef < 0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef}")
     gap = chosen - rejected
-    loss = -F.logsigmoid(gap - margin if margin is not None else gap).mean()
+    pair_losses = -F.logsigmoid(gap - margin if margin is not None else gap)
     if prompt_ids is None:
         prompt_means = (chosen + rejected) / 2
     else:
@@ -84,8 +89,14 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
         counts = counts.index_add(0, index, torch.full_like(chosen, 2.0))
         prompt_means = sums / counts
     penalty = prompt_means.pow(2).mean()
-    if center_coef:
-        loss = loss + center_coef * penalty
+    if totals is None:
+        loss = pair_losses.mean()
+        if center_coef:
+            loss = loss + center_coef * penalty
+    else:
+        loss = pair_losses.sum() / totals[0]
+        if center_coef:
+            loss = loss + center_coef * prompt_means.pow(2).sum() / totals[1]
     stats = {"accuracy": _accuracy(chosen, rejected), "margin": gap.mean(),
              "chosen": chosen.mean(), "rejected": rejected.mean(), "center_penalty": penalty}
     return loss, {key: value.detach() for key, value in stats.items()}

@@ -97,28 +97,57 @@ def load_prompt_rows(
     return rows
 
 
-def load_text_rows(source: str | os.PathLike[str], *, split: str = "train") -> list[dict]:
-    """Supervised rows (PTX data) as ``{"prompt", "answer"}`` strings: a ``text`` column
-    is all answer (an empty prompt); otherwise ``prompt`` and one of ``answer``,
-    ``completion``, ``response``. A row with neither is named."""
+def load_text_rows(source: str | os.PathLike[str], *, split: str = "train",
+                   fields: Mapping[str, str] | None = None) -> list[dict]:
+    """Supervised rows (SFT, PTX data), each one of:
+
+    - ``{"prompt", "answer"}`` strings: from ``prompt`` and one of ``answer``,
+      ``completion``, ``response``; a ``text`` column is all answer (an empty prompt);
+    - ``{"messages"}``: a conversation, a list of ``{"role", "content"}`` strings with at
+      least one ``assistant`` turn (the turns a model learns to write).
+
+    ``fields`` maps these names to the dataset's columns (``{answer: solution}``). A row
+    that is none of these is named with its file and line."""
     path = _existing_path(source)
+    mapping = _check_arguments(fields, None)
     rows = []
     for where, raw in _read_located_rows(path, split, None, None):
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        raw = {**raw, **{name: raw[column] for name, column in mapping.items()
+                         if column in raw}}
+        if "messages" in raw:
+            rows.append({"messages": _check_conversation(where, raw["messages"])})
+            continue
         if isinstance(raw.get("text"), str) and raw["text"]:
             rows.append({"prompt": "", "answer": raw["text"]})
             continue
         answer = next((raw[k] for k in ("answer", "completion", "response")
                        if isinstance(raw.get(k), str) and raw[k]), None)
         if not isinstance(raw.get("prompt"), str) or answer is None:
-            raise DataError(f"{where}: a supervised row needs a non-empty 'text', or 'prompt' "
-                            "and 'answer' (or 'completion' / 'response') strings; it has "
-                            f"{sorted(raw)}")
+            raise DataError(f"{where}: a supervised row needs a non-empty 'text', 'prompt' "
+                            "and 'answer' (or 'completion' / 'response') strings, or "
+                            f"'messages'; it has {sorted(raw)} (map columns with "
+                            "data.fields={answer: COLUMN})")
         rows.append({"prompt": raw["prompt"], "answer": answer})
     if not rows:
         raise DataError(f"{path}: no rows (split {split!r})")
     return rows
+
+
+def _check_conversation(where: str, messages: Any) -> list[dict]:
+    """``messages`` as a list of role/content dicts with an assistant turn, or the row named."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                        "{role, content} objects")
+    for turn, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: message {turn} must be an object with 'role' and "
+                            f"'content' strings, got {message!r}"[:300])
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no 'assistant' turn to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _check_arguments(fields: Mapping[str, str] | None, limit: int | None) -> dict[str, str]:

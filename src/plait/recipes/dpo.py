@@ -27,18 +27,18 @@ from plait.errors import TrainingDiverged
 from plait.models.loading import freeze, load_causal_lm, save_model_dir
 from plait.models.reward_model import padded_batch
 from plait.recipes.pairs import PairJob, truth_of
-from plait.rollout.base import SamplingParams
+from plait.recipes.stepjob import rank_job, run_step_job
 from plait.runtime import inputs
 from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics
 from plait.train.forward import position_ids_from_mask
 from plait.train.optim import build_optimizer
 
+_STATS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
 _PANELS = (("preference loss", ("loss/preference", "eval/loss")),
            ("pairs ranked right", ("eval/accuracy", "eval/accuracy_vs_truth",
                                    "train/reward_accuracy")),
            ("held-out true score (greedy)", ("eval/true_score",)))
-_EVAL_PROMPTS = 200  # held-out prompts whose greedy answers the built-in task scores
 
 
 class DPOTrainer(PairJob):
@@ -68,7 +68,6 @@ class DPOTrainer(PairJob):
         self.optimizer, self.scheduler = build_optimizer(
             self.policy.parameters(), config.optim, lr=dpo.lr, total_steps=dpo.steps)
         self.task = inputs.job_task(config) if config.pairs.train_path is None else None
-        self.engine = None
 
     def saved_models(self) -> dict:
         return {self.NAME: self.policy}
@@ -120,17 +119,26 @@ class DPOTrainer(PairJob):
                               label_smoothing=dpo.label_smoothing)
 
     def step(self) -> dict[str, float]:
-        rows = self.pairs.next_batch(self.config.dpo.batch_size)              # 1
+        batch = self.batches.next_batch(self.config.dpo.batch_size)           # 1
+        rows, weight = self.share(batch)
         self.policy.train()
-        loss, stats = self.loss(rows)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the preference loss became {float(loss)} at step "
+        if rows:
+            loss, stats = self.loss(rows)
+            loss = loss * weight  # this share's part of the batch's mean
+            stats = {key: float(value) for key, value in stats.items()}
+        else:  # more ranks than pairs in the batch: this rank adds nothing
+            loss = sum(p.sum() for p in self.policy.parameters()) * 0.0
+            stats = dict.fromkeys(_STATS, 0.0)
+        stats = self.weighted_mean(stats, weight)
+        (loss_value,) = self.all_sum([float(loss.detach())])
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise TrainingDiverged(f"the preference loss became {loss_value} at step "
                                    f"{self.global_step + 1}: lower dpo.lr or set "
                                    "optim.max_grad_norm")
         norm = self.clip_and_step(loss, self.policy.parameters())
-        return {"loss/preference": loss.item(), "grad_norm": norm,
+        return {"loss/preference": loss_value, "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],
-                **{f"train/{key}": float(value) for key, value in stats.items()}}
+                **{f"train/{key}": value for key, value in stats.items()}}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -157,7 +165,8 @@ class DPOTrainer(PairJob):
         if truth_right:
             result["eval/accuracy_vs_truth"] = sum(truth_right) / n
         if self.task is not None:
-            result["eval/true_score"] = self.true_score()
+            result["eval/true_score"] = self.greedy_task_score(
+                self.policy, self.eval_rows, self.encode.encode.prompt)
         self.state["evals"][tag] = result
         return result
 
@@ -177,28 +186,6 @@ class DPOTrainer(PairJob):
         chosen_first = margin.cpu() > 0
         return float((chosen_first == better).sum())
 
-    def true_score(self) -> float:
-        """Mean true score of the policy's greedy answers to held-out prompts."""
-        if self.engine is None:
-            self.engine = inputs.engine_for(self.config, self.policy, self.tokenizer,
-                                            self.model_dir, compile=False)
-        self.engine.update_weights(None, self.global_step)
-        seen, rows = set(), []
-        for row in self.eval_rows:
-            if row["prompt"] not in seen and "answer" in row:
-                seen.add(row["prompt"])
-                rows.append(row)
-        rows = rows[:_EVAL_PROMPTS]
-        if not rows:
-            return 0.0
-        params = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens,
-                                temperature=0.0, stop=tuple(self.config.rollout.stop))
-        groups = self.engine.generate([self.encode.encode.prompt(r["prompt"]) for r in rows],
-                                      params, 1)
-        scores = [self.task.verify(group[0].text, row["answer"])
-                  for row, group in zip(rows, groups, strict=True)]
-        return sum(scores) / len(scores)
-
     # ------------------------------------------------------------------ outputs
 
     def write_outputs(self, summary: dict) -> None:
@@ -209,6 +196,11 @@ class DPOTrainer(PairJob):
 
 
 def train_dpo(config: Config) -> dict:
-    """Run a ``plait dpo`` job end to end and return its summary."""
-    with DPOTrainer(config) as trainer:
-        return trainer.run()
+    """Run a ``plait dpo`` job end to end (on runtime.num_ranks processes) and return
+    its summary."""
+    return run_step_job(DPOTrainer, config, run_rank)
+
+
+def run_rank(config: Config, world) -> dict:
+    """One rank of a launched ``plait dpo`` job."""
+    return rank_job(DPOTrainer, config, world)

@@ -1,24 +1,22 @@
 """What ``plait rm`` and ``plait dpo`` share: preference pairs (from a file, or the
 built-in task's with their hidden true scores: edits of the answer or the policy's own
-samples), their token ids, and the job around a pairwise step — the run directory,
-checkpoints and exact resume, evaluation cadence, progress, metrics and summary.
+samples) and their token ids.
 
-A command is a :class:`PairJob` with its model(s), its step and its evaluation.
+A command is a :class:`PairJob` (a :class:`~plait.recipes.stepjob.StepJob` on pairs)
+with its model(s), its step and its evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from plait.config import Config, ConfigError, config_to_dict, dump_yaml
-from plait.data.datasets import DataError, PromptIterator, split_rows
+from plait.config import Config, ConfigError
+from plait.data.datasets import DataError, split_rows
 from plait.data.preferences import load_preference_rows
 from plait.models.loading import (
     PromptEncoder,
@@ -27,21 +25,9 @@ from plait.models.loading import (
     resolve_model_dir,
 )
 from plait.models.reward_model import ResponseEncoder
-from plait.parallel.dist import Dist
-from plait.recipes.checkpointing import check_resumable
+from plait.recipes.stepjob import StepJob
 from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
-from plait.runtime.run_dir import check_run_dir, mark_run_dir
-from plait.telemetry.metrics import MetricsLogger
-from plait.telemetry.progress import ProgressBar
-from plait.telemetry.summary import write_json_atomic, write_text_atomic
-from plait.train.checkpoint import (
-    latest_checkpoint,
-    latest_intact_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-)
 
 
 def load_pairs(config: Config, command: str) -> tuple[list[dict], list[dict], Counter]:
@@ -85,10 +71,12 @@ class PolicySampler:
 
     def __init__(self, config: Config):
         self.config = config
-        model_dir = resolve_model_dir(config.model, Path(config.run.dir))
-        self.tokenizer = load_tokenizer(model_dir, "model.path")
+        key = "pairs.policy_path" if config.pairs.policy_path else "model.path"
+        model_dir = Path(config.pairs.policy_path) if config.pairs.policy_path else \
+            resolve_model_dir(config.model, Path(config.run.dir))
+        self.tokenizer = load_tokenizer(model_dir, key)
         self.policy = load_causal_lm(model_dir, config.model.attn_implementation,
-                                     key="model.path").eval()
+                                     key=key).eval()
         self.engine = inputs.engine_for(config, self.policy, self.tokenizer, model_dir,
                                         compile=False)
         self.encode = PromptEncoder(self.tokenizer, config.model.chat_template)
@@ -165,83 +153,23 @@ def truth_of(rows: list[dict]) -> torch.Tensor | None:
     return torch.tensor([c > r for c, r in truth])
 
 
-class PairJob:
-    """One pairwise training job (``plait rm``, ``plait dpo``): subclasses set ``NAME``
-    (the trained model's directory), ``COMMAND`` and ``section`` (the config section with
-    steps, batch_size, lr, eval_every), load their models in :meth:`build`, and define
-    :meth:`step`, :meth:`evaluate` and :meth:`write_outputs`."""
+class PairJob(StepJob):
+    """A job on preference pairs (``plait rm``, ``plait dpo``): ``self.encode`` gives a
+    pair's token ids; pairs longer than pairs.max_length stop the job naming the pair
+    (pairs.bad_rows=error) or are left out and counted."""
 
-    NAME = "model"
-    COMMAND = "?"
-
-    def __init__(self, config: Config):
-        runtime = config.runtime
-        if runtime.num_ranks > 1 or runtime.launcher != "local" or \
-                runtime.placement != "colocated":
-            raise ConfigError(f"plait {self.COMMAND} runs in one process; leave "
-                              "runtime.num_ranks, runtime.launcher and runtime.placement at "
-                              "their defaults")
-        self.config = config
-        self.section = getattr(config, self.COMMAND)
-        self.dist = Dist.single()
-        self.run_dir = Path(config.run.dir)
-        self.checkpoint_root = self.run_dir / "checkpoints"
-        self._prepare_run_dir()
-        self.device = inputs.configure_process(config, self.dist)
-        self.model_dir = resolve_model_dir(config.model, self.run_dir)
-        self.tokenizer = load_tokenizer(self.model_dir, "model.path")
+    def load_data(self) -> tuple[list[dict], list[dict]]:
+        config = self.config
         self.encode = PairEncoder(self.tokenizer, config.model.chat_template,
                                   config.pairs.max_length)
-        train, held_out, self.dropped = load_pairs(config, self.COMMAND)
-        self.train_rows = self._within_length(train, "training")
-        self.eval_rows = self._within_length(held_out, "held-out")
-        self.pairs = PromptIterator(self.train_rows, seed=config.train.seed)
-        self.global_step = 0
-        self.state: dict = {"evals": {}}
-        self.build()
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard)
+        train, held_out, dropped = load_pairs(config, self.COMMAND)
+        self.dropped.update(dropped)
+        return self._within_length(train, "training"), self._within_length(held_out, "held-out")
 
-    # ------------------------------------------------------------------ to define
-
-    def build(self) -> None:
-        """Load the models and make ``self.optimizer`` and ``self.scheduler``."""
-        raise NotImplementedError
-
-    def saved_models(self) -> dict:
-        """The trained models a checkpoint holds, by name."""
-        raise NotImplementedError
-
-    def step(self) -> dict[str, float]:
-        raise NotImplementedError
-
-    def evaluate(self, tag: str) -> dict[str, float]:
-        raise NotImplementedError
-
-    def write_outputs(self, summary: dict) -> None:
-        """Save the trained model and plots at the end (the summary may gain keys)."""
-        raise NotImplementedError
-
-    def shown(self, metrics: dict) -> dict:
-        """What the progress bar shows of a step's metrics."""
-        return {}
-
-    # ------------------------------------------------------------------ the job
-
-    def _prepare_run_dir(self) -> None:
-        run = self.config.run
-        check_run_dir(self.config)
-        if run.overwrite and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        if run.resume == "never" and latest_checkpoint(self.checkpoint_root) is not None:
-            raise ConfigError(f"run.dir {str(self.run_dir)!r} already holds checkpoints and "
-                              "run.resume is 'never'; pick a new run.dir or set "
-                              "run.overwrite=true")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        mark_run_dir(self.run_dir)
+    def data_summary(self) -> dict:
+        return {"pairs": len(self.train_rows), "eval_pairs": len(self.eval_rows)}
 
     def _within_length(self, rows: list[dict], which: str) -> list[dict]:
-        """Pairs up to pairs.max_length tokens; a longer one stops the job
-        (bad_rows=error) naming it, or is dropped and counted."""
         kept = []
         for index, row in enumerate(rows):
             if self.encode.fits(row):
@@ -257,96 +185,14 @@ class PairJob:
                             f"{self.config.pairs.max_length} tokens")
         return kept
 
-    def clip_and_step(self, loss: torch.Tensor, parameters) -> float:
-        """Backward, clip (optim.max_grad_norm), step; the gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(norm)
 
-    def save(self) -> Path:
-        state = {**self.state, "global_step": self.global_step,
-                 "data": self.pairs.state_dict(), "config": config_to_dict(self.config)}
-        return save_checkpoint(self.checkpoint_root, self.global_step,
-                               models=self.saved_models(), tokenizer=self.tokenizer,
-                               optimizers={self.NAME: self.optimizer},
-                               schedulers={self.NAME: self.scheduler}, trainer_state=state,
-                               keep_last=self.config.train.keep_last or None)
-
-    def resume(self) -> bool:
-        mode = self.config.run.resume
-        if mode == "never":
-            return False
-        path = latest_intact_checkpoint(self.checkpoint_root, fallback=mode == "auto",
-                                        set_aside=True)
-        if path is None:
-            if mode == "must":
-                raise ConfigError(f"run.resume is 'must' but {str(self.checkpoint_root)!r} "
-                                  "holds no complete checkpoint")
-            return False
-        check_resumable(self, path, read_trainer_state(path))
-        self.state = load_checkpoint(path, models=self.saved_models(),
-                                     optimizers={self.NAME: self.optimizer},
-                                     schedulers={self.NAME: self.scheduler})
-        self.global_step = self.state["global_step"]
-        self.pairs.load_state_dict(self.state["data"])
-        self.metrics.truncate_after(self.global_step)
-        print(f"plait: resumed from {path} at step {self.global_step}", flush=True)
-        return True
-
-    def run(self) -> dict:
-        cfg, section = self.config, self.section
-        started = time.time()
-        resumed = self.resume()
-        write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
-        if not resumed:
-            self.metrics.log(0, self.evaluate("before"))
-        bar = ProgressBar(section.steps, self.COMMAND, initial=self.global_step,
-                          disable=None if cfg.run.progress else True)
-        while self.global_step < section.steps:
-            metrics = self.step()
-            self.global_step += 1
-            if section.eval_every and self.global_step % section.eval_every == 0 \
-                    and self.global_step < section.steps:
-                metrics.update(self.evaluate(f"step_{self.global_step}"))
-            self.metrics.log(self.global_step, metrics)
-            bar.update(1, **self.shown(metrics))
-            if cfg.train.save_every and self.global_step % cfg.train.save_every == 0:
-                self.save()
-        bar.close()
-        self.metrics.log(self.global_step, self.evaluate("final"))
-        self.save()
-        return self.finish(started)
-
-    def finish(self, started: float) -> dict:
-        evals = self.state["evals"]
-        summary = {"steps": self.global_step, "pairs": len(self.train_rows),
-                   "eval_pairs": len(self.eval_rows), "dropped_pairs": dict(self.dropped),
-                   **{f"{key.removeprefix('eval/')}_before": value
-                      for key, value in evals["before"].items()},
-                   **{f"{key.removeprefix('eval/')}_after": value
-                      for key, value in evals["final"].items()},
-                   "wall_time_s": round(time.time() - started, 2)}
-        self.metrics.flush()
-        self.write_outputs(summary)
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        return summary
-
-    def close(self) -> None:
-        self.metrics.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def prompt_key(row: dict) -> str:
+    """The prompt of a pair, as a key (a chat prompt is a list)."""
+    return json.dumps(row["prompt"], sort_keys=True)
 
 
 def prompt_ids(rows: list[dict], device) -> torch.Tensor:
     """Pairs of one prompt share an id."""
     keys: dict[str, int] = {}
-    return torch.tensor([keys.setdefault(json.dumps(row["prompt"], sort_keys=True), len(keys))
-                         for row in rows], device=device)
+    return torch.tensor([keys.setdefault(prompt_key(row), len(keys)) for row in rows],
+                        device=device)

@@ -25,11 +25,13 @@ from plait.config import Config
 from plait.errors import TrainingDiverged
 from plait.models.loading import save_model_dir
 from plait.models.reward_model import load_reward_model, padded_batch, sequence_scores
-from plait.recipes.pairs import PairJob, prompt_ids, truth_of
+from plait.recipes.pairs import PairJob, prompt_ids, prompt_key, truth_of
+from plait.recipes.stepjob import rank_job, run_step_job
 from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics, plot_reliability
 from plait.train.optim import build_optimizer
 
+_STATS = ("accuracy", "margin", "chosen", "rejected", "center_penalty")
 _PANELS = (("pairwise loss", ("loss/pairwise",)),
            ("pairs judged right", ("eval/accuracy", "eval/accuracy_vs_truth", "train/accuracy")),
            ("calibration error", ("eval/ece",)))
@@ -71,24 +73,40 @@ class RewardModelTrainer(PairJob):
 
     def step(self) -> dict[str, float]:
         rm = self.config.rm
-        rows = self.pairs.next_batch(rm.batch_size)                           # 1
+        batch = self.batches.next_batch(rm.batch_size)                        # 1
+        rows, weight = self.share(batch, key=prompt_key)
         self.model.train()
-        chosen, rejected = self.scores(rows)                                  # 2
-        margin = None
-        if rm.margin_field is not None:
-            margin = torch.tensor([float(row[rm.margin_field]) for row in rows],
-                                  device=chosen.device)
-        loss, stats = algos.bradley_terry_loss(                               # 3
-            chosen, rejected, margin=margin, center_coef=rm.center_coef,
-            prompt_ids=prompt_ids(rows, chosen.device))
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the reward-model loss became {float(loss)} at step "
+        if not rows:  # more ranks than prompts in the batch: this rank adds nothing
+            loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+            stats, groups = dict.fromkeys(_STATS, 0.0), 0
+        else:
+            chosen, rejected = self.scores(rows)                              # 2
+            margin = None
+            if rm.margin_field is not None:
+                margin = torch.tensor([float(row[rm.margin_field]) for row in rows],
+                                      device=chosen.device)
+            ids = prompt_ids(rows, chosen.device)
+            groups = int(ids.max()) + 1
+            totals = None
+            if self.dist.active:
+                totals = (len(batch), len({prompt_key(row) for row in batch}))
+            loss, stats = algos.bradley_terry_loss(                           # 3
+                chosen, rejected, margin=margin, center_coef=rm.center_coef,
+                prompt_ids=ids, totals=totals)
+            stats = {key: float(value) for key, value in stats.items()}
+        penalty = stats.pop("center_penalty")
+        stats = self.weighted_mean(stats, weight)
+        loss_value, penalty_sum, group_total = self.all_sum(
+            [float(loss.detach()), penalty * groups, groups])
+        stats["center_penalty"] = penalty_sum / max(group_total, 1)
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise TrainingDiverged(f"the reward-model loss became {loss_value} at step "
                                    f"{self.global_step + 1}: lower rm.lr or set "
                                    "optim.max_grad_norm")
         norm = self.clip_and_step(loss, self.model.parameters())
-        return {"loss/pairwise": loss.item(), "grad_norm": norm,
+        return {"loss/pairwise": loss_value, "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],
-                **{f"train/{key}": float(value) for key, value in stats.items()}}
+                **{f"train/{key}": value for key, value in stats.items()}}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -135,6 +153,11 @@ class RewardModelTrainer(PairJob):
 
 
 def train_reward_model(config: Config) -> dict:
-    """Run a ``plait rm`` job end to end and return its summary."""
-    with RewardModelTrainer(config) as trainer:
-        return trainer.run()
+    """Run a ``plait rm`` job end to end (on runtime.num_ranks processes) and return its
+    summary."""
+    return run_step_job(RewardModelTrainer, config, run_rank)
+
+
+def run_rank(config: Config, world) -> dict:
+    """One rank of a launched ``plait rm`` job."""
+    return rank_job(RewardModelTrainer, config, world)

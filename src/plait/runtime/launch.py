@@ -328,3 +328,4 @@ class _stop_on_signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+

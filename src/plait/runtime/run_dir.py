@@ -49,7 +49,8 @@ RESUME_SAFE_KEYS = frozenset({
     "run.dir", "run.resume", "run.overwrite", "run.tensorboard", "run.progress",
     # how long it runs; evaluation, checkpoint and failure cadence
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last",
-    "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every",
+    "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every", "dpo.steps",
+    "dpo.eval_every", "sft.steps", "sft.eval_every", "sft.packing",
     # devices, threads and kernels: the same computation (up to float rounding)
     "train.device", "train.threads", "train.deterministic", "model.attn_implementation",
     "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",

@@ -142,16 +142,7 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     query_pos, key_pos = positions.unsqueeze(2), positions.unsqueeze(1)
     visible = ((key_seg == 0) | (key_seg == query_seg)) & (key_seg >= 0) & (key_pos <= query_pos)
     visible |= torch.eye(span, dtype=torch.bool, device=device)
-    hidden = base.embed_tokens(ids)
-    full = attention_mask(visible.unsqueeze(1), model.config, hidden.dtype)
-    window, slides = sliding_layers(model.config)
-    sliding = full if window is None else attention_mask(
-        (visible & (key_pos > query_pos - window)).unsqueeze(1), model.config, hidden.dtype)
-    position_embeddings = base.rotary_emb(hidden, positions)
-    for layer, slide in zip(base.layers, slides, strict=True):
-        out = layer(hidden, attention_mask=sliding if slide else full,
-                    position_embeddings=position_embeddings, position_ids=positions)
-        hidden = out[0] if isinstance(out, tuple) else out
+    hidden = masked_hidden(model, base, ids, positions, visible)
     # the hidden state that predicts response token t of a row: its prompt's last token
     # for t = 0, its own token t - 1 after that (positions past its length: any, unscored)
     where = row_start.unsqueeze(1) + steps - 1
@@ -159,6 +150,44 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     where = torch.where(steps < lengths.unsqueeze(1), where, where[:, :1])
     picked = hidden.reshape(flat, hidden.shape[-1])[where]
     return head(base.norm(picked))
+
+
+def masked_hidden(model, base, ids: torch.Tensor, positions: torch.Tensor,
+                  visible: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (before the final norm) of ``ids`` ``[U, S]`` at
+    ``positions``, each query seeing the keys ``visible`` ``[U, S, S]`` allows (and, in
+    sliding-window layers, only those within the window)."""
+    hidden = base.embed_tokens(ids)
+    full = attention_mask(visible.unsqueeze(1), model.config, hidden.dtype)
+    window, slides = sliding_layers(model.config)
+    query_pos, key_pos = positions.unsqueeze(2), positions.unsqueeze(1)
+    sliding = full if window is None else attention_mask(
+        (visible & (key_pos > query_pos - window)).unsqueeze(1), model.config, hidden.dtype)
+    position_embeddings = base.rotary_emb(hidden, positions)
+    for layer, slide in zip(base.layers, slides, strict=True):
+        out = layer(hidden, attention_mask=sliding if slide else full,
+                    position_embeddings=position_embeddings, position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def segment_logits(model, ids: torch.Tensor, positions: torch.Tensor,
+                   segment: torch.Tensor) -> torch.Tensor | None:
+    """Logits of packed rows ``[U, S]``: each token sees the earlier tokens of its own
+    segment only (``segment`` -1: padding, which sees itself), at its own positions, so
+    each packed example is computed as in a row of its own. None for a model whose
+    layers plait does not drive (the caller pads examples into rows instead)."""
+    if isinstance(model, FSDPModule):
+        return None
+    try:
+        base, head = decoder_parts(model, hint="")
+    except ValueError:
+        return None
+    query_seg, key_seg = segment.unsqueeze(2), segment.unsqueeze(1)
+    before = positions.unsqueeze(1) <= positions.unsqueeze(2)
+    visible = (key_seg == query_seg) & (key_seg >= 0) & before
+    visible |= torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
+    return head(base.norm(masked_hidden(model, base, ids, positions, visible)))
 
 
 def attention_crossover(config, base) -> float:
