@@ -72,3 +72,24 @@ def test_clip_and_overlong_penalty_follow_normalisation():
     assert shape.step_sums() == {}  # no statistics without normalize
     assert math.isclose(RewardShaper(load_config(None, [])).__call__(
         torch.tensor([7.0]), batch_of([1])).item(), 7.0)
+
+
+def test_missing_eos_penalty_falls_on_cut_completions_only():
+    config = load_config(None, ["reward.clip=1.0", "reward.missing_eos_penalty=0.25"])
+    batch = batch_of([4, 2, 4])
+    batch.truncated = torch.tensor([True, False, False])  # the third ended at its 4th token
+    out = RewardShaper(config)(torch.tensor([3.0, 0.5, 0.5]), batch)
+    assert out.tolist() == pytest.approx([0.75, 0.5, 0.5])  # clipped to 1, then the penalty
+
+
+def test_completions_record_whether_they_were_cut():
+    from plait.rollout.base import Completion
+    from plait.train.experience import experience_from_completions
+
+    def completion(tokens, reason):
+        return Completion(prompt_index=0, token_ids=tokens, logprobs=None, finish_reason=reason,
+                          policy_version=0, text="")
+
+    batch = experience_from_completions([[1, 2]], [[completion([5, 6], "length"),
+                                                    completion([7], "stop")]], [0], 0)
+    assert batch.truncated.tolist() == [True, False]

@@ -273,19 +273,32 @@ class RewardFnConfig:
 
     fn: str | None = opt(None, "'task' (the task's verifier), 'exact_match', "
                          "'module:function' or 'path/to/file.py:function'; null: 'task', "
-                         "unless model is set.")
+                         "unless model or judge is set.")
     model: str | None = opt(None, "A reward model's directory (plait rm's reward_model/, or "
                             "any one-label AutoModelForSequenceClassification with its "
                             "tokenizer): it scores each prompt and completion, in the "
-                            "process that generates, on its device. Give fn or model.")
-    batch_size: int = opt(32, "model: sequences per forward pass.", low=1)
+                            "process that generates, on its device. Give fn, model or judge.")
+    judge: str | None = opt(None, "A causal LM's directory to act as judge (LLM as a "
+                            "judge): it reads each prompt and completion written into "
+                            "template and answers greedily through plait's engine; parse reads "
+                            "the score from its answer. Give fn, model or judge.")
+    template: str | None = opt(None, "judge: a text file with {prompt} and {completion} where "
+                               "they go; null: a built-in 0-10 rating prompt.")
+    parse: str = opt("number", "judge: 'number' (the first number in its answer) or a regular "
+                     "expression whose first group is the score, e.g. 'Score: (\\d+)'. An "
+                     "answer with none is a failed sample (reward.on_error).")
+    max_new_tokens: int = opt(8, "judge: longest answer, in tokens.", low=1)
+    batch_size: int = opt(32, "model: sequences per forward pass; judge: answers generated "
+                          "at once.", low=1)
     weight: float = opt(1.0, "Weight in the summed reward.")
 
     @property
     def spec(self) -> str:
-        """The function's spec (a model's is ``model:PATH``)."""
+        """The function's spec (a model's is ``model:PATH``, a judge's ``judge:PATH``)."""
         if self.model is not None:
             return f"model:{self.model}"
+        if self.judge is not None:
+            return f"judge:{self.judge}"
         return "task" if self.fn is None else self.fn
 
 
@@ -305,6 +318,11 @@ class RewardConfig:
                           "arbitrary. The statistics are checkpointed.")
     clip: float | None = opt(None, "Clip each total reward (after normalize) to [-clip, clip]; "
                              "null: no clipping.", low=0.0)
+    missing_eos_penalty: float | None = opt(
+        None, "Subtracted from the total reward (after normalize and clip) of each completion "
+        "cut at rollout.max_new_tokens before its end token: a reward model scores a cut "
+        "response as if it had ended, and a policy can learn to ramble against it; null: "
+        "none.", low=0.0)
     import_timeout_s: float | None = opt(
         None, "Time limit for importing each user reward module (module-level code runs in "
         "the reward worker, which is killed past it); null = timeout_s. An import taking "
@@ -996,9 +1014,13 @@ def _validate_job(config: Config) -> None:
         (data.eval_path is not None and data.train_path is None,
          "data.eval_path is read only with data.train_path; a built-in task's held-out "
          "prompts are its own test split: set data.train_path too, or remove data.eval_path"),
-        *[(f.fn is not None and f.model is not None,
-           f"reward.functions[{i}] gives both fn and model: one entry is one reward "
-           "function; list the reward model and the function as two entries")
+        *[(sum(x is not None for x in (f.fn, f.model, f.judge)) > 1,
+           f"reward.functions[{i}] gives more than one of fn, model and judge: one entry is "
+           "one reward function; list each as an entry of its own")
+          for i, f in enumerate(config.reward.functions)],
+        *[(f.judge is None and (f.template is not None or f.parse != "number"),
+           f"reward.functions[{i}] sets template or parse, which only a judge reads: add "
+           "judge: PATH (a causal LM), or remove them")
           for i, f in enumerate(config.reward.functions)],
         (config.reward.timeout_s == 0,
          "reward.timeout_s=0 would fail every call: give a positive number of seconds, or "

@@ -5,6 +5,7 @@ starting policy; the prompt rows; the reward functions; the generation engine.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from plait.data.datasets import PromptIterator, load_prompt_rows
 from plait.data.tasks import make_task
 from plait.models.loading import (  # noqa: F401 (PromptEncoder: the runtime's encoder)
     PromptEncoder,
+    freeze,
     load_causal_lm,
     load_tokenizer,
     quiet_transformers,
@@ -25,8 +27,11 @@ from plait.models.loading import (  # noqa: F401 (PromptEncoder: the runtime's e
 )
 from plait.parallel.dist import Dist
 from plait.rewards import RewardManager
+from plait.rewards.judge import JudgeReward, compile_parse, read_template
+from plait.rewards.loading import RewardLoadError
 from plait.rewards.model import ModelReward
 from plait.rollout import build_engine
+from plait.rollout.base import SamplingParams
 
 
 def seed_everything(seed: int) -> None:
@@ -156,6 +161,9 @@ def build_rewards(config: Config, task, device: torch.device | str = "cpu") -> R
     bf16 = config.model.dtype == "bfloat16" and torch.device(device).type == "cuda"
     functions = []
     for index, f in enumerate(reward.functions):
+        if f.judge is not None:
+            functions.append((build_judge(config, f, index, device), f.weight))
+            continue
         if f.model is None:
             functions.append((f.spec, f.weight))
             continue
@@ -168,6 +176,36 @@ def build_rewards(config: Config, task, device: torch.device | str = "cpu") -> R
         timeout_s=reward.timeout_s, on_error=reward.on_error,
         fallback_reward=reward.fallback_reward, import_timeout_s=reward.import_timeout_s,
         max_consecutive_timeouts=reward.max_consecutive_timeouts)
+
+
+def build_judge(config: Config, f, index: int, device) -> JudgeReward:
+    """reward.functions[index]'s judge: its model on ``device`` behind a plait engine of
+    its own, answering greedily."""
+    key = f"reward.functions[{index}]"
+    template = read_template(f.template, f"{key}.template")
+    compile_parse(f.parse, f"{key}.parse")  # named before any model loads
+    path = Path(f.judge)
+    if not (path / "config.json").is_file():
+        raise RewardLoadError(f"{key}.judge: {f.judge!r} is not a model directory (no "
+                              "config.json); give a causal LM saved with its tokenizer")
+    tokenizer = load_tokenizer(path, f"{key}.judge")
+    model = freeze(load_causal_lm(path, config.model.attn_implementation,
+                                  key=f"{key}.judge").to(device))
+    rollout = dataclasses.replace(config.rollout, engine="plait", batch_size=f.batch_size,
+                                  release_kv_cache=False)
+    try:
+        engine = build_engine(rollout, model, tokenizer, compile=False)
+    except ValueError:  # a family plait's engine does not drive: transformers' generate
+        engine = build_engine(dataclasses.replace(rollout, engine="hf"), model, tokenizer,
+                              compile=False)
+    params = SamplingParams(max_new_tokens=f.max_new_tokens, temperature=0.0)
+
+    def generate(prompts: list[list[int]]) -> list[str]:
+        with torch.no_grad():
+            return [group[0].text for group in engine.generate(prompts, params, 1)]
+
+    encode = PromptEncoder(tokenizer, config.model.chat_template)
+    return JudgeReward(generate, encode, template=template, parse=f.parse, name="judge")
 
 
 def engine_for(config: Config, policy, tokenizer, model_dir, *, compile: bool):

@@ -145,8 +145,10 @@ def _input_paths(config: Config) -> list[tuple[str, str]]:
               ("model.ref_path", model.ref_path), ("model.critic_path", model.critic_path),
               ("data.train_path", data.train_path), ("data.eval_path", data.eval_path)]
     for index, function in enumerate(config.reward.functions):
-        if function.model is not None:
-            inputs.append((f"reward.functions[{index}].model", function.model))
+        if function.model is not None or function.judge is not None:
+            kind = "model" if function.model is not None else "judge"
+            inputs.append((f"reward.functions[{index}].{kind}", getattr(function, kind)))
+            inputs.append((f"reward.functions[{index}].template", function.template))
             continue
         spec = function.spec
         target = spec.rsplit(":", 1)[0] if ":" in spec else ""

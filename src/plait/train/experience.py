@@ -37,6 +37,7 @@ class Experience:
     reward_failures: int = 0                      # reward calls that failed (fallback used)
     reward_terms: torch.Tensor | None = None      # [B, F] each reward function's own value
     reward_names: tuple[str, ...] = ()            # the F functions' names
+    truncated: torch.Tensor | None = None         # [B] bool, cut at max_new_tokens, no end
     ghost: bool = False  # a zero-weight stand-in: the rank joins collectives, adds nothing
 
     @property
@@ -259,4 +260,5 @@ def experience_from_completions(prompts: list[list[int]], groups: list[list[Comp
         group_ids=torch.tensor([g for _, _, g in rows], dtype=torch.long),
         sampled_logprobs=sampled,
         policy_version=min(c.policy_version for _, c, _ in rows),
+        truncated=torch.tensor([c.finish_reason == "length" for _, c, _ in rows]),
     )

@@ -118,7 +118,8 @@ class RewardShaper:
     """What happens to each scored total reward before the advantages: with
     ``reward.normalize`` it is standardised by the running mean and std of the raw totals
     of the steps before this one (over every rank; the first step's pass unchanged), with
-    ``reward.clip`` clipped to ``[-clip, clip]``, and the DAPO overlong penalty is added.
+    ``reward.clip`` clipped to ``[-clip, clip]``, and the DAPO overlong penalty and
+``reward.missing_eos_penalty`` (a completion cut at max_new_tokens) are added.
 
     Statistics change only between steps (:meth:`update`, from the step's summed
     metrics), so every path that scores — groups as they stream out, a driver's whole
@@ -146,6 +147,8 @@ class RewardShaper:
             total = total + algos.overlong_penalty(
                 batch.response_lengths, self.config.rollout.max_new_tokens,
                 algo.overlong_buffer, algo.overlong_penalty)
+        if reward.missing_eos_penalty and batch.truncated is not None:
+            total = total - reward.missing_eos_penalty * batch.truncated.to(total)
         return total
 
     def statistics(self) -> tuple[float, float, float]:
