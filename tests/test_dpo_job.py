@@ -36,6 +36,37 @@ def test_the_first_loss_is_log_2_and_the_reference_is_computed_once(tmp_path):
         assert stats["reward_margin"].item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_packed_shared_prompt_log_probs_equal_each_row_on_its_own(tmp_path):
+    """The pair's prompt once, both responses packed after it == the padded forward of
+    every [prompt | response] row, values and gradients."""
+    from plait.models.reward_model import padded_batch
+    from plait.train.forward import position_ids_from_mask
+
+    with DPOTrainer(dpo_job(tmp_path / "run", "dpo.steps=1")) as trainer:
+        odd = {key: trainer.train_rows[0][key] for key in ("prompt", "rejected")}
+        rows = trainer.train_rows[:12] + [{**odd, "chosen": "x", "_pair": 0}]
+        policy = trainer.policy.train()
+        summed, counts = trainer.logps(policy, rows)
+        packed = torch.autograd.grad(summed.sum(), list(policy.parameters()))
+        encoded = [trainer.encode(row) for row in rows]
+        sequences = [c for c, _ in encoded] + [r for _, r in encoded]
+        ids, mask = padded_batch(sequences, trainer.tokenizer.pad_token_id)
+        logits = policy(input_ids=ids, attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        starts = torch.tensor([trainer.encode.prompt_length(row) for row in rows] * 2)
+        response = (torch.arange(1, ids.shape[1])[None] >= starts[:, None]) & mask[:, 1:].bool()
+        expected = (token * response).sum(-1)
+        n = len(rows)
+        torch.testing.assert_close(summed, torch.stack([expected[:n], expected[n:]], -1),
+                                   atol=1e-4, rtol=1e-5)
+        assert counts.tolist() == torch.stack([response[:n].sum(-1), response[n:].sum(-1)],
+                                              -1).float().tolist()
+        padded = torch.autograd.grad(expected.sum(), list(policy.parameters()))
+        for a, b in zip(packed, padded, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("loss, extra", [
     ("sigmoid", ("dpo.beta=0.5",)), ("ipo", ("dpo.beta=0.5",)), ("simpo", ("dpo.beta=2.0",))])
 def test_the_policy_learns_the_pairs(tmp_path, loss, extra):

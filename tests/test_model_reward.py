@@ -63,7 +63,7 @@ def test_what_is_not_a_reward_model_is_refused(rm_dir, tmp_path):
 
 
 def test_fn_and_model_in_one_entry_are_refused(rm_dir):
-    with pytest.raises(ConfigError, match=r"reward.functions\[1\] gives both fn and model"):
+    with pytest.raises(ConfigError, match=r"reward.functions\[1\] gives more than one of fn, model and judge"):
         load_config(None, [f"reward.functions=[{{fn: task}}, {{fn: task, model: '{rm_dir}'}}]"])
     config = load_config(None, [f"reward.functions=[{{model: '{rm_dir}', weight: 2}}]"])
     assert config.reward.functions[0].spec == f"model:{rm_dir}"

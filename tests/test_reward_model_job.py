@@ -173,3 +173,27 @@ def test_pairs_of_the_policys_own_samples_are_ranked_by_the_truth(tmp_path):
     assert PolicySampler(config)(task, 40, "train") == pairs
     held_out = PolicySampler(config)(task, 10, "test")
     assert not {p["prompt"] for p in held_out} & set(answers)
+
+
+def test_packed_shared_prompt_scores_equal_each_row_on_its_own(tmp_path):
+    """A pair's prompt once, both responses packed after it == the classifier's forward
+    of each padded row, values and gradients."""
+    from plait.recipes.reward_model import RewardModelTrainer
+
+    with RewardModelTrainer(rm_job(tmp_path / "run", "rm.steps=1")) as trainer:
+        odd = {key: trainer.train_rows[0][key] for key in ("prompt", "rejected")}
+        rows = trainer.train_rows[:12] + [{**odd, "chosen": "x"}]
+        model = trainer.model.train()
+        chosen, rejected = trainer.scores(rows)
+        packed = torch.autograd.grad((chosen - 2 * rejected).sum(), list(model.parameters()))
+        encoded = [trainer.encode(row) for row in rows]
+        ids, mask = padded_batch([c for c, _ in encoded] + [r for _, r in encoded],
+                                 trainer.tokenizer.pad_token_id)
+        expected = sequence_scores(model, ids, mask)
+        n = len(rows)
+        torch.testing.assert_close(chosen, expected[:n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rejected, expected[n:], atol=1e-5, rtol=1e-5)
+        padded = torch.autograd.grad((expected[:n] - 2 * expected[n:]).sum(),
+                                     list(model.parameters()))
+        for a, b in zip(packed, padded, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -25,13 +25,12 @@ from plait import algos
 from plait.config import Config
 from plait.errors import TrainingDiverged
 from plait.models.loading import freeze, load_causal_lm, save_model_dir
-from plait.models.reward_model import padded_batch
-from plait.recipes.pairs import PairJob, truth_of
+from plait.recipes.pairs import PACK_TOKENS, PairJob, pair_experience, truth_of
 from plait.recipes.stepjob import rank_job, run_step_job
 from plait.runtime import inputs
 from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics
-from plait.train.forward import position_ids_from_mask
+from plait.train.forward import response_logprobs
 from plait.train.optim import build_optimizer
 
 _STATS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
@@ -82,24 +81,17 @@ class DPOTrainer(PairJob):
 
     def logps(self, model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[P, 2]`` log-probabilities of the chosen and rejected responses (summed over
-        their tokens, end token included) and ``[P, 2]`` their token counts."""
-        encoded = [self.encode(row) for row in rows]
-        starts = [self.encode.prompt_length(row) for row in rows] * 2
-        sequences = [c for c, _ in encoded] + [r for _, r in encoded]
-        ids, mask = padded_batch(sequences, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = model(input_ids=ids, attention_mask=mask,
-                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
-        token = torch.log_softmax(logits[:, :-1].float(), -1).gather(
-            -1, ids[:, 1:, None]).squeeze(-1)
-        positions = torch.arange(1, ids.shape[1], device=ids.device)
-        start = torch.tensor(starts, device=ids.device)[:, None]
-        response = (positions[None] >= start) & mask[:, 1:].bool()
-        summed = (token * response).sum(-1)
-        counts = response.sum(-1).float()
-        n = len(rows)
-        return (torch.stack([summed[:n], summed[n:]], -1),
-                torch.stack([counts[:n], counts[n:]], -1))
+        their tokens, end token included) and ``[P, 2]`` their token counts. A pair's
+        prompt is computed once and both responses attend to it, packed into sequences
+        with no padding (:func:`response_logprobs` with shared prompts), which equals
+        the forward of each ``[prompt | response]`` row."""
+        batch = pair_experience(rows, self.encode, self.tokenizer.pad_token_id
+                                ).to(self.device)
+        token = response_logprobs(model, batch, share_prompts=True, pack_tokens=PACK_TOKENS)
+        summed = (token * batch.response_mask).sum(-1)
+        counts = batch.response_mask.sum(-1)
+        return (torch.stack([summed[0::2], summed[1::2]], -1),
+                torch.stack([counts[0::2], counts[1::2]], -1))
 
     def loss(self, rows: list[dict], logps=None) -> tuple[torch.Tensor, dict]:
         """The preference loss of ``rows`` and its statistics (``logps``: the policy's

@@ -28,6 +28,7 @@ from plait.models.reward_model import ResponseEncoder
 from plait.recipes.stepjob import StepJob
 from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
+from plait.train.experience import Experience
 
 
 def load_pairs(config: Config, command: str) -> tuple[list[dict], list[dict], Counter]:
@@ -116,21 +117,31 @@ class PolicySampler:
 
 
 class PairEncoder:
-    """A pair's two sequences as token ids (see :class:`ResponseEncoder`), and whether
-    they fit ``max_length``."""
+    """A pair's two sequences as token ids (see :class:`ResponseEncoder`), its prompt's
+    length, and whether they fit ``max_length``; each row is encoded once."""
 
     def __init__(self, tokenizer, chat_template: str, max_length: int):
         self.encode, self.max_length = ResponseEncoder(tokenizer, chat_template), max_length
+        self._cache: dict[int, tuple] = {}  # id(row) -> (row, chosen, rejected, prompt length)
+
+    def _encoded(self, row: dict) -> tuple:
+        cached = self._cache.get(id(row))
+        if cached is None or cached[0] is not row:
+            chosen = self.encode(row["prompt"], row["chosen"])
+            rejected = self.encode(row["prompt"], row["rejected"])
+            if isinstance(row["chosen"], list) or isinstance(row["prompt"], list):
+                start = _common_prefix(chosen, rejected)
+            else:
+                start = len(self.encode.prompt(row["prompt"]))
+            cached = self._cache[id(row)] = (row, chosen, rejected, start)
+        return cached
 
     def __call__(self, row: dict) -> tuple[list[int], list[int]]:
-        return self.encode(row["prompt"], row["chosen"]), \
-            self.encode(row["prompt"], row["rejected"])
+        return self._encoded(row)[1:3]
 
     def prompt_length(self, row: dict) -> int:
         """Tokens of the prompt alone (what precedes each response in both sequences)."""
-        if isinstance(row["chosen"], list) or isinstance(row["prompt"], list):
-            return _common_prefix(*self(row))
-        return len(self.encode.prompt(row["prompt"]))
+        return self._encoded(row)[3]
 
     def fits(self, row: dict) -> bool:
         return max(map(len, self(row))) <= self.max_length
@@ -141,6 +152,33 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+PACK_TOKENS = 1024  # longest packed sequence of pairs' prompts and responses
+
+
+def pair_experience(rows: list[dict], encode: PairEncoder, pad: int) -> Experience:
+    """Pairs as a batch of rows ``[chosen_1, rejected_1, chosen_2, ...]``: each pair's
+    prompt (left-padded, the same for its two rows) and its two responses (right-padded,
+    end token included), one group per pair, so a shared-prompt forward computes each
+    prompt once."""
+    prompts, responses = [], []
+    for row in rows:
+        chosen, rejected = encode(row)
+        start = encode.prompt_length(row)
+        for sequence in (chosen, rejected):
+            prompts.append(chosen[:start])
+            responses.append(sequence[start:])
+    prompt_width = max(map(len, prompts))
+    response_width = max(map(len, responses))
+    prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts])
+    response_ids = torch.tensor([r + [pad] * (response_width - len(r)) for r in responses])
+    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (response_width - len(r))
+                                  for r in responses])
+    return Experience(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                      response_ids=response_ids, response_mask=response_mask,
+                      group_ids=torch.arange(len(rows)).repeat_interleave(2))
 
 
 def truth_of(rows: list[dict]) -> torch.Tensor | None:

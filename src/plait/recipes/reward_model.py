@@ -25,10 +25,18 @@ from plait.config import Config
 from plait.errors import TrainingDiverged
 from plait.models.loading import save_model_dir
 from plait.models.reward_model import load_reward_model, padded_batch, sequence_scores
-from plait.recipes.pairs import PairJob, prompt_ids, prompt_key, truth_of
+from plait.recipes.pairs import (
+    PACK_TOKENS,
+    PairJob,
+    pair_experience,
+    prompt_ids,
+    prompt_key,
+    truth_of,
+)
 from plait.recipes.stepjob import rank_job, run_step_job
 from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics, plot_reliability
+from plait.train.forward import packed_sequence_scores
 from plait.train.optim import build_optimizer
 
 _STATS = ("accuracy", "margin", "chosen", "rejected", "center_penalty")
@@ -64,7 +72,13 @@ class RewardModelTrainer(PairJob):
     # ------------------------------------------------------------------ the step
 
     def scores(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of the chosen and the rejected responses, ``[P]`` each."""
+        """Scores of the chosen and the rejected responses, ``[P]`` each: a pair's
+        prompt computed once and its two responses packed after it (no padding), or, for
+        a model whose layers plait does not drive, both sequences as padded rows."""
+        batch = pair_experience(rows, self.encode, self.tokenizer.pad_token_id)
+        scores = packed_sequence_scores(self.model, batch.to(self.device), PACK_TOKENS)
+        if scores is not None:
+            return scores[0::2], scores[1::2]
         encoded = [self.encode(row) for row in rows]
         ids, mask = padded_batch([c for c, _ in encoded] + [r for _, r in encoded],
                                   self.tokenizer.pad_token_id)

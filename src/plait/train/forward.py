@@ -190,6 +190,49 @@ def segment_logits(model, ids: torch.Tensor, positions: torch.Tensor,
     return head(base.norm(masked_hidden(model, base, ids, positions, visible)))
 
 
+class _ScoreView:
+    """A one-label sequence classifier seen as a causal LM whose "vocabulary" is its
+    score: the decoder and the score head, as :func:`decoder_parts` finds them."""
+
+    def __init__(self, classifier):
+        self.model, self.config, self._score = classifier.model, classifier.config, \
+            classifier.score
+
+    def get_output_embeddings(self):
+        return self._score
+
+
+def packed_sequence_scores(reward_model, batch: Experience, max_tokens: int
+                           ) -> torch.Tensor | None:
+    """``[B]`` scores of each ``[prompt | response]`` row at its last response token,
+    rows of one prompt computing it once and packed with their responses as in
+    :func:`response_logits`; equal to the classifier's forward of every row. None when
+    plait does not drive the model's layers (the caller runs padded rows)."""
+    if isinstance(reward_model, FSDPModule) or not hasattr(reward_model, "score"):
+        return None
+    view = _ScoreView(reward_model)
+    rows = batch.batch_size
+    lengths = batch.response_mask.sum(-1).long()
+    # one more (unread) token per row: its "logits" are the score of the hidden state at
+    # the row's last real token
+    ids = torch.nn.functional.pad(batch.response_ids, (0, 1))
+    ids[torch.arange(rows, device=ids.device), lengths] = 0
+    extended = Experience(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask,
+                          response_ids=ids,
+                          response_mask=torch.nn.functional.pad(batch.response_mask, (0, 1)),
+                          group_ids=batch.group_ids)
+    extended.response_mask[torch.arange(rows, device=ids.device), lengths] = 1.0
+    first, inverse = extended.prompt_index()
+    try:
+        decoder_parts(view, hint="")
+    except ValueError:
+        return None
+    scores = _packed_group_logits(view, extended, first, inverse, max_tokens)
+    if scores is None:
+        return None
+    return scores[torch.arange(rows, device=ids.device), lengths, 0].float()
+
+
 def attention_crossover(config, base) -> float:
     """The packed-sequence length at which a token's attention costs as much as the rest
     of its decoder layers, by floating-point operations: a token's linear layers take
