@@ -15,6 +15,7 @@ from plait.models.reward_model import load_reward_model
 from plait.models.tiny import TinyModelSpec, build_char_tokenizer, save_tiny_model
 from plait.rewards.loading import RewardLoadError
 from plait.rewards.model import ModelReward
+from plait.train.forward import packed_response_scores
 
 SPEC = TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                      num_kv_heads=1)
@@ -34,14 +35,18 @@ def rm_dir(tmp_path_factory):
     return root / "rm"
 
 
-PAIRS = [("12+34=", "46"), ("5+5=", "10"), ("99+1=", "100"), ("7+8=", ""), ("3+4=", "7777777")]
+PAIRS = [("12+34=", "46"), ("5+5=", "10"), ("99+1=", "100"), ("7+8=", ""), ("3+4=", "7777777"),
+         ("5+5=", "1"), ("12+34=", "4")]  # two prompts twice
 
 
-def test_scores_equal_transformers_forward_on_each_sequence(rm_dir):
+@pytest.mark.parametrize("packed", [None, packed_response_scores])
+def test_scores_equal_transformers_forward_on_each_sequence(rm_dir, packed):
+    """Padded rows, or each prompt once with its completions packed after it."""
     tokenizer = build_char_tokenizer()
     assert tokenizer.chat_template is None  # the prompt is its own tokens
     reference = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    scorer = ModelReward(rm_dir, batch_size=2)  # 3 micro-batches, regrouped by length
+    # 3 micro-batches, regrouped by length (padded), or one packed call
+    scorer = ModelReward(rm_dir, batch_size=2, packed=packed)
     scores = scorer([p for p, _ in PAIRS], [c for _, c in PAIRS])
     for (prompt, completion), score in zip(PAIRS, scores, strict=True):
         ids = tokenizer(prompt)["input_ids"] + \

@@ -12,7 +12,7 @@ stream out of the engine; the reward manager's time limit and failure policy app
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,11 +40,16 @@ class ModelReward:
         batch_size: sequences per forward pass.
         dtype: the model's dtype on ``device`` (None: as saved).
         key: the config key naming ``path``, for error messages.
+        packed: ``packed(model, prompts, responses, pad)`` -> ``[B]`` scores (or None)
+            of token-id prompts and responses, each distinct prompt computed once and
+            its responses packed after it; a batch of plain-text prompts goes this way
+            when given (a GRPO group shares its prompt), else as padded rows.
     """
 
     def __init__(self, path: str | Path, *, device: torch.device | str = "cpu",
                  chat_template: str = "auto", batch_size: int = 32,
-                 dtype: torch.dtype | None = None, key: str = "reward model"):
+                 dtype: torch.dtype | None = None, key: str = "reward model",
+                 packed: Callable | None = None):
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise RewardLoadError(f"{key}: {str(path)!r} is not a model directory (no "
@@ -66,12 +71,27 @@ class ModelReward:
             raise RewardLoadError(str(err)) from None
         self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
         self.encode = ResponseEncoder(self.tokenizer, chat_template)
+        self.packed = packed
         self.__name__ = "reward_model"
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence, completions: Sequence[str], **fields) -> list[float]:
         """One score per completion (the dataset's other columns are not read)."""
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        if self.packed is not None and all(isinstance(p, str) for p in prompts):
+            heads = [self.encode.prompt(p) for p in prompts]
+            scores = None
+            for start in range(0, len(sequences), self.batch_size * 4):
+                part = slice(start, start + self.batch_size * 4)
+                values = self.packed(self.model, heads[part],
+                                     [seq[len(head):] for seq, head in
+                                      zip(sequences[part], heads[part], strict=True)],
+                                     self.tokenizer.pad_token_id)
+                if values is None:
+                    break
+                scores = (scores or []) + values.float().cpu().tolist()
+            else:
+                return scores or []
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         scores = [0.0] * len(sequences)
         pad = self.tokenizer.pad_token_id

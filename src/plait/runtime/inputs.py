@@ -32,6 +32,7 @@ from plait.rewards.loading import RewardLoadError
 from plait.rewards.model import ModelReward
 from plait.rollout import build_engine
 from plait.rollout.base import SamplingParams
+from plait.train.forward import packed_response_scores
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +79,8 @@ def job_task(config: Config):
 
 def reward_range(config: Config, task) -> tuple[float, float]:
     """``[low, high]`` of the total reward: algo.reward_range, else the built-in task's
-    range under the reward weights; the overlong penalty lowers the floor."""
+    range under the reward weights, else ``[-clip, clip]`` with reward.clip; the overlong
+    and missing-end penalties lower the floor."""
     algo = config.algo
     if algo.reward_range is not None:
         low, high = algo.reward_range
@@ -87,13 +89,18 @@ def reward_range(config: Config, task) -> tuple[float, float]:
         weights = [f.weight for f in config.reward.functions]
         low = sum(min(w * task.reward_range[0], w * task.reward_range[1]) for w in weights)
         high = sum(max(w * task.reward_range[0], w * task.reward_range[1]) for w in weights)
+    elif config.reward.clip is not None:  # a learned reward clipped to [-clip, clip]
+        low, high = -config.reward.clip, config.reward.clip
     elif algo.reward_adjust == "grpovi":
         raise ConfigError("algo.reward_adjust=grpovi needs the reward's range: set "
-                          "algo.reward_range=[low, high] for user reward functions")
+                          "algo.reward_range=[low, high] for user reward functions or "
+                          "reward models, or reward.clip")
     else:
         low, high = 0.0, 1.0
     if algo.overlong_buffer > 0:
         low -= algo.overlong_penalty
+    if config.reward.missing_eos_penalty:
+        low -= config.reward.missing_eos_penalty
     return float(low), float(high)
 
 
@@ -169,7 +176,8 @@ def build_rewards(config: Config, task, device: torch.device | str = "cpu") -> R
             continue
         scorer = ModelReward(f.model, device=device, chat_template=config.model.chat_template,
                              batch_size=f.batch_size, dtype=torch.bfloat16 if bf16 else None,
-                             key=f"reward.functions[{index}].model")
+                             key=f"reward.functions[{index}].model",
+                             packed=packed_response_scores)
         functions.append((scorer, f.weight))
     return RewardManager(
         functions, task=task,

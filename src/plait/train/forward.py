@@ -233,6 +233,25 @@ def packed_sequence_scores(reward_model, batch: Experience, max_tokens: int
     return scores[torch.arange(rows, device=ids.device), lengths, 0].float()
 
 
+def packed_response_scores(reward_model, prompts: list[list[int]],
+                           responses: list[list[int]], pad: int,
+                           max_tokens: int = 1024) -> torch.Tensor | None:
+    """:func:`packed_sequence_scores` of token-id prompts and responses (rows with the
+    same prompt share it), on the reward model's device."""
+    device = next(reward_model.parameters()).device
+    prompt_width, response_width = max(map(len, prompts)), max(map(len, responses))
+    keys: dict[tuple, int] = {}
+    batch = Experience(
+        prompt_ids=torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts]),
+        prompt_mask=torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p)
+                                  for p in prompts]),
+        response_ids=torch.tensor([r + [pad] * (response_width - len(r)) for r in responses]),
+        response_mask=torch.tensor([[1.0] * len(r) + [0.0] * (response_width - len(r))
+                                    for r in responses]),
+        group_ids=torch.tensor([keys.setdefault(tuple(p), len(keys)) for p in prompts]))
+    return packed_sequence_scores(reward_model, batch.to(device), max_tokens)
+
+
 def attention_crossover(config, base) -> float:
     """The packed-sequence length at which a token's attention costs as much as the rest
     of its decoder layers, by floating-point operations: a token's linear layers take
