@@ -89,12 +89,16 @@ def main() -> None:
                   "{fn: task, weight: 0}]")
         for variant in args.variants:
             out = base / f"rl_{variant}"
-            seconds[variant] = plait("train", str(EXAMPLES / "rlhf_grpo.yaml"), *quiet,
+            seconds[f"rl_{variant}"] = plait("train", str(EXAMPLES / "rlhf_grpo.yaml"), *quiet,
                                      f"train.seed={seed}", f"model.path={sft / 'sft_model'}",
                                      f"train.steps={args.rl_steps}", "train.save_every=0",
                                      reward, *VARIANTS[variant], f"run.dir={out}")
             rows = metrics(out)
-            evals = [m for m in rows if "eval/reward_fn/task" in m]
+            # the true score held out: logged per function beside the reward model, or as
+            # the reward itself when the task's verifier is the only function
+            evals = [{**m, "eval/reward_fn/task": m.get("eval/reward_fn/task",
+                                                         m["eval/reward"])}
+                     for m in rows if "eval/reward" in m]
             curve = [(m["step"], m.get("reward_fn/reward_model"), m["reward_fn/task"])
                      for m in rows if "reward_fn/task" in m]
             sampled = [t for _, _, t in curve]
@@ -112,7 +116,7 @@ def main() -> None:
                                 m["eval/reward_fn/task"]) for m in evals],
                 "train_curve": curve,
                 "seconds": dict(seconds),
-                "pipeline_seconds": seconds["sft"] + seconds["rm"] + seconds[variant],
+                "pipeline_seconds": seconds["sft"] + seconds["rm"] + seconds[f"rl_{variant}"],
             })
             print(json.dumps({k: v for k, v in runs[-1].items() if "curve" not in k}),
                   flush=True)

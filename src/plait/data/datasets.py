@@ -108,7 +108,7 @@ def load_text_rows(source: str | os.PathLike[str], *, split: str = "train",
 
     ``fields`` maps these names to the dataset's columns (``{answer: solution}``). A row
     that is none of these is named with its file and line."""
-    path = _existing_path(source)
+    path = _existing_path(source, "supervised data")
     mapping = _check_arguments(fields, None)
     rows = []
     for where, raw in _read_located_rows(path, split, None, None):
@@ -162,7 +162,7 @@ def _check_arguments(fields: Mapping[str, str] | None, limit: int | None) -> dic
     return mapping
 
 
-def _existing_path(source: str | os.PathLike[str]) -> Path:
+def _existing_path(source: str | os.PathLike[str], what: str = "prompt data") -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -174,7 +174,7 @@ def _existing_path(source: str | os.PathLike[str]) -> Path:
             f"`datasets.load_dataset({text!r}).save_to_disk('data/{path.name}')`, then pass "
             f"that directory."
         )
-    raise DataError(f"prompt data {text!r} not found (looked for {path.resolve()})")
+    raise DataError(f"{what} {text!r} not found (looked for {path.resolve()})")
 
 
 def _read_located_rows(

@@ -88,7 +88,7 @@ def load_preference_rows(
     unknown = sorted(set(mapping) - set(_NAMES))
     if unknown:
         raise DataError(f"fields maps {unknown}, but preference pairs take only {list(_NAMES)}")
-    path = _existing_path(source)
+    path = _existing_path(source, "preference pairs")
     data = PreferenceData(rows=[])
     for where, raw in _read_located_rows(path, split, limit, cache_dir):
         try:
