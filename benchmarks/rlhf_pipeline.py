@@ -32,10 +32,12 @@ from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VARIANTS = {
-    "rm": [],
+    "rm": [],  # the example as it is: KL 0.1
     "rm-kl0": ["algo.kl_coef=0"],
     "rm-grpovi": ["algo.reward_adjust=grpovi", "reward.clip=5"],
     "truth": ["reward.functions=[{fn: task}]", "reward.missing_eos_penalty=null"],
+    # no KL penalty and a 5x learning rate for twice the steps: over-optimisation
+    "rm-kl0-fast": ["algo.kl_coef=0", "optim.lr=1e-4", "train.steps=200"],
 }
 
 
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=100)
     parser.add_argument("--level", type=float, default=0.5,
                         help="sampled true score whose first reach is reported per run")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the SFT and reward models of an earlier run in --work")
     parser.add_argument("--work", default="runs/rlhf_pipeline")
     parser.add_argument("--out", default="benchmarks/results/rlhf_pipeline_cpu.json")
     args = parser.parse_args()
@@ -79,11 +83,15 @@ def main() -> None:
     for seed in args.seeds:
         base = work / f"seed{seed}"
         sft, rm = base / "sft", base / "rm"
-        seconds = {"sft": plait("sft", str(EXAMPLES / "rlhf_sft.yaml"), *quiet,
-                                f"train.seed={seed}", f"run.dir={sft}")}
-        seconds["rm"] = plait("rm", str(EXAMPLES / "rlhf_rm.yaml"), *quiet,
-                              f"train.seed={seed}", f"model.path={sft / 'sft_model'}",
-                              f"run.dir={rm}")
+        if args.reuse and (rm / "summary.json").is_file():
+            seconds = {stage: json.loads((base / stage / "summary.json").read_text())[
+                "wall_time_s"] for stage in ("sft", "rm")}  # in-process times
+        else:
+            seconds = {"sft": plait("sft", str(EXAMPLES / "rlhf_sft.yaml"), *quiet,
+                                    f"train.seed={seed}", f"run.dir={sft}")}
+            seconds["rm"] = plait("rm", str(EXAMPLES / "rlhf_rm.yaml"), *quiet,
+                                  f"train.seed={seed}", f"model.path={sft / 'sft_model'}",
+                                  f"run.dir={rm}")
         rm_summary = json.loads((rm / "summary.json").read_text())
         reward = (f"reward.functions=[{{model: '{rm / 'reward_model'}'}}, "
                   "{fn: task, weight: 0}]")
@@ -139,33 +147,34 @@ def main() -> None:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """The reward model's score and the true score over RL steps, one panel per
-    variant, one line per seed (the training batches' means)."""
+    """Held-out scores over RL steps, one panel per variant, one line per seed: the
+    greedy answers' hidden true score, and the reward model's score of them as a change
+    from its start (each seed's reward model has its own scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4),
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.6 * len(variants), 3.8),
                              squeeze=False)
     for ax, variant in zip(axes[0], variants, strict=True):
         twin = ax.twinx()
-        for r in (r for r in runs if r["variant"] == variant):
-            steps = [s for s, _, _ in r["train_curve"]]
-            if r["train_curve"][0][1] is not None:
-                ax.plot(steps, [m for _, m, _ in r["train_curve"]], color="tab:orange",
-                        alpha=0.7, label="reward model score"
-                        if r["seed"] == runs[0]["seed"] else None)
-            twin.plot(steps, [t for _, _, t in r["train_curve"]], color="tab:blue", alpha=0.7,
-                      label="true score" if r["seed"] == runs[0]["seed"] else None)
+        for index, r in enumerate(r for r in runs if r["variant"] == variant):
+            steps = [s for s, _, _ in r["eval_curve"]]
+            if r["eval_curve"][0][1] is not None:
+                start = r["eval_curve"][0][1]
+                ax.plot(steps, [m - start for _, m, _ in r["eval_curve"]], color="tab:orange",
+                        alpha=0.8, label="reward model score (change)" if index == 0 else None)
+            twin.plot(steps, [t for _, _, t in r["eval_curve"]], color="tab:blue", alpha=0.8,
+                      label="hidden true score" if index == 0 else None)
         ax.set_title(f"GRPO, {variant}")
         ax.set_xlabel("RL step")
-        ax.set_ylabel("reward model score", color="tab:orange")
-        twin.set_ylabel("hidden true score", color="tab:blue")
+        ax.set_ylabel("reward model score - at step 0", color="tab:orange")
+        twin.set_ylabel("hidden true score (greedy, held out)", color="tab:blue")
         twin.set_ylim(0, 1)
         lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(lines, [line.get_label() for line in lines], loc="center right")
+        ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -11,9 +11,10 @@ and the reward model's share of the step.
 
 All start from the same SFT model and reward model on the built-in ``reverse`` task
 (made once with ``plait sft`` and ``plait rm``) and run the same PPO steps. Reported per
-variant: median seconds per step (steps 4+), and from the run's stage timeline the
-median time the trainer waits for rewards and the median reward-model compute per step,
-each also as a share of the step.
+variant: median seconds per step (steps 4+), the reward model's compute per step and the
+wait for it after generation (where it scores: the trainer, or the rollout worker), and
+what the trainer waits for (rewards when colocated, its batch when apart), also as
+shares of the trainer's step.
 
     python benchmarks/rm_placement.py --steps 40 --rounds 2 --out benchmarks/results/rm_placement_cpu.json
 """
@@ -55,13 +56,22 @@ def prepare(work: Path) -> Path:
 
 
 def measure(run_dir: Path, skip: int = 3) -> dict:
+    """Medians over steps after ``skip``: the trainer's step, the reward model's compute
+    per step and the wait for it after generation (on the trainer, or on the rollout
+    worker when it scores), and what the trainer waits for its batch."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step" in r and r["step"] > skip]
-    step = statistics.median(r["time/step"] for r in steps)
-    wait = statistics.median(r.get("time/reward_wait", 0.0) for r in steps)
-    compute = statistics.median(r.get("time/reward_compute", 0.0) for r in steps)
-    return {"s_per_step": step, "reward_wait_s": wait, "reward_compute_s": compute,
-            "reward_wait_share": wait / step, "reward_compute_share": compute / step,
+
+    def median(*keys: str) -> float:
+        return statistics.median(next((r[k] for k in keys if k in r), 0.0) for r in steps)
+
+    step = median("time/step")
+    compute = median("time/reward_compute", "rollout/worker_reward_compute_s")
+    wait = median("time/reward_wait", "rollout/worker_reward_wait_s")
+    trainer_wait = median("time/reward_wait", "time/rollout_wait")
+    return {"s_per_step": step, "reward_compute_s": compute, "reward_wait_s": wait,
+            "trainer_wait_s": trainer_wait, "reward_compute_share": compute / step,
+            "trainer_wait_share": trainer_wait / step,
             "true_score_last": rows[-1].get("eval/reward_fn/task"), "steps": len(steps)}
 
 
@@ -96,9 +106,9 @@ def main(argv=None) -> int:
     for variant in args.variants:
         mine = [r for r in runs if r["variant"] == variant]
         summary[variant] = {key: statistics.median(r[key] for r in mine)
-                            for key in ("s_per_step", "reward_wait_share",
-                                        "reward_compute_share", "reward_wait_s",
-                                        "reward_compute_s")}
+                            for key in ("s_per_step", "reward_compute_s", "reward_wait_s",
+                                        "trainer_wait_s", "reward_compute_share",
+                                        "trainer_wait_share")}
         ratios = [r["s_per_step"] / next(c["s_per_step"] for c in runs
                                          if c["variant"] == "colocated"
                                          and c["round"] == r["round"]) for r in mine] \

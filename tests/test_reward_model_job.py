@@ -41,7 +41,8 @@ def test_the_reward_model_learns_from_pairs_and_saves_a_transformers_model(tmp_p
     assert 0 <= summary["ece_after"] < 0.2
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 100, 200, 300]
-    assert (run_dir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("reliability.png", "scores.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the output is a transformers reward model giving plait's scores
     trained = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward_model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward_model")
@@ -173,6 +174,15 @@ def test_pairs_of_the_policys_own_samples_are_ranked_by_the_truth(tmp_path):
     assert PolicySampler(config)(task, 40, "train") == pairs
     held_out = PolicySampler(config)(task, 10, "test")
     assert not {p["prompt"] for p in held_out} & set(answers)
+    # pairs.policy_path: another policy's samples (here another tiny model's: other pairs)
+    from plait.models.tiny import TinyModelSpec, save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", TinyModelSpec(hidden_size=32,
+                            intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1),
+                            seed=7)
+    config = rm_job(tmp_path / "rm", "pairs.source=policy", "pairs.samples_per_prompt=4",
+                    "rollout.max_new_tokens=8", f"pairs.policy_path={other}")
+    assert PolicySampler(config)(task, 40, "train") != pairs
 
 
 def test_packed_shared_prompt_scores_equal_each_row_on_its_own(tmp_path):

@@ -93,3 +93,12 @@ def test_completions_record_whether_they_were_cut():
     batch = experience_from_completions([[1, 2]], [[completion([5, 6], "length"),
                                                     completion([7], "stop")]], [0], 0)
     assert batch.truncated.tolist() == [True, False]
+
+
+def test_a_clipped_reward_has_the_clip_as_its_range():
+    from plait.runtime.inputs import reward_range
+
+    config = load_config(None, ["reward.functions=[{fn: 'helpers_rewards:digit_fraction'}]",
+                                "reward.clip=2.0", "reward.missing_eos_penalty=0.5",
+                                "algo.reward_adjust=grpovi"])
+    assert reward_range(config, None) == (-2.5, 2.0)  # the cut answer's penalty below

@@ -83,7 +83,7 @@ def cmd_rm(args) -> int:
     from plait.recipes.reward_model import train_reward_model
 
     return _step_command(args, train_reward_model, "reward model", "reward_model_dir",
-                         "metrics.png, reliability.png, ")
+                         "metrics.png, reliability.png, scores.png, ")
 
 
 def cmd_dpo(args) -> int:

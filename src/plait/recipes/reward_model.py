@@ -35,7 +35,7 @@ from plait.recipes.pairs import (
 )
 from plait.recipes.stepjob import rank_job, run_step_job
 from plait.telemetry.metrics import read_metrics
-from plait.telemetry.plots import plot_metrics, plot_reliability
+from plait.telemetry.plots import plot_metrics, plot_reliability, plot_score_distribution
 from plait.train.forward import packed_sequence_scores
 from plait.train.optim import build_optimizer
 
@@ -152,6 +152,13 @@ class RewardModelTrainer(PairJob):
                     if picked.numel() > 1 else 0.0
         self.state["evals"][tag] = result
         self.state["reliability"] = table
+        self._scores = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+        if len(sources) > 1 and None not in sources:
+            self._scores = {
+                str(source): [v for row, c, r in zip(self.eval_rows, chosen.tolist(),
+                                                     rejected.tolist(), strict=True)
+                              if str(row["source"]) == str(source) for v in (c, r)]
+                for source in sorted(map(str, sources))}
         return result
 
     # ------------------------------------------------------------------ outputs
@@ -164,6 +171,8 @@ class RewardModelTrainer(PairJob):
                      panels=_PANELS, title="reward model")
         plot_reliability(self.state["reliability"], self.run_dir / "reliability.png",
                          title=f"held-out calibration (ECE {evals['final']['eval/ece']:.3f})")
+        plot_score_distribution(self._scores, self.run_dir / "scores.png",
+                                title="held-out scores after training")
 
 
 def train_reward_model(config: Config) -> dict:

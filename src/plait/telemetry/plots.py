@@ -212,3 +212,32 @@ def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, 
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title or "reliability")
     return _save_png(figure, Path(out_png))
+
+
+def plot_score_distribution(groups: Mapping[str, Sequence[float]], out_png: Path | str, *,
+                            title: str | None = None) -> Path:
+    """Histograms of reward-model scores, one per group (e.g. chosen and rejected
+    responses, or each data source), on shared bins, with each group's mean and standard
+    deviation in the legend: whether the model separates them, and on what scale."""
+    import statistics
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    values = [v for scores in groups.values() for v in scores]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    bins = [low + (high - low) * i / 40 for i in range(41)] if high > low else 40
+    for name, scores in groups.items():
+        if not scores:
+            continue
+        spread = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+        axis.hist(scores, bins=bins, alpha=0.5,
+                  label=f"{name}: mean {statistics.fmean(scores):.2f}, std {spread:.2f}")
+    axis.set_xlabel("score")
+    axis.set_ylabel("responses")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title(title or "score distribution")
+    return _save_png(figure, Path(out_png))
