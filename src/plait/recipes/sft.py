@@ -26,7 +26,7 @@ from plait.runtime import inputs
 from plait.telemetry.metrics import MetricsLogger, read_metrics
 from plait.telemetry.plots import plot_metrics
 from plait.telemetry.progress import ProgressBar
-from plait.train.forward import position_ids_from_mask, segment_logits
+from plait.train.forward import drives_layers, position_ids_from_mask, segment_logits
 from plait.train.optim import build_optimizer
 from plait.train.supervised import (
     IGNORE,
@@ -242,8 +242,7 @@ class SFTTrainer(StepJob):
         self.policy = load_causal_lm(self.model_dir, config.model.attn_implementation,
                                      key="model.path").to(self.device)
         self.packed = sft.packing
-        if sft.packing and segment_logits(self.policy, *(torch.zeros((1, 1), dtype=torch.long)
-                                                         for _ in range(3))) is None:
+        if sft.packing and not drives_layers(self.policy):
             if self.dist.is_main:
                 print(f"plait: note: sft.packing: plait does not drive the layers of a "
                       f"{self.policy.config.model_type!r} model with "

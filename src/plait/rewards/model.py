@@ -81,8 +81,8 @@ class ModelReward:
         if self.packed is not None and all(isinstance(p, str) for p in prompts):
             heads = [self.encode.prompt(p) for p in prompts]
             scores = None
-            for start in range(0, len(sequences), self.batch_size * 4):
-                part = slice(start, start + self.batch_size * 4)
+            for start in range(0, len(sequences), self.batch_size):
+                part = slice(start, start + self.batch_size)
                 values = self.packed(self.model, heads[part],
                                      [seq[len(head):] for seq, head in
                                       zip(sequences[part], heads[part], strict=True)],

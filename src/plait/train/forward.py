@@ -171,18 +171,27 @@ def masked_hidden(model, base, ids: torch.Tensor, positions: torch.Tensor,
     return hidden
 
 
+def drives_layers(model) -> bool:
+    """Whether plait runs ``model``'s decoder layers itself with masks of its own (the
+    packed passes): a supported decoder family and attention kernel, not sharded."""
+    if isinstance(model, FSDPModule):
+        return False
+    try:
+        decoder_parts(model, hint="")
+    except ValueError:
+        return False
+    return True
+
+
 def segment_logits(model, ids: torch.Tensor, positions: torch.Tensor,
                    segment: torch.Tensor) -> torch.Tensor | None:
     """Logits of packed rows ``[U, S]``: each token sees the earlier tokens of its own
     segment only (``segment`` -1: padding, which sees itself), at its own positions, so
     each packed example is computed as in a row of its own. None for a model whose
     layers plait does not drive (the caller pads examples into rows instead)."""
-    if isinstance(model, FSDPModule):
+    if not drives_layers(model):
         return None
-    try:
-        base, head = decoder_parts(model, hint="")
-    except ValueError:
-        return None
+    base, head = decoder_parts(model, hint="")
     query_seg, key_seg = segment.unsqueeze(2), segment.unsqueeze(1)
     before = positions.unsqueeze(1) <= positions.unsqueeze(2)
     visible = (key_seg == query_seg) & (key_seg >= 0) & before
@@ -211,6 +220,8 @@ def packed_sequence_scores(reward_model, batch: Experience, max_tokens: int
     if isinstance(reward_model, FSDPModule) or not hasattr(reward_model, "score"):
         return None
     view = _ScoreView(reward_model)
+    if not drives_layers(view):
+        return None
     rows = batch.batch_size
     lengths = batch.response_mask.sum(-1).long()
     # one more (unread) token per row: its "logits" are the score of the hidden state at
@@ -223,10 +234,6 @@ def packed_sequence_scores(reward_model, batch: Experience, max_tokens: int
                           group_ids=batch.group_ids)
     extended.response_mask[torch.arange(rows, device=ids.device), lengths] = 1.0
     first, inverse = extended.prompt_index()
-    try:
-        decoder_parts(view, hint="")
-    except ValueError:
-        return None
     scores = _packed_group_logits(view, extended, first, inverse, max_tokens)
     if scores is None:
         return None
