@@ -125,3 +125,9 @@ def test_each_reward_function_is_logged_and_a_zero_weight_one_only_logged(tiny_j
         assert m["reward_fn/reward_model"] == pytest.approx(m["reward/mean"], abs=1e-5)
         assert 0.0 <= m["reward_fn/digit_fraction"] <= 1.0
     assert any(m["reward_fn/digit_fraction"] > 0 for m in steps)
+    # the summary holds each function's held-out score before and after
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [m for m in _metrics(run) if "eval/reward_fn/digit_fraction" in m]
+    for name in ("reward_model", "digit_fraction"):
+        assert summary[f"reward_fn/{name}_before"] == evals[0][f"eval/reward_fn/{name}"]
+        assert summary[f"reward_fn/{name}_after"] == evals[-1][f"eval/reward_fn/{name}"]

@@ -163,7 +163,8 @@ class DPOTrainer(PairJob):
         return result
 
     def _agrees_with_truth(self, rows: list[dict], logps, better: torch.Tensor) -> float:
-        """Pairs of ``rows`` whose implicit-reward order is the true order (a count)."""
+        """Pairs of ``rows`` whose implicit-reward order is the true order (a count; ties
+        count one half, as in the accuracy against the labels)."""
         dpo = self.config.dpo
         summed, counts = logps
         if dpo.loss == "simpo":
@@ -175,8 +176,9 @@ class DPOTrainer(PairJob):
             if dpo.loss == "ipo":
                 ratio = ratio / counts.clamp(min=1)
             margin = ratio[:, 0] - ratio[:, 1]
-        chosen_first = margin.cpu() > 0
-        return float((chosen_first == better).sum())
+        margin = margin.cpu()  # a tie (the policy still its reference) counts one half
+        right = torch.where(better, margin > 0, margin < 0).double() + 0.5 * (margin == 0)
+        return float(right.sum())
 
     # ------------------------------------------------------------------ outputs
 

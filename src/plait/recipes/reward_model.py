@@ -140,8 +140,9 @@ class RewardModelTrainer(PairJob):
                   "eval/score_std": float(both.std()) if both.numel() > 1 else 0.0}
         better = truth_of(self.eval_rows)
         if better is not None:  # every pair carries its true scores
-            right = torch.where(better, chosen > rejected, rejected > chosen)
-            result["eval/accuracy_vs_truth"] = float(right.double().mean())
+            right = torch.where(better, chosen > rejected, rejected > chosen).double() + \
+                0.5 * (chosen == rejected)  # a tie counts one half, as against the labels
+            result["eval/accuracy_vs_truth"] = float(right.mean())
         sources = {row.get("source") for row in self.eval_rows}
         if len(sources) > 1 and None not in sources:
             for source in sorted(map(str, sources)):

@@ -329,6 +329,11 @@ class Session:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
         }
+        for key, value in evals["before"].items():  # each reward function, held out
+            if key.startswith("eval/reward_fn/") and key in evals["final"]:
+                name = key.removeprefix("eval/")
+                summary[f"{name}_before"] = value
+                summary[f"{name}_after"] = evals["final"][key]
         if "after_sft" in evals:
             summary["accuracy_after_sft"] = evals["after_sft"]["eval/accuracy"]
         if "final_ema" in evals:
