@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,9 +47,32 @@ class RankFailure(PlaitError, RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port free now for rank 0's rendezvous, drawn below the system's ephemeral range:
+    between the check and the bind the port is open, and one the system hands out to any
+    outgoing connection (Ray starts many) may be taken in that gap; Ray's own worker
+    ports (10002-19999) are avoided too."""
+    candidates = list(range(20000, min(_EPHEMERAL[0], 32768)))
+    for port in random.Random().sample(candidates, min(64, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # any the system gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
 
 
 def prepare_job(config: Config) -> tuple[Config, Path]:
