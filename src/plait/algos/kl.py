@@ -6,8 +6,8 @@ http://joschu.net/blog/kl-approx.html). With samples y ~ π and log_ratio = log 
     k2 = ½ log_ratio²                           biased, low variance, >= 0
     k3 = exp(-log_ratio) - 1 + log_ratio        unbiased, low variance, >= 0
 
-The adaptive KL coefficient is Ziegler et al.'s controller (2019, arXiv 1909.08593,
-section 2.2), as DeepSpeed-Chat, TRL and OpenRLHF offer it.
+The adaptive KL coefficient is Ziegler et al.'s controller (2019, arXiv 1909.08593),
+as DeepSpeed-Chat, TRL and OpenRLHF offer it.
 
 Deviation: for k3 plait clamps log_ratio to [-clamp, clamp] (default 20) before ``exp``, so a
 token the reference finds vastly more likely cannot overflow; k1 and k2 are never clamped.

@@ -23,7 +23,6 @@ import torch
 
 from plait import algos
 from plait.config import Config
-from plait.errors import TrainingDiverged
 from plait.models.loading import freeze, load_causal_lm, save_model_dir
 from plait.recipes.pairs import PACK_TOKENS, PairJob, pair_experience, truth_of
 from plait.recipes.stepjob import rank_job, run_step_job
@@ -119,14 +118,11 @@ class DPOTrainer(PairJob):
             loss = loss * weight  # this share's part of the batch's mean
             stats = {key: float(value) for key, value in stats.items()}
         else:  # more ranks than pairs in the batch: this rank adds nothing
-            loss = sum(p.sum() for p in self.policy.parameters()) * 0.0
+            loss = self.no_rows_loss(self.policy.parameters())
             stats = dict.fromkeys(_STATS, 0.0)
         stats = self.weighted_mean(stats, weight)
         (loss_value,) = self.all_sum([float(loss.detach())])
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise TrainingDiverged(f"the preference loss became {loss_value} at step "
-                                   f"{self.global_step + 1}: lower dpo.lr or set "
-                                   "optim.max_grad_norm")
+        self.check_finite(loss_value, "preference", "dpo.lr")
         norm = self.clip_and_step(loss, self.policy.parameters())
         return {"loss/preference": loss_value, "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],

@@ -28,7 +28,7 @@ from plait.models.reward_model import ResponseEncoder
 from plait.recipes.stepjob import StepJob
 from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
-from plait.train.experience import Experience
+from plait.train.experience import Experience, experience_from_tokens
 
 
 def load_pairs(config: Config, command: str) -> tuple[list[dict], list[dict], Counter]:
@@ -169,16 +169,8 @@ def pair_experience(rows: list[dict], encode: PairEncoder, pad: int) -> Experien
         for sequence in (chosen, rejected):
             prompts.append(chosen[:start])
             responses.append(sequence[start:])
-    prompt_width = max(map(len, prompts))
-    response_width = max(map(len, responses))
-    prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts])
-    prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts])
-    response_ids = torch.tensor([r + [pad] * (response_width - len(r)) for r in responses])
-    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (response_width - len(r))
-                                  for r in responses])
-    return Experience(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                      response_ids=response_ids, response_mask=response_mask,
-                      group_ids=torch.arange(len(rows)).repeat_interleave(2))
+    return experience_from_tokens(prompts, responses,
+                                  [pair for pair in range(len(rows)) for _ in (0, 1)], pad)
 
 
 def truth_of(rows: list[dict]) -> torch.Tensor | None:

@@ -22,7 +22,6 @@ import torch
 
 from plait import algos
 from plait.config import Config
-from plait.errors import TrainingDiverged
 from plait.models.loading import save_model_dir
 from plait.models.reward_model import load_reward_model, padded_batch, sequence_scores
 from plait.recipes.pairs import (
@@ -91,7 +90,7 @@ class RewardModelTrainer(PairJob):
         rows, weight = self.share(batch, key=prompt_key)
         self.model.train()
         if not rows:  # more ranks than prompts in the batch: this rank adds nothing
-            loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+            loss = self.no_rows_loss(self.model.parameters())
             stats, groups = dict.fromkeys(_STATS, 0.0), 0
         else:
             chosen, rejected = self.scores(rows)                              # 2
@@ -113,10 +112,7 @@ class RewardModelTrainer(PairJob):
         loss_value, penalty_sum, group_total = self.all_sum(
             [float(loss.detach()), penalty * groups, groups])
         stats["center_penalty"] = penalty_sum / max(group_total, 1)
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise TrainingDiverged(f"the reward-model loss became {loss_value} at step "
-                                   f"{self.global_step + 1}: lower rm.lr or set "
-                                   "optim.max_grad_norm")
+        self.check_finite(loss_value, "reward-model", "rm.lr")
         norm = self.clip_and_step(loss, self.model.parameters())
         return {"loss/pairwise": loss_value, "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],

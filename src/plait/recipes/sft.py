@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable
 
 import torch
@@ -290,15 +289,12 @@ class SFTTrainer(StepJob):
         if rows:
             summed, tokens, correct = self.stats(rows)                        # 2
         else:
-            summed = sum(p.sum() for p in self.policy.parameters()) * 0.0
+            summed = self.no_rows_loss(self.policy.parameters())
             tokens = correct = 0
         total_tokens, total_loss, total_correct = self.all_sum(
             [tokens, float(summed.detach()), correct])
         loss = summed / max(total_tokens, 1)                                  # 3
-        if not math.isfinite(total_loss):
-            raise TrainingDiverged(f"the SFT loss became {total_loss} at step "
-                                   f"{self.global_step + 1}: lower sft.lr or set "
-                                   "optim.max_grad_norm")
+        self.check_finite(total_loss, "SFT", "sft.lr")
         norm = self.clip_and_step(loss, self.policy.parameters())
         return {"loss/sft": total_loss / max(total_tokens, 1), "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],

@@ -11,6 +11,7 @@ writes checkpoints.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ import torch
 
 from plait.config import Config, ConfigError, config_to_dict, dump_yaml
 from plait.data.datasets import PromptIterator
+from plait.errors import TrainingDiverged
 from plait.models.loading import load_tokenizer, resolve_model_dir
 from plait.parallel.dist import Dist
 from plait.recipes.checkpointing import check_resumable, resume_checkpoint
@@ -137,6 +139,19 @@ class StepJob:
             return stats
         names = sorted(stats)
         return dict(zip(names, self.all_sum([stats[n] * weight for n in names]), strict=True))
+
+    @staticmethod
+    def no_rows_loss(parameters) -> torch.Tensor:
+        """The loss of a rank whose share of the batch is empty (more ranks than rows):
+        zero, with a gradient (of zeros) for every parameter, so it joins the sum."""
+        return sum(p.sum() for p in parameters) * 0.0
+
+    def check_finite(self, value: float, what: str, lr_key: str) -> None:
+        """Stop with TrainingDiverged when the batch's loss is not a number."""
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the {what} loss became {value} at step "
+                                   f"{self.global_step + 1}: lower {lr_key} or set "
+                                   "optim.max_grad_norm")
 
     def clip_and_step(self, loss: torch.Tensor, parameters) -> float:
         """Backward of this rank's part of the loss, gradients summed over ranks, clip

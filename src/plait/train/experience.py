@@ -229,6 +229,25 @@ def _pad_right(t: torch.Tensor, width: int, fill) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
 
 
+def experience_from_tokens(prompts: list[list[int]], responses: list[list[int]],
+                           group_ids: list[int], pad_token_id: int) -> Experience:
+    """Token-id prompts (left-padded) and responses (right-padded, all of each counted),
+    one row per pair of them; rows with the same prompt share it in the shared-prompt
+    passes."""
+    prompt_width = max(map(len, prompts))
+    response_width = max(1, max(map(len, responses)))
+    return Experience(
+        prompt_ids=torch.tensor([[pad_token_id] * (prompt_width - len(p)) + list(p)
+                                 for p in prompts]),
+        prompt_mask=torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p)
+                                  for p in prompts]),
+        response_ids=torch.tensor([list(r) + [pad_token_id] * (response_width - len(r))
+                                   for r in responses]),
+        response_mask=torch.tensor([[1.0] * len(r) + [0.0] * (response_width - len(r))
+                                    for r in responses]),
+        group_ids=torch.tensor(group_ids, dtype=torch.long))
+
+
 def experience_from_completions(prompts: list[list[int]], groups: list[list[Completion]],
                                 group_ids: list[int], pad_token_id: int) -> Experience:
     """Pack grouped completions into padded tensors. ``groups[i]`` answers ``prompts[i]``."""

@@ -7,7 +7,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from plait.models.decoder import attention_mask, cache_keyword, decoder_parts, sliding_layers
-from plait.train.experience import Experience
+from plait.train.experience import Experience, experience_from_tokens
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -246,16 +246,9 @@ def packed_response_scores(reward_model, prompts: list[list[int]],
     """:func:`packed_sequence_scores` of token-id prompts and responses (rows with the
     same prompt share it), on the reward model's device."""
     device = next(reward_model.parameters()).device
-    prompt_width, response_width = max(map(len, prompts)), max(map(len, responses))
     keys: dict[tuple, int] = {}
-    batch = Experience(
-        prompt_ids=torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts]),
-        prompt_mask=torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p)
-                                  for p in prompts]),
-        response_ids=torch.tensor([r + [pad] * (response_width - len(r)) for r in responses]),
-        response_mask=torch.tensor([[1.0] * len(r) + [0.0] * (response_width - len(r))
-                                    for r in responses]),
-        group_ids=torch.tensor([keys.setdefault(tuple(p), len(keys)) for p in prompts]))
+    batch = experience_from_tokens(prompts, responses,
+                                   [keys.setdefault(tuple(p), len(keys)) for p in prompts], pad)
     return packed_sequence_scores(reward_model, batch.to(device), max_tokens)
 
 
