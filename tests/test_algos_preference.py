@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from plait.algos.preference import (
+    advantage_model_loss,
     bradley_terry_loss,
     dpo_loss,
     pairwise_calibration,
@@ -50,6 +51,51 @@ def test_bradley_terry_margin_and_centring_by_hand():
                                   prompt_ids=torch.tensor([0, 0, 9]))
     assert stats["center_penalty"].item() == pytest.approx((1.5 ** 2 + 5.0 ** 2) / 2)
     assert stats["accuracy"].item() == pytest.approx(1 / 3)
+
+
+def test_advantage_model_loss_by_hand():
+    # prompt 0: responses A (key 0) = 1, B (1) = 3, C (2) = -2 in pairs (A > C), (B > A);
+    # prompt 5: responses D (3) = 6, E (4) = 0 in the pair (E > D)
+    chosen = torch.tensor([1.0, 3.0, 0.0], requires_grad=True)
+    rejected = torch.tensor([-2.0, 1.0, 6.0])
+    args = dict(prompt_ids=torch.tensor([0, 0, 5]), chosen_keys=torch.tensor([0, 1, 4]),
+                rejected_keys=torch.tensor([2, 0, 3]))
+    pair = (softplus(-3.0) + softplus(-2.0) + softplus(6.0)) / 3
+    # A counts once in prompt 0's mean: (1 + 3 - 2) / 3; prompt 5's: 3
+    center = ((2 / 3) ** 2 + 3.0 ** 2) / 2
+    loss, stats = advantage_model_loss(chosen, rejected, center_coef=0.5, **args)
+    assert stats["center_penalty"].item() == pytest.approx(center)
+    assert loss.item() == pytest.approx(pair + 0.5 * center, abs=1e-6)
+    assert stats["accuracy"].item() == pytest.approx(2 / 3)
+    assert stats["advantage_std"].item() == pytest.approx(
+        torch.tensor([1.0, 3.0, -2.0, 6.0, 0.0]).std().item())
+    # bound 2.5: excesses 0.5 (B, 3) and 3.5 (D, 6) over the five distinct responses
+    loss, stats = advantage_model_loss(chosen, rejected, center_coef=0.0, bound=2.5,
+                                       bound_coef=2.0, **args)
+    bound = (0.5 ** 2 + 3.5 ** 2) / 5
+    assert stats["bound_penalty"].item() == pytest.approx(bound)
+    assert loss.item() == pytest.approx(pair + 2.0 * bound, abs=1e-6)
+    # the gradient of the centring term: d/da of 0.5 * mean_x (m_x)^2 for A (in pair 1 as
+    # chosen): 0.5 * (2 m_0 / 3) / 2 prompts, plus the pair terms' -(1 - σ(3)) / 3 and
+    # (pair 2, as rejected) but A's score in pair 2 is another tensor, so it is not here
+    loss, _ = advantage_model_loss(chosen, rejected, center_coef=0.5, **args)
+    loss.backward()
+    sigmoid = 1 / (1 + math.exp(-3.0))
+    assert chosen.grad[0].item() == pytest.approx(
+        -(1 - sigmoid) / 3 + 0.5 * 2 * (2 / 3) / 3 / 2, abs=1e-6)
+
+
+def test_advantage_model_shares_add_up_to_the_batch():
+    chosen, rejected = torch.tensor([1.0, 3.0, 0.0]), torch.tensor([-2.0, 1.0, 6.0])
+    keys = dict(chosen_keys=torch.tensor([0, 1, 4]), rejected_keys=torch.tensor([2, 0, 3]))
+    prompts = torch.tensor([0, 0, 5])
+    whole, _ = advantage_model_loss(chosen, rejected, prompt_ids=prompts, bound=2.0, **keys)
+    parts = [advantage_model_loss(chosen[s], rejected[s], prompt_ids=prompts[s],
+                                  chosen_keys=keys["chosen_keys"][s],
+                                  rejected_keys=keys["rejected_keys"][s], bound=2.0,
+                                  totals=(3, 2, 5))[0]
+             for s in (slice(0, 2), slice(2, 3))]
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), abs=1e-6)
 
 
 def test_a_tie_counts_half():

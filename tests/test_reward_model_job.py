@@ -207,3 +207,12 @@ def test_packed_shared_prompt_scores_equal_each_row_on_its_own(tmp_path):
                                      list(model.parameters()))
         for a, b in zip(packed, padded, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_finished_run_can_be_overwritten(tmp_path):
+    """Every file plait rm writes (plots included) is one run.overwrite may delete."""
+    job = ["rm.steps=2", "rm.eval_every=0", "pairs.num_pairs=64", "pairs.num_eval_pairs=16"]
+    train_reward_model(rm_job(tmp_path / "rm", *job))
+    assert (tmp_path / "rm" / "scores.png").is_file()
+    summary = train_reward_model(rm_job(tmp_path / "rm", *job, "run.overwrite=true"))
+    assert summary["steps"] == 2

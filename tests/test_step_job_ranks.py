@@ -55,6 +55,21 @@ def test_reward_model_on_two_ranks_equals_one(tmp_path):
     _same_run(tmp_path / "one", tmp_path / "two", "reward_model", "loss/pairwise")
 
 
+def test_advantage_model_on_two_ranks_equals_one(tmp_path):
+    """Whole prompts a step, centring over distinct responses and the bound: each rank's
+    part of the batch's loss uses the whole batch's counts."""
+    pairs = _pairs_with_shared_prompts(tmp_path / "pairs.jsonl")
+    job = [*TINY, "data.task=reverse", f"pairs.train_path={pairs}", "pairs.eval_fraction=0.25",
+           "rm.steps=4", "rm.batch_size=9", "rm.lr=3e-3", "rm.objective=advantage",
+           "rm.score_bound=0.05", "rm.eval_every=0", "train.save_every=0"]
+    assert main(["rm", *job, f"run.dir={tmp_path / 'one'}"]) == 0
+    assert main(["rm", *job, f"run.dir={tmp_path / 'two'}", "runtime.num_ranks=2"]) == 0
+    _same_run(tmp_path / "one", tmp_path / "two", "reward_model", "loss/pairwise")
+    bound = [r["train/bound_penalty"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")
+             if "train/bound_penalty" in r]
+    assert len(bound) == 4 and max(bound) > 0  # the bound was in play
+
+
 def test_dpo_on_two_ranks_equals_one(tmp_path):
     job = [*TINY, "data.task=reverse", "pairs.num_pairs=64", "pairs.num_eval_pairs=16",
            "dpo.steps=4", "dpo.batch_size=7", "dpo.lr=1e-3", "dpo.eval_every=0",

@@ -90,7 +90,7 @@ def test_repeat_verify():
 
 
 def test_make_task_builds_registered_tasks_with_settings():
-    assert set(TASKS) == {"addition", "repeat", "reverse"}
+    assert set(TASKS) == {"addition", "repeat", "reverse", "mixed"}
     assert make_task("addition", digits=3) == AdditionTask(digits=3)
     assert make_task("repeat", max_count=8).max_answer_chars == 8
 
@@ -158,6 +158,32 @@ def test_reverse_pairs_rank_by_the_true_score_with_the_set_label_noise():
     assert not test_prompts & {p["prompt"] for p in noisy}
     with pytest.raises(DataError, match="noise must be in"):
         task.make_pairs(1, noise=0.5)
+
+
+def test_mixed_task_sources_answers_and_noise_per_source():
+    task = make_task("mixed", noise={"reverse": 0.3})
+    assert task.noise == {"reverse": 0.3, "sort": 0.1, "add": 0.25}
+    rows = task.make_rows(600, seed=2)
+    assert {r["source"] for r in rows} == {"reverse", "sort", "add"}
+    for row in rows:
+        prompt, answer = row["prompt"], row["answer"]
+        if row["source"] == "add":
+            left, right = prompt[:-1].split("+")
+            assert answer == str(int(left) + int(right))
+        elif row["source"] == "sort":
+            assert prompt.endswith("<") and answer == "".join(sorted(prompt[:-1]))
+        else:
+            assert prompt.endswith("=") and answer == prompt[-2::-1]
+    pairs = task.make_pairs(6000, seed=2)
+    for source, share in task.noise.items():
+        mine = [p for p in pairs if p["source"] == source]
+        assert abs(sum(p["flipped"] for p in mine) / len(mine) - share) < 0.04
+        assert all(p["chosen_score"] < p["rejected_score"] for p in mine if p["flipped"])
+    digits = [p for p in pairs if p["source"] == "add"]
+    assert all(p["chosen"].isdigit() or p["chosen"] == "" for p in digits)
+    assert all(p["rejected"].isdigit() or p["rejected"] == "" for p in digits)
+    with pytest.raises(DataError, match="noise must map some of"):
+        make_task("mixed", noise={"other": 0.1})
 
 
 @pytest.mark.parametrize("task, settings, message", [

@@ -362,6 +362,10 @@ class PairsConfig:
         "rollout.temperature, two of different true score ranked), as people rank a "
         "model's responses.")
     samples_per_prompt: int = opt(4, "source=policy: samples drawn per prompt.", low=2)
+    pairs_per_prompt: int = opt(
+        1, "source=policy: up to this many pairs of one prompt's samples (each two samples "
+        "of different true score, no pair twice); an advantage model's centring sees a "
+        "prompt's several responses.", low=1)
     policy_path: str | None = opt(
         None, "source=policy: the policy whose samples are ranked (e.g. the one RL will "
         "train), when the model trained on the pairs is another; null: model.path.")
@@ -379,8 +383,22 @@ class RMConfig:
                     low=0.0)
     margin_field: str | None = opt(None, "Column holding each pair's margin (how much more the "
                                    "chosen response should score); null: no margin.")
-    center_coef: float = opt(0.0, "Weight of the per-prompt mean score squared (keeps scores "
-                             "centred, as an advantage model's).", low=0.0)
+    objective: Literal["reward", "advantage"] = opt(
+        "reward", "reward: a reward model (Bradley-Terry on pairs); advantage: an advantage "
+        "model (Peng et al. 2023), whose score of a response is how much better it is than "
+        "the prompt's expected response: each step takes whole prompts (all their pairs), "
+        "and their mean score over each prompt's distinct responses is held at 0 "
+        "(center_coef) and scores within ±score_bound, so every sub-task's scores share "
+        "one scale. Used by plait train exactly as a reward model is. Pairs of the "
+        "policy's own samples (pairs.source=policy, pairs.pairs_per_prompt > 1) make the "
+        "prompt's mean an estimate of the expected response's.")
+    center_coef: float | None = opt(
+        None, "Weight of the per-prompt mean score squared (keeps scores centred); null: 0 "
+        "for objective=reward, 1 for advantage.", low=0.0)
+    score_bound: float | None = opt(
+        None, "Scores beyond ±this are penalised (bound_coef x the excess squared); null: no "
+        "bound for objective=reward, 5 for advantage.", low=0.0)
+    bound_coef: float = opt(1.0, "Weight of the score_bound penalty.", low=0.0)
     eval_every: int = opt(50, "Evaluate every N steps (0 = only before and after).", low=0)
 
 
@@ -1035,6 +1053,9 @@ def _validate_job(config: Config) -> None:
         (config.algo.ptx_coef > 0 and config.runtime.stream_groups,
          "algo.ptx_coef is not available with runtime.stream_groups yet (the update's "
          "gradients are normalised only once the last group arrives): set one of them off"),
+        (config.pairs.pairs_per_prompt > 1 and config.pairs.source != "policy",
+         "pairs.pairs_per_prompt > 1 takes several pairs of a policy's samples of one "
+         "prompt: set pairs.source=policy, or pairs.pairs_per_prompt=1"),
         (config.algo.ema_decay is not None and config.runtime.data_parallel == "fsdp"
          and config.runtime.num_ranks > 1,
          "algo.ema_decay keeps a whole copy of the policy on every rank, which sharded "

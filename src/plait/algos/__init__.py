@@ -45,6 +45,7 @@ from plait.algos.policy_loss import (
 )
 from plait.algos.preference import (
     DPO_LOSS_TYPES,
+    advantage_model_loss,
     bradley_terry_loss,
     dpo_loss,
     pairwise_calibration,
@@ -53,6 +54,7 @@ from plait.algos.preference import (
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "advantage_model_loss",
     "ema_update",
     "bradley_terry_loss",
     "dpo_loss",

@@ -12,6 +12,13 @@ Papers and plait's choices:
   across prompts and tasks. Its exact terms are not published; plait adds
   ``center_coef`` x the mean over prompts of (that prompt's mean score)², each prompt's
   mean taken over the chosen and rejected scores of all its pairs.
+- The Advantage Model (same paper), :func:`advantage_model_loss`: scores are advantages
+  a(x, y) = r(x, y) - E_{y'~π}[r(x, y')]. plait's form: the pairwise term above, plus
+  ``center_coef`` x the mean over prompts of (the prompt's mean advantage over its
+  *distinct* responses, each counted once however many pairs hold it; with pairs of the
+  policy's own samples that mean estimates E_π[a], which should be 0), plus
+  ``bound_coef`` x the mean over distinct responses of max(0, |a| - bound)² (scores kept
+  within ±bound, so no task's scores outgrow the others').
 - DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): -log σ(β h) with
   h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r)); ``label_smoothing`` ε
   gives conservative DPO, -(1-ε) log σ(β h) - ε log σ(-β h).
@@ -30,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "pairwise_calibration",
-           "simpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "advantage_model_loss", "bradley_terry_loss", "dpo_loss",
+           "pairwise_calibration", "simpo_loss"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -99,6 +106,75 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
             loss = loss + center_coef * prompt_means.pow(2).sum() / totals[1]
     stats = {"accuracy": _accuracy(chosen, rejected), "margin": gap.mean(),
              "chosen": chosen.mean(), "rejected": rejected.mean(), "center_penalty": penalty}
+    return loss, {key: value.detach() for key, value in stats.items()}
+
+
+def advantage_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
+                         prompt_ids: torch.Tensor, chosen_keys: torch.Tensor,
+                         rejected_keys: torch.Tensor, center_coef: float = 1.0,
+                         bound: float | None = None, bound_coef: float = 1.0,
+                         margin: torch.Tensor | None = None,
+                         totals: tuple[int, int, int] | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage-model loss: pairwise term, per-prompt centring over distinct responses
+    and a bound on the scores (see the module doc).
+
+    Args:
+        chosen, rejected: [P] advantage scores of the preferred and the other response.
+        prompt_ids: [P] int, pairs with the same id share a prompt.
+        chosen_keys, rejected_keys: [P] int ids of the responses: equal ids are one
+            response (of one prompt), counted once in its prompt's mean and the bound.
+        center_coef: weight of the mean squared per-prompt mean advantage.
+        bound: scores beyond ±bound are penalised (None: no bound term).
+        bound_coef: weight of the bound term.
+        margin: [P] how much more the chosen response should score.
+        totals: (pairs, prompts, responses) of the whole batch when these pairs are one
+            rank's share of it (each prompt's pairs in one share): the loss is then this
+            share's part of the batch's loss, the parts of all shares adding up to it.
+
+    Returns:
+        (scalar loss, stats): ``accuracy``, ``margin``, ``chosen``, ``rejected`` (means),
+        ``center_penalty`` and ``bound_penalty`` (unweighted, means over this share),
+        ``advantage_std`` (spread of the distinct responses' scores).
+    """
+    _check_pairs(chosen, rejected, prompt_ids, chosen_keys, rejected_keys,
+                 *(t for t in (margin,) if t is not None))
+    if center_coef < 0 or bound_coef < 0:
+        raise ValueError(f"center_coef and bound_coef must be >= 0, got {center_coef}, "
+                         f"{bound_coef}")
+    if bound is not None and bound <= 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+    gap = chosen - rejected
+    pair_losses = -F.logsigmoid(gap - margin if margin is not None else gap)
+    # the distinct responses: a key's score is the same in every pair holding it (one
+    # forward of one sequence), so its first appearance stands for it
+    scores = torch.cat([chosen, rejected])
+    keys, prompts = torch.cat([chosen_keys, rejected_keys]), torch.cat([prompt_ids, prompt_ids])
+    distinct, first = torch.unique(keys, return_inverse=True)
+    pick = torch.full((len(distinct),), len(keys), dtype=torch.long, device=keys.device)
+    pick = pick.scatter_reduce(0, first, torch.arange(len(keys), device=keys.device), "amin")
+    response_scores, response_prompts = scores[pick], prompts[pick]
+    _, group = torch.unique(response_prompts, return_inverse=True)
+    groups = int(group.max()) + 1
+    sums = torch.zeros(groups, dtype=scores.dtype, device=scores.device).index_add(
+        0, group, response_scores)
+    counts = torch.zeros(groups, dtype=scores.dtype, device=scores.device).index_add(
+        0, group, torch.ones_like(response_scores))
+    prompt_means = sums / counts
+    excess = torch.zeros_like(response_scores) if bound is None else \
+        (response_scores.abs() - bound).clamp(min=0).pow(2)
+    pairs_total, prompts_total, responses_total = totals or (len(chosen), groups,
+                                                             len(distinct))
+    loss = pair_losses.sum() / pairs_total
+    if center_coef:
+        loss = loss + center_coef * prompt_means.pow(2).sum() / prompts_total
+    if bound is not None and bound_coef:
+        loss = loss + bound_coef * excess.sum() / responses_total
+    stats = {"accuracy": _accuracy(chosen, rejected), "margin": gap.mean(),
+             "chosen": chosen.mean(), "rejected": rejected.mean(),
+             "center_penalty": prompt_means.pow(2).mean(), "bound_penalty": excess.mean(),
+             "advantage_std": response_scores.std() if len(distinct) > 1
+             else torch.zeros((), dtype=scores.dtype, device=scores.device)}
     return loss, {key: value.detach() for key, value in stats.items()}
 
 

@@ -2,7 +2,8 @@
 
 A task generates prompt rows (``{"prompt": str, "answer": str}``) and scores a
 completion against the answer (1 or 0; the ``reverse`` task gives partial credit, its
-hidden "true quality", and also makes preference pairs). The prompts are short plain strings (no chat
+hidden "true quality", and also makes preference pairs; so does ``mixed``, three such
+sub-tasks whose pairs differ in label noise). The prompts are short plain strings (no chat
 template; the trainer adds one) written in a ~40-character alphabet,
 :data:`CHAR_VOCAB`, so a tiny character-level model can learn them on a CPU.
 
@@ -34,6 +35,7 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "AdditionTask",
+    "MixedTask",
     "RepeatTask",
     "ReverseTask",
     "Task",
@@ -335,9 +337,102 @@ class ReverseTask(Task):
                 "flipped": flipped}
 
 
+# the mixed task's label-flip share per sub-task, unless set
+_MIXED_NOISE = {"reverse": 0.0, "sort": 0.1, "add": 0.25}
+
+
+@dataclass(frozen=True)
+class MixedTask(ReverseTask):
+    """Three preference sub-tasks in one, each row naming its own as ``source``:
+    ``reverse`` (``"abcd="`` -> ``"dcba"``), ``sort`` (``"dbca<"`` -> ``"abcd"``) and
+    ``add`` (``"37+85="`` -> ``"122"``), drawn in equal shares and scored by the same
+    hidden true quality as :class:`ReverseTask` (answer positions right over the longer
+    length). Their pairs differ in how clear the preference is: each sub-task flips its
+    own share of labels (``noise``, added to the one a caller asks for), so a reward
+    model trained on them learns scores of a different spread, and offset, per
+    sub-task: the setting in which an advantage model's per-prompt centring is measured.
+
+    Args:
+        min_len, max_len: word lengths of reverse and sort.
+        digits: largest operand of add, in digits.
+        noise: label-flip share per sub-task (sub-task -> share in [0, 0.5)).
+    """
+
+    name: ClassVar[str] = "mixed"
+    SOURCES: ClassVar[tuple[str, ...]] = ("reverse", "sort", "add")
+
+    digits: int = 3
+    noise: dict = field(default_factory=lambda: dict(_MIXED_NOISE))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.digits, bool) or not isinstance(self.digits, int) or \
+                not 1 <= self.digits <= 9:
+            raise DataError(f"MixedTask: digits must be an int from 1 to 9, got {self.digits!r}")
+        if not isinstance(self.noise, dict) or not set(self.noise) <= set(self.SOURCES) or any(
+                isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 0.5
+                for v in self.noise.values()):
+            raise DataError(f"MixedTask: noise must map some of {list(self.SOURCES)} to a "
+                            f"share in [0, 0.5), got {self.noise!r}")
+        # sub-tasks not named keep their default share
+        object.__setattr__(self, "noise", {**_MIXED_NOISE, **self.noise})
+
+    def __hash__(self) -> int:  # the noise mapping is a dict
+        return hash((self.min_len, self.max_len, self.digits,
+                     tuple(sorted(self.noise.items())), self.test_fraction))
+
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        source = rng.choice(self.SOURCES)
+        if source == "add":
+            left, right = (rng.randint(0, 10 ** rng.randint(1, self.digits) - 1)
+                           for _ in range(2))
+            return f"{left}+{right}=", str(left + right)
+        word = "".join(rng.choice(string.ascii_lowercase)
+                       for _ in range(rng.randint(self.min_len, self.max_len)))
+        if source == "sort":
+            return f"{word}<", "".join(sorted(word))
+        return f"{word}=", word[::-1]
+
+    @staticmethod
+    def source_of(prompt: str) -> str:
+        """The sub-task of one of this task's prompts."""
+        if prompt.endswith("<"):
+            return "sort"
+        return "add" if "+" in prompt else "reverse"
+
+    @property
+    def max_answer_chars(self) -> int:
+        return max(self.max_len, self.digits + 1)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return max(self.max_len, 2 * self.digits + 1) + 1
+
+    def make_rows(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+        """As :meth:`Task.make_rows`, each row with its sub-task as ``source``."""
+        return [{**row, "source": self.source_of(row["prompt"])}
+                for row in super().make_rows(n, seed=seed, split=split)]
+
+    def edit(self, answer: str, rng: random.Random, edits: int) -> str:
+        """As :meth:`ReverseTask.edit`, with digits for a number's answer."""
+        if not answer.isdigit():
+            return super().edit(answer, rng, edits)
+        letters = {c: rng.choice(string.digits) for c in string.ascii_lowercase}
+        return "".join(letters.get(c, c) for c in super().edit(answer, rng, edits))
+
+    def rank_pair(self, row: dict[str, Any], first: str, second: str, rng: random.Random,
+                  noise: float = 0.0) -> dict[str, Any] | None:
+        """As :meth:`ReverseTask.rank_pair`, the row's sub-task's own label noise added
+        to ``noise``; the pair keeps its ``source``."""
+        source = row.get("source") or self.source_of(row["prompt"])
+        pair = super().rank_pair(row, first, second, rng,
+                                 min(0.49, noise + self.noise[source]))
+        return pair if pair is None else {**pair, "source": source}
+
+
 #: Built-in tasks by name.
 TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "repeat": RepeatTask,
-                               "reverse": ReverseTask}
+                               "reverse": ReverseTask, "mixed": MixedTask}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from plait.config import Config, ConfigError
-from plait.data.datasets import DataError, split_rows
+from plait.data.datasets import DataError, PromptIterator, split_rows
 from plait.data.preferences import load_preference_rows
 from plait.models.loading import (
     PromptEncoder,
@@ -65,10 +65,10 @@ def load_pairs(config: Config, command: str) -> tuple[list[dict], list[dict], Co
 
 class PolicySampler:
     """Preference pairs of a policy's own responses to a built-in task's prompts: each
-    prompt sampled ``pairs.samples_per_prompt`` times through plait's engine, and two
-    samples of different true score ranked by it (labels flipped at the noise rate), as
-    people rank a model's responses. Prompts whose samples all score the same give no
-    pair."""
+    prompt sampled ``pairs.samples_per_prompt`` times through plait's engine, and up to
+    ``pairs.pairs_per_prompt`` pairs of two samples of different true score ranked by it
+    (labels flipped at the noise rate), as people rank a model's responses; a prompt's
+    pairs are adjacent. Prompts whose samples all score the same give no pair."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -90,6 +90,7 @@ class PolicySampler:
     @torch.no_grad()
     def __call__(self, task, n: int, split: str, *, noise: float = 0.0) -> list[dict]:
         seed, k = self.config.train.seed, self.config.pairs.samples_per_prompt
+        per_prompt = self.config.pairs.pairs_per_prompt
         rng = random.Random(f"plait-policy-pairs:{seed}:{split}:{noise}")
         pairs: list[dict] = []
         rows = task.make_rows(max(4 * n, 64), seed=seed, split=split)
@@ -102,13 +103,17 @@ class PolicySampler:
                 for row, group in zip(chunk, groups, strict=True):
                     texts = [c.text for c in group]
                     rng.shuffle(texts)
-                    pair = next((p for i, a in enumerate(texts) for b in texts[i + 1:]
-                                 if (p := task.rank_pair(row, a, b, rng, noise)) is not None),
-                                None)
-                    if pair is not None:
-                        pairs.append(pair)
-                    if len(pairs) == n:
-                        return pairs
+                    seen: set[frozenset] = set()
+                    for i, a in enumerate(texts):
+                        for b in texts[i + 1:]:
+                            if len(seen) == per_prompt or frozenset((a, b)) in seen:
+                                continue
+                            pair = task.rank_pair(row, a, b, rng, noise)
+                            if pair is not None:
+                                seen.add(frozenset((a, b)))
+                                pairs.append(pair)
+                                if len(pairs) == n:
+                                    return pairs
         if not pairs:
             raise DataError(f"pairs.source=policy: the policy's {k} samples of each prompt "
                             "all score the same; raise rollout.temperature or "
@@ -122,18 +127,26 @@ class PairEncoder:
 
     def __init__(self, tokenizer, chat_template: str, max_length: int):
         self.encode, self.max_length = ResponseEncoder(tokenizer, chat_template), max_length
-        self._cache: dict[int, tuple] = {}  # id(row) -> (row, chosen, rejected, prompt length)
+        # (prompt, chosen, rejected) -> (chosen ids, rejected ids, prompt length): batches
+        # hold copies of the rows, so a pair is known by its content
+        self._cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return tuple(value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+                     for value in (row["prompt"], row["chosen"], row["rejected"]))
 
     def _encoded(self, row: dict) -> tuple:
-        cached = self._cache.get(id(row))
-        if cached is None or cached[0] is not row:
+        key = self._key(row)
+        cached = self._cache.get(key)
+        if cached is None:
             chosen = self.encode(row["prompt"], row["chosen"])
             rejected = self.encode(row["prompt"], row["rejected"])
             if isinstance(row["chosen"], list) or isinstance(row["prompt"], list):
                 start = _common_prefix(chosen, rejected)
             else:
                 start = len(self.encode.prompt(row["prompt"]))
-            cached = self._cache[id(row)] = (row, chosen, rejected, start)
+            cached = self._cache[key] = (row, chosen, rejected, start)
         return cached
 
     def __call__(self, row: dict) -> tuple[list[int], list[int]]:
@@ -171,6 +184,34 @@ def pair_experience(rows: list[dict], encode: PairEncoder, pad: int) -> Experien
             responses.append(sequence[start:])
     return experience_from_tokens(prompts, responses,
                                   [pair for pair in range(len(rows)) for _ in (0, 1)], pad)
+
+
+class PromptGroups:
+    """Batches of whole prompts: each step's pairs are every pair of some prompts (at
+    least ``batch_size`` pairs, fewer only when every prompt has been taken once an
+    epoch), in an order shuffled per epoch as :class:`PromptIterator`'s; resumable by
+    its state."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(prompt_key(row), []).append(row)
+        self._groups = PromptIterator([{"pairs": g} for g in groups.values()], seed=seed)
+        self._prompts = len(groups)
+
+    def next_batch(self, batch_size: int) -> list[dict]:
+        batch: list[dict] = []
+        for _ in range(self._prompts):
+            batch += self._groups.next_batch(1)[0]["pairs"]
+            if len(batch) >= batch_size:
+                break
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._groups.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._groups.load_state_dict(state)
 
 
 def truth_of(rows: list[dict]) -> torch.Tensor | None:

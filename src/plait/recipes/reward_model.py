@@ -5,8 +5,13 @@ One step:
 
     1. the next batch of pairs    (chosen and rejected side by side, one padded batch)
     2. both responses' scores     (the decoder's last token through the head)
-    3. the pairwise loss          (Bradley-Terry, optional margin and centring), an
-                                  optimizer step
+    3. the pairwise loss          (Bradley-Terry, optional margin and centring; or the
+                                  advantage-model loss), an optimizer step
+
+With ``rm.objective=advantage`` it trains an advantage model (Peng et al. 2023): each step
+takes whole prompts, and the loss holds each prompt's mean score over its distinct
+responses at 0 and the scores within a bound (algos.advantage_model_loss), so the scores
+of different sub-tasks share one scale.
 
 Held-out pairs are scored before training, every ``rm.eval_every`` steps and at the end:
 pairwise accuracy against the labels, against the hidden truth when the pairs carry true
@@ -18,6 +23,8 @@ directory holds ``metrics.jsonl``, ``checkpoints/`` (resumed as ``plait train``'
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from plait import algos
@@ -27,6 +34,7 @@ from plait.models.reward_model import load_reward_model, padded_batch, sequence_
 from plait.recipes.pairs import (
     PACK_TOKENS,
     PairJob,
+    PromptGroups,
     pair_experience,
     prompt_ids,
     prompt_key,
@@ -39,6 +47,9 @@ from plait.train.forward import packed_sequence_scores
 from plait.train.optim import build_optimizer
 
 _STATS = ("accuracy", "margin", "chosen", "rejected", "center_penalty")
+_AM_STATS = ("bound_penalty", "advantage_std")  # the advantage-model loss's own
+# the score bound of an advantage model unless rm.score_bound says otherwise
+ADVANTAGE_BOUND = 5.0
 _PANELS = (("pairwise loss", ("loss/pairwise",)),
            ("pairs judged right", ("eval/accuracy", "eval/accuracy_vs_truth", "train/accuracy")),
            ("calibration error", ("eval/ece",)))
@@ -58,6 +69,14 @@ class RewardModelTrainer(PairJob):
                                        key="model.path").to(self.device)
         self.optimizer, self.scheduler = build_optimizer(
             self.model.parameters(), config.optim, lr=config.rm.lr, total_steps=config.rm.steps)
+        rm = config.rm
+        self.advantage = rm.objective == "advantage"
+        self.center_coef = rm.center_coef if rm.center_coef is not None else \
+            float(self.advantage)
+        self.score_bound = rm.score_bound if rm.score_bound is not None else \
+            (ADVANTAGE_BOUND if self.advantage else None)
+        if self.advantage:  # whole prompts a step: each prompt's mean sees all its pairs
+            self.batches = PromptGroups(self.train_rows, seed=config.train.seed)
 
     def saved_models(self) -> dict:
         return {self.NAME: self.model}
@@ -91,7 +110,9 @@ class RewardModelTrainer(PairJob):
         self.model.train()
         if not rows:  # more ranks than prompts in the batch: this rank adds nothing
             loss = self.no_rows_loss(self.model.parameters())
-            stats, groups = dict.fromkeys(_STATS, 0.0), 0
+            names = _STATS + (_AM_STATS if self.advantage or self.score_bound is not None
+                              else ())
+            stats, groups = dict.fromkeys(names, 0.0), 0
         else:
             chosen, rejected = self.scores(rows)                              # 2
             margin = None
@@ -100,12 +121,15 @@ class RewardModelTrainer(PairJob):
                                       device=chosen.device)
             ids = prompt_ids(rows, chosen.device)
             groups = int(ids.max()) + 1
-            totals = None
-            if self.dist.active:
-                totals = (len(batch), len({prompt_key(row) for row in batch}))
-            loss, stats = algos.bradley_terry_loss(                           # 3
-                chosen, rejected, margin=margin, center_coef=rm.center_coef,
-                prompt_ids=ids, totals=totals)
+            if self.advantage or self.score_bound is not None:
+                loss, stats = self.advantage_loss(batch, rows, chosen, rejected, ids, margin)
+            else:
+                totals = None
+                if self.dist.active:
+                    totals = (len(batch), len({prompt_key(row) for row in batch}))
+                loss, stats = algos.bradley_terry_loss(                       # 3
+                    chosen, rejected, margin=margin, center_coef=self.center_coef,
+                    prompt_ids=ids, totals=totals)
             stats = {key: float(value) for key, value in stats.items()}
         penalty = stats.pop("center_penalty")
         stats = self.weighted_mean(stats, weight)
@@ -117,6 +141,30 @@ class RewardModelTrainer(PairJob):
         return {"loss/pairwise": loss_value, "grad_norm": norm,
                 "lr": self.scheduler.get_last_lr()[0],
                 **{f"train/{key}": value for key, value in stats.items()}}
+
+    def advantage_loss(self, batch: list[dict], rows: list[dict], chosen: torch.Tensor,
+                       rejected: torch.Tensor, ids: torch.Tensor,
+                       margin: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The advantage-model loss of this rank's ``rows`` of ``batch`` (each prompt's
+        pairs on one rank): responses known by their prompt and text, so a response in
+        several pairs counts once in its prompt's mean and the bound."""
+        keys: dict[tuple, int] = {}
+
+        def key(row: dict, side: str) -> int:
+            return keys.setdefault((prompt_key(row), json.dumps(row[side])), len(keys))
+
+        device = chosen.device
+        chosen_keys = torch.tensor([key(r, "chosen") for r in rows], device=device)
+        rejected_keys = torch.tensor([key(r, "rejected") for r in rows], device=device)
+        totals = None
+        if self.dist.active:
+            everything = {(prompt_key(r), json.dumps(r[side])) for r in batch
+                          for side in ("chosen", "rejected")}
+            totals = (len(batch), len({prompt_key(r) for r in batch}), len(everything))
+        return algos.advantage_model_loss(                                   # 3
+            chosen, rejected, prompt_ids=ids, chosen_keys=chosen_keys,
+            rejected_keys=rejected_keys, center_coef=self.center_coef, bound=self.score_bound,
+            bound_coef=self.config.rm.bound_coef, margin=margin, totals=totals)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -163,6 +211,8 @@ class RewardModelTrainer(PairJob):
     def write_outputs(self, summary: dict) -> None:
         out = save_model_dir(self.model, self.tokenizer, self.run_dir / self.NAME)
         summary["reward_model_dir"] = str(out)
+        summary["objective"] = self.config.rm.objective
+        summary["center_coef"], summary["score_bound"] = self.center_coef, self.score_bound
         evals = self.state["evals"]
         plot_metrics(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "metrics.png",
                      panels=_PANELS, title="reward model")

@@ -37,8 +37,8 @@ JOB_DIR_PREFIX = ".plait-job-"  # logs/.plait-job-<host>-<launcher pid>: rank co
 RUN_ENTRIES = frozenset({
     RUN_MARKER, "config.yaml", "metrics.jsonl", "metrics.png", "timeline.jsonl",
     "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
-    "sft_model", "tiny_model", "logs", "reward_model", "reliability.png", "ema_model",
-    "dpo_model"})
+    "sft_model", "tiny_model", "logs", "reward_model", "reliability.png", "scores.png",
+    "ema_model", "dpo_model"})
 
 # Settings a run may resume with after they changed: where and how fast the job runs,
 # how long, how often it evaluates, saves and logs, not what it trains or how it
