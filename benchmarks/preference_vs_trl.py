@@ -15,6 +15,11 @@ models of both sides are then evaluated by the same code: held-out pairwise accu
 (reward model: score order; DPO: implicit-reward order, policy vs start log-probs) and,
 for DPO, the greedy answers' hidden true score on held-out prompts.
 
+``--plait-variant NAME:KEY=VALUE[,...]`` adds a plait side with those settings (e.g.
+``compiled:train.compile=true``), ``--trl-compile`` a TRL side with ``torch_compile=True``.
+Each worker compiles into an empty on-disk cache, so its first step's time (reported
+apart, as is the whole run's) holds a cold compilation.
+
 Settings (plait key -> TRL field): batch_size 32 -> per_device_train_batch_size 32;
 lr -> learning_rate; optim constant schedule, no warmup -> lr_scheduler_type constant,
 warmup_steps 0; AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0 -> the same
@@ -23,7 +28,8 @@ sigmoid; reference log-probs once -> precompute_ref_log_probs True; float32, CPU
 no gradient checkpointing, no dropout.
 
     /work/venv-trl/bin/python benchmarks/preference_vs_trl.py --seeds 0 1 2 --steps 100 \\
-        --out benchmarks/results/preference_vs_trl_cpu.json
+        --out benchmarks/results/preference_vs_trl_cpu.json \\
+        --plait-variant compiled:train.compile=true --trl-compile
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,8 +95,8 @@ def _rows(path: str) -> list[dict]:
 # ---------------------------------------------------------------------- workers
 
 
-def worker_plait(job: str, info: dict, steps: int, seed: int, threads: int, out: Path
-                 ) -> list[float]:
+def worker_plait(job: str, info: dict, steps: int, seed: int, threads: int, out: Path,
+                 settings: list[str] = ()) -> list[float]:
     from plait.config import load_config
     from plait.models.loading import save_model_dir
 
@@ -110,7 +118,8 @@ def worker_plait(job: str, info: dict, steps: int, seed: int, threads: int, out:
         f"pairs.eval_path={info['eval']}", f"{job}.steps={steps}", f"{job}.batch_size={BATCH}",
         f"{job}.lr={LR[job]}", f"{job}.eval_every=0", "train.save_every=0",
         f"train.threads={threads}", f"train.seed={seed}", "run.tensorboard=false",
-        "run.progress=false", "run.overwrite=true", f"run.dir={out}", "data.num_eval=8"])
+        "run.progress=false", "run.overwrite=true", f"run.dir={out}", "data.num_eval=8",
+        *settings])
     with trainer_class(config) as trainer:
         began = time.perf_counter()
         trainer.global_step = 0
@@ -123,8 +132,8 @@ def worker_plait(job: str, info: dict, steps: int, seed: int, threads: int, out:
     return [b - a for a, b in zip([began, *ends], ends, strict=False)]
 
 
-def worker_trl(job: str, info: dict, steps: int, seed: int, threads: int, out: Path
-               ) -> list[float]:
+def worker_trl(job: str, info: dict, steps: int, seed: int, threads: int, out: Path,
+               settings: list[str] = ()) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import (
@@ -150,7 +159,8 @@ def worker_trl(job: str, info: dict, steps: int, seed: int, threads: int, out: P
                   adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
                   logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
                   bf16=False, seed=seed, data_seed=seed, disable_dropout=True,
-                  gradient_checkpointing=False, dataloader_num_workers=0, max_length=None)
+                  gradient_checkpointing=False, dataloader_num_workers=0, max_length=None,
+                  torch_compile="torch_compile=true" in settings)
     rows = _rows(info["train"])
     if job == "rm":
         from trl import RewardConfig, RewardTrainer
@@ -260,16 +270,37 @@ def evaluate(job: str, model_dir: Path, info: dict) -> dict:
 
 
 def run_worker(side: str, job: str, info: dict, steps: int, seed: int, threads: int,
-               out: Path) -> dict:
+               out: Path, settings: list[str] = ()) -> dict:
     result_file = out.with_suffix(".json")
-    proc = subprocess.run([sys.executable, __file__, "--worker", side, "--job", job,
-                           "--info", json.dumps(info), "--steps", str(steps), "--seed",
-                           str(seed), "--threads", str(threads), "--worker-out", str(out)],
-                          capture_output=True, text=True,
-                          env={**os.environ, "PLAIT_PROGRESS": "0", "TQDM_DISABLE": "1"})
+    cache = out.parent / f"{out.name}_inductor_cache"  # empty: a cold compilation
+    shutil.rmtree(cache, ignore_errors=True)
+    command = [sys.executable, __file__, "--worker", side, "--job", job,
+               "--info", json.dumps(info), "--steps", str(steps), "--seed", str(seed),
+               "--threads", str(threads), "--worker-out", str(out)]
+    for setting in settings:
+        command += ["--set", setting]
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "PLAIT_PROGRESS": "0", "TQDM_DISABLE": "1",
+                               "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         sys.exit(f"{side} {job} seed {seed} failed:\n{proc.stderr[-4000:]}")
     return json.loads(result_file.read_text())
+
+
+def parse_variants(texts: list[str]) -> dict[str, list[str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` arguments as ``{NAME: [KEY=VALUE, ...]}``."""
+    variants: dict[str, list[str]] = {}
+    for text in texts:
+        name, _, overrides = text.partition(":")
+        settings = [o.strip() for o in overrides.split(",") if o.strip()]
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or not settings or \
+                any("=" not in o for o in settings):
+            raise SystemExit(f"--plait-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        if name in ("plait", "trl", "trl-compiled") or name in variants:
+            raise SystemExit(f"--plait-variant {text!r}: the name {name!r} is taken")
+        variants[name] = settings
+    return variants
 
 
 def main(argv=None) -> int:
@@ -284,7 +315,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/bench_preference_vs_trl"))
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/preference_vs_trl_cpu.json"))
+    parser.add_argument("--plait-variant", action="append", default=[],
+                        help="NAME:KEY=VALUE[,KEY=VALUE...]: one more plait side")
+    parser.add_argument("--trl-compile", action="store_true",
+                        help="one more TRL side with torch_compile=True")
     parser.add_argument("--worker", choices=("plait", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--info", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -293,7 +329,8 @@ def main(argv=None) -> int:
     if args.worker:
         info = json.loads(args.info)
         fn = worker_plait if args.worker == "plait" else worker_trl
-        seconds = fn(args.job, info, args.steps, args.seed, args.threads, args.worker_out)
+        seconds = fn(args.job, info, args.steps, args.seed, args.threads, args.worker_out,
+                     args.set)
         model_dir = args.worker_out / ("reward_model" if args.job == "rm" else "dpo_model") \
             if args.worker == "plait" else args.worker_out / "model"
         result = {"seconds_per_step": seconds, "model_dir": str(model_dir)}
@@ -303,20 +340,32 @@ def main(argv=None) -> int:
     import transformers
     import trl
 
+    variants = parse_variants(args.plait_variant)
+    sides = {"plait": ("plait", []), **{name: ("plait", settings)
+                                        for name, settings in variants.items()},
+             "trl": ("trl", [])}
+    if args.trl_compile:
+        sides["trl-compiled"] = ("trl", ["torch_compile=true"])
     info = prepare(args.work, args.sft_steps, args.pairs, args.eval_pairs)
     runs = []
     for seed in args.seeds:
         for job in args.jobs:
             entry = {"job": job, "seed": seed}
-            for side in ("plait", "trl"):
+            for side, (kind, settings) in sides.items():
                 out = args.work / f"{job}_{side}_seed{seed}"
-                result = run_worker(side, job, info, args.steps, seed, args.threads, out)
-                times = result["seconds_per_step"][1:]  # the first step warms up
-                entry[side] = {"median_s_per_step": statistics.median(times),
+                result = run_worker(kind, job, info, args.steps, seed, args.threads, out,
+                                    settings)
+                seconds = result["seconds_per_step"]
+                entry[side] = {"median_s_per_step": statistics.median(seconds[1:]),
+                               "first_step_s": seconds[0], "all_steps_s": sum(seconds),
                                **evaluate(job, Path(result["model_dir"]), info)}
                 print(job, seed, side, entry[side], flush=True)
-            entry["time_ratio"] = entry["plait"]["median_s_per_step"] / \
-                entry["trl"]["median_s_per_step"]
+            for side in sides:  # every side against TRL's default
+                entry[side]["time_ratio"] = entry[side]["median_s_per_step"] / \
+                    entry["trl"]["median_s_per_step"]
+                entry[side]["all_steps_ratio"] = entry[side]["all_steps_s"] / \
+                    entry["trl"]["all_steps_s"]
+            entry["time_ratio"] = entry["plait"]["time_ratio"]
             runs.append(entry)
     summary = {}
     for job in args.jobs:
@@ -324,13 +373,21 @@ def main(argv=None) -> int:
         ratios = [r["time_ratio"] for r in mine]
         summary[job] = {"time_ratio_median": statistics.median(ratios),
                         "time_ratio_range": [min(ratios), max(ratios)]}
-        for side in ("plait", "trl"):
+        for side in sides:
+            ratios = [r[side]["time_ratio"] for r in mine]
+            whole = [r[side]["all_steps_ratio"] for r in mine]
+            summary[job][f"{side}_time_ratio_median"] = statistics.median(ratios)
+            summary[job][f"{side}_time_ratio_range"] = [min(ratios), max(ratios)]
+            summary[job][f"{side}_all_steps_ratio_median"] = statistics.median(whole)
+            summary[job][f"{side}_first_step_s_median"] = statistics.median(
+                r[side]["first_step_s"] for r in mine)
             for key in ("accuracy", "true_score"):
                 values = [r[side][key] for r in mine if key in r[side]]
                 if values:
                     summary[job][f"{side}_{key}_mean"] = statistics.mean(values)
                     summary[job][f"{side}_{key}_range"] = [min(values), max(values)]
-    report = {"summary": summary, "runs": runs, "steps": args.steps, "threads": args.threads,
+    report = {"summary": summary, "runs": runs, "sides": sides, "steps": args.steps,
+              "threads": args.threads,
               "pairs": args.pairs, "eval_pairs": args.eval_pairs, "batch_size": BATCH,
               "lr": LR, "versions": {"torch": torch.__version__, "trl": trl.__version__,
                                      "transformers": transformers.__version__},

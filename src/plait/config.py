@@ -453,6 +453,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' uses CUDA when available.")
     threads: int | None = opt(None, "torch CPU threads (null = torch's default).", low=1)
     deterministic: bool = opt(True, "Deterministic kernels (exact CPU reproducibility).")
+    compile: bool = opt(
+        False, "Compile the decoder layers of the passes that train (torch.compile, "
+        "symbolic shapes): plait rm, plait dpo, plait sft with sft.packing and the RL "
+        "update's packed passes (algo.pack_group_tokens > 0). Norms, rotary embeddings "
+        "and activations fuse into a few kernels: the same update up to float rounding, "
+        "faster on small models; the first step compiles (seconds to a minute, cached on "
+        "disk for later runs). Generation and no-grad passes stay eager (see "
+        "rollout.compile). Needs a C++ compiler on the CPU, Triton on a GPU.")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only before and after).", low=0)
     eval_max_new_tokens: int | None = opt(None, "Eval generation length; default rollout's.",
                                           low=1)
@@ -1056,6 +1064,15 @@ def _validate_job(config: Config) -> None:
         (config.pairs.pairs_per_prompt > 1 and config.pairs.source != "policy",
          "pairs.pairs_per_prompt > 1 takes several pairs of a policy's samples of one "
          "prompt: set pairs.source=policy, or pairs.pairs_per_prompt=1"),
+        (config.train.compile and config.runtime.data_parallel == "fsdp"
+         and config.runtime.num_ranks > 1,
+         "train.compile compiles whole decoder layers, which FSDP shards and gathers one "
+         "by one: use runtime.data_parallel=ddp, or train.compile=false"),
+        (config.train.compile and not (config.algo.pack_group_tokens
+                                       and config.algo.share_prompt_forward),
+         "train.compile compiles the packed passes, which algo.pack_group_tokens=0 or "
+         "algo.share_prompt_forward=false turn off: set them back on, or "
+         "train.compile=false"),
         (config.algo.ema_decay is not None and config.runtime.data_parallel == "fsdp"
          and config.runtime.num_ranks > 1,
          "algo.ema_decay keeps a whole copy of the policy on every rank, which sharded "

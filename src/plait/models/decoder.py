@@ -146,3 +146,14 @@ def swap_attention_implementation(config, name: str) -> tuple[str, str]:
 def restore_attention_implementation(config, swapped: tuple[str, str]) -> None:
     attribute, before = swapped
     setattr(config, attribute, before)
+
+
+def compile_failure(err: Exception, key: str, what: str) -> RuntimeError:
+    """The error to raise when torch.compile fails on ``what`` under setting ``key``: the
+    backend's own first line and how to turn compiling off."""
+    cause = getattr(err, "inner_exception", None) or err  # a backend's own error
+    lines = str(cause).strip().splitlines()
+    return RuntimeError(
+        f"{key}: torch.compile could not compile {what} ({type(cause).__name__}: "
+        f"{lines[0] if lines else ''}); set {key}=false (compiling needs a C++ compiler on "
+        "the CPU, Triton on a GPU)")

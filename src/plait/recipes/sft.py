@@ -255,6 +255,12 @@ class SFTTrainer(StepJob):
     def saved_models(self) -> dict:
         return {self.NAME: self.policy}
 
+    def compile_models(self) -> None:
+        if not self.config.sft.packing:
+            raise ConfigError("train.compile compiles plait sft's packed passes: set "
+                              "sft.packing=true, or train.compile=false")
+        super().compile_models()
+
     def data_summary(self) -> dict:
         return {"examples": len(self.train_rows), "eval_examples": len(self.eval_rows)}
 

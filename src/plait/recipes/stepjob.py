@@ -37,6 +37,7 @@ from plait.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from plait.train.forward import compile_layers
 
 EVAL_PROMPTS = 200  # held-out prompts whose greedy answers a built-in task scores
 
@@ -72,6 +73,8 @@ class StepJob:
         self.global_step = 0
         self.state: dict = {"evals": {}}
         self.build()
+        if config.train.compile:
+            self.compile_models()
         self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard) \
             if self.dist.is_main else None
 
@@ -99,6 +102,18 @@ class StepJob:
     def write_outputs(self, summary: dict) -> None:
         """Save the trained model and plots at the end (the summary may gain keys)."""
         raise NotImplementedError
+
+    def compile_models(self) -> None:
+        """train.compile: the trained models' layers through torch.compile in the packed
+        passes (refused for a model whose layers plait does not drive: nothing would be
+        compiled)."""
+        for name, model in self.saved_models().items():
+            if not compile_layers(model):
+                raise ConfigError(
+                    f"train.compile: plait does not drive the layers of the {name}, a "
+                    f"{model.config.model_type!r} model with "
+                    f"{self.config.model.attn_implementation!r} attention, so nothing would "
+                    "be compiled: set train.compile=false")
 
     def shown(self, metrics: dict) -> dict:
         """What the progress bar shows of a step's metrics."""

@@ -21,6 +21,7 @@ from plait.models.decoder import (
     DECODE_ATTENTION,
     attention_mask,
     cache_keyword,
+    compile_failure,
     decoder_parts,
     restore_attention_implementation,
     sliding_layers,
@@ -215,13 +216,7 @@ class SlotModel:
             self.traced.add(graph)
             return logits, (tokens, drawn) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
-            cause = getattr(err, "inner_exception", None) or err  # a backend's own error
-            lines = str(cause).strip().splitlines()
-            raise RuntimeError(
-                f"rollout.compile: torch.compile could not compile the engine's decode step "
-                f"({type(cause).__name__}: {lines[0] if lines else ''}); set "
-                f"rollout.compile=false (compiling needs a C++ compiler on the CPU, Triton "
-                f"on a GPU)") from err
+            raise compile_failure(err, "rollout.compile", "the engine's decode step") from err
         finally:
             if attention is not None:
                 restore_attention_implementation(self.config, attention)

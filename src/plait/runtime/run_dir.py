@@ -52,8 +52,8 @@ RESUME_SAFE_KEYS = frozenset({
     "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every", "dpo.steps",
     "dpo.eval_every", "sft.steps", "sft.eval_every", "sft.packing",
     # devices, threads and kernels: the same computation (up to float rounding)
-    "train.device", "train.threads", "train.deterministic", "model.attn_implementation",
-    "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",
+    "train.device", "train.threads", "train.deterministic", "train.compile",
+    "model.attn_implementation", "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",
     "rollout.prefill_tokens", "rollout.sync_every", "rollout.compile", "rollout.fuse_forwards",
     "algo.micro_batch_size", "algo.micro_batch_tokens", "algo.share_prompt_forward",
     "algo.pack_group_tokens", "algo.skip_zero_advantage",

@@ -3,10 +3,18 @@ entropies and critic values, aligned with the response tokens."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from plait.models.decoder import attention_mask, cache_keyword, decoder_parts, sliding_layers
+from plait.models.decoder import (
+    attention_mask,
+    cache_keyword,
+    compile_failure,
+    decoder_parts,
+    sliding_layers,
+)
 from plait.train.experience import Experience, experience_from_tokens
 
 
@@ -164,11 +172,37 @@ def masked_hidden(model, base, ids: torch.Tensor, positions: torch.Tensor,
     sliding = full if window is None else attention_mask(
         (visible & (key_pos > query_pos - window)).unsqueeze(1), model.config, hidden.dtype)
     position_embeddings = base.rotary_emb(hidden, positions)
-    for layer, slide in zip(base.layers, slides, strict=True):
-        out = layer(hidden, attention_mask=sliding if slide else full,
-                    position_embeddings=position_embeddings, position_ids=positions)
-        hidden = out[0] if isinstance(out, tuple) else out
+    compiled = _COMPILED.get(base) if torch.is_grad_enabled() else None
+    try:
+        for layer, slide in zip(compiled or base.layers, slides, strict=True):
+            out = layer(hidden, attention_mask=sliding if slide else full,
+                        position_embeddings=position_embeddings, position_ids=positions)
+            hidden = out[0] if isinstance(out, tuple) else out
+    except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
+        raise compile_failure(err, "train.compile", "the decoder layers") from err
     return hidden
+
+
+# decoder -> its layers wrapped by torch.compile (see compile_layers); the modules
+# themselves are not changed, so the engine and no-grad passes run them eagerly
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_layers(model) -> bool:
+    """Run ``model``'s decoder layers through ``torch.compile`` (symbolic shapes: one
+    graph for every packed batch shape) in plait's packed passes that build a gradient:
+    the training forward and backward of plait sft, rm, dpo and of the RL update. Each
+    layer's norms, rotary embedding and activations fuse into a few kernels, which on a
+    small model is most of a step's time after the matrix products. The first step pays
+    the compilation (seconds to a minute, cached on disk for later runs). False when plait
+    does not drive the model's layers (nothing is compiled)."""
+    view = _ScoreView(model) if hasattr(model, "score") else model
+    if not drives_layers(view):
+        return False
+    base, _ = decoder_parts(view, hint="")
+    if base not in _COMPILED:
+        _COMPILED[base] = [torch.compile(layer, dynamic=True) for layer in base.layers]
+    return True
 
 
 def drives_layers(model) -> bool:

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from plait import algos
-from plait.config import Config
+from plait.config import Config, ConfigError
 from plait.models.loading import ValueModel, freeze, load_causal_lm, load_critic
 from plait.parallel import fsdp
 from plait.parallel.dist import Dist, data_parallel
 from plait.train.checkpoint import load_checkpoint
-from plait.train.forward import ResponseLogits
+from plait.train.forward import ResponseLogits, compile_layers
 from plait.train.optim import build_optimizer
 
 
@@ -153,6 +153,12 @@ class TrainModels:
         algo = self.config.algo
         share = algo.share_prompt_forward and not self.sharded
         self.train_policy = ResponseLogits(self.policy, share, algo.pack_group_tokens)
+        if self.config.train.compile and not compile_layers(self.policy):
+            raise ConfigError(
+                f"train.compile: plait does not drive the layers of the policy, a "
+                f"{self.policy.config.model_type!r} model with "
+                f"{self.config.model.attn_implementation!r} attention, so nothing would be "
+                "compiled: set train.compile=false")
         self.train_critic = self.critic
         if self.dist.active and not self.sharded:
             self.train_policy = data_parallel(self.train_policy, self.dist, self.device)
