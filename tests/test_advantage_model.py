@@ -5,6 +5,7 @@ resume of the prompt-grouped order."""
 import json
 import statistics
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -113,3 +114,24 @@ def test_a_resumed_advantage_model_continues_the_prompt_order(tmp_path):
                (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                if "loss/pairwise" in line] for d in ("a", "b")]
     assert losses[0] == losses[1] and statistics.pstdev(losses[0]) > 0
+
+
+def test_a_mixed_task_run_reports_each_sub_task(tmp_path):
+    """plait train on held-out rows of several sources: each source's accuracy and each
+    reward function's mean, which average (by the sources' row counts) to the whole."""
+    from plait.recipes.rl import train
+
+    config = load_config(None, [*TINY, "data.task=mixed", "data.num_eval=30", "train.steps=1",
+                                "algo.prompts_per_step=2", "algo.group_size=2",
+                                "rollout.max_new_tokens=6", f"run.dir={tmp_path}",
+                                "reward.functions=[{fn: task}, {fn: exact_match, weight: 0}]"])
+    train(config)
+    before = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
+              .splitlines()][0]
+    rows = make_task("mixed").make_rows(30, seed=0, split="test")
+    counts = {s: sum(r["source"] == s for r in rows) for s in ("reverse", "sort", "add")}
+    assert all(counts.values())
+    for key in ("eval/reward", "eval/reward_fn/task", "eval/reward_fn/exact_match"):
+        parts = sum(before[f"{key}/{s}"] * n for s, n in counts.items()) / 30
+        assert parts == pytest.approx(before[key], abs=1e-9), key
+    assert {f"eval/accuracy/{s}" for s in counts} <= set(before)

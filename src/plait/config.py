@@ -268,6 +268,32 @@ BUILTIN_REWARD_NAMES = ("task", "exact_match")
 
 
 @dataclass(frozen=True)
+class RehearsalConfig:
+    """Selective rehearsal (Peng et al. 2023) in plait train: from the policy's own
+    samples of some RL steps, the prompts are clustered (k-means on the policy's mean
+    hidden state of each prompt) and each cluster's highest-reward responses kept; the
+    actor update then adds coef x their next-token loss, so the policy keeps answering
+    every kind of prompt as well as it did. With an advantage model as the reward, the
+    highest reward is the highest advantage."""
+
+    coef: float = opt(0.0, "Weight of the rehearsal loss in each actor update (0 = off).",
+                      low=0.0)
+    size: int = opt(64, "Responses kept for rehearsal.", low=1)
+    clusters: int = opt(8, "k-means clusters of the candidates' prompts.", low=1)
+    pool_steps: int = opt(
+        4, "RL steps whose samples are the candidates: the first selection follows step "
+        "pool_steps (the starting policy's samples; no rehearsal before it), each refresh "
+        "takes the last pool_steps steps'.", low=1)
+    refresh_every: int = opt(
+        0, "Select again every N steps from the latest samples (0 = keep the first "
+        "selection: what the starting policy did well).", low=0)
+    min_reward: float | None = opt(
+        None, "Only responses whose total reward is at least this are candidates (null: "
+        "any; the best of each cluster are kept either way).")
+    batch_size: int = opt(16, "Rehearsed responses per optimizer step.", low=1)
+
+
+@dataclass(frozen=True)
 class RewardFnConfig:
     """One reward function and its weight."""
 
@@ -588,6 +614,8 @@ class Config:
     runtime: RuntimeConfig = opt(doc="Processes and placement.", factory=RuntimeConfig)
     pairs: PairsConfig = opt(doc="Preference pairs (plait rm, plait dpo).", factory=PairsConfig)
     rm: RMConfig = opt(doc="Reward-model training (plait rm).", factory=RMConfig)
+    rehearsal: RehearsalConfig = opt(doc="Selective rehearsal (plait train).",
+                                     factory=RehearsalConfig)
     dpo: DPOConfig = opt(doc="Preference optimisation (plait dpo).", factory=DPOConfig)
 
 
@@ -1054,13 +1082,17 @@ def _validate_job(config: Config) -> None:
         (config.reward.import_timeout_s == 0,
          "reward.import_timeout_s=0 would fail every import: give a positive number of "
          "seconds, or null for reward.timeout_s"),
-        (config.algo.ptx_coef > 0 and config.runtime.data_parallel == "fsdp"
-         and config.runtime.num_ranks > 1,
-         "algo.ptx_coef runs its forward outside the sharded update; it is not available "
-         "with runtime.data_parallel=fsdp yet: use ddp, or algo.ptx_coef=0"),
-        (config.algo.ptx_coef > 0 and config.runtime.stream_groups,
-         "algo.ptx_coef is not available with runtime.stream_groups yet (the update's "
-         "gradients are normalised only once the last group arrives): set one of them off"),
+        # losses mixed into the update (PTX, selective rehearsal)
+        *[check for key, coef in (("algo.ptx_coef", config.algo.ptx_coef),
+                                  ("rehearsal.coef", config.rehearsal.coef)) for check in (
+            (coef > 0 and config.runtime.data_parallel == "fsdp"
+             and config.runtime.num_ranks > 1,
+             f"{key} runs its forward outside the sharded update; it is not available with "
+             f"runtime.data_parallel=fsdp yet: use ddp, or {key}=0"),
+            (coef > 0 and config.runtime.stream_groups,
+             f"{key} is not available with runtime.stream_groups yet (the update's "
+             "gradients are normalised only once the last group arrives): set one of them "
+             "off"))],
         (config.pairs.pairs_per_prompt > 1 and config.pairs.source != "policy",
          "pairs.pairs_per_prompt > 1 takes several pairs of a policy's samples of one "
          "prompt: set pairs.source=policy, or pairs.pairs_per_prompt=1"),

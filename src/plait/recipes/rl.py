@@ -5,7 +5,8 @@ One step, under every placement, is the dataflow of :meth:`RLTrainer.step`:
     1-3. prompts, generation, rewards     (the batch source: the placement decides how)
     4.   reference / old log-probs, values (teacher-forced forward passes)
     5.   advantages                        (GRPOVI adjustment, KL penalty, the estimator)
-    6.   update                            (epochs x mini-batches x micro-batches)
+    6.   update                            (epochs x mini-batches x micro-batches; PTX and
+                                            selective rehearsal mixed into each step)
     7.   weight sync                       (the generators get the new weights)
 
 then the run loop logs, evaluates and checkpoints (:class:`~plait.recipes.session.Session`).
@@ -36,6 +37,7 @@ from plait.runtime.sources import (
     traffic_mark,
 )
 from plait.telemetry.timing import StageTimer
+from plait.train.rehearsal import Rehearsal
 from plait.train.scoring import Advantages, KLCoefficient, RewardShaper, Scorer
 from plait.train.supervised import PtxLoss
 from plait.train.update import Updater
@@ -58,8 +60,13 @@ class RLTrainer(Session):
         self.updater = Updater(config, self.settings, self.dist, models, skips=self.skips,
                                checkpoint_root=self.checkpoint_root, kl_coef=self.kl_coef)
         if config.algo.ptx_coef > 0:
-            self.updater.ptx = PtxLoss(config, self._ptx_rows(), self.encode_prompt,
-                                       self.tokenizer, self.dist, self.device)
+            self.updater.mixed.append(PtxLoss(config, self._ptx_rows(), self.encode_prompt,
+                                              self.tokenizer, self.dist, self.device))
+        self.rehearsal = None
+        if config.rehearsal.coef > 0:
+            self.rehearsal = Rehearsal(config, self.tokenizer.pad_token_id, self.dist,
+                                       self.device, state=lambda: self.state)
+            self.updater.mixed.append(self.rehearsal)
         self.source = self._source(remote)
 
     def step(self, step: int) -> dict[str, float]:
@@ -67,6 +74,11 @@ class RLTrainer(Session):
         timer, start, traffic = StageTimer(), time.perf_counter(), traffic_mark(self.dist)
         batch, metrics = self.source.collect(step, timer)                       # 1-3
         metrics.update(self.shape.step_sums())
+        if self.rehearsal is not None:  # the samples join the rehearsal pool
+            with timer.stage("rehearsal"):  # (steps counted from 1, as logged)
+                self.rehearsal.observe(batch, step + 1)
+                if self.rehearsal.due(step + 1):
+                    metrics.update(self.rehearsal.select(self.models.policy, step + 1))
         if batch is None:  # dynamic sampling found no group to learn from, on any rank
             metrics["skipped_no_signal"] = 1.0
             metrics = step_metrics(self.dist, metrics, timer, start, self.skips.total)

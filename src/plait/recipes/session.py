@@ -204,7 +204,38 @@ class Session:
         if len(names) > 1:  # each function's mean (a weight-0 one: a score to watch)
             result.update({f"eval/reward_fn/{name}": float(sums[4 + i]) / count
                            for i, name in enumerate(names)})
+        result.update(self._per_source(self.eval_rows[lo:hi], batch, rewards, names))
         self.state["evals"][tag] = result
+        return result
+
+    def _per_source(self, rows: list[dict], batch, rewards: torch.Tensor,
+                    names: list[str]) -> dict[str, float]:
+        """Held-out metrics per ``source`` when the held-out rows name several (a mixed
+        task's sub-tasks, a dataset's origins): ``eval/accuracy/SOURCE``,
+        ``eval/reward/SOURCE`` and, with several reward functions,
+        ``eval/reward_fn/NAME/SOURCE``."""
+        sources = sorted({str(row.get("source")) for row in self.eval_rows})
+        if len(sources) < 2 or any(row.get("source") is None for row in self.eval_rows):
+            return {}
+        index = {source: i for i, source in enumerate(sources)}
+        terms = batch.reward_terms.double().cpu() if batch.reward_terms is not None else \
+            torch.zeros((len(rows), len(names)), dtype=torch.float64)
+        sums = torch.zeros((len(sources), 3 + len(names)), dtype=torch.float64)
+        for row, reward, term in zip(rows, rewards.tolist(), terms, strict=True):
+            at = index[str(row["source"])]
+            sums[at, 0] += float(reward >= self.reward_high - 1e-6)
+            sums[at, 1] += reward
+            sums[at, 2] += 1
+            sums[at, 3:] += term
+        self.dist.all_reduce(sums, kind="metrics")
+        result = {}
+        for source, (right, total, count, *fns) in zip(sources, sums.tolist(), strict=True):
+            count = max(count, 1.0)
+            result[f"eval/accuracy/{source}"] = right / count
+            result[f"eval/reward/{source}"] = total / count
+            if len(names) > 1:
+                result.update({f"eval/reward_fn/{name}/{source}": value / count
+                               for name, value in zip(names, fns, strict=True)})
         return result
 
     # ------------------------------------------------------------------ checkpoints

@@ -33,8 +33,8 @@ from plait.train.scoring import RewardShaper
 
 # how per-rank step metrics combine: added, largest, or (the rest) averaged
 SUMMED_METRICS = ("samples", "tokens", "reward_failures", "groups_drawn", "groups_kept",
-                  "loss/policy", "loss/value", "loss/ptx", "kl_ref", "policy/entropy",
-                  *RewardShaper.SUMS)
+                  "loss/policy", "loss/value", "loss/ptx", "loss/rehearsal", "kl_ref",
+                  "policy/entropy", *RewardShaper.SUMS)
 MAX_METRICS = ("response_length/max", "nan_skips", "controller/traffic_bytes",
                "controller/gradient_bytes", "controller/batch_bytes", "controller/peak_rss_mb")
 

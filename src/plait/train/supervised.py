@@ -143,45 +143,80 @@ def next_token_stats(logits: torch.Tensor, labels: torch.Tensor
     return loss, int(learned.sum()), correct
 
 
-class PtxLoss:
-    """PTX (``algo.ptx_coef`` > 0): next-token loss on ``algo.ptx_batch_size`` rows of
-    supervised data, added to each optimizer step of the actor with weight ``ptx_coef``.
+class MixedLoss:
+    """A next-token loss on ``batch_size`` examples drawn from a pool, added to each
+    optimizer step of the actor with weight ``coef`` (PTX; selective rehearsal).
 
-    Each optimizer step draws its rows from a generator seeded by the step and its place
-    in the update, so a resumed run draws what the uninterrupted one did; every rank
-    takes its share of the rows and the loss is normalised by the batch's answer tokens
-    over every rank, so the gradient is the one-process one. The backward runs before
-    the policy's micro-batches, whose synchronised backward then averages it too."""
+    Each optimizer step draws its examples from a generator seeded by the step, its
+    place in the update and the loss's own ``salt``, so a resumed run draws what the
+    uninterrupted one did; every rank takes its share of the examples and the loss is
+    normalised by the batch's learned tokens over every rank, so the gradient is the
+    one-process one. The backward runs before the policy's micro-batches, whose
+    synchronised backward then averages it too. Subclasses give the pool."""
 
-    def __init__(self, config: Config, rows: list[dict], encode_prompt, tokenizer, dist,
+    name = "mixed"
+    salt = 0
+
+    def __init__(self, config: Config, coef: float, batch_size: int, pad: int, dist,
                  device: torch.device):
-        self.config, self.rows, self.dist, self.device = config, rows, dist, device
-        self.tokenizer = tokenizer
-        # plain text (an empty prompt) is not wrapped in a chat template
-        self.encode_prompt = lambda prompt: encode_prompt(prompt) if prompt else []
+        self.config, self.coef, self.batch_size = config, coef, batch_size
+        self.pad, self.dist, self.device = pad, dist, device
+
+    def pool_size(self) -> int:
+        raise NotImplementedError
+
+    def example(self, index: int) -> tuple[list[int], list[bool]]:
+        """Pool entry ``index`` as ``(ids, learn)``."""
+        raise NotImplementedError
 
     def backward(self, model, step: int, index: int,
                  autocast: Callable | None = None) -> dict[str, float]:
-        """Add the PTX gradient of optimizer step ``index`` of RL step ``step`` to
-        ``model``'s gradients; its loss (this rank's share) for the log."""
-        algo, dist = self.config.algo, self.dist
+        """Add this loss's gradient for optimizer step ``index`` of RL step ``step`` to
+        ``model``'s gradients; its value (this rank's share) for the log. An empty pool
+        (the same on every rank) adds nothing."""
+        key = f"loss/{self.name}"
+        if not self.pool_size():
+            return {key: 0.0}
+        dist = self.dist
         generator = torch.Generator().manual_seed(
-            self.config.train.seed * 1_000_003 + step * 1009 + index + 17)
-        picked = torch.randint(len(self.rows), (algo.ptx_batch_size,), generator=generator)
-        lo, hi = dist.shard_bounds(algo.ptx_batch_size)
-        rows = [self.rows[i] for i in picked[lo:hi].tolist()]
+            self.config.train.seed * 1_000_003 + step * 1009 + index + self.salt)
+        picked = torch.randint(self.pool_size(), (self.batch_size,), generator=generator)
+        lo, hi = dist.shard_bounds(self.batch_size)
+        examples = [self.example(i) for i in picked[lo:hi].tolist()]
         local = 0.0
-        if rows:
-            ids, mask, labels = sft_batch(rows, self.encode_prompt, self.tokenizer)
+        if examples:
+            ids, mask, labels = padded_examples(examples, self.pad)
             local = float((labels[:, 1:] != IGNORE).sum())
         tokens = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(tokens, kind="control")
-        if not rows:
-            return {"loss/ptx": 0.0}
+        if not examples:
+            return {key: 0.0}
         with autocast() if autocast is not None else contextlib.nullcontext():
             summed = sft_loss(model, ids.to(self.device), mask.to(self.device),
                               labels.to(self.device), reduction="sum")
         share = summed / max(float(tokens), 1.0)
-        (algo.ptx_coef * share * dist.world_size).backward()
-        return {"loss/ptx": float(share.detach())}
+        (self.coef * share * dist.world_size).backward()
+        return {key: float(share.detach())}
+
+
+class PtxLoss(MixedLoss):
+    """PTX (``algo.ptx_coef`` > 0): next-token loss on ``algo.ptx_batch_size`` rows of
+    supervised data (``{"text"}`` or prompt and answer rows), in each actor update."""
+
+    name, salt = "ptx", 17
+
+    def __init__(self, config: Config, rows: list[dict], encode_prompt, tokenizer, dist,
+                 device: torch.device):
+        super().__init__(config, config.algo.ptx_coef, config.algo.ptx_batch_size,
+                         tokenizer.pad_token_id, dist, device)
+        self.rows = rows
+        # plain text (an empty prompt) is not wrapped in a chat template
+        self.encode = SupervisedEncoder(
+            tokenizer, lambda prompt: encode_prompt(prompt) if prompt else [])
+
+    def pool_size(self) -> int:
+        return len(self.rows)
+
+    def example(self, index: int) -> tuple[list[int], list[bool]]:
+        return self.encode(self.rows[index])
 

@@ -51,8 +51,9 @@ class Updater:
         self.checkpoint_root = checkpoint_root  # named when a divergence stops the job
         self.during_update = None  # a callable run once inside the next optimizer step
         self.open_update: GroupwiseUpdate | None = None
-        self.ptx = None  # a PtxLoss mixed into each optimizer step (algo.ptx_coef)
-        self._ptx_key = (0, 0)  # (RL step, optimizer step within it)
+        # supervised losses mixed into each optimizer step (PTX, selective rehearsal)
+        self.mixed: list = []
+        self._step_key = (0, 0)  # (RL step, optimizer step within it)
         self._grad_bytes: int | None = None
 
     def update(self, batch: Experience, step: int) -> dict[str, float]:
@@ -67,7 +68,7 @@ class Updater:
         generator = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
         for epoch in range(algo.epochs):
             for index, mini in enumerate(self.mini_batches(batch, generator)):
-                self._ptx_key = (step, epoch * algo.mini_batches + index)
+                self._step_key = (step, epoch * algo.mini_batches + index)
                 for key, value in self.optimizer_step(mini).items():
                     totals.setdefault(key, []).append(value)
         return {key: sum(v) / len(v) for key, v in totals.items()}
@@ -135,9 +136,9 @@ class Updater:
         if trained.ghost and not mini.ghost:  # every row skipped: their loss is exactly 0
             stats["loss/policy"] = 0.0
         mini = trained
-        if self.ptx is not None:  # its gradient joins the micro-batches' (synced) ones
-            stats.update(self.ptx.backward(self.models.policy, *self._ptx_key,
-                                           autocast=self.models.autocast))
+        for mixed in self.mixed:  # their gradients join the micro-batches' (synced) ones
+            stats.update(mixed.backward(self.models.policy, *self._step_key,
+                                        autocast=self.models.autocast))
         sharded = self.models.sharded
         micros = mini.micro_batches(algo.micro_batch_size, algo.micro_batch_tokens,
                                     algo.share_prompt_forward and not sharded)
