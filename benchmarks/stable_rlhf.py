@@ -10,9 +10,10 @@ noise 0 / 0.1 / 0.25), per seed:
    held-out score distribution per sub-task;
 3. PPO against each (no KL penalty, so over-optimisation can show), and against the
    advantage model with selective rehearsal (``rehearsal.coef``) or PTX
-   (``algo.ptx_coef``, on the task's training answers): the held-out greedy answers'
-   hidden true score and exact accuracy per sub-task over the steps (the earlier skill
-   is what the SFT model could do), the learned score beside it, and seconds per step.
+   (``algo.ptx_coef``, on the task's training answers); REINFORCE++ (``-rpp``: no
+   critic, no per-prompt baseline) against either: the held-out greedy answers' hidden
+   true score and exact accuracy per sub-task over the steps (the earlier skill is what
+   the SFT model could do), the learned score beside it, and seconds per step.
 
 PPO runs go two at a time, one thread each, pairs chosen so that a run and its
 rehearsal twin share the machine (their step times compare). Writes ``--out`` (JSON)
@@ -38,10 +39,14 @@ MODELS = {"rm": ["rm.objective=reward"], "am": ["rm.objective=advantage"],
 REHEARSE = ["rehearsal.coef=0.5", "rehearsal.size=64", "rehearsal.clusters=6",
             "rehearsal.pool_steps=4"]
 PTX = ["algo.ptx_coef=0.5", "algo.ptx_batch_size=16"]
+# REINFORCE++: no critic and no per-prompt baseline, rewards whitened over the batch, so a
+# sub-task's score level reaches its advantages
+RPP = ["algo.name=grpo", "algo.advantage=reinforce++"]
 # variant -> (the learned model it trains against, extra settings); run two at a time
 VARIANTS = {"rm": ("rm", []), "rm-sr": ("rm", REHEARSE), "am": ("am", []),
-            "am-sr": ("am", REHEARSE), "am-ptx": ("am", PTX), "am01": ("am01", [])}
-PAIRS = (("rm", "rm-sr"), ("am", "am-sr"), ("am-ptx", "am01"))
+            "am-sr": ("am", REHEARSE), "am-ptx": ("am", PTX), "am01": ("am01", []),
+            "rm-rpp": ("rm", RPP), "am-rpp": ("am", RPP)}
+PAIRS = (("rm", "rm-sr"), ("am", "am-sr"), ("am-ptx", "am01"), ("rm-rpp", "am-rpp"))
 
 
 def plait(*args: str) -> subprocess.Popen:
