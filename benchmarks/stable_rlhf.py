@@ -8,7 +8,7 @@ noise 0 / 0.1 / 0.25), per seed:
    a reward model (``rm.objective=reward``) and an advantage model
    (``rm.objective=advantage``; also at ``rm.center_coef=0.1`` as ``am01``); their
    held-out score distribution per sub-task;
-3. PPO against each (no KL penalty, so over-optimisation can show), and against the
+3. PPO against each (by default no KL penalty, so over-optimisation can show), against the
    advantage model with selective rehearsal (``rehearsal.coef``) or PTX
    (``algo.ptx_coef``, on the task's training answers); REINFORCE++ (``-rpp``: no
    critic, no per-prompt baseline) against either: the held-out greedy answers' hidden
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16000)
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl", type=float, default=0.0, help="algo.kl_coef of the RL runs")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--reuse", action="store_true",
                         help="keep the SFT and learned models of an earlier run in --work")
@@ -132,7 +133,7 @@ def main() -> None:
                     "train", *seeded, f"model.path={sft / 'sft_model'}", "sft.steps=0", reward,
                     "reward.missing_eos_penalty=1.0", "rollout.temperature=1.0",
                     "algo.name=ppo", "algo.prompts_per_step=64", "algo.group_size=1",
-                    "algo.kl_coef=0", f"optim.lr={args.lr}", "optim.warmup_steps=5",
+                    f"algo.kl_coef={args.kl}", f"optim.lr={args.lr}", "optim.warmup_steps=5",
                     f"train.steps={args.rl_steps}", "train.eval_every=15", "train.save_every=0",
                     "data.num_eval=300", "train.threads=1", *extra,
                     f"run.dir={base / ('ppo_' + variant)}"))
@@ -218,7 +219,7 @@ def plot(models: list[dict], runs: list[dict], path: Path) -> None:
         ax.plot(steps, [statistics.mean(r["curve"][i]["true"] for r in mine)
                         for i in range(len(steps))], label=variant,
                 linestyle="--" if "sr" in variant or "ptx" in variant else "-")
-    ax.set_xlabel("PPO step (no KL penalty)")
+    ax.set_xlabel("RL step")
     ax.set_ylabel("held-out true score (greedy)")
     ax.set_title("true score against each learned reward")
     ax.legend(fontsize=8)
