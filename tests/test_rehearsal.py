@@ -74,6 +74,23 @@ def test_the_rehearsal_gradient_is_the_weighted_mean_response_token_loss(tmp_pat
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_prompt_is_embedded_as_its_mean_last_hidden_state(tmp_path):
+    save_tiny_model(tmp_path / "m", TinyModelSpec(hidden_size=32, intermediate_size=64,
+                                                 num_layers=2, num_heads=2, num_kv_heads=1))
+    model = load_causal_lm(tmp_path / "m").train()
+    rehearsal = Rehearsal(load_config(None, ["rehearsal.coef=1"]), 0, Dist.single(),
+                          torch.device("cpu"), lambda: {})
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    got = rehearsal.embed(model, prompts)
+    assert model.training  # the mode is given back
+    model.eval()
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # each prompt alone, no padding
+            hidden = model(input_ids=torch.tensor([prompt]),
+                           output_hidden_states=True).hidden_states[-1][0]
+            torch.testing.assert_close(got[row], hidden.mean(0).double(), atol=1e-5, rtol=1e-5)
+
+
 REHEARSE = ("rehearsal.coef=0.5", "rehearsal.size=6", "rehearsal.clusters=2",
             "rehearsal.pool_steps=2", "rehearsal.refresh_every=2", "rehearsal.batch_size=4")
 

@@ -132,8 +132,13 @@ class Rehearsal(MixedLoss):
                     ids[row, :len(prompt)] = torch.tensor(prompt)
                     mask[row, :len(prompt)] = 1
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                hidden = policy(input_ids=ids, attention_mask=mask, use_cache=False,
-                                output_hidden_states=True).hidden_states[-1]
+                decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else None
+                if decoder is not None:  # the decoder alone: no logits to compute
+                    hidden = decoder(input_ids=ids, attention_mask=mask,
+                                     use_cache=False).last_hidden_state
+                else:
+                    hidden = policy(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    output_hidden_states=True).hidden_states[-1]
                 weights = mask.unsqueeze(-1).to(hidden.dtype)
                 out.append(((hidden * weights).sum(1) / weights.sum(1)).double().cpu())
         finally:
