@@ -75,6 +75,8 @@ class RewardModelTrainer(PairJob):
             float(self.advantage)
         self.score_bound = rm.score_bound if rm.score_bound is not None else \
             (ADVANTAGE_BOUND if self.advantage else None)
+        # the advantage-model loss (distinct responses, bound) whenever a bound is set
+        self.am_loss = self.advantage or self.score_bound is not None
         if self.advantage:  # whole prompts a step: each prompt's mean sees all its pairs
             self.batches = PromptGroups(self.train_rows, seed=config.train.seed)
 
@@ -110,8 +112,7 @@ class RewardModelTrainer(PairJob):
         self.model.train()
         if not rows:  # more ranks than prompts in the batch: this rank adds nothing
             loss = self.no_rows_loss(self.model.parameters())
-            names = _STATS + (_AM_STATS if self.advantage or self.score_bound is not None
-                              else ())
+            names = _STATS + (_AM_STATS if self.am_loss else ())
             stats, groups = dict.fromkeys(names, 0.0), 0
         else:
             chosen, rejected = self.scores(rows)                              # 2
@@ -121,7 +122,7 @@ class RewardModelTrainer(PairJob):
                                       device=chosen.device)
             ids = prompt_ids(rows, chosen.device)
             groups = int(ids.max()) + 1
-            if self.advantage or self.score_bound is not None:
+            if self.am_loss:
                 loss, stats = self.advantage_loss(batch, rows, chosen, rejected, ids, margin)
             else:
                 totals = None

@@ -189,53 +189,42 @@ class Session:
             self.generator.next_group_id = next_id
             rewards = batch.rewards.double().cpu()
         names = self.generator.rewards.names
-        terms = batch.reward_terms.double().cpu().sum(0) if batch.reward_terms is not None \
-            else torch.zeros(len(names), dtype=torch.float64)
-        sums = torch.cat([torch.tensor([float((rewards >= self.reward_high - 1e-6).sum()),
-                                        float(rewards.sum()), float(batch.response_lengths.sum()),
-                                        float(rewards.numel())], dtype=torch.float64), terms])
+        # one row of sums per source when the held-out rows name several (a mixed task's
+        # sub-tasks, a dataset's origins), else one row; the whole is their sum
+        sources = sorted({str(row.get("source")) for row in self.eval_rows})
+        if len(sources) < 2 or any(row.get("source") is None for row in self.eval_rows):
+            sources = []
+        index = {source: i for i, source in enumerate(sources)}
+        terms = batch.reward_terms.double().cpu() if batch.reward_terms is not None else \
+            torch.zeros((len(rewards), len(names)), dtype=torch.float64)
+        values = torch.cat([torch.stack([(rewards >= self.reward_high - 1e-6).double(),
+                                         rewards, batch.response_lengths.double().cpu(),
+                                         torch.ones_like(rewards)], 1), terms], 1)
+        group = torch.tensor([index[str(row["source"])] if sources else 0
+                              for row in self.eval_rows[lo:hi]], dtype=torch.long)
+        sums = torch.zeros((max(len(sources), 1), values.shape[1]), dtype=torch.float64)
+        sums.index_add_(0, group, values)
         self.dist.all_reduce(sums, kind="metrics")
-        count = max(float(sums[3]), 1.0)
-        result = {
-            "eval/accuracy": float(sums[0]) / count,
-            "eval/reward": float(sums[1]) / count,
-            "eval/response_length": float(sums[2]) / count,
-        }
-        if len(names) > 1:  # each function's mean (a weight-0 one: a score to watch)
-            result.update({f"eval/reward_fn/{name}": float(sums[4 + i]) / count
-                           for i, name in enumerate(names)})
-        result.update(self._per_source(self.eval_rows[lo:hi], batch, rewards, names))
+        result = self._eval_means(sums.sum(0), names, "")
+        for source, row in zip(sources, sums if sources else [], strict=True):
+            result.update({key: value for key, value in
+                           self._eval_means(row, names, f"/{source}").items()
+                           if "response_length" not in key})
         self.state["evals"][tag] = result
         return result
 
-    def _per_source(self, rows: list[dict], batch, rewards: torch.Tensor,
-                    names: list[str]) -> dict[str, float]:
-        """Held-out metrics per ``source`` when the held-out rows name several (a mixed
-        task's sub-tasks, a dataset's origins): ``eval/accuracy/SOURCE``,
-        ``eval/reward/SOURCE`` and, with several reward functions,
-        ``eval/reward_fn/NAME/SOURCE``."""
-        sources = sorted({str(row.get("source")) for row in self.eval_rows})
-        if len(sources) < 2 or any(row.get("source") is None for row in self.eval_rows):
-            return {}
-        index = {source: i for i, source in enumerate(sources)}
-        terms = batch.reward_terms.double().cpu() if batch.reward_terms is not None else \
-            torch.zeros((len(rows), len(names)), dtype=torch.float64)
-        sums = torch.zeros((len(sources), 3 + len(names)), dtype=torch.float64)
-        for row, reward, term in zip(rows, rewards.tolist(), terms, strict=True):
-            at = index[str(row["source"])]
-            sums[at, 0] += float(reward >= self.reward_high - 1e-6)
-            sums[at, 1] += reward
-            sums[at, 2] += 1
-            sums[at, 3:] += term
-        self.dist.all_reduce(sums, kind="metrics")
-        result = {}
-        for source, (right, total, count, *fns) in zip(sources, sums.tolist(), strict=True):
-            count = max(count, 1.0)
-            result[f"eval/accuracy/{source}"] = right / count
-            result[f"eval/reward/{source}"] = total / count
-            if len(names) > 1:
-                result.update({f"eval/reward_fn/{name}/{source}": value / count
-                               for name, value in zip(names, fns, strict=True)})
+    @staticmethod
+    def _eval_means(sums: torch.Tensor, names: list[str], suffix: str) -> dict[str, float]:
+        """Held-out means from summed ``[right, reward, length, count, term...]``:
+        ``eval/accuracy``, ``eval/reward``, ``eval/response_length`` and, with several
+        reward functions, ``eval/reward_fn/NAME``, each key ending in ``suffix``."""
+        count = max(float(sums[3]), 1.0)
+        result = {f"eval/accuracy{suffix}": float(sums[0]) / count,
+                  f"eval/reward{suffix}": float(sums[1]) / count,
+                  f"eval/response_length{suffix}": float(sums[2]) / count}
+        if len(names) > 1:  # each function's mean (a weight-0 one: a score to watch)
+            result.update({f"eval/reward_fn/{name}{suffix}": float(sums[4 + i]) / count
+                           for i, name in enumerate(names)})
         return result
 
     # ------------------------------------------------------------------ checkpoints
