@@ -90,3 +90,8 @@ def fail_on_odd_length(prompts, completions, **kwargs):
     if any(len(text) % 2 for text in completions):
         raise ValueError("odd length")
     return digit_fraction(prompts, completions)
+
+
+def starts_with_digit(prompts, completions, **kwargs):
+    """1 for a completion whose first character is a digit, else 0."""
+    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]

@@ -1,4 +1,5 @@
-"""``plait eval``: greedy held-out accuracy of a model or a checkpoint.
+"""``plait eval``: held-out greedy accuracy, the eval sets of ``eval.suites`` (pass@k,
+maj@k) and the bias probes of ``eval.bias``, for one or several models or checkpoints.
 
 A plait checkpoint (a directory with a ``COMPLETE`` manifest, or named
 ``step_*``) is evaluated only once its policy files match the manifest; a
@@ -9,10 +10,14 @@ evaluated as it is.
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 
 from plait.config import Config, ConfigError
+from plait.evals.bias import plot_bias, run_bias_probe
 from plait.recipes.session import Session
+from plait.telemetry.summary import write_json_atomic
 from plait.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -22,21 +27,72 @@ from plait.train.checkpoint import (
 )
 
 
-def evaluate_job(config: Config, checkpoint: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` (a checkpoint directory), else the run directory's latest
-    intact checkpoint, else the configured model, on the config's held-out prompts."""
+def evaluate_job(config: Config, checkpoint: str | list[str] | None = None) -> dict:
+    """Evaluate each of ``checkpoint`` (checkpoint or model directories), else the run
+    directory's latest intact checkpoint, else the configured model: held-out greedy
+    accuracy, every ``eval.suites`` set and the ``eval.bias`` probes. Suite results are
+    appended to run.dir's eval_results.json, probe results to bias_results.json (with
+    bias.png of this call's models). One model gives its result; several, {"results": [...]}."""
+    checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
+    records = [_evaluate_one(config, c) for c in checkpoints]
+    run_dir = Path(config.run.dir)
+    suites = [{key: r[key] for key in ("model", "checkpoint", "step", "time", "suites")}
+              for r in records if r.get("suites")]
+    if suites:
+        _append_json(run_dir / "eval_results.json", suites)
+    probes = [r["bias"] for r in records if "bias" in r]
+    if probes:
+        _append_json(run_dir / "bias_results.json", probes)
+        plot_bias(probes, run_dir / "bias.png")
+    return records[0] if len(records) == 1 else {"results": records}
+
+
+def _evaluate_one(config: Config, checkpoint: str | None) -> dict:
     if checkpoint is None:
         found = latest_intact_checkpoint(Path(config.run.dir) / "checkpoints",
                                          models=["policy"], action="evaluating")
         checkpoint = str(found) if found is not None else None
-    source = config.model.path
+    source, step = config.model.path, None
     if checkpoint is not None:
-        source = str(_policy_dir(Path(checkpoint)))
+        path = Path(checkpoint)
+        if (path / "config.json").is_file() and not (path / "policy").is_dir():
+            source = str(path)  # a model directory (plait sft_model/, dpo_model/, any HF LM)
+        else:
+            source = str(_policy_dir(path))
+            step = checkpoint_step(path) if _named_like_checkpoint(path) else None
         config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                        path=source))
     with Session(config, prepare_run_dir=False) as session:
-        result = session.evaluate("eval")
-    return {"model": source, "num_prompts": len(session.eval_rows), **result}
+        held_out = session.evaluate("eval")
+        record = {"model": source, "checkpoint": checkpoint, "step": step,
+                  "time": time.time(), "num_prompts": len(session.eval_rows),
+                  **{k: v for k, v in held_out.items() if not _is_suite_key(k, config)}}
+        if config.eval.suites:
+            record["suites"] = session.suite_results
+        bias = config.eval.bias
+        if bias.bbq is not None or bias.winogender is not None:
+            label = Path(checkpoint).name if checkpoint is not None else Path(source).name
+            record["bias"] = run_bias_probe(session, label)
+    return record
+
+
+def _is_suite_key(key: str, config: Config) -> bool:
+    return any(key.startswith(f"eval/{s.name}/") for s in config.eval.suites)
+
+
+def _append_json(path: Path, records: list[dict]) -> None:
+    """Add ``records`` to the JSON list in ``path`` (a missing or unreadable file starts
+    a new list; the unreadable one is kept beside it as ``NAME.bad``)."""
+    old: list = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, list):
+                raise ValueError("not a list")
+        except ValueError:
+            path.replace(path.with_name(path.name + ".bad"))
+            old = []
+    write_json_atomic(path, old + records)
 
 
 def _policy_dir(checkpoint: Path) -> Path:

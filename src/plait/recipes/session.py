@@ -13,6 +13,8 @@ import torch
 
 from plait.algos import NEEDS_CRITIC
 from plait.config import ConfigError, config_to_dict, derive, dump_yaml
+from plait.evals.suites import build_eval_sets, run_eval_set
+from plait.evals.suites import flatten as flatten_suites
 from plait.models.loading import save_model_dir
 from plait.parallel import fsdp
 from plait.parallel.dist import Dist
@@ -85,6 +87,8 @@ class Session:
         self.global_step = 0
         self.skips = SkipCount()
         self.state: dict = {"evals": {}}
+        self._eval_sets = None  # eval.suites, built when first evaluated
+        self.suite_results: dict[str, dict[str, float]] = {}
         self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard) \
             if prepare_run_dir else None
 
@@ -210,8 +214,21 @@ class Session:
             result.update({key: value for key, value in
                            self._eval_means(row, names, f"/{source}").items()
                            if "response_length" not in key})
+        if self.config.eval.suites:
+            self.suite_results = self.evaluate_suites()
+            result.update(flatten_suites(self.suite_results))
         self.state["evals"][tag] = result
         return result
+
+    def evaluate_suites(self) -> dict[str, dict[str, float]]:
+        """Each of eval.suites' results (see :mod:`plait.evals.suites`)."""
+        if self._eval_sets is None:
+            self._eval_sets = build_eval_sets(self)
+        results = {}
+        for eval_set in self._eval_sets:
+            report(f"eval set {eval_set.name}")
+            results[eval_set.name] = run_eval_set(self, eval_set)
+        return results
 
     @staticmethod
     def _eval_means(sums: torch.Tensor, names: list[str], suffix: str) -> dict[str, float]:
@@ -388,6 +405,8 @@ class Session:
     def close(self) -> None:
         # stopping (an error, Ctrl-C) never waits for rewards (see Generator.close)
         self.generator.close()
+        for eval_set in self._eval_sets or ():
+            eval_set.close()
         if self.metrics is not None:
             self.metrics.close()
 

@@ -145,12 +145,12 @@ def load_prompts(config: Config, task, encode_prompt) -> Prompts:
     else:
         rows = task.make_rows(data.num_train, seed=seed, split="train")
         eval_rows = task.make_rows(data.num_eval, seed=seed, split="test")
-    _check_prompt_lengths(config, rows, "train", encode_prompt)
-    _check_prompt_lengths(config, eval_rows, "eval", encode_prompt)
+    check_prompt_lengths(config, rows, "train", encode_prompt)
+    check_prompt_lengths(config, eval_rows, "eval", encode_prompt)
     return Prompts(rows, eval_rows, PromptIterator(rows, seed=seed))
 
 
-def _check_prompt_lengths(config: Config, rows: list[dict], which: str, encode_prompt) -> None:
+def check_prompt_lengths(config: Config, rows: list[dict], which: str, encode_prompt) -> None:
     limit = config.data.max_prompt_tokens
     for index, row in enumerate(rows):
         n = len(encode_prompt(row["prompt"]))

@@ -38,7 +38,8 @@ RUN_ENTRIES = frozenset({
     RUN_MARKER, "config.yaml", "metrics.jsonl", "metrics.png", "timeline.jsonl",
     "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
     "sft_model", "tiny_model", "logs", "reward_model", "reliability.png", "scores.png",
-    "ema_model", "dpo_model"})
+    "ema_model", "dpo_model", "eval_results.json", "bias_results.json", "bias.png",
+    "report.html"})
 
 # Settings a run may resume with after they changed: where and how fast the job runs,
 # how long, how often it evaluates, saves and logs, not what it trains or how it
@@ -51,6 +52,10 @@ RESUME_SAFE_KEYS = frozenset({
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every", "dpo.steps",
     "dpo.eval_every", "sft.steps", "sft.eval_every", "sft.packing",
+    # what is evaluated besides training (eval sets, bias probes)
+    "eval.suites", *(f"eval.bias.{name}" for name in (
+        "bbq", "winogender", "conditions", "instruction", "cot_prompt", "cot_max_new_tokens",
+        "answer_prompt", "option_score", "generate", "max_items", "batch_size")),
     # devices, threads and kernels: the same computation (up to float rounding)
     "train.device", "train.threads", "train.deterministic", "train.compile",
     "model.attn_implementation", "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",
