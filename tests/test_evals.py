@@ -121,7 +121,7 @@ def test_parse_choice():
 
 def test_builtin_items_are_consistent():
     items = builtin_ambiguity_items()
-    assert len(items) == 6 * 2 * 12
+    assert len(items) == 6 * 3 * 12
     train = builtin_ambiguity_items("train")
     assert not {(i.context, i.question) for i in items} & {(i.context, i.question)
                                                            for i in train}

@@ -2,6 +2,7 @@
 
     cli                         the command line
     recipes                     short scripts that compose the parts (rl, sft, evaluate)
+    evals                       eval sets (pass@k, maj@k) and bias probes on a session
     runtime                     batch sources per placement, roles, launchers, transport
     train                       update loop, forward passes, models on a rank, checkpoints
     rollout, rewards, parallel  generation engines; reward functions; collectives, FSDP
@@ -27,8 +28,9 @@ LAYERS = {
     "rollout": 4, "rewards": 4, "parallel": 4,
     "train": 5,
     "runtime": 6,
-    "recipes": 7,
-    "cli": 8,
+    "evals": 7,
+    "recipes": 8,
+    "cli": 9,
 }
 
 

@@ -4,10 +4,11 @@
     plait sft CONFIG.yaml [key=value ...]      supervised fine-tuning on examples
     plait rm CONFIG.yaml [key=value ...]       train a reward model on preference pairs
     plait dpo CONFIG.yaml [key=value ...]      optimise a policy on preference pairs
-    plait eval CONFIG.yaml [key=value ...]     held-out greedy accuracy of a model or checkpoint
+    plait eval CONFIG.yaml [key=value ...]     eval sets (pass@k, maj@k) and bias probes of models
     plait config CONFIG.yaml [key=value ...]   print the resolved config
     plait options                              every config key, its type, default and meaning
     plait tiny-model OUT_DIR                   save the tiny character-level model and tokenizer
+    plait report RUN_DIR [...] [--out FILE]    one self-contained HTML page of runs (compared)
 """
 
 from __future__ import annotations
@@ -96,8 +97,22 @@ def cmd_eval(args) -> int:
     config = _load(args)
     from plait.recipes.evaluate import evaluate_job
 
-    result = evaluate_job(config, checkpoint=args.checkpoint)
+    result = evaluate_job(config, checkpoint=args.checkpoint or None)
     print(json.dumps(result, indent=2))
+    records = result.get("results", [result])
+    from plait.evals.bias import format_bias_table
+    from plait.evals.suites import format_table
+
+    for record in records:
+        if record.get("suites"):
+            print(f"\n{record['model']}:\n{format_table(record['suites'])}")
+    probes = [r["bias"] for r in records if "bias" in r]
+    if probes:
+        print("\n" + format_bias_table(probes))
+    written = [name for name, used in (("eval_results.json", any("suites" in r for r in records)),
+                                       ("bias_results.json, bias.png", bool(probes))) if used]
+    if written:
+        print(f"plait: results added to {', '.join(written)} in {config.run.dir}")
     return 0
 
 
@@ -123,6 +138,14 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from plait.telemetry.report import write_report
+
+    out = write_report(args.run_dirs, args.out)
+    print(f"plait: report written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,14 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
         if name == "eval":
-            p.add_argument("--checkpoint", help="checkpoint directory (default: the run "
-                           "directory's latest, else the configured model)")
+            p.add_argument("--checkpoint", action="append", help="checkpoint or model "
+                           "directory; repeat to compare several (default: the run "
+                           "directory's latest checkpoint, else the configured model)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("options", help="list every config key with its documentation")
     p.set_defaults(fn=cmd_options)
     p = sub.add_parser("tiny-model", help="save the tiny model + tokenizer in HF format")
     p.add_argument("out_dir")
     p.set_defaults(fn=cmd_tiny_model)
+    p = sub.add_parser("report", help="one self-contained HTML page of one run or several "
+                       "(summary, config, curves, timeline, eval sets, bias probes, plots)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html for one run, "
+                   "./plait_report.html for several)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

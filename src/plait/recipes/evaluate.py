@@ -71,9 +71,18 @@ def _evaluate_one(config: Config, checkpoint: str | None) -> dict:
             record["suites"] = session.suite_results
         bias = config.eval.bias
         if bias.bbq is not None or bias.winogender is not None:
-            label = Path(checkpoint).name if checkpoint is not None else Path(source).name
-            record["bias"] = run_bias_probe(session, label)
+            record["bias"] = run_bias_probe(session, _label(Path(checkpoint or source)))
     return record
+
+
+def _label(path: Path) -> str:
+    """A short name of a model for tables and charts: the directory's name, with its
+    run's name before the names plait gives every run's models and checkpoints."""
+    if path.name in ("sft_model", "dpo_model", "ema_model", "tiny_model") or \
+            _named_like_checkpoint(path):
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return f"{run.name}/{path.name}"
+    return path.name
 
 
 def _is_suite_key(key: str, config: Config) -> bool:

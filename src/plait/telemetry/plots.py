@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = ["DEFAULT_PANELS", "plot_metrics", "plot_reliability", "plot_stage_timeline"]
 
@@ -75,7 +75,7 @@ def plot_metrics(
             _draw_panel(axis, name, series, step_count)
         for axis in axes[len(drawn) :]:
             axis.set_visible(False)
-    return _save_png(figure, Path(out_png))
+    return _save_png(figure, out_png)
 
 
 def _panel_series(
@@ -132,8 +132,14 @@ def _draw_panel(axis: Any, name: str, series: list, step_count: int) -> None:
     axis.legend(fontsize="small", loc="best")
 
 
-def _save_png(figure: Any, out_png: Path) -> Path:
-    """Save atomically, so an image viewer polling the file never reads half a PNG."""
+def _save_png(figure: Any, out_png: Path | str | BinaryIO) -> Any:
+    """Save to a path atomically, so an image viewer polling the file never reads half a
+    PNG; a binary file object (e.g. ``io.BytesIO``, for an HTML report) is written as is.
+    Returns ``out_png`` (a path as a ``Path``)."""
+    if hasattr(out_png, "write"):
+        figure.savefig(out_png, format="png", dpi=100)
+        return out_png
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".tmp-{out_png.name}-", suffix=".png", dir=out_png.parent
@@ -148,9 +154,10 @@ def _save_png(figure: Any, out_png: Path) -> Path:
     return out_png
 
 
-def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str, *,
-                        title: str | None = None) -> Path:
-    """A Gantt chart of where each step's wall time went.
+def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str | BinaryIO, *,
+                        title: str | None = None) -> Any:
+    """A Gantt chart of where each step's wall time went, saved to ``out_png`` (a path, or
+    a binary file object such as ``io.BytesIO``).
 
     ``steps`` are ``{"step": n, "spans": [[stage, start_s, end_s], ...]}`` with times in
     seconds from that step's start; steps are laid end to end on the time axis, one row
@@ -183,7 +190,7 @@ def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str,
     axis.set_xlabel("seconds")
     axis.grid(axis="x", alpha=0.3)
     axis.set_title(title or "stage timeline")
-    return _save_png(figure, Path(out_png))
+    return _save_png(figure, out_png)
 
 
 def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, *,
@@ -211,7 +218,7 @@ def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, 
     axis.set_ylabel("share judged right")
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title or "reliability")
-    return _save_png(figure, Path(out_png))
+    return _save_png(figure, out_png)
 
 
 def plot_score_distribution(groups: Mapping[str, Sequence[float]], out_png: Path | str, *,
@@ -240,4 +247,4 @@ def plot_score_distribution(groups: Mapping[str, Sequence[float]], out_png: Path
     axis.set_ylabel("responses")
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title or "score distribution")
-    return _save_png(figure, Path(out_png))
+    return _save_png(figure, out_png)
