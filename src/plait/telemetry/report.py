@@ -210,19 +210,8 @@ def _read_metrics(run: RunData) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         run.notes.append(f"{METRICS_FILE} could not be read ({err})")
         return []
-    text = _read_text(run, METRICS_FILE) or ""
-    records, bad = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        else:
-            bad.append(number)
+    records, bad = _jsonl_records(_read_text(run, METRICS_FILE) or "", lambda record: (
+        isinstance(record, dict) and isinstance(record.get("step"), int)))
     run.notes.append(f"{METRICS_FILE}: skipped {_count(len(bad), 'line')} that "
                      f"{'is' if len(bad) == 1 else 'are'} not a metrics record "
                      f"({_listed(bad)})")
@@ -235,7 +224,18 @@ def _read_timeline(run: RunData) -> list[dict]:
     text = _read_text(run, "timeline.jsonl")
     if text is None:
         return []
-    steps, bad = [], []
+    steps, bad = _jsonl_records(text, _is_timeline_step)
+    if bad:
+        run.notes.append(f"timeline.jsonl: skipped {_count(len(bad), 'line')} that "
+                         f"{'is' if len(bad) == 1 else 'are'} not a step's spans "
+                         f"({_listed(bad)})")
+    return steps
+
+
+def _jsonl_records(text: str, accept: Callable[[Any], bool]) -> tuple[list, list[int]]:
+    """The lines of ``text`` that parse as JSON and ``accept``, and the numbers of the
+    other non-blank lines."""
+    records, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -243,15 +243,11 @@ def _read_timeline(run: RunData) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if _is_timeline_step(record):
-            steps.append(record)
+        if accept(record):
+            records.append(record)
         else:
             bad.append(number)
-    if bad:
-        run.notes.append(f"timeline.jsonl: skipped {_count(len(bad), 'line')} that "
-                         f"{'is' if len(bad) == 1 else 'are'} not a step's spans "
-                         f"({_listed(bad)})")
-    return steps
+    return records, bad
 
 
 def _is_timeline_step(record: Any) -> bool:
