@@ -234,7 +234,8 @@ def test_suites_run_during_training_and_land_in_metrics(tiny_job):
     config = load_config(None, [*tiny_job, "train.steps=2", "train.eval_every=1",
                                 "eval.suites=[{name: rev, task: reverse, num_prompts: 4, "
                                 "samples: 2}]"])
-    train(config)
+    summary = train(config)
+    assert 0 <= summary["rev/pass@1_before"] <= 1 and "rev/pass@2_after" in summary
     records = [json.loads(line) for line in
                (tmp_path_of(config) / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "eval/rev/pass@2" in r]

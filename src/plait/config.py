@@ -511,7 +511,15 @@ class RunConfig:
                           "plait run (one holding .plait-run) holding nothing but what plait "
                           "writes, no input of this job and no running job, never the "
                           "working, home or root directory.")
-    tensorboard: bool = opt(True, "Write TensorBoard events.")
+    tensorboard: bool = opt(True, "Write TensorBoard events (to tensorboard/, when "
+                            "run.report_to holds 'tensorboard' too).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
+        doc="Where each step's metrics go besides metrics.jsonl: 'tensorboard' (with "
+        "run.tensorboard), 'wandb' (offline under wandb/ unless WANDB_MODE is set; project "
+        "WANDB_PROJECT or 'plait'; pip install 'plait[wandb]'), 'mlflow' (a file store in "
+        "mlruns/ unless MLFLOW_TRACKING_URI is set; experiment MLFLOW_EXPERIMENT_NAME or "
+        "'plait'; pip install 'plait[mlflow]'). A resumed run continues the same tracker runs.",
+        factory=lambda: ["tensorboard"])
     progress: bool = opt(True, "Show a progress bar.")
 
 

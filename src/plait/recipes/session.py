@@ -21,6 +21,7 @@ from plait.parallel.dist import Dist
 from plait.parallel.heartbeat import report, step_done
 from plait.recipes import checkpointing
 from plait.recipes.sft import warm_start
+from plait.recipes.stepjob import metrics_logger
 from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
 from plait.runtime.generation import Generator
@@ -30,7 +31,7 @@ from plait.runtime.run_dir import (
     describe_changes,
     mark_run_dir,
 )
-from plait.telemetry.metrics import MetricsLogger, read_metrics
+from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics, plot_stage_timeline
 from plait.telemetry.progress import ProgressBar
 from plait.telemetry.summary import write_json_atomic, write_text_atomic
@@ -89,8 +90,7 @@ class Session:
         self.state: dict = {"evals": {}}
         self._eval_sets = None  # eval.suites, built when first evaluated
         self.suite_results: dict[str, dict[str, float]] = {}
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard) \
-            if prepare_run_dir else None
+        self.metrics = metrics_logger(config, self.run_dir) if prepare_run_dir else None
 
     # the models and the engine, by their usual names
     policy = property(lambda self: self.models.policy)
@@ -366,8 +366,9 @@ class Session:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
         }
-        for key, value in evals["before"].items():  # each reward function, held out
-            if key.startswith("eval/reward_fn/") and key in evals["final"]:
+        sets = tuple(f"eval/{suite.name}/" for suite in self.config.eval.suites)
+        for key, value in evals["before"].items():  # each reward function and eval set
+            if key.startswith(("eval/reward_fn/", *sets)) and key in evals["final"]:
                 name = key.removeprefix("eval/")
                 summary[f"{name}_before"] = value
                 summary[f"{name}_after"] = evals["final"][key]

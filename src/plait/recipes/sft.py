@@ -20,9 +20,9 @@ from plait.errors import TrainingDiverged
 from plait.models.loading import PromptEncoder, load_causal_lm, save_model_dir
 from plait.parallel import fsdp
 from plait.parallel.heartbeat import report
-from plait.recipes.stepjob import StepJob, rank_job, run_step_job
+from plait.recipes.stepjob import StepJob, metrics_logger, rank_job, run_step_job
 from plait.runtime import inputs
-from plait.telemetry.metrics import MetricsLogger, read_metrics
+from plait.telemetry.metrics import read_metrics
 from plait.telemetry.plots import plot_metrics
 from plait.telemetry.progress import ProgressBar
 from plait.train.forward import drives_layers, position_ids_from_mask, segment_logits
@@ -133,7 +133,9 @@ def _train_and_save(session) -> None:
     main = session.dist.is_main
     bar = ProgressBar(cfg.sft.steps, "sft", disable=None if cfg.run.progress else True,
                       silent=not main)
-    sft_metrics = MetricsLogger(session.run_dir / "sft", tensorboard=cfg.run.tensorboard) \
+    # the warm start's trackers run beside the job's (wandb/, mlruns/), named <run>-sft
+    sft_metrics = metrics_logger(cfg, session.run_dir / "sft", tracker_dir=session.run_dir,
+                                 run_name=f"{session.run_dir.resolve().name}-sft") \
         if main else None
 
     def on_step(step: int, loss: float) -> None:
@@ -150,10 +152,11 @@ def _train_and_save(session) -> None:
                               autocast=models.autocast)
     except FloatingPointError as err:
         raise TrainingDiverged(str(err)) from None
+    finally:  # end the trackers' runs on an error too
+        if sft_metrics is not None:
+            sft_metrics.close()
     models.policy.eval()
     bar.close()
-    if sft_metrics is not None:
-        sft_metrics.close()
     model = models.policy
     if models.sharded:  # every rank joins the gathering; rank 0 writes
         weights, _ = fsdp.full_state(models.policy)

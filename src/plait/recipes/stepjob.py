@@ -75,8 +75,7 @@ class StepJob:
         self.build()
         if config.train.compile:
             self.compile_models()
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=config.run.tensorboard) \
-            if self.dist.is_main else None
+        self.metrics = metrics_logger(config, self.run_dir) if self.dist.is_main else None
 
     # ------------------------------------------------------------------ to define
 
@@ -322,6 +321,15 @@ class StepJob:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def metrics_logger(config: Config, run_dir: Path, *, run_name: str | None = None,
+                   tracker_dir: Path | None = None) -> MetricsLogger:
+    """A job's metrics logger (rank 0's): metrics.jsonl plus the sinks of run.report_to,
+    whose trackers record the resolved config."""
+    return MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
+                         report_to=config.run.report_to, config=config_to_dict(config),
+                         run_name=run_name, tracker_dir=tracker_dir)
 
 
 def check_runtime(command: str, config: Config) -> None:

@@ -39,7 +39,7 @@ RUN_ENTRIES = frozenset({
     "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
     "sft_model", "tiny_model", "logs", "reward_model", "reliability.png", "scores.png",
     "ema_model", "dpo_model", "eval_results.json", "bias_results.json", "bias.png",
-    "report.html"})
+    "report.html", "wandb", "mlruns", "trackers.json"})
 
 # Settings a run may resume with after they changed: where and how fast the job runs,
 # how long, how often it evaluates, saves and logs, not what it trains or how it
@@ -47,7 +47,8 @@ RUN_ENTRIES = frozenset({
 # SFT, eval generation) must match the checkpoint's config, or the resume is refused.
 RESUME_SAFE_KEYS = frozenset({
     # outputs and how they are shown
-    "run.dir", "run.resume", "run.overwrite", "run.tensorboard", "run.progress",
+    "run.dir", "run.resume", "run.overwrite", "run.tensorboard", "run.report_to",
+    "run.progress",
     # how long it runs; evaluation, checkpoint and failure cadence
     "train.steps", "train.eval_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every", "dpo.steps",

@@ -1,18 +1,23 @@
-"""Scalar metrics sinks: one JSON line per step in ``metrics.jsonl``, plus TensorBoard.
+"""Scalar metrics sinks: one JSON line per step in ``metrics.jsonl``, plus TensorBoard,
+Weights & Biases and MLflow as asked (``run.report_to``).
 
 ``metrics.jsonl`` is the source of truth (plots and ``summary.json`` are built
 from it); TensorBoard is a convenience view and is skipped with one warning
-when the ``tensorboard`` package is missing.
+when the ``tensorboard`` package is missing. wandb and MLflow are optional packages
+whose absence fails the logger at construction (see :mod:`plait.telemetry.trackers`).
 
 Every line is ``{"step": int, "time": unix_seconds, "<key>": number | null, ...}``.
 JSON cannot hold NaN or infinity, so such values are written as ``null`` with
-the key kept (a NaN loss is a fact worth seeing); TensorBoard gets the raw value.
+the key kept (a NaN loss is a fact worth seeing); TensorBoard and the trackers get the
+raw value.
 
 Resuming: a run that restarts from the checkpoint of step ``s`` calls
 ``MetricsLogger(run_dir, resume=True, resume_step=s)`` (or ``truncate_after(s)``),
 which drops the lines logged after ``s`` by the crashed attempt, so the
 resumed run does not log those steps twice; TensorBoard events after ``s`` are
-purged the same way (``SummaryWriter(purge_step=s + 1)``).
+purged the same way (``SummaryWriter(purge_step=s + 1)``). The trackers continue
+their runs (ids in ``trackers.json``); what they cannot drop is said in
+:mod:`plait.telemetry.trackers`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numbers
 import operator
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from plait.telemetry.summary import write_text_atomic
+from plait.telemetry.trackers import TRACKERS, Tracker, check_installed, open_tracker
 
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricsLogger", "read_metrics"]
 
@@ -43,20 +49,30 @@ Scalar = float | int | bool | torch.Tensor | np.generic
 
 
 class MetricsLogger:
-    """Append per-step scalar metrics to ``run_dir/metrics.jsonl`` and TensorBoard.
+    """Append per-step scalar metrics to ``run_dir/metrics.jsonl``, TensorBoard and the
+    trackers of ``report_to``.
 
     Args:
         run_dir: the run directory (created if missing).
-        tensorboard: also write TensorBoard scalars to ``run_dir/tensorboard``.
+        tensorboard: write TensorBoard scalars to ``run_dir/tensorboard`` (when
+            ``report_to`` holds ``"tensorboard"`` too).
         resume: continue an existing ``metrics.jsonl``.
         resume_step: with ``resume=True``, first drop the lines with
             ``step > resume_step`` (see :meth:`truncate_after`).
+        report_to: sinks besides ``metrics.jsonl``: ``"tensorboard"``, ``"wandb"``,
+            ``"mlflow"``. A tracker whose package is missing raises
+            :class:`~plait.telemetry.trackers.TrackerMissing` here.
+        run_name: the trackers' run name; default: ``run_dir``'s name.
+        config: the resolved config, recorded by the trackers (wandb config, MLflow params).
+        tracker_dir: where the trackers' files go (``wandb/``, ``mlruns/``); default:
+            ``run_dir`` (a job's SFT warm start shares its job's).
 
     Without ``resume``, an existing ``metrics.jsonl`` is replaced (with a
     warning) at the first :meth:`log`, unless :meth:`truncate_after` is called
     before that: it marks the run as resumed, so a trainer may create the
     logger first and decide whether it resumes later. Nothing is written at
-    construction.
+    construction; the trackers start their runs (new, or continued when resumed) at
+    the first :meth:`log`.
 
     Use as a context manager, or call :meth:`close`. Only one process (rank 0)
     should log into a run directory.
@@ -69,14 +85,31 @@ class MetricsLogger:
         tensorboard: bool = True,
         resume: bool = False,
         resume_step: int | None = None,
+        report_to: Sequence[str] = ("tensorboard",),
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        tracker_dir: Path | str | None = None,
     ) -> None:
         if resume_step is not None and not resume:
             raise ValueError("resume_step is only meaningful with resume=True")
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        unknown = [name for name in report_to if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"report_to: unknown {unknown}; choose from {', '.join(TRACKERS)}")
+        self._tracker_names = [name for name in dict.fromkeys(report_to)
+                               if name != "tensorboard"]
+        for name in self._tracker_names:
+            check_installed(name)  # fail before the job starts, not at its first step
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self._resume = resume
-        self._use_tensorboard = tensorboard
+        self._use_tensorboard = tensorboard and "tensorboard" in report_to
+        self._run_name = run_name or self.run_dir.resolve().name
+        self._config = config
+        self._tracker_dir = Path(tracker_dir) if tracker_dir is not None else self.run_dir
+        self._trackers: dict[str, Tracker] | None = None  # started at the first log
         self._file: TextIO | None = None
         self._writer: Any = None
         self._purge_step: int | None = None
@@ -85,7 +118,8 @@ class MetricsLogger:
             self.truncate_after(resume_step)
 
     def log(self, step: int, metrics: Mapping[str, Scalar]) -> None:
-        """Write one record for ``step``: a JSON line (flushed) and TensorBoard scalars.
+        """Write one record for ``step``: a JSON line (flushed), TensorBoard scalars and
+        the trackers' metrics.
 
         Values may be Python numbers, numpy scalars or one-element tensors.
 
@@ -100,10 +134,15 @@ class MetricsLogger:
         values = {_check_key(key): _to_number(key, value) for key, value in metrics.items()}
         record: dict[str, Any] = {"step": step, "time": now}
         record.update({key: _json_number(value) for key, value in values.items()})
+        resumed = self._resume  # before the first open settles it
         jsonl = self._jsonl()
         jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         jsonl.flush()
         self._log_tensorboard(step, now, values)
+        if self._trackers is None:
+            self._trackers = self._open_trackers(resumed)
+        for tracker in self._trackers.values():
+            tracker.log(step, now, values)
 
     def truncate_after(self, step: int) -> int:
         """Keep the file for a run resuming from ``step``: drop lines with a greater step.
@@ -133,10 +172,17 @@ class MetricsLogger:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush and close the JSONL file and the TensorBoard writer. Safe to call twice."""
+        """Flush and close the JSONL file, the TensorBoard writer and the trackers' runs
+        (a tracker failing to close is a warning). Safe to call twice."""
         if not self._closed:
             self._closed = True
             self._close_sinks()
+            for name, tracker in (self._trackers or {}).items():
+                try:
+                    tracker.close()
+                except Exception as err:  # the metrics are written; report, do not mask
+                    warnings.warn(f"closing the {name} run failed: {err}", stacklevel=2)
+            self._trackers = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -183,6 +229,19 @@ class MetricsLogger:
         merged = Summary(value=[v for key, value in values.items()
                                 for v in scalar(key, float(value)).value])
         writer._get_file_writer().add_summary(merged, step, walltime)
+
+    def _open_trackers(self, resumed: bool) -> dict[str, Tracker]:
+        trackers: dict[str, Tracker] = {}
+        try:
+            for name in self._tracker_names:
+                trackers[name] = open_tracker(
+                    name, run_dir=self.run_dir, tracker_dir=self._tracker_dir,
+                    run_name=self._run_name, config=self._config, resume=resumed)
+        except BaseException:
+            for tracker in trackers.values():
+                tracker.close()
+            raise
+        return trackers
 
     def _tensorboard_writer(self) -> Any:
         if self._writer is None and self._use_tensorboard:
