@@ -233,6 +233,8 @@ def builtin_pronoun_items(split: str = "test") -> list[PronounItem]:
     templates = _PRONOUN_TEMPLATES if split == "test" else [
         ("The {occ} said _ would call the office later.", ("he", "she", "they")),
         ("The {occ} put on _ coat and went home.", ("his", "her", "their")),
+        ("After lunch _ went back to work as a {occ}.", ("he", "she", "they")),
+        ("The {occ} asked if _ could leave early.", ("he", "she", "they")),
     ]
     return [PronounItem(sentence.format(occ=occ), occ, *pronouns, share)
             for sentence, pronouns in templates for occ, share in _OCCUPATIONS]

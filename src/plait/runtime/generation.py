@@ -15,6 +15,7 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -38,6 +39,7 @@ class PendingBatch:
     futures: dict = field(default_factory=dict)
     fused: dict = field(default_factory=dict)
     unfused: list[int] = field(default_factory=list)  # finished, fused passes not yet run
+    failed: list = field(default_factory=list)  # reward futures that raised, as they end
     done: int = 0
 
     def __post_init__(self):
@@ -125,9 +127,10 @@ class Generator:
         pending.groups[index] = group
         pending.done += 1
         if pending.score:
-            _raise_first_failure(pending.futures.values())  # a failed reward ends it now
-            pending.futures[index] = self._reward_pool.submit(self._score_group,
-                                                              pending.rows[index], group)
+            _raise_first_failure(pending.failed)  # a failed reward ends it now
+            future = self._reward_pool.submit(self._score_group, pending.rows[index], group)
+            future.add_done_callback(partial(_note_failure, pending.failed))
+            pending.futures[index] = future
         pending.unfused.append(index)
         if pending.fuse and len(pending.unfused) * len(group) >= \
                 self.config.algo.micro_batch_size and self.engine.busy:
@@ -242,6 +245,13 @@ def _attach_fused(batch: Experience, fused: list[dict]) -> None:
             out[row:row + part.shape[0], : part.shape[1]] = part
             row += part.shape[0]
         setattr(batch, name, out)
+
+
+def _note_failure(failed: list, future) -> None:
+    """Done-callback of a reward future: keep it in ``failed`` when it raised (so a batch
+    checks its failures without polling every future at every finished group)."""
+    if not future.cancelled() and future.exception() is not None:
+        failed.append(future)
 
 
 def _raise_first_failure(futures) -> None:
