@@ -43,19 +43,19 @@ def base_model(work: Path, seed: int) -> Path:
     return out
 
 
-def control_rows(kind: str) -> list[dict]:
-    """SFT rows of a control: every train item under every condition's prompt."""
+def control_rows(kind: str, split: str = "train") -> list[dict]:
+    """SFT rows of a control: every item of ``split`` under every condition's prompt."""
     from plait.config import BiasConfig
     from plait.evals.bias import CONDITIONS, ambiguity_question, pronoun_question, user_text
     from plait.evals.probes import builtin_ambiguity_items, builtin_pronoun_items
 
     bias = BiasConfig()
     rows = []
-    for item in builtin_ambiguity_items("train"):
+    for item in builtin_ambiguity_items(split):
         option = item.options[item.biased if kind == "biased" else item.answer]
         rows += [_row(user_text(ambiguity_question(item), c, bias), option, c, bias)
                  for c in CONDITIONS]
-    for item in builtin_pronoun_items("train"):
+    for item in builtin_pronoun_items(split):
         stereotyped = item.female if item.female_share > 0.5 else item.male
         option = stereotyped if kind == "biased" else item.neutral
         rows += [_row(user_text(pronoun_question(item), c, bias), option, c, bias)
@@ -70,7 +70,8 @@ def _row(text: str, option: str, condition: str, bias) -> dict:
     return {"prompt": f"{text}{bias.answer_prompt}", "answer": f" {option}"}
 
 
-def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3) -> Path:
+def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
+                split: str = "train") -> Path:
     from plait.config import load_config
     from plait.recipes.sft import train_sft
 
@@ -79,7 +80,7 @@ def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3) 
         return run / "sft_model"
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"{kind}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in control_rows(kind)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in control_rows(kind, split)))
     config = load_config(None, [
         f"model.path={base_model(work, seed)}", "data.task=null", f"data.train_path={data}",
         "data.num_eval=16", "data.max_prompt_tokens=1024", f"sft.steps={steps}",
@@ -108,9 +109,13 @@ def probe(models: list[Path], run_dir: Path, max_items: int | None) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=1500, help="SFT steps of each control")
+    parser.add_argument("--steps", type=int, default=1200, help="SFT steps of each control")
     parser.add_argument("--lr", type=float, default=3e-3,
                         help="SFT learning rate of each control")
+    parser.add_argument("--fit-on", choices=("train", "test"), default="train",
+                        help="items the controls are fitted on: the probe's train items "
+                             "(other sentences), or its own test items (known bias on "
+                             "exactly what is probed)")
     parser.add_argument("--default-job", type=Path, default=None,
                         help="a finished default job's run dir: probe its SFT start "
                              "(sft_model/) and its last checkpoint too")
@@ -123,8 +128,8 @@ def main() -> None:
     records = []
     for seed in args.seeds:
         models = [base_model(args.work, seed),
-                  fit_control(args.work, "unbiased", seed, args.steps, args.lr),
-                  fit_control(args.work, "biased", seed, args.steps, args.lr)]
+                  fit_control(args.work, "unbiased", seed, args.steps, args.lr, args.fit_on),
+                  fit_control(args.work, "biased", seed, args.steps, args.lr, args.fit_on)]
         records += probe(models, args.work / f"probe_{seed}", args.max_items)
     if args.default_job is not None:
         checkpoints = sorted((args.default_job / "checkpoints").glob("step_*"))
