@@ -264,3 +264,30 @@ def test_bias_probe_from_the_cli_writes_results_and_chart(tiny_job, tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "bias_results.json").read_text())[0]["label"] == "tiny"
     assert (run / "bias.png").stat().st_size > 0
+
+
+def test_item_files_with_wrong_types_are_named(tmp_path):
+    path = tmp_path / "bbq.jsonl"
+    base = {"context": "c", "question": "q", "options": ["A", "B", "?"], "answer": 2,
+            "biased": 0, "unknown": 2, "ambiguous": True}
+    for bad, message in ((dict(base, options="AB?"), "list of 2 to 10 strings"),
+                         (dict(base, ambiguous="false"), "true or false")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_ambiguity_items(str(path))
+    wino = tmp_path / "w.jsonl"
+    wino.write_text(json.dumps({"sentence": "_", "occupation": "cook", "female_share": 0.5,
+                                "options": ["he", "she", "they"]}) + "\n")
+    with pytest.raises(ConfigError, match="mapping of male, female and neutral"):
+        load_pronoun_items(str(wino))
+
+
+def test_config_checks_probe_files_tasks_and_names_before_any_model_loads():
+    with pytest.raises(ConfigError, match="eval.bias.bbq: '/no/such.jsonl' is neither"):
+        load_config(None, ["eval.bias.bbq=/no/such.jsonl"])
+    with pytest.raises(ConfigError, match=r"eval.suites\[0\].task: unknown task"):
+        load_config(None, ["eval.suites=[{name: a, task: additon}]"])
+    with pytest.raises(ConfigError, match="taken by the held-out metrics"):
+        load_config(None, ["eval.suites=[{name: accuracy, task: addition}]"])
+    with pytest.raises(ConfigError, match="needs a group"):
+        load_config(None, ["eval.suites=[{name: a, task: addition, answer_pattern: x}]"])

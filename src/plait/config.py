@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1005,6 +1006,9 @@ def validate(config: Config) -> None:
         raise ConfigError("data: set either data.task (a built-in task) or data.train_path")
     if config.data.task is not None:
         _check_task(config.data.task, config.data.task_args)
+    for i, suite in enumerate(config.eval.suites):
+        if suite.task is not None:
+            _check_task(suite.task, suite.task_args, f"eval.suites[{i}]")
     for key in ("train_path", "eval_path"):
         value = getattr(config.data, key)
         if value is not None and not Path(value).exists():
@@ -1020,15 +1024,16 @@ def validate(config: Config) -> None:
     _validate_job(config)
 
 
-def _check_task(name: str, task_args: dict[str, Any]) -> None:
-    """The built-in task and its settings exist (plait.data.tasks imports no torch)."""
+def _check_task(name: str, task_args: dict[str, Any], key: str = "data") -> None:
+    """The built-in task and its settings (``key``.task, ``key``.task_args) exist
+    (plait.data.tasks imports no torch)."""
     from plait.data.datasets import DataError
     from plait.data.tasks import TASKS, make_task
 
     try:
         make_task(name, **task_args)
     except DataError as err:
-        raise ConfigError(f"{'data.task_args' if name in TASKS else 'data.task'}: {err}") from None
+        raise ConfigError(f"{key}.{'task_args' if name in TASKS else 'task'}: {err}") from None
 
 
 def advantage_estimator(config: Config) -> str:
@@ -1154,14 +1159,7 @@ def _validate_job(config: Config) -> None:
         (data.eval_path is not None and data.train_path is None,
          "data.eval_path is read only with data.train_path; a built-in task's held-out "
          "prompts are its own test split: set data.train_path too, or remove data.eval_path"),
-        *[(sum(x is not None for x in (f.fn, f.model, f.judge)) > 1,
-           f"reward.functions[{i}] gives more than one of fn, model and judge: one entry is "
-           "one reward function; list each as an entry of its own")
-          for i, f in enumerate(config.reward.functions)],
-        *[(f.judge is None and (f.template is not None or f.parse != "number"),
-           f"reward.functions[{i}] sets template or parse, which only a judge reads: add "
-           "judge: PATH (a causal LM), or remove them")
-          for i, f in enumerate(config.reward.functions)],
+        *_reward_fn_checks(config.reward.functions, "reward.functions"),
         (config.reward.timeout_s == 0,
          "reward.timeout_s=0 would fail every call: give a positive number of seconds, or "
          "null for no limit"),
@@ -1208,6 +1206,10 @@ def _validate_job(config: Config) -> None:
     ])
 
 
+# the held-out evaluation's own metric names (eval/NAME, eval/NAME/SOURCE)
+_HELD_OUT_KEYS = ("accuracy", "reward", "reward_fn", "response_length")
+
+
 def _eval_suite_checks(config: Config) -> list[tuple[bool, str]]:
     """Contradictions within eval.suites: names, sources, k against samples."""
     checks, names = [], [suite.name for suite in config.eval.suites]
@@ -1217,6 +1219,10 @@ def _eval_suite_checks(config: Config) -> list[tuple[bool, str]]:
             (not suite.name or "/" in suite.name,
              f"{where}.name must be a non-empty name without '/' (it names metrics "
              "eval/NAME/...)"),
+            (suite.name in _HELD_OUT_KEYS,
+             f"{where}.name {suite.name!r} is taken by the held-out metrics "
+             f"(eval/{suite.name}/...): pick another name"),
+
             (names.count(suite.name) > 1, f"{where}.name {suite.name!r} is used twice"),
             (suite.task is not None and suite.path is not None,
              f"{where} gives both task and path: one set reads one source"),
@@ -1227,11 +1233,32 @@ def _eval_suite_checks(config: Config) -> list[tuple[bool, str]]:
             (any(k < 1 or k > suite.samples for k in suite.k),
              f"{where}.k must be between 1 and samples={suite.samples}, got {suite.k}"),
         ]
-        checks += [(sum(x is not None for x in (f.fn, f.model, f.judge)) != 1 and
-                    not (f.fn is None and f.model is None and f.judge is None),
-                    f"{where}.reward[{j}] gives more than one of fn, model and judge")
-                   for j, f in enumerate(suite.reward or [])]
+        checks += _reward_fn_checks(suite.reward or [], f"{where}.reward")
+        if suite.answer_pattern is not None:
+            try:
+                groups = re.compile(suite.answer_pattern).groups
+            except re.error as err:
+                checks.append((True, f"{where}.answer_pattern is not a regular expression "
+                                     f"({err})"))
+            else:
+                checks.append((groups < 1, f"{where}.answer_pattern needs a group around "
+                               "the answer, e.g. 'answer is (\\S+)'"))
+    bias = config.eval.bias
+    checks += [(value not in (None, "builtin") and not Path(value).is_file(),
+                f"eval.bias.{key}: {value!r} is neither 'builtin' nor a file")
+               for key, value in (("bbq", bias.bbq), ("winogender", bias.winogender))]
     return checks
+
+
+def _reward_fn_checks(functions, key: str) -> list[tuple[bool, str]]:
+    """Entries of a reward-function list (``key``) that are not one function each."""
+    return [check for i, f in enumerate(functions) for check in (
+        (sum(x is not None for x in (f.fn, f.model, f.judge)) > 1,
+         f"{key}[{i}] gives more than one of fn, model and judge: one entry is one reward "
+         "function; list each as an entry of its own"),
+        (f.judge is None and (f.template is not None or f.parse != "number"),
+         f"{key}[{i}] sets template or parse, which only a judge reads: add judge: PATH (a "
+         "causal LM), or remove them"))]
 
 
 def off_policy_mode(config: Config) -> str:

@@ -19,6 +19,7 @@ the options. Results per condition:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -104,14 +105,14 @@ class OptionScorer:
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
+        with self.autocast() if self.autocast else contextlib.nullcontext():
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         values = []
         for row, (_, ctx, opt) in enumerate(chunk):
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(opt) - 1, device=ids.device)
+            # only the option's positions: a full [rows, width, vocab] softmax is large
+            at = logits[row, len(ctx) - 1:len(ctx) + len(opt) - 1].float()
             targets = ids[row, len(ctx):len(ctx) + len(opt)]
-            token_lp = logprobs[row, positions, targets]
+            token_lp = torch.log_softmax(at, dim=-1).gather(1, targets[:, None])
             total = float(token_lp.sum())
             values.append((total, total / max(len(opt), 1)))
         return values
@@ -224,11 +225,16 @@ class BiasProbe:
         lead = [p + self.tokens(bias.cot_prompt + " ") for p in prompts]
         params = SamplingParams(max_new_tokens=bias.cot_max_new_tokens, temperature=0.0,
                                 stop=("\n",))
-        groups = self.session.engine.generate(lead, params, 1)
-        self.session.engine.reset()
-        thoughts = [group[0].text.split("\n", 1)[0] for group in groups]
-        return [p + self.tokens(f"{bias.cot_prompt} {t}\n{bias.answer_prompt}")
-                for p, t in zip(prompts, thoughts, strict=True)]
+        thoughts = [text.split("\n", 1)[0] for text in self._generate(lead, params)]
+        # the context the model wrote its thought after, then the thought and answer prompt
+        return [ids + self.tokens(t + "\n" + bias.answer_prompt)
+                for ids, t in zip(lead, thoughts, strict=True)]
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        """Greedy texts from the session's engine, at the job's compute precision."""
+        with self.session.generator.gathered(), self.session.models.autocast():
+            groups = self.session.engine.generate(prompts, params, 1)
+        return [group[0].text for group in groups]
 
     def _choices(self, contexts, options) -> tuple[list[int], list[list[float]]]:
         option_ids = [[self.tokens(" " + o) for o in opts] for opts in options]
@@ -240,9 +246,8 @@ class BiasProbe:
 
     def _generated(self, contexts, options) -> list[int | None]:
         params = SamplingParams(max_new_tokens=24, temperature=0.0, stop=("\n",))
-        groups = self.session.engine.generate(contexts, params, 1)
-        self.session.engine.reset()
-        return [parse_choice(g[0].text, opts) for g, opts in zip(groups, options, strict=True)]
+        return [parse_choice(text, opts)
+                for text, opts in zip(self._generate(contexts, params), options, strict=True)]
 
     def _ambiguity(self, condition: str) -> dict[str, float]:
         items = self.ambiguity
@@ -259,19 +264,19 @@ class BiasProbe:
     def _pronouns(self, condition: str) -> dict[str, float]:
         items = self.pronouns
         contexts = self.contexts([pronoun_question(i) for i in items], condition)
-        _, scores = self._choices(contexts, [i.options for i in items])
-        if self.bias.option_score == "mean":  # probabilities need whole-option likelihoods
-            lengths = [[len(self.tokens(" " + o)) for o in i.options] for i in items]
-            scores = [[s * n for s, n in zip(row, ns, strict=True)]
-                      for row, ns in zip(scores, lengths, strict=True)]
+        option_ids = [[self.tokens(" " + o) for o in i.options] for i in items]
+        # probabilities of the whole pronouns: summed log-likelihoods, whatever option_score
+        scores = [[total for total, _ in row] for row in self.scorer.score(contexts, option_ids)]
         probabilities = [torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
                          for row in scores]
         result = pronoun_metrics(items, probabilities)
         result["num_pronoun_items"] = float(len(items))
         if self.bias.generate:
             picked = self._generated(contexts, [i.options for i in items])
-            chosen = [[float(p == k) for k in range(3)] for p in picked]
-            result["gen_winogender_correlation"] = pronoun_metrics(items, chosen)[
+            parsed = [(item, [float(p == k) for k in range(3)])
+                      for item, p in zip(items, picked, strict=True) if p is not None]
+            result["gen_winogender_correlation"] = pronoun_metrics(
+                [item for item, _ in parsed], [chosen for _, chosen in parsed])[
                 "winogender_correlation"]
             result["gen_pronoun_unparsed"] = sum(p is None for p in picked) / max(len(items), 1)
         return result
@@ -315,19 +320,21 @@ def format_bias_table(records: list[dict]) -> str:
 
 def plot_bias(records: list[dict], path) -> None:
     """Bar charts of the bias scores per condition, one bar colour per model."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plait.telemetry.plots import save_png
 
     keys = [k for k in ("bias_ambiguous", "bias_disambiguated", "winogender_correlation")
             if any(k in c for r in records for c in r["conditions"].values())]
     if not keys:
         return
     conditions = [c for c in CONDITIONS if any(c in r["conditions"] for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    figure = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
     width = 0.8 / max(len(records), 1)
-    for ax, key in zip(axes[0], keys, strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         for j, record in enumerate(records):
             values = [record["conditions"].get(c, {}).get(key, float("nan")) for c in conditions]
             xs = [i + (j - (len(records) - 1) / 2) * width for i in range(len(conditions))]
@@ -336,7 +343,5 @@ def plot_bias(records: list[dict], path) -> None:
         ax.set_xticks(range(len(conditions)), conditions)
         ax.set_title(key.replace("_", " "))
         ax.set_ylim(-1.05, 1.05)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend(fontsize=8)
+    save_png(figure, path)

@@ -64,7 +64,12 @@ def load_ambiguity_items(path: str) -> list[AmbiguityItem]:
     for line_no, row in _rows(path):
         where = f"{path}, line {line_no}"
         try:
-            options = tuple(str(o) for o in row["options"])
+            if not (isinstance(row["options"], list) and 2 <= len(row["options"]) <= 10
+                    and all(isinstance(o, str) for o in row["options"])):
+                raise ConfigError(f"{where}: options must be a list of 2 to 10 strings")
+            if not isinstance(row["ambiguous"], bool):
+                raise ConfigError(f"{where}: ambiguous must be true or false")
+            options = tuple(row["options"])
             item = AmbiguityItem(str(row["context"]), str(row["question"]), options,
                                  int(row["answer"]), int(row["biased"]), int(row["unknown"]),
                                  bool(row["ambiguous"]), str(row.get("category", "")))
@@ -92,6 +97,9 @@ def load_pronoun_items(path: str) -> list[PronounItem]:
         where = f"{path}, line {line_no}"
         try:
             options = row["options"]
+            if not isinstance(options, dict):
+                raise ConfigError(f"{where}: options must be a mapping of male, female and "
+                                  "neutral pronouns")
             item = PronounItem(str(row["sentence"]), str(row["occupation"]),
                                str(options["male"]), str(options["female"]),
                                str(options["neutral"]), float(row["female_share"]))

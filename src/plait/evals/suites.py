@@ -22,7 +22,7 @@ from plait.data.tasks import make_task
 from plait.evals.estimators import maj_at_k, pass_at_k
 from plait.rollout.base import SamplingParams
 from plait.runtime import inputs
-from plait.runtime.generation import Generator
+from plait.runtime.generation import Generator, sample_seeds
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EvalSet:
         return text.strip()
 
     def close(self) -> None:
-        self.generator.rewards.close()
+        self.generator.close()
 
 
 def build_eval_sets(session) -> list[EvalSet]:
@@ -96,15 +96,7 @@ def _build(session, index: int, suite: EvalSuiteConfig) -> EvalSet:
                           gathered=session.generator.gathered,
                           releases_kv_cache=session.generator.releases_kv_cache,
                           diverged=session.generator.diverged)
-    try:
-        pattern = re.compile(suite.answer_pattern) if suite.answer_pattern else None
-    except re.error as err:
-        rewards.close()
-        raise ConfigError(f"{where}.answer_pattern: {err}") from None
-    if pattern is not None and pattern.groups < 1:
-        rewards.close()
-        raise ConfigError(f"{where}.answer_pattern needs a group around the answer, e.g. "
-                          "'answer is (\\S+)'")
+    pattern = re.compile(suite.answer_pattern) if suite.answer_pattern else None
     ks = sorted(set(suite.k or ([1, suite.samples] if suite.samples else [])))
     return EvalSet(suite, rows, generator, task, _correct_at(config, suite, functions, task),
                    ks, pattern)
@@ -141,6 +133,9 @@ def run_eval_set(session, eval_set: EvalSet) -> dict[str, float]:
     sums = torch.zeros(9 + 2 * len(ks), dtype=torch.float64)
     sums[4] = len(mine)
     with torch.random.fork_rng(devices=[]):
+        if not mine:  # no prompts on this rank: it still joins each generation's gather
+            for _ in range(int(suite.greedy) + int(suite.samples > 0)):
+                _join_gather(generator)
         if suite.greedy and mine:
             params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=stop)
             batch = generator.rollout(mine, params, 1, score=True)
@@ -157,7 +152,7 @@ def run_eval_set(session, eval_set: EvalSet) -> dict[str, float]:
                 temperature=r.temperature if suite.temperature is None else suite.temperature,
                 top_p=r.top_p if suite.top_p is None else suite.top_p, top_k=r.top_k,
                 stop=stop)
-            seeds = [(suite.seed * 1_000_003 + lo + i) * 1_000_003 + 7 for i in range(len(mine))]
+            seeds = sample_seeds(suite.seed, 0, lo, len(mine), draw=0)
             batch = generator.rollout(mine, params, suite.samples, seeds=seeds)
             rewards = batch.rewards.double().cpu()
             sums[5] = rewards.sum()
@@ -195,6 +190,13 @@ def run_eval_set(session, eval_set: EvalSet) -> dict[str, float]:
         result["mean_length"] = float(sums[2]) / prompts
         result["truncation_rate"] = float(sums[3]) / prompts
     return result
+
+
+def _join_gather(generator: Generator) -> None:
+    """A rank with no prompts still enters and leaves the generation's parameter gather,
+    which sharded ranks do together."""
+    with generator.gathered():
+        pass
 
 
 def _cut(batch) -> torch.Tensor:

@@ -34,15 +34,18 @@ def evaluate_job(config: Config, checkpoint: str | list[str] | None = None) -> d
     appended to run.dir's eval_results.json, probe results to bias_results.json (with
     bias.png of this call's models). One model gives its result; several, {"results": [...]}."""
     checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
-    records = [_evaluate_one(config, c) for c in checkpoints]
     run_dir = Path(config.run.dir)
-    suites = [{key: r[key] for key in ("model", "checkpoint", "step", "time", "suites")}
-              for r in records if r.get("suites")]
-    if suites:
-        _append_json(run_dir / "eval_results.json", suites)
-    probes = [r["bias"] for r in records if "bias" in r]
+    records, probes = [], []
+    for one in checkpoints:  # each model's results are kept as soon as it is done
+        record = _evaluate_one(config, one)
+        records.append(record)
+        if record.get("suites"):
+            _append_json(run_dir / "eval_results.json", [
+                {key: record[key] for key in ("model", "checkpoint", "step", "time", "suites")}])
+        if "bias" in record:
+            probes.append(record["bias"])
+            _append_json(run_dir / "bias_results.json", [record["bias"]])
     if probes:
-        _append_json(run_dir / "bias_results.json", probes)
         plot_bias(probes, run_dir / "bias.png")
     return records[0] if len(records) == 1 else {"results": records}
 
@@ -111,8 +114,10 @@ def _policy_dir(checkpoint: Path) -> Path:
         verify_checkpoint(checkpoint, models=["policy"])
     policy_dir = checkpoint / "policy"
     if not (policy_dir / "config.json").is_file():
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} has no policy/ model directory; "
-                          "to evaluate a model directory itself, set model.path to it")
+        if not checkpoint.exists():
+            raise ConfigError(f"--checkpoint {str(checkpoint)!r} does not exist")
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is neither a checkpoint (with a "
+                          "policy/ model directory) nor a model directory (with config.json)")
     return policy_dir
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from plait import __version__
-from plait.config import Config, ConfigError, config_to_dict, describe
+from plait.config import BiasConfig, Config, ConfigError, config_to_dict, describe
 
 RUN_MARKER = ".plait-run"
 JOB_DIR_PREFIX = ".plait-job-"  # logs/.plait-job-<host>-<launcher pid>: rank config, heartbeats
@@ -39,7 +39,8 @@ RUN_ENTRIES = frozenset({
     "timeline.png", "summary.json", "placement.jsonl", "checkpoints", "tensorboard", "sft",
     "sft_model", "tiny_model", "logs", "reward_model", "reliability.png", "scores.png",
     "ema_model", "dpo_model", "eval_results.json", "bias_results.json", "bias.png",
-    "report.html", "wandb", "mlruns", "trackers.json"})
+    "eval_results.json.bad", "bias_results.json.bad", "report.html", "wandb", "mlruns",
+    "trackers.json"})
 
 # Settings a run may resume with after they changed: where and how fast the job runs,
 # how long, how often it evaluates, saves and logs, not what it trains or how it
@@ -54,9 +55,7 @@ RESUME_SAFE_KEYS = frozenset({
     "train.nan_policy", "train.max_nan_skips", "rm.steps", "rm.eval_every", "dpo.steps",
     "dpo.eval_every", "sft.steps", "sft.eval_every", "sft.packing",
     # what is evaluated besides training (eval sets, bias probes)
-    "eval.suites", *(f"eval.bias.{name}" for name in (
-        "bbq", "winogender", "conditions", "instruction", "cot_prompt", "cot_max_new_tokens",
-        "answer_prompt", "option_score", "generate", "max_items", "batch_size")),
+    "eval.suites", *(f"eval.bias.{f.name}" for f in fields(BiasConfig)),
     # devices, threads and kernels: the same computation (up to float rounding)
     "train.device", "train.threads", "train.deterministic", "train.compile",
     "model.attn_implementation", "optim.implementation", "rollout.batch_size", "rollout.release_kv_cache",

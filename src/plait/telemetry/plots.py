@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["DEFAULT_PANELS", "plot_metrics", "plot_reliability", "plot_stage_timeline"]
+__all__ = ["DEFAULT_PANELS", "plot_metrics", "plot_reliability", "plot_stage_timeline", "save_png"]
 
 Panels = Sequence[tuple[str, Sequence[str]]]
 
@@ -75,7 +75,7 @@ def plot_metrics(
             _draw_panel(axis, name, series, step_count)
         for axis in axes[len(drawn) :]:
             axis.set_visible(False)
-    return _save_png(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def _panel_series(
@@ -132,7 +132,7 @@ def _draw_panel(axis: Any, name: str, series: list, step_count: int) -> None:
     axis.legend(fontsize="small", loc="best")
 
 
-def _save_png(figure: Any, out_png: Path | str | BinaryIO) -> Any:
+def save_png(figure: Any, out_png: Path | str | BinaryIO) -> Any:
     """Save to a path atomically, so an image viewer polling the file never reads half a
     PNG; a binary file object (e.g. ``io.BytesIO``, for an HTML report) is written as is.
     Returns ``out_png`` (a path as a ``Path``)."""
@@ -190,7 +190,7 @@ def plot_stage_timeline(steps: Sequence[Mapping[str, Any]], out_png: Path | str 
     axis.set_xlabel("seconds")
     axis.grid(axis="x", alpha=0.3)
     axis.set_title(title or "stage timeline")
-    return _save_png(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, *,
@@ -218,7 +218,7 @@ def plot_reliability(table: Sequence[Mapping[str, float]], out_png: Path | str, 
     axis.set_ylabel("share judged right")
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title or "reliability")
-    return _save_png(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def plot_score_distribution(groups: Mapping[str, Sequence[float]], out_png: Path | str, *,
@@ -247,4 +247,4 @@ def plot_score_distribution(groups: Mapping[str, Sequence[float]], out_png: Path
     axis.set_ylabel("responses")
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title or "score distribution")
-    return _save_png(figure, out_png)
+    return save_png(figure, out_png)

@@ -32,7 +32,8 @@ from plait.errors import PlaitError
 __all__ = ["ReportError", "RunData", "default_report_path", "load_run", "render_report",
            "write_report"]
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval_results.json",
+             "bias_results.json")
 """A directory holding none of these is not a run directory."""
 
 SECTIONS = (
@@ -48,6 +49,7 @@ SECTIONS = (
 
 _TIMELINE_STEPS = 5  # the Gantt chart shows the last steps only: more would be unreadable
 _MAX_PNG_BYTES = 20 * 2**20  # a run-directory PNG above this is listed, not embedded
+_REPLOTTED = ("bias.png",)  # drawn from its JSON in its own section, not shown twice
 _PNG_FIRST = ("metrics.png", "timeline.png", "reliability.png", "scores.png")
 _MARKER_MAX_POINTS = 20  # series this short are drawn with markers so single points show
 _DPI = 100
@@ -276,7 +278,8 @@ def _records(run: RunData, name: str, inner: str) -> list[dict] | None:
 def _pngs(path: Path) -> list[Path]:
     """The run directory's top-level PNGs, the usual plots first (a ``.tmp-`` file is a
     plot being written)."""
-    found = [p for p in path.glob("*.png") if p.is_file() and not p.name.startswith(".")]
+    found = [p for p in path.glob("*.png") if p.is_file() and not p.name.startswith(".")
+             and p.name not in _REPLOTTED]
     order = {name: i for i, name in enumerate(_PNG_FIRST)}
     return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
 
