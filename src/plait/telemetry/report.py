@@ -28,6 +28,7 @@ from typing import Any
 
 from plait import __version__
 from plait.errors import PlaitError
+from plait.telemetry.trackers import flatten
 
 __all__ = ["ReportError", "RunData", "default_report_path", "load_run", "render_report",
            "write_report"]
@@ -431,7 +432,7 @@ def _summary_section(runs: list[RunData]) -> str:
     with_summary = [run for run in runs if run.summary is not None]
     if not with_summary:
         return _note("summary.json not recorded (the run is still going, or stopped early).")
-    flat = [_flatten(run.summary) if run.summary is not None else {} for run in runs]
+    flat = [flatten(run.summary) if run.summary is not None else {} for run in runs]
     body = _comparison_table(runs, flat, "key")
     missing = [run.name for run in runs if run.summary is None]
     if missing:
@@ -447,7 +448,7 @@ def _config_section(runs: list[RunData]) -> str:
             parts.append(_note("fewer than two runs have a readable config.yaml: no keys "
                                "to compare."))
         else:
-            flat = [_flatten(run.config) if run.config is not None else {} for run in runs]
+            flat = [flatten(run.config) if run.config is not None else {} for run in runs]
             differing = _differing(flat)
             if differing:
                 parts.append("<h3>Keys that differ</h3>")
@@ -893,16 +894,6 @@ def _figures(figures: list[tuple[str, bytes]], *, wide: bool, captions: bool = F
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys (``optim.lr``); other values as they are."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
 
 
 def _inside(run: RunData, path: Any) -> str:

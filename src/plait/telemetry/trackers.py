@@ -44,7 +44,7 @@ from typing import Any
 from plait.errors import PlaitError
 
 __all__ = ["MLFLOW_DIR", "TRACKERS", "TRACKERS_FILE", "WANDB_DIR", "Tracker", "TrackerMissing",
-           "check_installed", "mlflow_name", "open_tracker"]
+           "check_installed", "flatten", "mlflow_name", "open_tracker"]
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 WANDB_DIR = "wandb"
@@ -163,12 +163,13 @@ def mlflow_name(name: str) -> str:
     return "/".join(segments)[:_MLFLOW_NAME_MAX].rstrip("/") or "_"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys (``optim.lr``); other values as they are."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -212,7 +213,7 @@ class _MlflowTracker(Tracker):
             data = self.client.get_run(self.run_id).data
             logged, names = set(data.params), set(data.metrics)
         params = {mlflow_name(k).replace("/", "_"): _param_value(v)[:max_value]
-                  for k, v in _flatten(config or {}).items()}
+                  for k, v in flatten(config or {}).items()}
         params = [Param(k, v) for k, v in params.items() if k not in logged]
         for start in range(0, len(params), _MLFLOW_BATCH):
             self.client.log_batch(self.run_id, params=params[start:start + _MLFLOW_BATCH])
