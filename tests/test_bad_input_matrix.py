@@ -159,6 +159,9 @@ CONFIG_CASES = [
     Case("ranks-do-not-divide-prompts", lambda t: _job(t, "runtime.num_ranks=3"),
          ("multiple of runtime.num_ranks",), 2),
     Case("cuda-without-gpu", lambda t: _job(t, "train.device=cuda"), ("cuda",), 2),
+    Case("nccl-on-the-cpu", lambda t: _job(t, "runtime.num_ranks=2", "runtime.backend=nccl",
+                                           "train.device=cpu"),
+         ("runtime.backend=nccl", "gloo"), 2),
 ]
 
 DATA_CASES = [

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plait.parallel.dist import shard_bounds
+from plait.config import ConfigError
+from plait.parallel.dist import resolve_backend, shard_bounds
 
 
 def run_cli(*args, timeout=300):
@@ -341,6 +342,34 @@ def test_workers_far_ahead_do_not_deadlock_the_trainer(tiny_job, reward_spec, tm
     steps = [m for m in metrics_of(run_dir) if "rollout/staleness" in m]
     assert [m["rollout/staleness"] for m in steps] == [0, 1, 2, 3, 3, 3, 3, 3]
     assert any(m["rollout/parts"] > 1 for m in steps)
+
+
+@pytest.mark.parametrize("gpus,device,ranks,want", [
+    (0, "auto", 2, "gloo"), (0, "cpu", 4, "gloo"),
+    (2, "auto", 2, "nccl"), (2, "cuda", 1, "nccl"),
+    (1, "auto", 2, "gloo"),  # two ranks share one GPU: NCCL refuses that, gloo carries it
+    (2, "cpu", 2, "gloo"),   # GPUs present, ranks on the CPU
+])
+def test_auto_backend_follows_devices_and_gpus_per_rank(monkeypatch, gpus, device, ranks, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_backend("auto", device, ranks) == want
+    assert resolve_backend("gloo", device, ranks) == "gloo"
+
+
+@pytest.mark.parametrize("gpus,device,ranks,words", [
+    (0, "auto", 2, "no CUDA device"), (2, "cpu", 2, "train.device=cpu"),
+    (1, "auto", 2, "a GPU per rank"), (1, "cuda", 3, "3 ranks share"),
+])
+def test_nccl_that_cannot_work_is_refused_with_the_way_out(monkeypatch, gpus, device, ranks,
+                                                           words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ConfigError, match="runtime.backend=gloo") as err:
+        resolve_backend("nccl", device, ranks)
+    assert words in str(err.value)
+    if gpus:
+        assert resolve_backend("nccl", "cuda", gpus) == "nccl"
 
 
 def test_layout_routes_every_prompt_once():

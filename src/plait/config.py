@@ -662,7 +662,8 @@ class RuntimeConfig:
     weight_bucket_mb: float = opt(64.0, "Size of one weight-broadcast bucket, in MiB.",
                                   low=0.001)
     backend: Literal["auto", "gloo", "nccl"] = opt(
-        "auto", "torch.distributed backend; 'auto' = nccl on CUDA, gloo on CPU.")
+        "auto", "torch.distributed backend; 'auto' = nccl when the ranks run on CUDA with a GPU "
+        "each, else gloo (on the CPU, or several ranks sharing a GPU).")
     heartbeat_timeout_s: float = opt(
         30.0, "A rank whose heartbeat is older than this is declared hung and the job ends. "
         "Ranks beat every second and the launcher checks five times a second, so a rank that "

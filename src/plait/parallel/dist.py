@@ -49,6 +49,33 @@ class Traffic:
         return {"sent": dict(self.sent), "received": dict(self.received)}
 
 
+def resolve_backend(backend: str, device: str, local_world: int) -> str:
+    """The collective backend for ranks on ``device`` (``train.device``), ``local_world``
+    of them on this machine. ``auto`` takes NCCL when the ranks run on CUDA with a GPU
+    each, else gloo (which also carries CUDA tensors, so several ranks can share one
+    GPU). An explicit ``nccl`` that cannot work is refused here, with the way out, rather
+    than failing inside NCCL's initialisation."""
+    from plait.config import ConfigError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_cuda = device == "cuda" or (device == "auto" and gpus > 0)
+    if backend == "auto":
+        return "nccl" if on_cuda and gpus >= local_world else "gloo"
+    if backend == "nccl":
+        if not on_cuda:
+            raise ConfigError(
+                "runtime.backend=nccl carries CUDA tensors only, and the ranks run on the CPU"
+                + (" (no CUDA device here)" if gpus == 0 else " (train.device=cpu)")
+                + ": use runtime.backend=gloo or auto")
+        if gpus < local_world:
+            raise ConfigError(
+                f"runtime.backend=nccl needs a GPU per rank, and {local_world} ranks share "
+                f"this machine's {gpus} GPU{'s' if gpus > 1 else ''}: use "
+                f"runtime.backend=gloo (or auto, which picks gloo here), or "
+                f"{gpus} rank{'s' if gpus > 1 else ''} per machine")
+    return backend
+
+
 class Dist:
     """Rank, world size and counted collectives (no-ops for a single process)."""
 
@@ -76,15 +103,17 @@ class Dist:
         return cls(0, 1)
 
     @classmethod
-    def from_env(cls, *, backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    def from_env(cls, *, backend: str = "auto", timeout_s: float = 1800.0,
+                 device: str = "auto") -> Dist:
         """Join the process group described by ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
-        and ``MASTER_PORT`` (a single process when ``WORLD_SIZE`` is unset or 1)."""
+        and ``MASTER_PORT`` (a single process when ``WORLD_SIZE`` is unset or 1), over the
+        backend :func:`resolve_backend` picks for ``device`` (``train.device``)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if world <= 1:
             return cls.single()
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        backend = resolve_backend(backend, device, local_world)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) %
                                   torch.cuda.device_count())

@@ -130,6 +130,10 @@ def launch_local(config: Config, job: str) -> dict:
         (run_dir / "logs" / "rank0.log").unlink(missing_ok=True)  # a previous run's
         port = runtime.master_port or free_port()
         world = world_size(config)
+        if world > 1:  # a backend that cannot work here fails before any rank starts
+            from plait.parallel.dist import resolve_backend
+
+            resolve_backend(runtime.backend, config.train.device, world)
         for rank in range(world):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
                    "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),

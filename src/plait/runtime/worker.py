@@ -67,7 +67,8 @@ def run_rank(config_path: str, job: str, heartbeat_dir: str | None = None, sink=
         run_job = resolve_job(job)
         beat.set("joining the process group")
         dist = Dist.from_env(backend=config.runtime.backend,
-                             timeout_s=config.runtime.collective_timeout_s)
+                             timeout_s=config.runtime.collective_timeout_s,
+                             device=config.train.device)
         summary = run_job(config, dist)
         beat.finish("done")
         return summary
