@@ -49,7 +49,7 @@ SHAPES = {
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                          max_position_embeddings=32768, rope_theta=1_000_000.0,
                          rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                  max_position_embeddings=2048, tie_word_embeddings=True),
 }
@@ -188,6 +188,25 @@ def copy_bandwidth(device: torch.device) -> float | None:
     return 2 * x.numel() * 20 / (time.perf_counter() - start)
 
 
+def profile(name: str, engine, prompts, device: torch.device, new_tokens: int = 32) -> None:
+    """Where an engine's time goes: the top operators by host time and by device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        seconds = run_plait(engine, prompts, [new_tokens] * len(prompts))
+    engine.release()
+    print(f"[profile] {name}: {len(prompts)} rows x {new_tokens} tokens in {seconds:.2f} s "
+          f"(under the profiler)")
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        print(table.table(sort_by="self_device_time_total", row_limit=15,
+                          max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
@@ -209,6 +228,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operators over a short engine run "
+                             "(every row 32 new tokens) after the timed runs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -247,6 +269,9 @@ def main() -> None:
         print(f"[bench] repeat {repeat + 1}: " + ", ".join(
             f"{name} {times[-1]:.2f} s" for name, times in runs.items()))
     rates = {name: counted / statistics.median(times) for name, times in runs.items()}
+    if args.profile:
+        for name, engine in engines.items():
+            profile(name, engine, prompts, device)
     decode = decode_rate(model, tokenizer, args, args.decode_steps)
     if args.compile:
         decode["compiled"] = decode_rate(model, tokenizer, args, args.decode_steps,

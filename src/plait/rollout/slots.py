@@ -78,11 +78,12 @@ class SlotModel:
         # the decode step compiled once with symbolic batch and cache lengths: no recompile
         # as rows finish, lengths grow or the cache is reallocated; weights updated in
         # place (trainer steps, weight pushes) are read by the compiled code as they are
-        # On the CPU the compiled step also calls its kernels from generated C++ instead
-        # of Python (inductor's cpp_wrapper: less overhead per step) and runs attention
-        # as fused products and sums (decode_attention) instead of one flash-attention
-        # problem per (row, head); on a GPU it keeps sdpa and the Python wrapper.
-        self.decode_attention = bool(compile) and on_cpu
+        # The compiled step runs attention as fused products and sums (decode_attention):
+        # on the CPU instead of one flash-attention problem per (row, head); on a GPU
+        # because sdpa's kernel choice guards on the row count, which is left unbacked
+        # (below). On the CPU it also calls its kernels from generated C++ instead of
+        # Python (inductor's cpp_wrapper: less overhead per step).
+        self.decode_attention = bool(compile)
         options = {"guard_filter_fn": _decode_guards}
         if on_cpu:
             # Inductor inlines an unrealised element-wise producer into its consumer's
