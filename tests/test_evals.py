@@ -291,3 +291,23 @@ def test_config_checks_probe_files_tasks_and_names_before_any_model_loads():
         load_config(None, ["eval.suites=[{name: accuracy, task: addition}]"])
     with pytest.raises(ConfigError, match="needs a group"):
         load_config(None, ["eval.suites=[{name: a, task: addition, answer_pattern: x}]"])
+
+
+def test_scored_completions_equal_the_rollout_batch(tiny_job):
+    """The evaluation's tensor-free path gives the training path's texts, rewards,
+    lengths and truncation flags for the same seeded requests."""
+    from plait.recipes.session import Session
+    from plait.rollout.base import SamplingParams
+
+    config = load_config(None, tiny_job)
+    with Session(config, prepare_run_dir=False) as session:
+        rows = session.eval_rows[:5]
+        params = SamplingParams(max_new_tokens=8, temperature=3.0, stop=tuple("0123456789"))
+        seeds = [11, 12, 13, 14, 15]
+        batch = session.generator.rollout(rows, params, 4, seeds=seeds)
+        scored = session.generator.scored(rows, params, 4, seeds=seeds)
+    assert scored.texts == batch.texts and len(scored.texts) == 20
+    assert torch.equal(scored.rewards, batch.rewards)
+    assert torch.equal(scored.lengths, batch.response_lengths.double())
+    assert torch.equal(scored.truncated, batch.truncated.double())
+    assert 0 < scored.truncated.sum() < 20  # both kinds of ending occur

@@ -138,13 +138,13 @@ def run_eval_set(session, eval_set: EvalSet) -> dict[str, float]:
                 _join_gather(generator)
         if suite.greedy and mine:
             params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=stop)
-            batch = generator.rollout(mine, params, 1, score=True)
+            batch = generator.scored(mine, params, 1)
             rewards = batch.rewards.double().cpu()
             if eval_set.correct_at is not None:
                 sums[0] = (rewards >= eval_set.correct_at - 1e-6).sum()
             sums[1] = rewards.sum()
-            sums[2] = batch.response_lengths.double().sum()
-            sums[3] = _cut(batch).sum()
+            sums[2] = batch.lengths.sum()
+            sums[3] = batch.truncated.sum()
         if suite.samples and mine:
             r = config.rollout
             params = SamplingParams(
@@ -153,11 +153,11 @@ def run_eval_set(session, eval_set: EvalSet) -> dict[str, float]:
                 top_p=r.top_p if suite.top_p is None else suite.top_p, top_k=r.top_k,
                 stop=stop)
             seeds = sample_seeds(suite.seed, 0, lo, len(mine), draw=0)
-            batch = generator.rollout(mine, params, suite.samples, seeds=seeds)
+            batch = generator.scored(mine, params, suite.samples, seeds=seeds)
             rewards = batch.rewards.double().cpu()
             sums[5] = rewards.sum()
-            sums[6] = batch.response_lengths.double().sum()
-            sums[7] = _cut(batch).sum()
+            sums[6] = batch.lengths.sum()
+            sums[7] = batch.truncated.sum()
             sums[8] = len(rewards)
             if eval_set.correct_at is not None:
                 n = suite.samples
@@ -197,13 +197,6 @@ def _join_gather(generator: Generator) -> None:
     which sharded ranks do together."""
     with generator.gathered():
         pass
-
-
-def _cut(batch) -> torch.Tensor:
-    """Per completion: 1 when it was cut at the token limit before its end."""
-    if batch.truncated is None:
-        return torch.zeros(batch.batch_size, dtype=torch.float64)
-    return batch.truncated.double().cpu()
 
 
 def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:

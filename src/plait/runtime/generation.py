@@ -50,6 +50,30 @@ class PendingBatch:
         return self.done == len(self.rows)
 
 
+@dataclass
+class ScoredCompletions:
+    """Completions in row order (each row's ``n`` together) and their total rewards: what
+    an evaluation reads, without the padded training tensors of an Experience."""
+
+    completions: list[Completion]
+    rewards: torch.Tensor  # [rows * n]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens of each completion."""
+        return torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float64)
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """1 for each completion cut at the token limit before its end."""
+        return torch.tensor([c.finish_reason == "length" for c in self.completions],
+                            dtype=torch.float64)
+
+
 def sampling_params(config: Config) -> SamplingParams:
     """The rollout's sampling settings."""
     r = config.rollout
@@ -113,6 +137,23 @@ class Generator:
             self.engine.release()  # hybrid engine: the KV cache makes room for training
         return batch.to(self.device)
 
+    def scored(self, rows: list[dict], params: SamplingParams, n: int, *,
+               seeds: list[int] | None = None) -> ScoredCompletions:
+        """``n`` completions per row and their rewards, streamed and scored as
+        :meth:`rollout` does, but without packing training tensors (evaluation reads only
+        texts, lengths, finish reasons and rewards)."""
+        timer = StageTimer()
+        pending = self.pending_batch(rows)
+        with self.diverged_generation(), self.gathered():
+            for index, group in self._generated_groups(pending.prompts, params, n, seeds):
+                self.take_group(pending, index, group, timer)
+        indices = list(range(len(rows)))
+        results = self._wait_rewards(pending, indices, timer)
+        if self.releases_kv_cache:
+            self.engine.release()
+        return ScoredCompletions([c for group in pending.groups for c in group],
+                                 torch.cat([r.total for r in results]))
+
     def pending_batch(self, rows: list[dict], *, score: bool = True, fuse: bool = False
                       ) -> PendingBatch:
         """A batch of ``rows`` whose groups are about to be generated."""
@@ -158,15 +199,7 @@ class Generator:
                                             self.tokenizer.pad_token_id)
         batch.texts = [c.text for group in groups for c in group]
         if pending.score:
-            with timer.stage("reward_wait"):  # the first failure ends the wait, whichever group
-                futures = [pending.futures[i] for i in indices]
-                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-                _raise_first_failure(futures)
-                timed = [future.result() for future in futures]
-            results = [result for result, _, _ in timed]
-            timer.times["reward_compute"] = timer.times.get("reward_compute", 0.0) + sum(
-                r.seconds for r in results)
-            timer.spans.extend(("reward", start, end) for _, start, end in timed)
+            results = self._wait_rewards(pending, indices, timer)
             batch.rewards = torch.cat([r.total for r in results])
             batch.reward_names, batch.reward_terms = reward_terms(results)
             batch.reward_failures = sum(r.num_failures for r in results)
@@ -178,6 +211,21 @@ class Generator:
             pending.unfused = [i for i in pending.unfused if i not in pending.fused]
             _attach_fused(batch, [pending.fused[i] for i in indices])
         return batch
+
+    def _wait_rewards(self, pending: PendingBatch, indices: list[int], timer: StageTimer):
+        """The reward results of groups ``indices`` of ``pending``, in order, once all are
+        in (the first failure ends the wait, whichever group); their compute time and
+        spans go to ``timer``."""
+        with timer.stage("reward_wait"):
+            futures = [pending.futures[i] for i in indices]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            _raise_first_failure(futures)
+            timed = [future.result() for future in futures]
+        results = [result for result, _, _ in timed]
+        timer.times["reward_compute"] = timer.times.get("reward_compute", 0.0) + sum(
+            r.seconds for r in results)
+        timer.spans.extend(("reward", start, end) for _, start, end in timed)
+        return results
 
     def _fuse(self, prompts, groups, indices: list[int], fused: dict) -> None:
         if not indices:
