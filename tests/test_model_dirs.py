@@ -293,3 +293,21 @@ def test_eval_without_tokenizer_fails_on_load(tiny_dir, tmp_path, capfd, monkeyp
                              f"model.path={directory}"], capfd)
     assert code == 2, line
     assert "tokenizer is empty" in line and "tokenizer.json" in line
+
+
+def test_the_character_tokenizer_keeps_spaces_and_newlines_through_saves(tmp_path):
+    """A saved tiny model's tokenizer loads as its tokenizer.json says, not as the model
+    type's own tokenizer class (Qwen2's byte-level one drops the spaces and newlines of the
+    character vocabulary), also after plait saves it again with a trained model."""
+    from transformers import AutoModelForCausalLM
+
+    from plait.models.loading import save_model_dir
+
+    text = "who is it\nthe nurse 12+7=19"  # within the character vocabulary
+    first = load_tokenizer(save_tiny_model(tmp_path / "tiny"))
+    ids = first(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and first.decode(ids) == text
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    again = load_tokenizer(save_model_dir(model, first, tmp_path / "sft_model"))
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.decode(ids) == text

@@ -20,7 +20,12 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
@@ -84,7 +89,12 @@ def load_tokenizer(path: str | Path, key: str | None = None):
     check_model_config(path, key)
     where = _where(path, key)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # a tokenizer saved by the generic fast class is exactly its tokenizer.json (plait's
+        # character tokenizer is one); AutoTokenizer would build the model type's own class
+        # from it instead (Qwen2's byte-level one drops the character tokenizer's spaces and
+        # newlines), so it is loaded by that generic class
+        loader = PreTrainedTokenizerFast if _generic_tokenizer(path) else AutoTokenizer
+        tokenizer = loader.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"{where}: cannot load the tokenizer ({_first_line(err)}); "
                           f"{_tokenizer_files(path)}") from None
@@ -93,6 +103,18 @@ def load_tokenizer(path: str | Path, key: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _generic_tokenizer(path: str | Path) -> bool:
+    """Whether ``path`` holds a tokenizer.json saved by the generic fast tokenizer class
+    (``PreTrainedTokenizerFast``, ``TokenizersBackend`` in transformers 5)."""
+    directory = Path(path).expanduser()
+    try:
+        saved = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (directory / "tokenizer.json").is_file() and isinstance(saved, dict) and \
+        saved.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def _first_line(err: BaseException) -> str:
