@@ -114,7 +114,7 @@ class Dist:
             return cls.single()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         backend = resolve_backend(backend, device, local_world)
-        if backend == "nccl":
+        if device != "cpu" and torch.cuda.is_available():  # ranks spread over the GPUs
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) %
                                   torch.cuda.device_count())
         tdist.init_process_group(backend, rank=rank, world_size=world,
