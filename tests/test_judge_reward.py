@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from plait.cli import main
 from plait.config import ConfigError, load_config
@@ -68,7 +68,7 @@ def test_the_judge_answers_as_transformers_greedy_generate_does(tmp_path):
     completions = ["cba", "olleh", "", "tialp", "qq"]
     scores = judge(prompts, completions)
     model = AutoModelForCausalLM.from_pretrained(judge_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(judge_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(judge_dir)  # its tokenizer.json as is
     expected = []
     for p, c in zip(prompts, completions, strict=True):
         ids = torch.tensor([tokenizer(judge.prompt(p, c))["input_ids"]])
