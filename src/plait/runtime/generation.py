@@ -129,9 +129,7 @@ class Generator:
         finished groups between decode steps, a micro-batch at a time."""
         timer = timer or StageTimer()
         pending = self.pending_batch(rows, score=score, fuse=fuse)
-        with timer.stage("generate"), self.diverged_generation(), self.gathered():
-            for index, group in self._generated_groups(pending.prompts, params, n, seeds):
-                self.take_group(pending, index, group, timer)
+        self._generate(pending, params, n, seeds, timer)
         batch = self.finish_batch(pending, timer, first_index=first_index, total=total)
         if self.releases_kv_cache:
             self.engine.release()  # hybrid engine: the KV cache makes room for training
@@ -144,15 +142,19 @@ class Generator:
         texts, lengths, finish reasons and rewards)."""
         timer = StageTimer()
         pending = self.pending_batch(rows)
-        with self.diverged_generation(), self.gathered():
-            for index, group in self._generated_groups(pending.prompts, params, n, seeds):
-                self.take_group(pending, index, group, timer)
-        indices = list(range(len(rows)))
-        results = self._wait_rewards(pending, indices, timer)
+        self._generate(pending, params, n, seeds, timer)
+        results = self._wait_rewards(pending, list(range(len(rows))), timer)
         if self.releases_kv_cache:
             self.engine.release()
         return ScoredCompletions([c for group in pending.groups for c in group],
                                  torch.cat([r.total for r in results]))
+
+    def _generate(self, pending: PendingBatch, params: SamplingParams, n: int, seeds,
+                  timer: StageTimer) -> None:
+        """Generate every group of ``pending``, each taken (rewards started) as it ends."""
+        with timer.stage("generate"), self.diverged_generation(), self.gathered():
+            for index, group in self._generated_groups(pending.prompts, params, n, seeds):
+                self.take_group(pending, index, group, timer)
 
     def pending_batch(self, rows: list[dict], *, score: bool = True, fuse: bool = False
                       ) -> PendingBatch:
