@@ -20,7 +20,7 @@ from plait.runtime.inputs import build_judge, build_rewards
 
 SMALL = TinyModelSpec(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1)
-TEMPLATE = "{prompt}{completion}|"
+TEMPLATE = "{prompt}{completion}"  # the judge answers right after the completion
 
 
 @pytest.mark.parametrize(("text", "parse", "score"), [
