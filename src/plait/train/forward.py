@@ -4,6 +4,7 @@ entropies and critic values, aligned with the response tokens."""
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -90,16 +91,18 @@ def _shared_prompt_logits(model, batch: Experience, width: int, first: torch.Ten
 
 
 def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse: torch.Tensor,
-                         max_tokens: int) -> torch.Tensor | None:
-    """Response logits from packed sequences: a prompt, then some of its rows' responses,
-    in sequences of at most ``max_tokens`` (a sequence holds at least one response; how a
-    group is split is :func:`pack_plan`'s choice), each response attending to the prompt
-    and to its own earlier tokens at the positions it has in its own row. Equal to the
+                         max_tokens: int, last_only: bool = False) -> torch.Tensor | None:
+    """Response logits from packed sequences: blocks of a prompt and some of its rows'
+    responses, one or more blocks to a sequence of at most ``max_tokens`` (a sequence
+    holds at least one response; how groups are split and blocks combined is
+    :func:`pack_plan`'s choice), each response attending to its block's prompt and to its
+    own earlier tokens at the positions it has in its own row. Equal to the
     full forward of every row; no row is padded to the longest response, and the many
     small per-row attention problems become one per sequence. The model's own embedding,
-    layers (with these masks), norm and head compute it. ``None`` when plait does not
-    drive the model's layers (other families or attention kernels, sharded modules) or a
-    response mask has holes: the caller takes another path."""
+    layers (with these masks), norm and head compute it. With ``last_only``, only the
+    logits that predict each row's last response token: ``[B, 1, V]``. ``None`` when
+    plait does not drive the model's layers (other families or attention kernels, sharded
+    modules) or a response mask has holes: the caller takes another path."""
     if isinstance(model, FSDPModule):  # its parameters are gathered by its own forward
         return None
     try:
@@ -116,71 +119,153 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     prompt_len = prompt_mask.sum(-1)
     # a row feeds its response but the last token (whose logits predict nothing scored)
     fed_len = (lengths - 1).clamp(min=0)
-    # the plan (host): the sequence of each row and where its fed tokens start
-    unit_of, start_of, unit_group, unit_len = pack_plan(
-        prompt_len.tolist(), fed_len.tolist(), inverse.tolist(), max_tokens,
-        attention_crossover(model.config, base))
-    units, span = len(unit_len), max(unit_len)
-    unit_of = torch.tensor(unit_of, device=device)
-    row_start = unit_of * span + torch.tensor(start_of, device=device)  # flat index
-    unit_group = torch.tensor(unit_group, device=device)
+    # the plan (host): the sequence and block of each row and where its fed tokens start
+    plan = pack_plan(prompt_len.tolist(), fed_len.tolist(), inverse.tolist(), max_tokens,
+                     attention_crossover(model.config, base))
+    units, span = len(plan.unit_len), max(plan.unit_len)
+    blocks = len(plan.block_group)
+    unit_of = torch.tensor(plan.row_unit, device=device)
+    row_start = unit_of * span + torch.tensor(plan.row_start, device=device)  # flat index
+    block_group = torch.tensor(plan.block_group, device=device)
+    block_at = torch.tensor(plan.block_unit, device=device) * span + \
+        torch.tensor(plan.block_start, device=device)  # flat index of each block's start
+    row_block = torch.tensor(plan.row_block, device=device)
     flat = units * span
     ids = torch.zeros(flat, dtype=torch.long, device=device)
     positions = torch.zeros(flat, dtype=torch.long, device=device)
-    segment = torch.full((flat,), -1, dtype=torch.long, device=device)  # -1: padding
-    # each sequence's prompt (its real tokens, in order) at positions 0..P-1: segment 0
-    pmask = prompt_mask[unit_group]
+    block = torch.full((flat,), -1, dtype=torch.long, device=device)  # -1: padding
+    segment = torch.zeros(flat, dtype=torch.long, device=device)
+    # each block's prompt (its real tokens, in order) at positions 0..P-1: segment 0
+    pmask = prompt_mask[block_group]
     ppos = pmask.long().cumsum(-1) - 1
-    at = (torch.arange(units, device=device) * span).unsqueeze(1) + ppos
-    ids[at[pmask]] = batch.prompt_ids[first[unit_group]][pmask]
+    at = block_at.unsqueeze(1) + ppos
+    ids[at[pmask]] = batch.prompt_ids[first[block_group]][pmask]
     positions[at[pmask]] = ppos[pmask]
-    segment[at[pmask]] = 0
-    # each row's fed response tokens after the prompt: segment row + 1
+    block[at[pmask]] = torch.arange(blocks, device=device).unsqueeze(1).expand_as(pmask)[pmask]
+    # each row's fed response tokens after its block's prompt: segment row + 1
     fmask = steps < fed_len.unsqueeze(1)
     at = row_start.unsqueeze(1) + steps
     row_len = prompt_len[inverse].unsqueeze(1)
     ids[at[fmask]] = batch.response_ids[fmask]
     positions[at[fmask]] = (row_len + steps).expand(rows, response_width)[fmask]
+    block[at[fmask]] = row_block.unsqueeze(1).expand(rows, response_width)[fmask]
     segment[at[fmask]] = (torch.arange(rows, device=device) + 1).unsqueeze(1).expand(
         rows, response_width)[fmask]
-    ids, positions, segment = (t.view(units, span) for t in (ids, positions, segment))
-    # a token sees its sequence's prompt and its own segment, at positions not after its
+    ids, positions, block, segment = (t.view(units, span)
+                                      for t in (ids, positions, block, segment))
+    # a token sees its block's prompt and its own segment, at positions not after its
     # own; padding sees only itself (no query row is left empty)
     query_seg, key_seg = segment.unsqueeze(2), segment.unsqueeze(1)
+    key_block = block.unsqueeze(1)
     query_pos, key_pos = positions.unsqueeze(2), positions.unsqueeze(1)
-    visible = ((key_seg == 0) | (key_seg == query_seg)) & (key_seg >= 0) & (key_pos <= query_pos)
+    visible = (key_block == block.unsqueeze(2)) & (key_block >= 0) & \
+        ((key_seg == 0) | (key_seg == query_seg)) & (key_pos <= query_pos)
     visible |= torch.eye(span, dtype=torch.bool, device=device)
-    hidden = masked_hidden(model, base, ids, positions, visible)
     # the hidden state that predicts response token t of a row: its prompt's last token
     # for t = 0, its own token t - 1 after that (positions past its length: any, unscored)
     where = row_start.unsqueeze(1) + steps - 1
-    where[:, 0] = unit_of * span + prompt_len[inverse] - 1
+    where[:, 0] = block_at[row_block] + prompt_len[inverse] - 1
     where = torch.where(steps < lengths.unsqueeze(1), where, where[:, :1])
-    picked = hidden.reshape(flat, hidden.shape[-1])[where]
+    if last_only:
+        where = where[torch.arange(rows, device=device), lengths - 1].unsqueeze(1)
+    read, back = torch.unique(where, return_inverse=True)  # flat positions, ascending
+    if 4 * read.numel() > 3 * flat:  # most positions are read: the whole last layer
+        hidden = masked_hidden(model, base, ids, positions, visible)
+        picked = hidden.reshape(flat, hidden.shape[-1])[where]
+        return head(base.norm(picked))
+    # few positions are read (a score a row): the last layer at those only
+    unit = read // span
+    count = torch.bincount(unit, minlength=units)
+    width = int(count.max())
+    slot = torch.arange(read.numel(), device=device) - (count.cumsum(0) - count)[unit]
+    at = torch.zeros(units, width, dtype=torch.long, device=device)
+    at[unit, slot] = read % span  # unused slots read position 0 (any position would do)
+    hidden = masked_hidden(model, base, ids, positions, visible, read=at)
+    picked = hidden.reshape(units * width, hidden.shape[-1])[(unit * width + slot)[back]]
     return head(base.norm(picked))
 
 
 def masked_hidden(model, base, ids: torch.Tensor, positions: torch.Tensor,
-                  visible: torch.Tensor) -> torch.Tensor:
+                  visible: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder's last hidden states (before the final norm) of ``ids`` ``[U, S]`` at
     ``positions``, each query seeing the keys ``visible`` ``[U, S, S]`` allows (and, in
-    sliding-window layers, only those within the window)."""
+    sliding-window layers, only those within the window).
+
+    With ``read`` (``[U, K]`` positions of each sequence, the only hidden states the
+    caller reads; repeats allowed) the result is ``[U, K, H]`` at those positions: the
+    last layer computes its keys and values at every position but its queries, attention
+    output and MLP only at these (see :func:`_read_layer`), which for a reward model's
+    one score a sequence saves most of the last layer."""
     hidden = base.embed_tokens(ids)
     full = attention_mask(visible.unsqueeze(1), model.config, hidden.dtype)
     window, slides = sliding_layers(model.config)
     query_pos, key_pos = positions.unsqueeze(2), positions.unsqueeze(1)
-    sliding = full if window is None else attention_mask(
-        (visible & (key_pos > query_pos - window)).unsqueeze(1), model.config, hidden.dtype)
+    windowed = visible if window is None else visible & (key_pos > query_pos - window)
+    sliding = full if window is None else attention_mask(windowed.unsqueeze(1), model.config,
+                                                         hidden.dtype)
     position_embeddings = base.rotary_emb(hidden, positions)
     compiled = _COMPILED.get(base) if torch.is_grad_enabled() else None
+    layers = list(zip(compiled or base.layers, slides, strict=True))
+    last = layers.pop() if read is not None else None
     try:
-        for layer, slide in zip(compiled or base.layers, slides, strict=True):
+        for layer, slide in layers:
             out = layer(hidden, attention_mask=sliding if slide else full,
                         position_embeddings=position_embeddings, position_ids=positions)
             hidden = out[0] if isinstance(out, tuple) else out
     except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
         raise compile_failure(err, "train.compile", "the decoder layers") from err
-    return hidden
+    if last is None:
+        return hidden
+    return _read_layer(model, base.layers[-1], hidden, positions, position_embeddings,
+                       windowed if last[1] else visible, read)
+
+
+class _KeysAndValues:
+    """A stand-in KV cache for one layer call: the first :meth:`update` keeps the layer's
+    keys and values and stops the call (:class:`_Kept`); later ones put them before the
+    queries' own keys and values (which the caller's mask hides)."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def update(self, keys, values, layer_idx=None, *args, **kwargs):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            raise _Kept
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
+
+class _Kept(Exception):
+    """Raised out of a layer call once its keys and values are kept."""
+
+
+def _read_layer(model, layer, hidden: torch.Tensor, positions: torch.Tensor,
+                position_embeddings, visible: torch.Tensor, read: torch.Tensor
+                ) -> torch.Tensor:
+    """``layer``'s output at positions ``read`` ``[U, K]`` of ``hidden`` ``[U, S, H]``: a
+    first call of the layer on every position stops once its keys and values are made
+    (the layer's own projections, norms and rotary embedding, through the cache it is
+    given); a second call on the read positions alone attends to those keys, through the
+    same cache and a mask of what each read position sees."""
+    keyword = cache_keyword(layer)
+    kept = _KeysAndValues()
+    try:
+        layer(hidden, attention_mask=None, position_embeddings=position_embeddings,
+              position_ids=positions, **{keyword: kept})
+    except _Kept:
+        pass
+    if kept.keys is None:
+        raise RuntimeError(f"{type(layer).__name__} did not pass its keys and values to "
+                           "its cache; plait cannot read its output at chosen positions")
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+    picked = hidden[rows, read]
+    own = torch.zeros(read.shape + read.shape[1:], dtype=torch.bool, device=read.device)
+    sees = torch.cat([visible[rows, read], own], dim=-1).unsqueeze(1)  # [U, 1, K, S + K]
+    cos, sin = position_embeddings
+    out = layer(picked, attention_mask=attention_mask(sees, model.config, hidden.dtype),
+                position_embeddings=(cos[rows, read], sin[rows, read]),
+                position_ids=positions[rows, read], **{keyword: kept})
+    return out[0] if isinstance(out, tuple) else out
 
 
 # decoder -> its layers wrapped by torch.compile (see compile_layers); the modules
@@ -268,10 +353,10 @@ def packed_sequence_scores(reward_model, batch: Experience, max_tokens: int
                           group_ids=batch.group_ids)
     extended.response_mask[torch.arange(rows, device=ids.device), lengths] = 1.0
     first, inverse = extended.prompt_index()
-    scores = _packed_group_logits(view, extended, first, inverse, max_tokens)
+    scores = _packed_group_logits(view, extended, first, inverse, max_tokens, last_only=True)
     if scores is None:
         return None
-    return scores[torch.arange(rows, device=ids.device), lengths, 0].float()
+    return scores[:, 0, 0].float()
 
 
 def packed_response_scores(reward_model, prompts: list[list[int]],
@@ -314,68 +399,152 @@ def attention_crossover(config, base) -> float:
 _LADDER = 1.1
 
 
+class PackPlan(NamedTuple):
+    """Where :func:`pack_plan` puts each row and prompt: row ``r``'s fed tokens start at
+    ``row_start[r]`` of sequence ``row_unit[r]`` and belong to block ``row_block[r]``;
+    block ``b`` (a prompt and some of its rows' responses) is prompt ``block_group[b]``
+    at ``block_start[b]`` of sequence ``block_unit[b]``; sequence ``u`` holds
+    ``unit_len[u]`` tokens."""
+
+    row_unit: list[int]
+    row_start: list[int]
+    row_block: list[int]
+    block_unit: list[int]
+    block_start: list[int]
+    block_group: list[int]
+    unit_len: list[int]
+
+
 def pack_plan(prompt_len: list[int], fed: list[int], group: list[int], max_tokens: int,
-              crossover: float | None = None
-              ) -> tuple[list[int], list[int], list[int], list[int]]:
+              crossover: float | None = None) -> PackPlan:
     """Which packed sequence each row's response goes to, and where in it.
 
     ``prompt_len[g]``: prompt ``g``'s tokens; ``fed[r]``: row ``r``'s response tokens fed
-    (all but its last); ``group[r]``: row ``r``'s prompt. A sequence is one prompt followed
-    by some of its rows' responses, at most ``max_tokens`` long unless it holds a single
-    response. The sequences run as one ``[sequences, span]`` batch (``span``: the longest),
-    whose cost the plan minimises: ``sequences x span x (1 + span / crossover)`` (tokens
-    through the linear layers, padding included, plus dense attention; see
-    :func:`attention_crossover`). Each group's responses go longest first into the first
-    of its sequences with room (first-fit decreasing), under each capacity of a ladder from
-    ``max_tokens`` down; the cheapest plan wins, the largest capacity on a tie. With no
-    ``crossover``, responses fill sequences up to ``max_tokens`` (fewest sequences).
-
-    Returns ``(sequence_of_row, start_of_row, group_of_sequence, sequence_length)``."""
+    (all but its last); ``group[r]``: row ``r``'s prompt. A block is one prompt followed
+    by some of its rows' responses; a sequence is one or more blocks, at most
+    ``max_tokens`` long unless it holds a single response. The sequences run as one
+    ``[sequences, span]`` batch (``span``: the longest), whose cost the plan minimises:
+    ``sequences x span x (1 + span / crossover)`` (tokens through the linear layers,
+    padding included, plus dense attention; see :func:`attention_crossover`). First the
+    blocks: under each capacity of a ladder from ``max_tokens`` down, each group's
+    responses go longest first into the first of its blocks with room, a block to a
+    sequence; then the cheapest blocks share sequences, longest first into the first with
+    room (first-fit decreasing), under capacities growing from the longest block while
+    the cost falls. The cheapest plan wins, the first found on a tie. With no
+    ``crossover``, the blocks of the largest capacity fill sequences up to
+    ``max_tokens`` (fewest sequences)."""
     rows_of: dict[int, list[int]] = {}
     for row, g in enumerate(group):
         rows_of.setdefault(g, []).append(row)
     for members in rows_of.values():
         members.sort(key=lambda r: -fed[r])  # stable: equal lengths keep row order
 
-    def fill(capacity: int):
-        unit_of, start_of = [0] * len(group), [0] * len(group)
-        unit_group: list[int] = []
-        unit_len: list[int] = []
+    def blocks(capacity: int):
+        """Each group's rows in blocks: (group, rows, block length)."""
+        made = []
         for g, members in rows_of.items():
-            first = len(unit_len)
+            first = len(made)
             for row in members:
-                for u in range(first, len(unit_len)):
-                    if unit_len[u] + fed[row] <= capacity:
+                for b in range(first, len(made)):
+                    if made[b][2] + fed[row] <= capacity:
                         break
-                else:  # a new sequence takes its first response whatever its length
-                    u = len(unit_len)
-                    unit_group.append(g)
-                    unit_len.append(prompt_len[g])
-                unit_of[row], start_of[row] = u, unit_len[u]
-                unit_len[u] += fed[row]
-        return unit_of, start_of, unit_group, unit_len
+                else:  # a new block takes its first response whatever its length
+                    b = len(made)
+                    made.append([g, [], prompt_len[g]])
+                made[b][1].append(row)
+                made[b][2] += fed[row]
+        return made
 
-    def cost(plan) -> float:
-        span = max(plan[3])
-        return len(plan[3]) * span * (1.0 + span / crossover)
+    def bins(lengths: list[int], capacity: int | None) -> tuple[list[int], list[int]]:
+        """Blocks of ``lengths`` in sequences, first-fit decreasing under ``capacity``
+        (``None``: one sequence each): the sequence of each block and their lengths."""
+        unit_of, unit_len = [0] * len(lengths), []
+        for b in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+            length, u = lengths[b], len(unit_len)
+            if capacity is not None and length <= capacity:
+                room = capacity - length
+                for at, used in enumerate(unit_len):
+                    if used <= room:
+                        u = at
+                        break
+            if u == len(unit_len):
+                unit_len.append(length)
+            else:
+                unit_len[u] += length
+            unit_of[b] = u
+        return unit_of, unit_len
 
-    # capacities above the longest whole group or below every pair of responses change
-    # nothing: the ladder spans the capacities between
+    def cost(unit_len: list[int]) -> float:
+        span = max(unit_len)
+        return len(unit_len) * span * (1.0 + span / (crossover or float("inf")))
+
+    def shared(made, best, best_cost):
+        """``best`` or a cheaper plan of blocks ``made`` sharing sequences, under
+        capacities growing from the longest block within the cap (a smaller capacity
+        leaves the span and only packs worse) to the cap, until the cost has not fallen
+        three times running."""
+        lengths = sorted(length for _, _, length in made)
+        limit, rises = min(max_tokens, sum(lengths)), 0
+        fitting = [length for length in lengths if length <= limit]
+        if len(lengths) < 2 or len(fitting) < 2:
+            return best, best_cost
+        capacity = max(fitting[-1], fitting[0] + fitting[1])
+        while capacity <= limit and rises < 3:
+            unit_of, unit_len = bins([length for _, _, length in made], capacity)
+            if (plan_cost := cost(unit_len)) < best_cost:
+                best, best_cost, rises = (made, unit_of, unit_len), plan_cost, 0
+            else:
+                rises += 1
+            capacity = limit if capacity < limit < capacity * _SHARE else \
+                int(capacity * _SHARE) + 1
+        return best, best_cost
+
+    # blocks, a sequence each: capacities above the longest whole group or below every
+    # pair of responses change nothing, so the ladder spans the capacities between (a
+    # capacity from the last block's length up gives the same blocks)
     whole = max(prompt_len[g] + sum(fed[r] for r in members) for g, members in rows_of.items())
-    best = fill(min(max_tokens, whole))
+    capacity = min(max_tokens, whole)
+    made = blocks(capacity)
     if crossover is None:
-        return best
-    best_cost = cost(best)
+        lengths = [length for _, _, length in made]
+        return _placed(made, *bins(lengths, min(max_tokens, sum(lengths))), prompt_len, fed,
+                       len(group))
+    first = made
+    best = (made, *bins([length for _, _, length in made], None))
+    best_cost = cost(best[2])
     pair = min((prompt_len[g] + fed[m[-1]] + fed[m[-2]] for g, m in rows_of.items()
                 if len(m) > 1), default=None)
-    capacity, plan = min(max_tokens, whole), best
     while pair is not None and capacity >= pair:
-        # a capacity from the last plan's span up gives that same plan
-        capacity = max(pair - 1, min(int(capacity / _LADDER), max(plan[3]) - 1))
-        plan = fill(capacity)
-        if (plan_cost := cost(plan)) < best_cost:
-            best, best_cost = plan, plan_cost
-    return best
+        longest = max(length for _, _, length in made)
+        capacity = max(pair - 1, min(int(capacity / _LADDER), longest - 1))
+        made = blocks(capacity)
+        if (plan_cost := cost([length for _, _, length in made])) < best_cost:
+            best, best_cost = (made, *bins([length for _, _, length in made], None)), plan_cost
+    # the cheapest blocks and the largest ones (whole groups) sharing sequences
+    for made in (best[0], first) if best[0] is not first else (first,):
+        best, best_cost = shared(made, best, best_cost)
+    return _placed(*best, prompt_len, fed, len(group))
+
+
+def _placed(made: list, block_unit: list[int], unit_len: list[int], prompt_len: list[int],
+            fed: list[int], rows: int) -> PackPlan:
+    """The :class:`PackPlan` of blocks ``made`` (group, rows, length) in sequences
+    ``block_unit``, each block after the blocks before it in its sequence."""
+    block_start, used = [0] * len(made), [0] * len(unit_len)
+    row_unit, row_start, row_block = [0] * rows, [0] * rows, [0] * rows
+    for b, (g, members, length) in enumerate(made):
+        u = block_unit[b]
+        block_start[b], at = used[u], used[u] + prompt_len[g]
+        used[u] += length
+        for row in members:
+            row_unit[row], row_start[row], row_block[row] = u, at, b
+            at += fed[row]
+    return PackPlan(row_unit, row_start, row_block, block_unit, block_start,
+                    [g for g, _, _ in made], unit_len)
+
+
+# the capacities under which blocks share sequences grow by this factor
+_SHARE = 1.25
 
 
 class ResponseLogits(torch.nn.Module):
