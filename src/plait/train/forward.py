@@ -169,7 +169,7 @@ def _packed_group_logits(model, batch: Experience, first: torch.Tensor, inverse:
     if last_only:
         where = where[torch.arange(rows, device=device), lengths - 1].unsqueeze(1)
     read, back = torch.unique(where, return_inverse=True)  # flat positions, ascending
-    if 4 * read.numel() > 3 * flat:  # most positions are read: the whole last layer
+    if 2 * read.numel() > flat:  # most positions are read: the whole last layer
         hidden = masked_hidden(model, base, ids, positions, visible)
         picked = hidden.reshape(flat, hidden.shape[-1])[where]
         return head(base.norm(picked))
