@@ -216,3 +216,24 @@ def test_a_finished_run_can_be_overwritten(tmp_path):
     assert (tmp_path / "rm" / "scores.png").is_file()
     summary = train_reward_model(rm_job(tmp_path / "rm", *job, "run.overwrite=true"))
     assert summary["steps"] == 2
+
+
+def test_a_job_freezes_its_set_up_heap_while_it_runs_and_gives_it_back(tmp_path, monkeypatch):
+    """After its first step a job's objects are out of the cyclic collector's walks
+    (gc.freeze); once it closes they are collectable again, so jobs run one after another
+    in one process leak nothing."""
+    import gc
+
+    from plait.recipes.reward_model import RewardModelTrainer
+
+    frozen = []
+    step = RewardModelTrainer.step
+
+    def counted(self):
+        frozen.append(gc.get_freeze_count())
+        return step(self)
+
+    monkeypatch.setattr(RewardModelTrainer, "step", counted)
+    train_reward_model(rm_job(tmp_path / "rm", "rm.steps=3", "rm.eval_every=0"))
+    assert frozen[0] == 0 and frozen[1] > 1000 and frozen[2] > 1000
+    assert gc.get_freeze_count() == 0

@@ -23,7 +23,7 @@ from plait.recipes import checkpointing
 from plait.recipes.sft import warm_start
 from plait.recipes.stepjob import metrics_logger
 from plait.rollout.base import SamplingParams
-from plait.runtime import inputs
+from plait.runtime import heap, inputs
 from plait.runtime.generation import Generator
 from plait.runtime.run_dir import (
     built_tiny_model,
@@ -281,12 +281,15 @@ class Session:
                           silent=not self.dist.is_main)
         rl_started = time.time()
         tokens = 0.0
+        first = self.global_step + 1
         while self.global_step < cfg.train.steps:
             report(f"step {self.global_step + 1}")
             step_started = time.perf_counter()
             metrics = self.step(self.global_step)
             step_done(time.perf_counter() - step_started)
             self.global_step += 1
+            if self.global_step == first:
+                heap.settle()  # models, optimizer state and compiled code are set up
             self._record_timeline(metrics.pop("_spans", None))
             tokens += metrics.get("tokens", 0.0)
             if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 \
@@ -410,6 +413,7 @@ class Session:
             eval_set.close()
         if self.metrics is not None:
             self.metrics.close()
+        heap.release()
 
     def __enter__(self):
         return self

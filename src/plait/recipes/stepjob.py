@@ -26,7 +26,7 @@ from plait.models.loading import load_tokenizer, resolve_model_dir
 from plait.parallel.dist import Dist
 from plait.recipes.checkpointing import check_resumable, resume_checkpoint
 from plait.rollout.base import SamplingParams
-from plait.runtime import inputs
+from plait.runtime import heap, inputs
 from plait.runtime.run_dir import check_run_dir, mark_run_dir
 from plait.telemetry.metrics import MetricsLogger
 from plait.telemetry.progress import ProgressBar
@@ -280,9 +280,12 @@ class StepJob:
             self.log(0, self._evaluate("before"))
         bar = ProgressBar(section.steps, self.COMMAND, initial=self.global_step,
                           disable=None if cfg.run.progress else True, silent=not main)
+        first = self.global_step + 1
         while self.global_step < section.steps:
             metrics = self.step()
             self.global_step += 1
+            if self.global_step == first:
+                heap.settle()  # models, optimizer state and compiled layers are set up
             if section.eval_every and self.global_step % section.eval_every == 0 \
                     and self.global_step < section.steps:
                 metrics.update(self._evaluate(f"step_{self.global_step}"))
@@ -315,6 +318,7 @@ class StepJob:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        heap.release()
 
     def __enter__(self):
         return self

@@ -14,6 +14,7 @@ hybrid engine releases between generations.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -43,12 +44,15 @@ class SlotCache:
         self.positions: torch.Tensor | None = None  # [B, T] cache index of each new token
         self.kv_len = 0
         self.contiguous = False                     # slots == arange(B)
+        self.whole = False  # the new tokens are each row's whole context (a prefill)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         rows = self.slots[:, None]
         k_cache[rows, :, self.positions] = key_states.transpose(1, 2).to(k_cache.dtype)
         v_cache[rows, :, self.positions] = value_states.transpose(1, 2).to(v_cache.dtype)
+        if self.whole:  # what was just written is all there is to attend to
+            return key_states.to(k_cache.dtype), value_states.to(v_cache.dtype)
         if self.contiguous:  # narrow: sizes exactly n and kv_len, also as symbols
             n = self.slots.shape[0]
             return (k_cache.narrow(0, 0, n).narrow(2, 0, self.kv_len),
@@ -168,7 +172,7 @@ class SlotModel:
         positions = torch.arange(width).expand(len(contexts), width)
         lengths = torch.tensor([len(c) for c in contexts])
         hidden = self.run(input_ids.to(device), positions.to(device), slots.to(device),
-                          kv_len=width, contiguous=False)
+                          kv_len=width, contiguous=False, whole=True)
         last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
         return self.lm_head(self.base.norm(last)).float()
 
@@ -214,7 +218,12 @@ class SlotModel:
                 logits, tokens, drawn = self.compiled(
                     tokens, positions, settings, counters, kv_len=kv_len, sample=plan.sample,
                     steps=steps)
-            self.traced.add(graph)
+            if graph not in self.traced:
+                self.traced.add(graph)
+                # the compiler's records live as long as the engine: out of the cyclic
+                # collector's walks from now on (see plait.runtime.heap)
+                gc.collect()
+                gc.freeze()
             return logits, (tokens, drawn) if plan.drawable else None
         except torch._dynamo.exc.TorchDynamoException as err:  # incl. inductor errors
             raise compile_failure(err, "rollout.compile", "the engine's decode step") from err
@@ -253,11 +262,14 @@ class SlotModel:
             draws.append(drawn)
         return logits, tokens, draws[0] if steps == 1 else torch.stack(draws, -1)
 
-    def run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool):
-        """The decoder layers over new tokens at ``positions`` of the given slots."""
+    def run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool,
+            whole: bool = False):
+        """The decoder layers over new tokens at ``positions`` of the given slots
+        (``whole``: positions 0..kv_len-1 of every row, so attention reads the new keys
+        and values as they are instead of gathering them back from the slots)."""
         cache = SlotCache(self.keys, self.values)
         cache.slots, cache.positions, cache.kv_len = slots, positions, kv_len
-        cache.contiguous = contiguous
+        cache.contiguous, cache.whole = contiguous, whole
         hidden = self.base.embed_tokens(input_ids)
         position_embeddings = self.base.rotary_emb(hidden, positions)
         # key j is visible to the token at position p iff j <= p (earlier tokens of its row),
