@@ -31,10 +31,10 @@ def response_logits(model, batch: Experience, temperature: float = 1.0,
     ``share_prompts``: rows with the same prompt (a GRPO group) compute that prompt once;
     the result equals the full forward of every ``[prompt | response]`` row (gradients
     flow through the shared prompt into every response that attends to it). With
-    ``pack_tokens`` > 0 a prompt and its responses are packed into sequences of at most
-    that many tokens (see :func:`_packed_group_logits`); otherwise, or for a model whose
-    layers plait does not drive, the responses run as padded rows against the prompt's
-    cached keys and values."""
+    ``pack_tokens`` > 0 each prompt and its responses are packed, several prompts to a
+    sequence of at most that many tokens (see :func:`_packed_group_logits`); otherwise, or
+    for a model whose layers plait does not drive, the responses run as padded rows
+    against the prompt's cached keys and values."""
     width = batch.response_ids.shape[1]
     logits = None
     if share_prompts and batch.batch_size > 1:
