@@ -342,7 +342,7 @@ def test_pack_plan_is_valid_and_close_to_the_cheapest_partition():
             span = max(lengths)
             return len(lengths) * span * (1 + span / crossover)
 
-        def length(unit):
+        def length(unit, plen=plen, group=group, fed=fed):
             return sum(plen[g] for g in {group[r] for r in unit}) + sum(fed[r] for r in unit)
 
         cheapest = min(cost([length(u) for u in p]) for p in _partitions(list(range(len(group))))

@@ -439,65 +439,11 @@ def pack_plan(prompt_len: list[int], fed: list[int], group: list[int], max_token
     for members in rows_of.values():
         members.sort(key=lambda r: -fed[r])  # stable: equal lengths keep row order
 
-    def blocks(capacity: int):
-        """Each group's rows in blocks: (group, rows, block length)."""
-        made = []
-        for g, members in rows_of.items():
-            first = len(made)
-            for row in members:
-                for b in range(first, len(made)):
-                    if made[b][2] + fed[row] <= capacity:
-                        break
-                else:  # a new block takes its first response whatever its length
-                    b = len(made)
-                    made.append([g, [], prompt_len[g]])
-                made[b][1].append(row)
-                made[b][2] += fed[row]
-        return made
+    def blocks(capacity: int) -> list:
+        return _blocks(rows_of, prompt_len, fed, capacity)
 
-    def bins(lengths: list[int], capacity: int | None) -> tuple[list[int], list[int]]:
-        """Blocks of ``lengths`` in sequences, first-fit decreasing under ``capacity``
-        (``None``: one sequence each): the sequence of each block and their lengths."""
-        unit_of, unit_len = [0] * len(lengths), []
-        for b in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
-            length, u = lengths[b], len(unit_len)
-            if capacity is not None and length <= capacity:
-                room = capacity - length
-                for at, used in enumerate(unit_len):
-                    if used <= room:
-                        u = at
-                        break
-            if u == len(unit_len):
-                unit_len.append(length)
-            else:
-                unit_len[u] += length
-            unit_of[b] = u
-        return unit_of, unit_len
-
-    def cost(unit_len: list[int]) -> float:
-        span = max(unit_len)
-        return len(unit_len) * span * (1.0 + span / (crossover or float("inf")))
-
-    def shared(made, best, best_cost):
-        """``best`` or a cheaper plan of blocks ``made`` sharing sequences, under
-        capacities growing from the longest block within the cap (a smaller capacity
-        leaves the span and only packs worse) to the cap, until the cost has not fallen
-        three times running."""
-        lengths = sorted(length for _, _, length in made)
-        limit, rises = min(max_tokens, sum(lengths)), 0
-        fitting = [length for length in lengths if length <= limit]
-        if len(lengths) < 2 or len(fitting) < 2:
-            return best, best_cost
-        capacity = max(fitting[-1], fitting[0] + fitting[1])
-        while capacity <= limit and rises < 3:
-            unit_of, unit_len = bins([length for _, _, length in made], capacity)
-            if (plan_cost := cost(unit_len)) < best_cost:
-                best, best_cost, rises = (made, unit_of, unit_len), plan_cost, 0
-            else:
-                rises += 1
-            capacity = limit if capacity < limit < capacity * _SHARE else \
-                int(capacity * _SHARE) + 1
-        return best, best_cost
+    def lengths(made: list) -> list[int]:
+        return [length for _, _, length in made]
 
     # blocks, a sequence each: capacities above the longest whole group or below every
     # pair of responses change nothing, so the ladder spans the capacities between (a
@@ -506,24 +452,90 @@ def pack_plan(prompt_len: list[int], fed: list[int], group: list[int], max_token
     capacity = min(max_tokens, whole)
     made = blocks(capacity)
     if crossover is None:
-        lengths = [length for _, _, length in made]
-        return _placed(made, *bins(lengths, min(max_tokens, sum(lengths))), prompt_len, fed,
-                       len(group))
+        return _placed(made, *_bins(lengths(made), min(max_tokens, sum(lengths(made)))),
+                       prompt_len, fed, len(group))
     first = made
-    best = (made, *bins([length for _, _, length in made], None))
-    best_cost = cost(best[2])
+    best = (made, *_bins(lengths(made), None))
+    best_cost = _cost(best[2], crossover)
     pair = min((prompt_len[g] + fed[m[-1]] + fed[m[-2]] for g, m in rows_of.items()
                 if len(m) > 1), default=None)
     while pair is not None and capacity >= pair:
-        longest = max(length for _, _, length in made)
-        capacity = max(pair - 1, min(int(capacity / _LADDER), longest - 1))
+        capacity = max(pair - 1, min(int(capacity / _LADDER), max(lengths(made)) - 1))
         made = blocks(capacity)
-        if (plan_cost := cost([length for _, _, length in made])) < best_cost:
-            best, best_cost = (made, *bins([length for _, _, length in made], None)), plan_cost
+        if (plan_cost := _cost(lengths(made), crossover)) < best_cost:
+            best, best_cost = (made, *_bins(lengths(made), None)), plan_cost
     # the cheapest blocks and the largest ones (whole groups) sharing sequences
     for made in (best[0], first) if best[0] is not first else (first,):
-        best, best_cost = shared(made, best, best_cost)
+        best, best_cost = _shared(made, best, best_cost, max_tokens, crossover)
     return _placed(*best, prompt_len, fed, len(group))
+
+
+def _blocks(rows_of: dict[int, list[int]], prompt_len: list[int], fed: list[int],
+            capacity: int) -> list:
+    """Each group's rows (longest first) in blocks of at most ``capacity`` tokens, a
+    block's first response whatever its length: ``[group, rows, block length]`` each."""
+    made: list = []
+    for g, members in rows_of.items():
+        first = len(made)
+        for row in members:
+            for b in range(first, len(made)):
+                if made[b][2] + fed[row] <= capacity:
+                    break
+            else:  # a new block takes its first response whatever its length
+                b = len(made)
+                made.append([g, [], prompt_len[g]])
+            made[b][1].append(row)
+            made[b][2] += fed[row]
+    return made
+
+
+def _bins(lengths: list[int], capacity: int | None) -> tuple[list[int], list[int]]:
+    """Blocks of ``lengths`` in sequences, first-fit decreasing under ``capacity``
+    (``None``: one sequence each): the sequence of each block and their lengths."""
+    unit_of, unit_len = [0] * len(lengths), []
+    for b in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        length, u = lengths[b], len(unit_len)
+        if capacity is not None and length <= capacity:
+            room = capacity - length
+            for at, used in enumerate(unit_len):
+                if used <= room:
+                    u = at
+                    break
+        if u == len(unit_len):
+            unit_len.append(length)
+        else:
+            unit_len[u] += length
+        unit_of[b] = u
+    return unit_of, unit_len
+
+
+def _cost(unit_len: list[int], crossover: float) -> float:
+    """:func:`pack_plan`'s cost of sequences of these lengths run as one batch."""
+    span = max(unit_len)
+    return len(unit_len) * span * (1.0 + span / crossover)
+
+
+def _shared(made: list, best: tuple, best_cost: float, max_tokens: int,
+            crossover: float) -> tuple[tuple, float]:
+    """``best`` or a cheaper plan of blocks ``made`` sharing sequences, under capacities
+    growing from the longest block within the cap (a smaller capacity leaves the span and
+    only packs worse) to the cap, until the cost has not fallen three times running."""
+    lengths = [length for _, _, length in made]
+    ordered = sorted(lengths)
+    limit, rises = min(max_tokens, sum(lengths)), 0
+    fitting = [length for length in ordered if length <= limit]
+    if len(fitting) < 2:
+        return best, best_cost
+    capacity = max(fitting[-1], fitting[0] + fitting[1])
+    while capacity <= limit and rises < 3:
+        unit_of, unit_len = _bins(lengths, capacity)
+        if (plan_cost := _cost(unit_len, crossover)) < best_cost:
+            best, best_cost, rises = (made, unit_of, unit_len), plan_cost, 0
+        else:
+            rises += 1
+        capacity = limit if capacity < limit < capacity * _SHARE else \
+            int(capacity * _SHARE) + 1
+    return best, best_cost
 
 
 def _placed(made: list, block_unit: list[int], unit_len: list[int], prompt_len: list[int],
