@@ -18,7 +18,9 @@ for DPO, the greedy answers' hidden true score on held-out prompts.
 ``--plait-variant NAME:KEY=VALUE[,...]`` adds a plait side with those settings (e.g.
 ``compiled:train.compile=true``), ``--trl-compile`` a TRL side with ``torch_compile=True``.
 Each worker compiles into an empty on-disk cache, so its first step's time (reported
-apart, as is the whole run's) holds a cold compilation.
+apart, as is the whole run's) holds a cold compilation. ``--rounds N`` runs every side N
+times a seed in alternating order and compares times within each round, so that the
+host's drift between minutes cancels out.
 
 Settings (plait key -> TRL field): batch_size 32 -> per_device_train_batch_size 32;
 lr -> learning_rate; optim constant schedule, no warmup -> lr_scheduler_type constant,
@@ -28,6 +30,7 @@ sigmoid; reference log-probs once -> precompute_ref_log_probs True; float32, CPU
 no gradient checkpointing, no dropout.
 
     /work/venv-trl/bin/python benchmarks/preference_vs_trl.py --seeds 0 1 2 --steps 100 \\
+        --rounds 3 \\
         --out benchmarks/results/preference_vs_trl_cpu.json \\
         --plait-variant compiled:train.compile=true --trl-compile
 """
@@ -288,6 +291,44 @@ def run_worker(side: str, job: str, info: dict, steps: int, seed: int, threads: 
     return json.loads(result_file.read_text())
 
 
+def run_seed(job: str, seed: int, sides: dict, info: dict, args) -> dict:
+    """One job and seed: every side ``args.rounds`` times, in alternating order.
+
+    The host's speed drifts between minutes, so each round's times are compared within
+    the round (side / TRL's default, run minutes apart at most) and a side's ratio is
+    the median of its in-round ratios. The first round's models are evaluated (every
+    round trains the same model: same seed, same data)."""
+    entry: dict = {"job": job, "seed": seed, "rounds": []}
+    order = list(sides)
+    for round_index in range(args.rounds):
+        times = {}
+        for side in (order if round_index % 2 == 0 else order[::-1]):
+            kind, settings = sides[side]
+            out = args.work / f"{job}_{side}_seed{seed}"
+            result = run_worker(kind, job, info, args.steps, seed, args.threads, out,
+                                settings)
+            seconds = result["seconds_per_step"]
+            times[side] = {"median_s_per_step": statistics.median(seconds[1:]),
+                           "first_step_s": seconds[0], "all_steps_s": sum(seconds)}
+            if round_index == 0:
+                entry[side] = evaluate(job, Path(result["model_dir"]), info)
+            print(job, seed, f"round {round_index}", side, times[side],
+                  entry[side] if round_index == 0 else "", flush=True)
+        for side in sides:  # every side against TRL's default, within the round
+            times[side]["time_ratio"] = times[side]["median_s_per_step"] / \
+                times["trl"]["median_s_per_step"]
+            times[side]["all_steps_ratio"] = times[side]["all_steps_s"] / \
+                times["trl"]["all_steps_s"]
+        entry["rounds"].append(times)
+    for side in sides:
+        for key in ("median_s_per_step", "first_step_s", "all_steps_s", "time_ratio",
+                    "all_steps_ratio"):
+            entry[side][key] = statistics.median(t[side][key] for t in entry["rounds"])
+        entry[side]["round_time_ratios"] = [t[side]["time_ratio"] for t in entry["rounds"]]
+    entry["time_ratio"] = entry["plait"]["time_ratio"]
+    return entry
+
+
 def parse_variants(texts: list[str]) -> dict[str, list[str]]:
     """``NAME:KEY=VALUE[,KEY=VALUE...]`` arguments as ``{NAME: [KEY=VALUE, ...]}``."""
     variants: dict[str, list[str]] = {}
@@ -308,6 +349,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every side this many times a seed, in alternating "
+                             "order; ratios are medians of in-round ratios")
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--pairs", type=int, default=4096)
     parser.add_argument("--eval-pairs", type=int, default=512)
@@ -347,26 +391,8 @@ def main(argv=None) -> int:
     if args.trl_compile:
         sides["trl-compiled"] = ("trl", ["torch_compile=true"])
     info = prepare(args.work, args.sft_steps, args.pairs, args.eval_pairs)
-    runs = []
-    for seed in args.seeds:
-        for job in args.jobs:
-            entry = {"job": job, "seed": seed}
-            for side, (kind, settings) in sides.items():
-                out = args.work / f"{job}_{side}_seed{seed}"
-                result = run_worker(kind, job, info, args.steps, seed, args.threads, out,
-                                    settings)
-                seconds = result["seconds_per_step"]
-                entry[side] = {"median_s_per_step": statistics.median(seconds[1:]),
-                               "first_step_s": seconds[0], "all_steps_s": sum(seconds),
-                               **evaluate(job, Path(result["model_dir"]), info)}
-                print(job, seed, side, entry[side], flush=True)
-            for side in sides:  # every side against TRL's default
-                entry[side]["time_ratio"] = entry[side]["median_s_per_step"] / \
-                    entry["trl"]["median_s_per_step"]
-                entry[side]["all_steps_ratio"] = entry[side]["all_steps_s"] / \
-                    entry["trl"]["all_steps_s"]
-            entry["time_ratio"] = entry["plait"]["time_ratio"]
-            runs.append(entry)
+    runs = [run_seed(job, seed, sides, info, args) for seed in args.seeds
+            for job in args.jobs]
     summary = {}
     for job in args.jobs:
         mine = [r for r in runs if r["job"] == job]
@@ -387,7 +413,7 @@ def main(argv=None) -> int:
                     summary[job][f"{side}_{key}_mean"] = statistics.mean(values)
                     summary[job][f"{side}_{key}_range"] = [min(values), max(values)]
     report = {"summary": summary, "runs": runs, "sides": sides, "steps": args.steps,
-              "threads": args.threads,
+              "threads": args.threads, "rounds": args.rounds,
               "pairs": args.pairs, "eval_pairs": args.eval_pairs, "batch_size": BATCH,
               "lr": LR, "versions": {"torch": torch.__version__, "trl": trl.__version__,
                                      "transformers": transformers.__version__},
