@@ -11,7 +11,7 @@ its SFT warm start on 2-digit addition (``examples/grpo_addition.yaml``), cached
 which side runs first; the ratio is of median seconds.
 
     python benchmarks/eval_passk.py --prompts 500 --samples 16 --rounds 3 --compile \
-        --out benchmarks/results/eval_passk_cpu.json
+        --compile-prefill --out benchmarks/results/eval_passk_cpu.json
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add plait's engine with rollout.compile=true (its first call, "
                              "which compiles, is reported apart)")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="add plait's engine with rollout.compile=true and "
+                             "rollout.compile_prefill=true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,6 +88,9 @@ def main() -> None:
     sides = {"plait": ["rollout.engine=plait"], "hf": ["rollout.engine=hf"]}
     if args.compile:
         sides["plait_compiled"] = ["rollout.engine=plait", "rollout.compile=true"]
+    if args.compile_prefill:
+        sides["plait_compiled_prefill"] = ["rollout.engine=plait", "rollout.compile=true",
+                                           "rollout.compile_prefill=true"]
     sessions = {name: session(overrides, model, args) for name, overrides in sides.items()}
     # one untimed pass each: warm caches, and the compiled side's compilation (timed apart)
     first_call = {name: timed(sess)["seconds"] for name, sess in sessions.items()}
@@ -104,6 +110,9 @@ def main() -> None:
               "median_seconds": median, "first_call_seconds": first_call,
               "speedup_over_hf": {name: median["hf"] / m for name, m in median.items()
                                   if name != "hf"},
+              "in_round_speedups": {name: [h["seconds"] / r["seconds"]
+                                           for h, r in zip(runs["hf"], rs, strict=True)]
+                                    for name, rs in runs.items() if name != "hf"},
               "completions_per_s": {name: args.prompts * args.samples / s
                                     for name, s in median.items()}}
     save(result, args.out)

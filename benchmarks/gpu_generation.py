@@ -66,6 +66,9 @@ class IdTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return ""
 
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return ["" for _ in sequences]
+
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, Qwen2Config

@@ -162,8 +162,8 @@ def test_paused_stream_continues_without_recomputing(setup):
     engine = early_stopping(PlaitEngine(model, tokenizer, max_batch=6), tokenizer)
     prefilled = []
     original = engine.slots.prefill
-    engine.slots.prefill = lambda contexts, slots: prefilled.extend(contexts) or \
-        original(contexts, slots)
+    engine.slots.prefill = lambda contexts, *args: prefilled.extend(contexts) or \
+        original(contexts, *args)
     engine.submit(prompts[:4], params, n=2, seeds=[1, 2, 3, 4])
     runs = []
     got = dict(engine.stream(lambda: runs.append(1) or len(runs) > 3))
@@ -234,8 +234,8 @@ def test_prefill_token_budget_admits_over_several_steps(setup):
         engine = PlaitEngine(model, tokenizer, max_batch=8, prefill_tokens=budget)
         sizes = []
         original = engine.slots.prefill
-        engine.slots.prefill = lambda contexts, slots: sizes.append(
-            len(contexts) * max(len(c) for c in contexts)) or original(contexts, slots)
+        engine.slots.prefill = lambda contexts, *args: sizes.append(
+            len(contexts) * max(len(c) for c in contexts)) or original(contexts, *args)
         engine.submit(prompts, params, seeds=list(range(len(prompts))))
         runs = []
         out = dict(engine.stream(lambda: runs.append(1) or len(runs) > 6))
@@ -608,6 +608,57 @@ def test_compiled_decode_follows_other_families(arch, window):
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(torch.tensor(b[0].logprobs), torch.tensor(a[0].logprobs),
                                    atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_compiled_prefill_equals_eager_prefill_in_one_graph():
+    """rollout.compile_prefill: admissions of different row counts and widths (contexts
+    shorter and longer than a sliding window, into scattered slots, some written into
+    several slots) give the eager prefill's last-token logits and cache rows, and those
+    of each slot's context prefilled on its own, from one compilation."""
+    from torch._dynamo.utils import counters
+
+    from plait.rollout.slots import SlotModel
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(TinyModelSpec(arch="mistral", hidden_size=64,
+                                           intermediate_size=128, num_layers=2, num_heads=4,
+                                           num_kv_heads=2), tokenizer, seed=5).eval()
+    model.config.sliding_window = 8
+    contexts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    contexts += [c + c for c in contexts]  # past the window
+    # (contexts, slots, the context of each slot)
+    admissions = [(contexts[:3], [4, 0, 2], None), (contexts[3:5], [1, 3, 5], [1, 0, 1]),
+                  (contexts[1:6], [5, 6, 7, 0, 1], None), (contexts[5:7], [2, 4], None),
+                  (contexts[8:12], [3, 0, 6, 5, 7, 1], [0, 1, 2, 3, 3, 0])]
+    assert min(len(c) for c in contexts) < 8 < max(len(c) for c in contexts)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    eager = SlotModel(model, max_batch=8, max_len=None, compile=False, pad_id=0)
+    compiled = SlotModel(model, max_batch=8, max_len=None, compile=True, pad_id=0,
+                         compile_prefill=True)
+    alone = SlotModel(model, max_batch=8, max_len=None, compile=False, pad_id=0)
+    for batch, slots, source in admissions:
+        source = source or list(range(len(batch)))
+        outputs = []
+        for slot_model in (eager, compiled, alone):
+            slot_model.ensure(max(len(c) for c in batch))
+        with torch.no_grad():
+            for slot_model in (eager, compiled):
+                outputs.append(slot_model.prefill(batch, torch.tensor(slots),
+                                                  torch.tensor(source)))
+            for slot, row in zip(slots, source, strict=True):
+                alone.prefill([batch[row]], torch.tensor([slot]))
+        torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+        for slot, row in zip(slots, source, strict=True):
+            width = len(batch[row])
+            for a, b, c in zip(eager.keys + eager.values, compiled.keys + compiled.values,
+                               alone.keys + alone.values, strict=True):
+                torch.testing.assert_close(b[slot, :, :width], a[slot, :, :width],
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a[slot, :, :width], c[slot, :, :width],
+                                           atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 def test_a_decode_step_that_cannot_compile_names_the_setting(setup):

@@ -64,6 +64,8 @@ def test_majority_and_maj_at_k_by_hand():
     # runs of 3: [5,6,6] -> 6 (wrong); [5,5,5] -> right; the last two samples unused
     assert maj_at_k(answers, correct, 3) == 0.5
     assert maj_at_k(answers, correct, 1) == sum(correct) / len(correct)
+    assert maj_at_k(["", "1", "2"], [True, True, False], 1) == 1 / 3  # an empty answer
+    # never wins a vote, whatever its flag
     with pytest.raises(ValueError):
         maj_at_k(answers[:2], correct[:2], 3)
 

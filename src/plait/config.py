@@ -162,8 +162,14 @@ class RolloutConfig:
         "that draw greedy tokens only (evaluation), and one-step graphs for unseeded or "
         "top-k/top-p rows (sampled eagerly from the logits) and for runs at the end of the "
         "KV cache; on the CPU compiling is slow (longer the more steps a graph holds) and "
-        "needs a C++ compiler (Triton on a GPU). Prefill stays eager, and so does the "
-        "engine of FSDP-sharded trainers (rollout workers apart compile theirs).")
+        "needs a C++ compiler (Triton on a GPU). Prefill stays eager unless "
+        "rollout.compile_prefill; the engine of FSDP-sharded trainers stays eager (rollout "
+        "workers apart compile theirs).")
+    compile_prefill: bool = opt(
+        False, "plait engine with rollout.compile: compile the prefill too (symbolic rows "
+        "and width). Pays where prompts are admitted many times a generation, a few at a "
+        "time (evaluation with many samples a prompt: each admission prefills a few short "
+        "prompts, mostly per-operation overhead when eager); costs one more compilation.")
     fuse_forwards: bool = opt(
         True, "Compute reference log-probs and critic values of finished groups while the "
         "rest of the batch still generates (streaming engine only).")

@@ -43,6 +43,8 @@ def maj_at_k(answers: Sequence[str], correct: Sequence[bool], k: int) -> float:
     runs = len(answers) // k
     if runs == 0:
         raise ValueError(f"maj@{k} needs at least {k} samples, got {len(answers)}")
+    if k == 1:  # each run's majority is its one non-empty answer
+        return sum(bool(a) and bool(c) for a, c in zip(answers, correct, strict=True)) / runs
     right = 0
     for r in range(runs):
         chunk = slice(r * k, (r + 1) * k)

@@ -14,4 +14,5 @@ def build_engine(rollout_cfg, model, tokenizer, *, compile: bool):
 
     return PlaitEngine(model, tokenizer, max_batch=rollout_cfg.batch_size,
                        sync_every=rollout_cfg.sync_every,
-                       compile=compile, prefill_tokens=rollout_cfg.prefill_tokens)
+                       compile=compile, prefill_tokens=rollout_cfg.prefill_tokens,
+                       compile_prefill=compile and rollout_cfg.compile_prefill)

@@ -53,12 +53,13 @@ class PlaitEngine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None,
                  sync_every: int | None = None, compile: bool = False,
-                 prefill_tokens: int = 16384):
+                 prefill_tokens: int = 16384, compile_prefill: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.slots = SlotModel(model, max_batch=max_batch, max_len=max_len, compile=compile,
-                               pad_id=tokenizer.pad_token_id or 0)
+                               pad_id=tokenizer.pad_token_id or 0,
+                               compile_prefill=compile_prefill)
         self.max_batch = max_batch
         # most (distinct contexts x longest context) one prefill runs: requests re-prefilled
         # with long generated tails (after new weights, a resume) are admitted over several
@@ -239,22 +240,19 @@ class PlaitEngine:
         first_slot = len(self._running)
         self._running.extend(batch)
         self._plan = None
-        # samples of one prompt share their prefix: prefill each distinct context once and
-        # copy its cache rows to the other slots
-        source: dict[tuple[int, ...], int] = {}
-        for row, context in enumerate(contexts):
-            source.setdefault(tuple(context), row)
-        unique_rows = sorted(source.values())
-        logits = self.slots.prefill([contexts[r] for r in unique_rows],
-                                    torch.tensor(unique_rows) + first_slot)
-        position_of = {row: i for i, row in enumerate(unique_rows)}
-        take = [position_of[source[tuple(c)]] for c in contexts]
-        copies = [(first_slot + source[tuple(c)], first_slot + row)
-                  for row, c in enumerate(contexts) if source[tuple(c)] != row]
-        if copies:  # positions past a context's end are hidden by the mask until
-            # decoding overwrites them
-            self.slots.copy_rows(copies, max(len(c) for c in contexts))
-        self._stage_logits(first_slot, logits[torch.tensor(take, device=logits.device)])
+        # samples of one prompt share their prefix: prefill each distinct context once,
+        # writing its keys and values into each of its slots (positions past a context's
+        # end are hidden by the mask until decoding overwrites them)
+        index: dict[tuple[int, ...], int] = {}
+        take = [index.setdefault(tuple(context), len(index)) for context in contexts]
+        # (slots from a list: torch.arange here stalled ~0.7 ms on the CPU's thread pool
+        # right after a compiled call)
+        logits = self.slots.prefill([list(c) for c in index],
+                                    torch.tensor(range(first_slot, first_slot + len(contexts))),
+                                    torch.tensor(take))
+        if len(index) < len(contexts):
+            logits = logits[torch.tensor(take, device=logits.device)]
+        self._stage_logits(first_slot, logits)
 
     def _stage_logits(self, first_slot: int, logits: torch.Tensor) -> None:
         """Keep the next-token logits of every running slot for the next sampling step."""
@@ -286,8 +284,11 @@ class PlaitEngine:
         run, tokens, logits, pending = self._sample_run(plan, in_one_call)
         finished = self._take_tokens(run)
         done_groups = []
-        for slot, reason in finished:
-            done = self._complete(running[slot], reason)
+        # the finished rows' texts in one call (the tokenizer's batch decode)
+        texts = self.tokenizer.batch_decode([running[slot].tokens for slot, _ in finished],
+                                            skip_special_tokens=True) if finished else []
+        for (slot, reason), text in zip(finished, texts, strict=True):
+            done = self._complete(running[slot], reason, text)
             if done is not None:
                 done_groups.append(done)
         if finished:
@@ -378,9 +379,8 @@ class PlaitEngine:
             return "length"
         return None
 
-    def _complete(self, request: Request, reason: str):
-        text = request.params.cut_at_stop(
-            self.tokenizer.decode(request.tokens, skip_special_tokens=True))
+    def _complete(self, request: Request, reason: str, text: str):
+        text = request.params.cut_at_stop(text)
         completion = Completion(
             prompt_index=request.prompt_index, token_ids=request.tokens,
             logprobs=request.logprobs, finish_reason=reason,

@@ -5,9 +5,9 @@ Each running request owns one slot (a row) of a preallocated per-layer cache
 decoder layers compute every pass, given a cache object that writes into the slots,
 per-row rotary positions and an explicit mask (which also applies sliding windows; the
 cache keeps whole contexts, it is no ring buffer), so any Llama-style HF model works.
-Prefill is eager; the decode step, and the draw of greedy and seeded tokens, can run
-through ``torch.compile`` with symbolic shapes (one graph for every batch size and
-length). No CUDA graphs are captured: their static buffers would pin the cache that the
+The decode step, and the draw of greedy and seeded tokens, can run through
+``torch.compile`` with symbolic shapes (one graph for every batch size and length), and
+so can the prefill (one graph for every row count and width; eager by default). No CUDA graphs are captured: their static buffers would pin the cache that the
 hybrid engine releases between generations.
 """
 
@@ -17,6 +17,7 @@ import contextlib
 import gc
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from plait.models.decoder import (
     DECODE_ATTENTION,
@@ -45,12 +46,19 @@ class SlotCache:
         self.kv_len = 0
         self.contiguous = False                     # slots == arange(B)
         self.whole = False  # the new tokens are each row's whole context (a prefill)
+        # [S] batch row written into each of the slots ``slots`` (None: row i into
+        # slots[i]): a prefill writes a context shared by several slots into all of them
+        self.source: torch.Tensor | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         rows = self.slots[:, None]
-        k_cache[rows, :, self.positions] = key_states.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, self.positions] = value_states.transpose(1, 2).to(v_cache.dtype)
+        keys, values, positions = key_states, value_states, self.positions
+        if self.source is not None:
+            keys, values = keys[self.source], values[self.source]
+            positions = positions[self.source]
+        k_cache[rows, :, positions] = keys.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, positions] = values.transpose(1, 2).to(v_cache.dtype)
         if self.whole:  # what was just written is all there is to attend to
             return key_states.to(k_cache.dtype), value_states.to(v_cache.dtype)
         if self.contiguous:  # narrow: sizes exactly n and kv_len, also as symbols
@@ -67,7 +75,7 @@ class SlotModel:
     the slot cache they write, which it allocates, grows, copies rows of and releases."""
 
     def __init__(self, model, *, max_batch: int, max_len: int | None, compile: bool,
-                 pad_id: int):
+                 pad_id: int, compile_prefill: bool = False):
         self.model = model
         self.base, self.lm_head = decoder_parts(model)
         self.config = model.config
@@ -101,6 +109,12 @@ class SlotModel:
         self.compiled = torch.compile(self.decode_draw, dynamic=True, fullgraph=True,
                                       options=options) if compile else None
         self.traced: set[tuple[bool, int]] = set()  # graphs traced: (sample, steps)
+        # the prefill compiled apart, with symbolic rows and width: on the CPU an eager
+        # prefill of a few short prompts is mostly the layers' per-operation overhead
+        self.compiled_prefill = torch.compile(
+            self.prefill_pass, dynamic=True, fullgraph=True, options=options) \
+            if compile_prefill else None
+        self.prefill_traced = False
 
     def device(self) -> torch.device:
         """Where the model's weights (and so the cache) live."""
@@ -162,19 +176,51 @@ class SlotModel:
         self.keys = [grown(k) for k in old_keys]
         self.values = [grown(v) for v in old_values]
 
-    def prefill(self, contexts: list[list[int]], slots: torch.Tensor) -> torch.Tensor:
-        """Run right-padded contexts into ``slots``; return their last-token logits."""
+    def prefill(self, contexts: list[list[int]], slots: torch.Tensor,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        """Run right-padded contexts into ``slots`` (context ``source[i]`` into
+        ``slots[i]``; by default context i into ``slots[i]``), computing each context
+        once; return the contexts' last-token logits."""
         device = self.device()
         width = max(len(c) for c in contexts)
         input_ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
         for row, context in enumerate(contexts):
             input_ids[row, : len(context)] = torch.tensor(context)
-        positions = torch.arange(width).expand(len(contexts), width)
-        lengths = torch.tensor([len(c) for c in contexts])
-        hidden = self.run(input_ids.to(device), positions.to(device), slots.to(device),
-                          kv_len=width, contiguous=False, whole=True)
-        last = hidden[torch.arange(len(contexts)), (lengths - 1).to(device)]
-        return self.lm_head(self.base.norm(last)).float()
+        last = torch.tensor([len(c) - 1 for c in contexts])
+        if source is None:
+            source = torch.arange(len(contexts))
+        inputs = (input_ids.to(device), slots.to(device), last.to(device),
+                  source.to(device))
+        if self.compiled_prefill is None:
+            return self.prefill_pass(*inputs)
+        # traced without duck sizing: the slot count equals the context count in one
+        # admission and not in the next (contexts shared by several slots), which would
+        # otherwise compile a second graph
+        tracing = contextlib.nullcontext() if self.prefill_traced else \
+            fx_config.patch(use_duck_shape=False)
+        with _nondeterministic_scatter(), tracing:  # (the scatter: see decode_step)
+            try:
+                logits = self.compiled_prefill(*inputs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                raise compile_failure(err, "rollout.compile", "the engine's prefill") \
+                    from err
+        if not self.prefill_traced:
+            self.prefill_traced = True
+            gc.collect()
+            gc.freeze()
+        return logits
+
+    def prefill_pass(self, input_ids: torch.Tensor, slots: torch.Tensor,
+                     last: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """The prefill's model pass: right-padded ``input_ids`` ``[B, W]``, row
+        ``source[i]`` into ``slots[i]``; the logits at each row's ``last`` index (eager or
+        compiled)."""
+        rows, width = input_ids.shape
+        positions = torch.arange(width, device=input_ids.device).expand(rows, width)
+        hidden = self.run(input_ids, positions, slots, kv_len=width, contiguous=False,
+                          whole=True, source=source)
+        last_hidden = hidden[torch.arange(rows, device=hidden.device), last]
+        return self.lm_head(self.base.norm(last_hidden)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int,
                     plan: SamplingPlan | None = None, offset: int = 0, steps: int = 1
@@ -263,13 +309,14 @@ class SlotModel:
         return logits, tokens, draws[0] if steps == 1 else torch.stack(draws, -1)
 
     def run(self, input_ids, positions, slots, *, kv_len: int, contiguous: bool,
-            whole: bool = False):
+            whole: bool = False, source: torch.Tensor | None = None):
         """The decoder layers over new tokens at ``positions`` of the given slots
         (``whole``: positions 0..kv_len-1 of every row, so attention reads the new keys
-        and values as they are instead of gathering them back from the slots)."""
+        and values as they are instead of gathering them back from the slots; ``source``:
+        the row written into each slot, see :class:`SlotCache`)."""
         cache = SlotCache(self.keys, self.values)
         cache.slots, cache.positions, cache.kv_len = slots, positions, kv_len
-        cache.contiguous, cache.whole = contiguous, whole
+        cache.contiguous, cache.whole, cache.source = contiguous, whole, source
         hidden = self.base.embed_tokens(input_ids)
         position_embeddings = self.base.rotary_emb(hidden, positions)
         # key j is visible to the token at position p iff j <= p (earlier tokens of its row),
@@ -293,6 +340,21 @@ class SlotModel:
                         use_cache=True, **{self.cache_keyword: cache})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+@contextlib.contextmanager
+def _nondeterministic_scatter():
+    """Deterministic algorithms off around a compiled pass whose only scatter is the
+    cache write (no duplicate index: the result does not depend on the flag)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if deterministic:
+        torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 # Element-wise results of more operations than this are stored by the compiled CPU
