@@ -28,7 +28,7 @@ from _report import save  # noqa: E402
 THOUGHT = "I will answer from what the text says."
 
 
-def base_model(work: Path, seed: int) -> Path:
+def base_model(work: Path, seed: int, hidden: int = 128, layers: int = 4) -> Path:
     """A tiny model whose character vocabulary covers the probe's text."""
     from plait.data.tasks import CHAR_VOCAB
     from plait.models.loading import save_model_dir
@@ -37,8 +37,9 @@ def base_model(work: Path, seed: int) -> Path:
     out = work / f"start_{seed}"
     if not (out / "config.json").is_file():
         tokenizer = build_char_tokenizer(CHAR_VOCAB + string.ascii_uppercase + ".,?:;'()_-!")
-        model = build_tiny_model(TinyModelSpec(max_position_embeddings=1024), tokenizer,
-                                 seed=seed)
+        spec = TinyModelSpec(hidden_size=hidden, intermediate_size=3 * hidden,
+                             num_layers=layers, max_position_embeddings=1024)
+        model = build_tiny_model(spec, tokenizer, seed=seed)
         save_model_dir(model, tokenizer, out)
     return out
 
@@ -71,7 +72,7 @@ def _row(text: str, option: str, condition: str, bias) -> dict:
 
 
 def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
-                split: str = "train") -> Path:
+                split: str = "train", start: Path | None = None) -> Path:
     from plait.config import load_config
     from plait.recipes.sft import train_sft
 
@@ -82,7 +83,7 @@ def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
     data = work / f"{kind}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in control_rows(kind, split)))
     config = load_config(None, [
-        f"model.path={base_model(work, seed)}", "data.task=null", f"data.train_path={data}",
+        f"model.path={start or base_model(work, seed)}", "data.task=null", f"data.train_path={data}",
         "data.num_eval=16", "data.max_prompt_tokens=1024", f"sft.steps={steps}",
         "sft.batch_size=8", f"sft.lr={lr}", "sft.packing=true", "sft.max_length=1024",
         f"train.seed={seed}", f"run.dir={run}", "run.overwrite=true", "run.progress=false",
@@ -120,6 +121,10 @@ def main() -> None:
                         help="a finished default job's run dir: probe its SFT start "
                              "(sft_model/) and its last checkpoint too")
     parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=128,
+                        help="hidden width of the controls' start model (MLP 3x)")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="decoder layers of the controls' start model")
     parser.add_argument("--work", type=Path, default=Path("/tmp/plait-bench-bias"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -127,9 +132,10 @@ def main() -> None:
 
     records = []
     for seed in args.seeds:
-        models = [base_model(args.work, seed),
-                  fit_control(args.work, "unbiased", seed, args.steps, args.lr, args.fit_on),
-                  fit_control(args.work, "biased", seed, args.steps, args.lr, args.fit_on)]
+        start = base_model(args.work, seed, args.hidden, args.layers)
+        models = [start] + [fit_control(args.work, kind, seed, args.steps, args.lr,
+                                        args.fit_on, start)
+                            for kind in ("unbiased", "biased")]
         records += probe(models, args.work / f"probe_{seed}", args.max_items)
     if args.default_job is not None:
         checkpoints = sorted((args.default_job / "checkpoints").glob("step_*"))
@@ -141,7 +147,8 @@ def main() -> None:
                    r["label"].startswith(("unbiased_0", "biased_0", "start_0"))],
                   args.out.with_suffix(".png"))
     save({"benchmark": "bias probes: controls of known bias", "seeds": args.seeds,
-          "steps": args.steps, "records": records}, args.out)
+          "steps": args.steps, "lr": args.lr, "fit_on": args.fit_on, "hidden": args.hidden,
+          "layers": args.layers, "records": records}, args.out)
 
 
 if __name__ == "__main__":
