@@ -72,7 +72,7 @@ def _row(text: str, option: str, condition: str, bias) -> dict:
 
 
 def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
-                split: str = "train", start: Path | None = None) -> Path:
+                split: str = "train", start: Path | None = None, batch: int = 8) -> Path:
     from plait.config import load_config
     from plait.recipes.sft import train_sft
 
@@ -85,7 +85,7 @@ def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
     config = load_config(None, [
         f"model.path={start or base_model(work, seed)}", "data.task=null", f"data.train_path={data}",
         "data.num_eval=16", "data.max_prompt_tokens=1024", f"sft.steps={steps}",
-        "sft.batch_size=8", f"sft.lr={lr}", "sft.packing=true", "sft.max_length=1024",
+        f"sft.batch_size={batch}", f"sft.lr={lr}", "sft.packing=true", "sft.max_length=1024",
         f"train.seed={seed}", f"run.dir={run}", "run.overwrite=true", "run.progress=false",
         "run.tensorboard=false"])
     train_sft(config)
@@ -121,6 +121,7 @@ def main() -> None:
                         help="a finished default job's run dir: probe its SFT start "
                              "(sft_model/) and its last checkpoint too")
     parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=8, help="SFT batch of each control")
     parser.add_argument("--hidden", type=int, default=128,
                         help="hidden width of the controls' start model (MLP 3x)")
     parser.add_argument("--layers", type=int, default=4,
@@ -134,7 +135,7 @@ def main() -> None:
     for seed in args.seeds:
         start = base_model(args.work, seed, args.hidden, args.layers)
         models = [start] + [fit_control(args.work, kind, seed, args.steps, args.lr,
-                                        args.fit_on, start)
+                                        args.fit_on, start, args.batch)
                             for kind in ("unbiased", "biased")]
         records += probe(models, args.work / f"probe_{seed}", args.max_items)
     if args.default_job is not None:
@@ -147,7 +148,7 @@ def main() -> None:
                    r["label"].startswith(("unbiased_0", "biased_0", "start_0"))],
                   args.out.with_suffix(".png"))
     save({"benchmark": "bias probes: controls of known bias", "seeds": args.seeds,
-          "steps": args.steps, "lr": args.lr, "fit_on": args.fit_on, "hidden": args.hidden,
+          "steps": args.steps, "lr": args.lr, "batch": args.batch, "fit_on": args.fit_on, "hidden": args.hidden,
           "layers": args.layers, "records": records}, args.out)
 
 
