@@ -247,10 +247,11 @@ class PlaitEngine:
         take = [index.setdefault(tuple(context), len(index)) for context in contexts]
         # (slots from a list: torch.arange here stalled ~0.7 ms on the CPU's thread pool
         # right after a compiled call)
+        shared = len(index) < len(contexts)
         logits = self.slots.prefill([list(c) for c in index],
                                     torch.tensor(range(first_slot, first_slot + len(contexts))),
-                                    torch.tensor(take))
-        if len(index) < len(contexts):
+                                    torch.tensor(take) if shared else None)
+        if shared:
             logits = logits[torch.tensor(take, device=logits.device)]
         self._stage_logits(first_slot, logits)
 

@@ -7,8 +7,9 @@ per-row rotary positions and an explicit mask (which also applies sliding window
 cache keeps whole contexts, it is no ring buffer), so any Llama-style HF model works.
 The decode step, and the draw of greedy and seeded tokens, can run through
 ``torch.compile`` with symbolic shapes (one graph for every batch size and length), and
-so can the prefill (one graph for every row count and width; eager by default). No CUDA graphs are captured: their static buffers would pin the cache that the
-hybrid engine releases between generations.
+so can the prefill (one graph for every row count and width; eager by default). No CUDA
+graphs are captured: their static buffers would pin the cache that the hybrid engine
+releases between generations.
 """
 
 from __future__ import annotations
@@ -187,10 +188,10 @@ class SlotModel:
         for row, context in enumerate(contexts):
             input_ids[row, : len(context)] = torch.tensor(context)
         last = torch.tensor([len(c) - 1 for c in contexts])
-        if source is None:
-            source = torch.arange(len(contexts))
+        if source is None and self.compiled_prefill is not None:  # one graph for both
+            source = torch.tensor(range(len(contexts)))
         inputs = (input_ids.to(device), slots.to(device), last.to(device),
-                  source.to(device))
+                  None if source is None else source.to(device))
         if self.compiled_prefill is None:
             return self.prefill_pass(*inputs)
         # traced without duck sizing: the slot count equals the context count in one
@@ -211,10 +212,10 @@ class SlotModel:
         return logits
 
     def prefill_pass(self, input_ids: torch.Tensor, slots: torch.Tensor,
-                     last: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+                     last: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
         """The prefill's model pass: right-padded ``input_ids`` ``[B, W]``, row
-        ``source[i]`` into ``slots[i]``; the logits at each row's ``last`` index (eager or
-        compiled)."""
+        ``source[i]`` (None: row i) into ``slots[i]``; the logits at each row's ``last``
+        index (eager or compiled)."""
         rows, width = input_ids.shape
         positions = torch.arange(width, device=input_ids.device).expand(rows, width)
         hidden = self.run(input_ids, positions, slots, kv_len=width, contiguous=False,
