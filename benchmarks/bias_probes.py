@@ -83,7 +83,8 @@ def fit_control(work: Path, kind: str, seed: int, steps: int, lr: float = 2e-3,
     data = work / f"{kind}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in control_rows(kind, split)))
     config = load_config(None, [
-        f"model.path={start or base_model(work, seed)}", "data.task=null", f"data.train_path={data}",
+        f"model.path={start or base_model(work, seed)}", "data.task=null",
+        f"data.train_path={data}",
         "data.num_eval=16", "data.max_prompt_tokens=1024", f"sft.steps={steps}",
         f"sft.batch_size={batch}", f"sft.lr={lr}", "sft.packing=true", "sft.max_length=1024",
         f"train.seed={seed}", f"run.dir={run}", "run.overwrite=true", "run.progress=false",
@@ -148,8 +149,8 @@ def main() -> None:
                    r["label"].startswith(("unbiased_0", "biased_0", "start_0"))],
                   args.out.with_suffix(".png"))
     save({"benchmark": "bias probes: controls of known bias", "seeds": args.seeds,
-          "steps": args.steps, "lr": args.lr, "batch": args.batch, "fit_on": args.fit_on, "hidden": args.hidden,
-          "layers": args.layers, "records": records}, args.out)
+          "steps": args.steps, "lr": args.lr, "batch": args.batch, "fit_on": args.fit_on,
+          "hidden": args.hidden, "layers": args.layers, "records": records}, args.out)
 
 
 if __name__ == "__main__":

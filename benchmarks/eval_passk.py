@@ -10,7 +10,7 @@ its SFT warm start on 2-digit addition (``examples/grpo_addition.yaml``), cached
 ``--compile`` it compiles plait's decode step, timed apart), then rounds alternate
 which side runs first; the ratio is of median seconds.
 
-    python benchmarks/eval_passk.py --prompts 500 --samples 16 --rounds 3 --compile \
+    python benchmarks/eval_passk.py --prompts 500 --samples 16 --rounds 5 --compile \
         --compile-prefill --out benchmarks/results/eval_passk_cpu.json
 """
 
