@@ -24,8 +24,9 @@ host's drift between minutes cancels out.
 
 Settings (plait key -> TRL field): batch_size 32 -> per_device_train_batch_size 32;
 lr -> learning_rate; optim constant schedule, no warmup -> lr_scheduler_type constant,
-warmup_steps 0; AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0 -> the same
-(adamw_torch); max_grad_norm 1.0 -> 1.0; dpo.beta 0.1 sigmoid -> beta 0.1, loss_type
+warmup_steps 0; AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0, one fused kernel
+(plait's default) -> the same (adamw_torch_fused, TRL's default); max_grad_norm 1.0 ->
+1.0; dpo.beta 0.1 sigmoid -> beta 0.1, loss_type
 sigmoid; reference log-probs once -> precompute_ref_log_probs True; float32, CPU,
 no gradient checkpointing, no dropout.
 
@@ -159,7 +160,7 @@ def worker_trl(job: str, info: dict, steps: int, seed: int, threads: int, out: P
     common = dict(output_dir=str(out), per_device_train_batch_size=BATCH,
                   learning_rate=LR[job], max_steps=steps, lr_scheduler_type="constant",
                   warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-                  adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
+                  adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0,
                   logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
                   bf16=False, seed=seed, data_seed=seed, disable_dropout=True,
                   gradient_checkpointing=False, dataloader_num_workers=0, max_length=None,

@@ -9,6 +9,7 @@ import torch
 from helpers_jobs import kill_in_step
 from transformers import AutoModelForCausalLM
 
+from plait import algos
 from plait.config import load_config
 from plait.recipes.dpo import DPOTrainer, train_dpo
 from plait.telemetry.metrics import read_metrics
@@ -65,6 +66,38 @@ def test_packed_shared_prompt_log_probs_equal_each_row_on_its_own(tmp_path):
         padded = torch.autograd.grad(expected.sum(), list(policy.parameters()))
         for a, b in zip(packed, padded, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sharing_the_responses_common_start_keeps_the_sigmoid_loss_and_its_gradient(
+        tmp_path):
+    """DPO's sigmoid loss computes the tokens both responses begin with once: its loss,
+    margin and gradient equal those of whole responses after the prompt; IPO (per-token
+    averages) keeps whole responses."""
+    with DPOTrainer(dpo_job(tmp_path / "run", "dpo.steps=1")) as trainer:
+        rows = trainer.train_rows[:24]
+        prompt = [len(trainer.encode.encode.prompt(row["prompt"])) for row in rows]
+        shared = [trainer.encode.prompt_length(row) for row in rows]
+        assert sum(s > p for s, p in zip(shared, prompt, strict=True)) >= 4
+        policy = trainer.policy.train()
+        reference = torch.randn(len(rows), 2)  # a reference unlike the policy
+        summed, _ = trainer.logps(policy, rows)
+        loss, stats = algos.dpo_loss(summed[:, 0], summed[:, 1], reference[:, 0],
+                                     reference[:, 1], beta=0.5)
+        grads = torch.autograd.grad(loss, list(policy.parameters()))
+        trainer.encode.share_prefix, trainer.encode._cache = False, {}
+        assert [trainer.encode.prompt_length(row) for row in rows] == prompt
+        whole, _ = trainer.logps(policy, rows)
+        assert not torch.allclose(whole, summed)  # the shared tokens were left out
+        expected, expected_stats = algos.dpo_loss(whole[:, 0], whole[:, 1], reference[:, 0],
+                                                  reference[:, 1], beta=0.5)
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stats["reward_margin"], expected_stats["reward_margin"],
+                                   atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, torch.autograd.grad(expected, list(policy.parameters())),
+                        strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with DPOTrainer(dpo_job(tmp_path / "ipo", "dpo.steps=1", "dpo.loss=ipo")) as trainer:
+        assert not trainer.encode.share_prefix
 
 
 @pytest.mark.parametrize("loss, extra", [

@@ -186,13 +186,19 @@ def test_pairs_of_the_policys_own_samples_are_ranked_by_the_truth(tmp_path):
 
 
 def test_packed_shared_prompt_scores_equal_each_row_on_its_own(tmp_path):
-    """A pair's prompt once, both responses packed after it == the classifier's forward
-    of each padded row, values and gradients."""
+    """A pair's shared start once (its prompt and the tokens both responses begin
+    with), the rest of both sequences packed after it == the classifier's forward of
+    each padded row, values and gradients."""
     from plait.recipes.reward_model import RewardModelTrainer
 
     with RewardModelTrainer(rm_job(tmp_path / "run", "rm.steps=1")) as trainer:
         odd = {key: trainer.train_rows[0][key] for key in ("prompt", "rejected")}
-        rows = trainer.train_rows[:12] + [{**odd, "chosen": "x"}]
+        prefix = {"prompt": "abcd=", "chosen": "dcba", "rejected": "dcb"}  # one is cut short
+        rows = trainer.train_rows[:12] + [{**odd, "chosen": "x"}, prefix]
+        prompt = [len(trainer.encode.encode.prompt(row["prompt"])) for row in rows]
+        shared = [trainer.encode.prompt_length(row) for row in rows]
+        assert shared[-1] == prompt[-1] + 3  # "dcb" shared, "a" + end against the end token
+        assert sum(s > p for s, p in zip(shared, prompt, strict=True)) >= 4
         model = trainer.model.train()
         chosen, rejected = trainer.scores(rows)
         packed = torch.autograd.grad((chosen - 2 * rejected).sum(), list(model.parameters()))

@@ -472,9 +472,9 @@ class OptimConfig:
     max_grad_norm: float | None = opt(1.0, "Gradient clipping norm (null = off).", low=0.0)
     implementation: Literal["auto", "fused", "foreach", "loop"] = opt(
         "auto", "AdamW kernel (also of the SFT warm start): 'fused' (one kernel for all "
-        "parameters), 'foreach' or the per-parameter 'loop'; 'auto' = fused on CUDA, foreach "
-        "elsewhere (on the CPU foreach equals the loop bit for bit). Same update up to float "
-        "rounding.")
+        "parameters), 'foreach' or the per-parameter 'loop'; 'auto' = fused, except foreach "
+        "for sharded parameters off CUDA (on the CPU foreach equals the loop bit for bit). "
+        "Same update up to float rounding.")
 
 
 @dataclass(frozen=True)

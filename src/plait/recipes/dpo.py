@@ -70,6 +70,14 @@ class DPOTrainer(PairJob):
     def saved_models(self) -> dict:
         return {self.NAME: self.policy}
 
+    def shares_response_prefix(self) -> bool:
+        """DPO's sigmoid loss reads a pair through the difference of its responses'
+        summed log-probabilities, so the tokens both responses begin with (whose terms
+        are equal in both) are left out; its logged chosen and rejected rewards are then
+        those of the rest (their margin is unchanged). IPO and SimPO average over each
+        whole response."""
+        return self.config.dpo.loss == "sigmoid"
+
     def shown(self, metrics: dict) -> dict:
         shown = {"loss": metrics["loss/preference"], "acc": metrics["train/reward_accuracy"]}
         if "eval/accuracy" in metrics:
@@ -80,10 +88,11 @@ class DPOTrainer(PairJob):
 
     def logps(self, model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[P, 2]`` log-probabilities of the chosen and rejected responses (summed over
-        their tokens, end token included) and ``[P, 2]`` their token counts. A pair's
-        prompt is computed once and both responses attend to it, packed into sequences
-        with no padding (:func:`response_logprobs` with shared prompts), which equals
-        the forward of each ``[prompt | response]`` row."""
+        their tokens after the pair's shared start, end token included: see
+        :meth:`shares_response_prefix`) and ``[P, 2]`` their token counts. A pair's
+        shared start is computed once and both responses attend to it, packed into
+        sequences with no padding (:func:`response_logprobs` with shared prompts), which
+        equals the forward of each ``[prompt | response]`` row."""
         batch = pair_experience(rows, self.encode, self.tokenizer.pad_token_id
                                 ).to(self.device)
         token = response_logprobs(model, batch, share_prompts=True, pack_tokens=PACK_TOKENS)
@@ -112,7 +121,7 @@ class DPOTrainer(PairJob):
     def step(self) -> dict[str, float]:
         batch = self.batches.next_batch(self.config.dpo.batch_size)           # 1
         rows, weight = self.share(batch)
-        self.policy.train()
+        self.training(self.policy)
         if rows:
             loss, stats = self.loss(rows)
             loss = loss * weight  # this share's part of the batch's mean

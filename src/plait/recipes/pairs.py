@@ -122,12 +122,21 @@ class PolicySampler:
 
 
 class PairEncoder:
-    """A pair's two sequences as token ids (see :class:`ResponseEncoder`), its prompt's
-    length, and whether they fit ``max_length``; each row is encoded once."""
+    """A pair's two sequences as token ids (see :class:`ResponseEncoder`), where they
+    part, and whether they fit ``max_length``; each row is encoded once.
 
-    def __init__(self, tokenizer, chat_template: str, max_length: int):
+    Both sequences start with the prompt; with ``share_prefix`` the shared start also
+    takes the tokens the two responses begin with alike (the shorter keeps at least its
+    last token), so those are computed once for the pair as the prompt is. A reward
+    model's scores (read at each sequence's end) and the difference of the two
+    responses' summed log-probabilities are unchanged by it: it is for losses that use
+    only those (Bradley-Terry, DPO's sigmoid), not for per-token averages."""
+
+    def __init__(self, tokenizer, chat_template: str, max_length: int, *,
+                 share_prefix: bool = False):
         self.encode, self.max_length = ResponseEncoder(tokenizer, chat_template), max_length
-        # (prompt, chosen, rejected) -> (chosen ids, rejected ids, prompt length): batches
+        self.share_prefix = share_prefix
+        # (prompt, chosen, rejected) -> (chosen ids, rejected ids, shared start): batches
         # hold copies of the rows, so a pair is known by its content
         self._cache: dict[tuple, tuple] = {}
 
@@ -146,6 +155,9 @@ class PairEncoder:
                 start = _common_prefix(chosen, rejected)
             else:
                 start = len(self.encode.prompt(row["prompt"]))
+            if self.share_prefix:
+                start = max(start, min(_common_prefix(chosen, rejected),
+                                       min(len(chosen), len(rejected)) - 1))
             cached = self._cache[key] = (row, chosen, rejected, start)
         return cached
 
@@ -153,7 +165,8 @@ class PairEncoder:
         return self._encoded(row)[1:3]
 
     def prompt_length(self, row: dict) -> int:
-        """Tokens of the prompt alone (what precedes each response in both sequences)."""
+        """Tokens the two sequences share at their start: the prompt (and, with
+        ``share_prefix``, the responses' common beginning)."""
         return self._encoded(row)[3]
 
     def fits(self, row: dict) -> bool:
@@ -172,9 +185,9 @@ PACK_TOKENS = 1024  # longest packed sequence of pairs' prompts and responses
 
 def pair_experience(rows: list[dict], encode: PairEncoder, pad: int) -> Experience:
     """Pairs as a batch of rows ``[chosen_1, rejected_1, chosen_2, ...]``: each pair's
-    prompt (left-padded, the same for its two rows) and its two responses (right-padded,
-    end token included), one group per pair, so a shared-prompt forward computes each
-    prompt once."""
+    shared start (left-padded, the same for its two rows: see :class:`PairEncoder`) and
+    the rest of its two sequences (right-padded, end token included), one group per
+    pair, so a shared-prompt forward computes each shared start once."""
     prompts, responses = [], []
     for row in rows:
         chosen, rejected = encode(row)
@@ -232,13 +245,19 @@ class PairJob(StepJob):
     def load_data(self) -> tuple[list[dict], list[dict]]:
         config = self.config
         self.encode = PairEncoder(self.tokenizer, config.model.chat_template,
-                                  config.pairs.max_length)
+                                  config.pairs.max_length,
+                                  share_prefix=self.shares_response_prefix())
         train, held_out, dropped = load_pairs(config, self.COMMAND)
         self.dropped.update(dropped)
         return self._within_length(train, "training"), self._within_length(held_out, "held-out")
 
     def data_summary(self) -> dict:
         return {"pairs": len(self.train_rows), "eval_pairs": len(self.eval_rows)}
+
+    def shares_response_prefix(self) -> bool:
+        """Whether the loss reads a pair only through what its shared responses'
+        beginning cannot change (see :class:`PairEncoder`)."""
+        return True
 
     def _within_length(self, rows: list[dict], which: str) -> list[dict]:
         kept = []

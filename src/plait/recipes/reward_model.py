@@ -109,7 +109,7 @@ class RewardModelTrainer(PairJob):
         rm = self.config.rm
         batch = self.batches.next_batch(rm.batch_size)                        # 1
         rows, weight = self.share(batch, key=prompt_key)
-        self.model.train()
+        self.training(self.model)
         if not rows:  # more ranks than prompts in the batch: this rank adds nothing
             loss = self.no_rows_loss(self.model.parameters())
             names = _STATS + (_AM_STATS if self.am_loss else ())

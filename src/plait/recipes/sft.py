@@ -294,7 +294,7 @@ class SFTTrainer(StepJob):
     def step(self) -> dict[str, float]:
         batch = self.batches.next_batch(self.config.sft.batch_size)           # 1
         rows, _ = self.share(batch)
-        self.policy.train()
+        self.training(self.policy)
         if rows:
             summed, tokens, correct = self.stats(rows)                        # 2
         else:

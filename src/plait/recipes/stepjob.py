@@ -155,6 +155,13 @@ class StepJob:
         return dict(zip(names, self.all_sum([stats[n] * weight for n in names]), strict=True))
 
     @staticmethod
+    def training(model: torch.nn.Module) -> None:
+        """``model`` in training mode; a model already in it is left as it is (switching
+        walks every submodule, a noticeable share of a small model's step)."""
+        if not model.training:
+            model.train()
+
+    @staticmethod
     def no_rows_loss(parameters) -> torch.Tensor:
         """The loss of a rank whose share of the batch is empty (more ranks than rows):
         zero, with a gradient (of zeros) for every parameter, so it joins the sum."""

@@ -28,12 +28,18 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
 
 def _kernel(params: list[torch.Tensor], implementation: str) -> dict[str, bool]:
     """AdamW's ``fused``/``foreach`` flags. The fused kernel updates every parameter in one
-    call (on small models the per-parameter launches dominate the optimizer step); 'auto'
-    takes it on CUDA and 'foreach' elsewhere: on the CPU, 'foreach' gives the per-parameter
-    loop's results bit for bit, the fused CPU kernel rounds differently (the same update to
-    ~1e-7, but runs then diverge, as any rounding change makes them)."""
+    call (on small models the per-parameter launches dominate the optimizer step: on the
+    CPU it is ~4x faster than 'foreach' for a 0.8M-parameter model); 'auto' takes it for
+    plain tensors on the CPU or CUDA and 'foreach' for sharded (DTensor) ones off CUDA.
+    The kernels agree up to float rounding (~1e-7 an update), after which runs diverge
+    as any rounding change makes them; on the CPU 'foreach' gives the per-parameter
+    loop's results bit for bit."""
     if implementation == "auto":
-        fusable = all(p.is_floating_point() and p.device.type == "cuda" for p in params)
+        from torch.distributed.tensor import DTensor
+
+        fusable = all(p.is_floating_point() and (
+            p.device.type == "cuda" or (p.device.type == "cpu" and not isinstance(p, DTensor)))
+            for p in params)
         implementation = "fused" if fusable and params else "foreach"
     if implementation == "fused":
         return {"fused": True}
