@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The advantage model and selective rehearsal against plain RLHF, on the built-in
-``mixed`` preference task (three sub-tasks, reverse / sort / add, whose pairs carry label
-noise 0 / 0.1 / 0.25), per seed:
+``mixed`` preference task (by default three sub-tasks, reverse / sort / add, whose pairs
+carry label noise 0 / 0.1 / 0.25; ``--sources`` and ``--noise`` choose others, e.g.
+``--sources reverse copy --noise copy=0.25``), per seed:
 
 1. ``plait sft`` on the mixed task;
 2. ``plait rm`` twice on pairs of the SFT policy's own samples (several per prompt):
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-SOURCES = ("reverse", "sort", "add")
+SOURCES = ["reverse", "sort", "add"]  # the sub-tasks of the run (--sources)
 MODELS = {"rm": ["rm.objective=reward"], "am": ["rm.objective=advantage"],
           "am01": ["rm.objective=advantage", "rm.center_coef=0.1"]}
 REHEARSE = ["rehearsal.coef=0.5", "rehearsal.size=64", "rehearsal.clusters=6",
@@ -75,6 +76,7 @@ def score_distribution(run_dir: Path) -> dict:
     for source in SOURCES:
         out[f"mean/{source}"] = final[f"eval/score_mean/{source}"]
         out[f"std/{source}"] = final[f"eval/score_std/{source}"]
+        out[f"accuracy_vs_truth/{source}"] = final[f"eval/accuracy_vs_truth/{source}"]
     means = [out[f"mean/{s}"] for s in SOURCES]
     out["means_range_in_std"] = (max(means) - min(means)) / std
     return out
@@ -90,13 +92,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.0, help="algo.kl_coef of the RL runs")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES),
+                        help="the mixed task's sub-tasks (data.task_args.sources)")
+    parser.add_argument("--noise", nargs="*", default=[], metavar="SOURCE=SHARE",
+                        help="label-flip share of a sub-task (data.task_args.noise)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the SFT and learned models of an earlier run in --work")
     parser.add_argument("--work", type=Path, default=Path("runs/stable_rlhf"))
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/stable_rlhf_cpu.json"))
     args = parser.parse_args()
-    common = ["data.task=mixed", "rollout.max_new_tokens=10", "run.progress=false",
+    SOURCES[:] = args.sources
+    noise = ", ".join(f"{source}: {float(share)}" for source, share in
+                      (item.split("=") for item in args.noise))
+    task_args = f"data.task_args={{sources: [{', '.join(SOURCES)}], noise: {{{noise}}}}}"
+    common = ["data.task=mixed", task_args, "rollout.max_new_tokens=10", "run.progress=false",
               "run.tensorboard=false", "run.overwrite=true"]
     runs, models = [], []
     for seed in args.seeds:

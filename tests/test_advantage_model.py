@@ -100,6 +100,15 @@ def test_the_advantage_model_centres_every_sub_tasks_scores(tmp_path):
 
     assert spread(am) < 0.5 * spread(rm), (am, rm)
     assert advantage["accuracy_vs_truth_after"] > advantage["accuracy_vs_truth_before"]
+    # pairwise accuracy per sub-task: the held-out pairs' shares add up to the whole
+    held_out = make_task("mixed").make_pairs(192, seed=0, split="test")
+    counts = {s: sum(p["source"] == s for p in held_out) for s in sources}
+    final = [json.loads(line) for line in
+             (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if "eval/accuracy/add" in r][-1]
+    for key in ("eval/accuracy", "eval/accuracy_vs_truth"):
+        parts = sum(counts[s] * final[f"{key}/{s}"] for s in sources) / len(held_out)
+        assert parts == pytest.approx(final[key], abs=1e-9), key
 
 
 def test_a_resumed_advantage_model_continues_the_prompt_order(tmp_path):

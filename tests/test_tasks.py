@@ -186,6 +186,31 @@ def test_mixed_task_sources_answers_and_noise_per_source():
         make_task("mixed", noise={"other": 0.1})
 
 
+def test_mixed_task_draws_the_sub_tasks_asked_for():
+    task = make_task("mixed", sources=["reverse", "copy"], noise={"copy": 0.2})
+    assert task.sources == ("reverse", "copy")
+    assert task.noise == {"reverse": 0.0, "copy": 0.2}
+    rows = task.make_rows(400, seed=1)
+    assert {r["source"] for r in rows} == {"reverse", "copy"}
+    for row in rows:
+        word = row["prompt"][:-1]
+        if row["source"] == "copy":
+            assert row["prompt"].endswith("*") and row["answer"] == word
+        else:
+            assert row["prompt"].endswith("=") and row["answer"] == word[::-1]
+        assert task.source_of(row["prompt"]) == row["source"]
+    copies = [p for p in task.make_pairs(3000, seed=1) if p["source"] == "copy"]
+    assert abs(sum(p["flipped"] for p in copies) / len(copies) - 0.2) < 0.04
+    # the default sub-tasks draw what they drew before sources could be chosen
+    assert make_task("mixed").make_rows(50) == make_task(
+        "mixed", sources=["reverse", "sort", "add"]).make_rows(50)
+    for sources in (["reverse", "reverse"], [], ["echo"], "copy"):
+        with pytest.raises(DataError, match="sources must be a list of distinct sub-tasks"):
+            make_task("mixed", sources=sources)
+    with pytest.raises(DataError, match=r"noise must map some of \['copy'\]"):
+        make_task("mixed", sources=["copy"], noise={"sort": 0.1})
+
+
 @pytest.mark.parametrize("task, settings, message", [
     (RepeatTask, {"min_count": 5, "max_count": 2}, r"RepeatTask: min_count \(5\) is larger than"),
     (ReverseTask, {"min_len": 0}, "ReverseTask: min_len must be a positive int, got 0"),

@@ -337,67 +337,88 @@ class ReverseTask(Task):
                 "flipped": flipped}
 
 
-# the mixed task's label-flip share per sub-task, unless set
-_MIXED_NOISE = {"reverse": 0.0, "sort": 0.1, "add": 0.25}
+# the mixed task's sub-tasks: the character that ends a prompt, and the label-flip share
+# unless set (an add prompt also ends with "=": its "+" tells it from reverse)
+_MIXED = {"reverse": ("=", 0.0), "sort": ("<", 0.1), "add": ("=", 0.25), "copy": ("*", 0.1)}
+_MIXED_DEFAULT = ("reverse", "sort", "add")
 
 
 @dataclass(frozen=True)
 class MixedTask(ReverseTask):
-    """Three preference sub-tasks in one, each row naming its own as ``source``:
-    ``reverse`` (``"abcd="`` -> ``"dcba"``), ``sort`` (``"dbca<"`` -> ``"abcd"``) and
-    ``add`` (``"37+85="`` -> ``"122"``), drawn in equal shares and scored by the same
-    hidden true quality as :class:`ReverseTask` (answer positions right over the longer
-    length). Their pairs differ in how clear the preference is: each sub-task flips its
-    own share of labels (``noise``, added to the one a caller asks for), so a reward
-    model trained on them learns scores of a different spread, and offset, per
-    sub-task: the setting in which an advantage model's per-prompt centring is measured.
+    """Preference sub-tasks in one, each row naming its own as ``source``: ``reverse``
+    (``"abcd="`` -> ``"dcba"``), ``sort`` (``"dbca<"`` -> ``"abcd"``), ``add``
+    (``"37+85="`` -> ``"122"``) and ``copy`` (``"abcd*"`` -> ``"abcd"``), those of
+    ``sources`` drawn in equal shares and scored by the same hidden true quality as
+    :class:`ReverseTask` (answer positions right over the longer length). Their pairs
+    differ in how clear the preference is: each sub-task flips its own share of labels
+    (``noise``, added to the one a caller asks for), so a reward model trained on them
+    learns scores of a different spread, and offset, per sub-task: the setting in which
+    an advantage model's per-prompt centring is measured. Sort and add ask a judge to
+    compute the answer; reverse and copy only to compare positions, which a small
+    reward model learns far more easily.
 
     Args:
-        min_len, max_len: word lengths of reverse and sort.
+        min_len, max_len: word lengths of reverse, sort and copy.
         digits: largest operand of add, in digits.
-        noise: label-flip share per sub-task (sub-task -> share in [0, 0.5)).
+        sources: the sub-tasks drawn (default reverse, sort, add).
+        noise: label-flip share per sub-task (sub-task -> share in [0, 0.5); defaults
+            reverse 0, sort 0.1, add 0.25, copy 0.1).
     """
 
     name: ClassVar[str] = "mixed"
-    SOURCES: ClassVar[tuple[str, ...]] = ("reverse", "sort", "add")
+    SOURCES: ClassVar[tuple[str, ...]] = tuple(_MIXED)
 
     digits: int = 3
-    noise: dict = field(default_factory=lambda: dict(_MIXED_NOISE))
+    sources: tuple = _MIXED_DEFAULT
+    noise: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.digits, bool) or not isinstance(self.digits, int) or \
                 not 1 <= self.digits <= 9:
             raise DataError(f"MixedTask: digits must be an int from 1 to 9, got {self.digits!r}")
-        if not isinstance(self.noise, dict) or not set(self.noise) <= set(self.SOURCES) or any(
+        sources = self.sources
+        if isinstance(sources, str) or not isinstance(sources, list | tuple) or not sources \
+                or not set(sources) <= set(self.SOURCES) or len(set(sources)) < len(sources):
+            raise DataError(f"MixedTask: sources must be a list of distinct sub-tasks from "
+                            f"{list(self.SOURCES)}, got {sources!r}")
+        object.__setattr__(self, "sources", tuple(sources))
+        if not isinstance(self.noise, dict) or not set(self.noise) <= set(self.sources) or any(
                 isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 0.5
                 for v in self.noise.values()):
-            raise DataError(f"MixedTask: noise must map some of {list(self.SOURCES)} to a "
+            raise DataError(f"MixedTask: noise must map some of {list(self.sources)} to a "
                             f"share in [0, 0.5), got {self.noise!r}")
         # sub-tasks not named keep their default share
-        object.__setattr__(self, "noise", {**_MIXED_NOISE, **self.noise})
+        object.__setattr__(self, "noise", {**{s: _MIXED[s][1] for s in self.sources},
+                                           **self.noise})
+
+    def __repr__(self) -> str:  # the default sources unnamed: it seeds the rows drawn
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and
+                 not (f.name == "sources" and self.sources == _MIXED_DEFAULT)]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def __hash__(self) -> int:  # the noise mapping is a dict
-        return hash((self.min_len, self.max_len, self.digits,
+        return hash((self.min_len, self.max_len, self.digits, self.sources,
                      tuple(sorted(self.noise.items())), self.test_fraction))
 
     def sample_problem(self, rng: random.Random) -> tuple[str, str]:
-        source = rng.choice(self.SOURCES)
+        source = rng.choice(self.sources)
         if source == "add":
             left, right = (rng.randint(0, 10 ** rng.randint(1, self.digits) - 1)
                            for _ in range(2))
             return f"{left}+{right}=", str(left + right)
         word = "".join(rng.choice(string.ascii_lowercase)
                        for _ in range(rng.randint(self.min_len, self.max_len)))
-        if source == "sort":
-            return f"{word}<", "".join(sorted(word))
-        return f"{word}=", word[::-1]
+        answer = {"sort": "".join(sorted(word)), "copy": word}.get(source, word[::-1])
+        return f"{word}{_MIXED[source][0]}", answer
 
     @staticmethod
     def source_of(prompt: str) -> str:
         """The sub-task of one of this task's prompts."""
         if prompt.endswith("<"):
             return "sort"
+        if prompt.endswith("*"):
+            return "copy"
         return "add" if "+" in prompt else "reverse"
 
     @property

@@ -183,10 +183,13 @@ class RewardModelTrainer(PairJob):
         result = {"eval/accuracy": float(stats["accuracy"]), "eval/ece": ece,
                   "eval/margin": float(stats["margin"]), "eval/score_mean": float(both.mean()),
                   "eval/score_std": float(both.std()) if both.numel() > 1 else 0.0}
+        # a tie counts one half, as against the labels
+        labelled = (chosen > rejected).double() + 0.5 * (chosen == rejected)
         better = truth_of(self.eval_rows)
+        right = None
         if better is not None:  # every pair carries its true scores
             right = torch.where(better, chosen > rejected, rejected > chosen).double() + \
-                0.5 * (chosen == rejected)  # a tie counts one half, as against the labels
+                0.5 * (chosen == rejected)
             result["eval/accuracy_vs_truth"] = float(right.mean())
         sources = {row.get("source") for row in self.eval_rows}
         if len(sources) > 1 and None not in sources:
@@ -196,6 +199,9 @@ class RewardModelTrainer(PairJob):
                 result[f"eval/score_mean/{source}"] = float(picked.mean())
                 result[f"eval/score_std/{source}"] = float(picked.std()) \
                     if picked.numel() > 1 else 0.0
+                result[f"eval/accuracy/{source}"] = float(labelled[rows].mean())
+                if right is not None:
+                    result[f"eval/accuracy_vs_truth/{source}"] = float(right[rows].mean())
         self.state["evals"][tag] = result
         self.state["reliability"] = table
         self._scores = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
