@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=1500)
     parser.add_argument("--rm-steps", type=int, default=1500)
     parser.add_argument("--pairs", type=int, default=16000)
+    parser.add_argument("--samples", type=int, default=6,
+                        help="policy samples a prompt the pairs come from")
+    parser.add_argument("--pairs-per-prompt", type=int, default=3)
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.0, help="algo.kl_coef of the RL runs")
@@ -109,25 +112,28 @@ def main() -> None:
     common = ["data.task=mixed", task_args, "rollout.max_new_tokens=10", "run.progress=false",
               "run.tensorboard=false", "run.overwrite=true"]
     runs, models = [], []
+    # the learned models the chosen variants train against
+    needed = [name for name in MODELS if any(VARIANTS[v][0] == name for v in args.variants)]
     for seed in args.seeds:
         base = args.work / f"seed{seed}"
         sft = base / "sft"
         seeded = [*common, f"train.seed={seed}"]
         started = time.perf_counter()
-        if not (args.reuse and (base / "am01" / "summary.json").is_file()):
+        if not (args.reuse and all((base / n / "summary.json").is_file() for n in needed)):
             wait(plait("sft", *seeded, f"sft.steps={args.sft_steps}", "sft.batch_size=64",
                        "sft.lr=1e-3", "sft.packing=true", "sft.max_length=64",
                        "sft.eval_every=0", "train.threads=2", f"run.dir={sft}"))
             learned = [*seeded, f"model.path={sft / 'sft_model'}", "pairs.source=policy",
-                       "pairs.samples_per_prompt=6", "pairs.pairs_per_prompt=3",
+                       f"pairs.samples_per_prompt={args.samples}",
+                       f"pairs.pairs_per_prompt={args.pairs_per_prompt}",
                        f"pairs.num_pairs={args.pairs}", "pairs.num_eval_pairs=600",
                        f"rm.steps={args.rm_steps}", "rm.batch_size=32", "rm.lr=3e-4",
                        "rm.eval_every=0", "train.threads=1"]
-            names = list(MODELS)
+            names = needed
             for i in range(0, len(names), 2):
                 wait(*(plait("rm", *learned, *MODELS[n], f"run.dir={base / n}")
                        for n in names[i:i + 2]))
-        for name in MODELS:
+        for name in needed:
             models.append({"seed": seed, "model": name,
                            **score_distribution(base / name)})
             print(json.dumps(models[-1]), flush=True)
@@ -174,7 +180,7 @@ def main() -> None:
         print(f"seed {seed}: SFT and learned models {prepared:.0f} s, all "
               f"{time.perf_counter() - started:.0f} s", flush=True)
     summary = {"models": {}, "variants": {}}
-    for name in MODELS:
+    for name in needed:
         mine = [m for m in models if m["model"] == name]
         summary["models"][name] = {
             key: [statistics.mean(m[key] for m in mine), min(m[key] for m in mine),
